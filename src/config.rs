@@ -1,0 +1,910 @@
+//! Builds the one typed configuration from a YAML file and the environment, and rejects a
+//! wrong value before anything starts.
+//!
+//! Precedence, lowest first: built-in defaults, the YAML file, the legacy variable names of
+//! the systems roster replaces (`MATRIX_*`, `KAFKA_*`, `LETTA_*`), then
+//! `ROSTER_<SECTION>__<KEY>`. Every error names the key (and the variable it came from),
+//! the value, and what is expected, on one line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ruma::{OwnedServerName, OwnedUserId, UserId};
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+
+/// The validation sweep may never run more often than this (DESIGN: push, not poll).
+pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Legacy environment variables and the key each one sets.
+///
+/// They keep the ConfigMaps of the replaced agent-sync bot and lifecycle consumer working.
+const LEGACY_ENV: &[(&str, &str, &str)] = &[
+    ("MATRIX_HOMESERVER_URL", "homeserver", "url"),
+    ("MATRIX_SERVER_NAME", "homeserver", "server_name"),
+    ("MATRIX_ADMIN_TOKEN", "homeserver", "admin_token"),
+    ("MATRIX_ENABLED", "lifecycle", "matrix_enabled"),
+    ("MATRIX_AGENT_SYNC_INTERVAL", "sync", "interval"),
+    ("KAFKA_ENABLED", "lifecycle", "enabled"),
+    ("KAFKA_BROKERS", "lifecycle", "brokers"),
+    ("KAFKA_IDENTITY_EVENTS_TOPIC", "lifecycle", "topic"),
+    ("KAFKA_CONSUMER_GROUP_ID", "lifecycle", "group_id"),
+    ("LETTA_API_URL", "agents", "letta_url"),
+    ("LETTA_TOKEN", "agents", "letta_token"),
+];
+
+const ENV_PREFIX: &str = "ROSTER_";
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with -c")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML: {source}")]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("config key {key}{origin}: {message}")]
+    Invalid {
+        key: String,
+        origin: Origin,
+        message: String,
+    },
+}
+
+/// Where a key's value came from, so an error can point at the variable to fix.
+#[derive(Debug, Clone, Default)]
+pub struct Origin(Option<String>);
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(var) => write!(f, " (from {var})"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub homeserver: HomeserverConfig,
+    pub appservice: AppserviceConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub agents: AgentsConfig,
+    pub sync: SyncConfig,
+    pub lifecycle: LifecycleConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    #[default]
+    Auto,
+    Synapse,
+    Tuwunel,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HomeserverConfig {
+    #[serde(deserialize_with = "string_like")]
+    pub url: String,
+    /// Required: there is no sensible default for the server name.
+    #[serde(deserialize_with = "optional_string_like")]
+    pub server_name: Option<String>,
+    pub flavor: Flavor,
+    #[serde(deserialize_with = "optional_secret")]
+    pub admin_token: Option<Secret>,
+    /// Upper bound on any single homeserver request.
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// Requests in flight to the homeserver at once, across all work.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for HomeserverConfig {
+    fn default() -> Self {
+        HomeserverConfig {
+            url: "http://127.0.0.1:8008".into(),
+            server_name: None,
+            flavor: Flavor::Auto,
+            admin_token: None,
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppserviceConfig {
+    /// The appservice id written into a generated registration.
+    #[serde(deserialize_with = "string_like")]
+    pub id: String,
+    pub registration: PathBuf,
+    pub listen: SocketAddr,
+    #[serde(deserialize_with = "optional_string_like")]
+    pub url: Option<String>,
+    #[serde(deserialize_with = "string_like")]
+    pub bot_localpart: String,
+    /// Largest transaction body accepted, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Transaction ids older than this are forgotten.
+    #[serde(deserialize_with = "duration")]
+    pub txn_retention: Duration,
+    /// At most this many transaction ids are remembered.
+    pub txn_max_ids: usize,
+}
+
+impl Default for AppserviceConfig {
+    fn default() -> Self {
+        AppserviceConfig {
+            id: "roster".into(),
+            registration: "registration.yaml".into(),
+            listen: "127.0.0.1:9009".parse().expect("valid default address"),
+            url: None,
+            bot_localpart: "letta".into(),
+            max_body_bytes: 16 * 1024 * 1024,
+            txn_retention: Duration::from_secs(7 * 24 * 3600),
+            txn_max_ids: 100_000,
+        }
+    }
+}
+
+impl AppserviceConfig {
+    /// How the homeserver reaches roster: `url`, else derived from `listen`.
+    pub fn public_url(&self) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    #[serde(deserialize_with = "optional_secret")]
+    pub token: Option<Secret>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9010".parse().expect("valid default address"),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: "roster.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    #[serde(deserialize_with = "optional_string_like")]
+    pub letta_url: Option<String>,
+    #[serde(deserialize_with = "optional_secret")]
+    pub letta_token: Option<Secret>,
+    pub file: Option<PathBuf>,
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// Full user ids; `@admin:<server_name>` when not configured.
+    pub required_members: Option<Vec<String>>,
+    #[serde(deserialize_with = "duration")]
+    pub removal_grace: Duration,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        AgentsConfig {
+            letta_url: None,
+            letta_token: None,
+            file: None,
+            poll_interval: Duration::from_secs(60),
+            required_members: None,
+            removal_grace: Duration::from_secs(2 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            interval: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    pub enabled: bool,
+    #[serde(deserialize_with = "string_like")]
+    pub brokers: String,
+    #[serde(deserialize_with = "string_like")]
+    pub topic: String,
+    #[serde(deserialize_with = "string_like")]
+    pub group_id: String,
+    /// `<topic>.dlq` when not set.
+    #[serde(deserialize_with = "optional_string_like")]
+    pub dead_letter_topic: Option<String>,
+    pub matrix_enabled: bool,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            enabled: false,
+            brokers: "127.0.0.1:9092".into(),
+            topic: "nova.identity.events".into(),
+            group_id: "roster".into(),
+            dead_letter_topic: None,
+            matrix_enabled: true,
+        }
+    }
+}
+
+/// A credential: never printed by `Debug`, never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// What `validate` derives once so nobody parses the same strings twice.
+#[derive(Debug, Clone)]
+pub struct Identities {
+    pub server_name: OwnedServerName,
+    pub bot: OwnedUserId,
+    /// The bot first, then the configured required members, without repeats.
+    pub required_members: Vec<OwnedUserId>,
+}
+
+impl Config {
+    /// Reads `path` (a missing default file is an empty one), applies `env`, validates.
+    pub fn load(
+        path: &Path,
+        path_was_given: bool,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree = match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let value: Value =
+                    serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                match value {
+                    Value::Null => Mapping::new(),
+                    Value::Mapping(map) => map,
+                    _ => {
+                        return Err(invalid(
+                            "(top level)",
+                            &Origin::default(),
+                            "expected a mapping of sections (homeserver, appservice, ...)",
+                        ));
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_was_given => Mapping::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let origins = apply_env(&mut tree, env)?;
+        Self::from_tree(Value::Mapping(tree), &origins)
+    }
+
+    /// Parses a YAML text with no environment: for tests and tools.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_yaml_with_env(text, &BTreeMap::new())
+    }
+
+    pub fn from_yaml_with_env(
+        text: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree = match serde_yaml::from_str::<Value>(text) {
+            Ok(Value::Mapping(map)) => map,
+            Ok(Value::Null) => Mapping::new(),
+            Ok(_) => {
+                return Err(invalid(
+                    "(top level)",
+                    &Origin::default(),
+                    "expected a mapping of sections",
+                ));
+            }
+            Err(source) => {
+                return Err(ConfigError::Yaml {
+                    path: "(inline)".into(),
+                    source,
+                });
+            }
+        };
+        let origins = apply_env(&mut tree, env)?;
+        Self::from_tree(Value::Mapping(tree), &origins)
+    }
+
+    fn from_tree(tree: Value, origins: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|err| {
+            let key = err.path().to_string();
+            let origin = Origin(origins.get(&key).cloned());
+            let message = err.into_inner().to_string();
+            ConfigError::Invalid {
+                key,
+                origin,
+                message,
+            }
+        })?;
+        config.validate(origins)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origins: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        let fail = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                origin: Origin(origins.get(key).cloned()),
+                message,
+            })
+        };
+        let url = &self.homeserver.url;
+        if reqwest::Url::parse(url)
+            .map(|u| !matches!(u.scheme(), "http" | "https"))
+            .unwrap_or(true)
+        {
+            return fail(
+                "homeserver.url",
+                format!("{url:?} is not an http(s) URL; expected e.g. http://127.0.0.1:8008"),
+            );
+        }
+        if self.homeserver.server_name.is_none() {
+            return fail(
+                "homeserver.server_name",
+                "is missing; set it to the homeserver's server name, e.g. example.org".into(),
+            );
+        }
+        if self.homeserver.max_concurrent_requests == 0 {
+            return fail(
+                "homeserver.max_concurrent_requests",
+                "0 would stop all work; expected at least 1".into(),
+            );
+        }
+        if self.homeserver.request_timeout.is_zero() {
+            return fail(
+                "homeserver.request_timeout",
+                "0 would fail every request; expected e.g. 30s".into(),
+            );
+        }
+        if let Err((key, message)) = self.identities() {
+            return fail(key, message);
+        }
+        if self.homeserver.flavor == Flavor::Tuwunel && self.homeserver.admin_token.is_none() {
+            return fail(
+                "homeserver.admin_token",
+                "is missing; flavor tuwunel needs an admin token to deactivate users (MATRIX_ADMIN_TOKEN)"
+                    .into(),
+            );
+        }
+        if let Some(url) = &self.appservice.url
+            && reqwest::Url::parse(url).is_err()
+        {
+            return fail(
+                "appservice.url",
+                format!(
+                    "{url:?} is not a URL; expected how the homeserver reaches roster, e.g. http://roster:9009"
+                ),
+            );
+        }
+        if self.appservice.id.is_empty() {
+            return fail("appservice.id", "is empty; expected e.g. roster".into());
+        }
+        if self.appservice.max_body_bytes < 1024 {
+            return fail(
+                "appservice.max_body_bytes",
+                format!(
+                    "{} is too small for any transaction; expected at least 1024",
+                    self.appservice.max_body_bytes
+                ),
+            );
+        }
+        if self.appservice.listen == self.admin.listen {
+            return fail(
+                "admin.listen",
+                format!(
+                    "{} is also appservice.listen; the admin listener needs its own address",
+                    self.admin.listen
+                ),
+            );
+        }
+        if self.sync.interval < MIN_SYNC_INTERVAL {
+            return fail(
+                "sync.interval",
+                format!(
+                    "{}s is below the minimum of 60s; the sweep reads every room, keep it slow",
+                    self.sync.interval.as_secs()
+                ),
+            );
+        }
+        if let Some(url) = &self.agents.letta_url
+            && reqwest::Url::parse(url).is_err()
+        {
+            return fail(
+                "agents.letta_url",
+                format!("{url:?} is not a URL; expected e.g. http://letta:8283"),
+            );
+        }
+        if self.agents.poll_interval < Duration::from_secs(1) {
+            return fail(
+                "agents.poll_interval",
+                "is below 1s; expected e.g. 60s".into(),
+            );
+        }
+        if self.lifecycle.enabled {
+            for (key, value) in [
+                ("lifecycle.brokers", &self.lifecycle.brokers),
+                ("lifecycle.topic", &self.lifecycle.topic),
+                ("lifecycle.group_id", &self.lifecycle.group_id),
+            ] {
+                if value.trim().is_empty() {
+                    return fail(key, "is empty while lifecycle.enabled is true".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The server name, the bot and the required members as typed ids.
+    ///
+    /// Infallible after `load`; the error names the key for `validate`.
+    pub fn identities(&self) -> Result<Identities, (&'static str, String)> {
+        let raw = self.homeserver.server_name.as_deref().unwrap_or_default();
+        let server_name = OwnedServerName::try_from(raw).map_err(|e| {
+            (
+                "homeserver.server_name",
+                format!("{raw:?} is not a server name ({e}); expected e.g. example.org"),
+            )
+        })?;
+        // The spec's grammar for new user ids; ruma also accepts historical ones.
+        let localpart = &self.appservice.bot_localpart;
+        let valid = !localpart.is_empty()
+            && localpart
+                .chars()
+                .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '=' | '-' | '/' | '+'));
+        let bot = UserId::parse_with_server_name(localpart.as_str(), &server_name)
+            .ok()
+            .filter(|_| valid)
+            .ok_or_else(|| {
+                (
+                    "appservice.bot_localpart",
+                    format!(
+                        "{:?} is not a valid user localpart; expected lower-case letters, digits and ._=-/+",
+                        self.appservice.bot_localpart
+                    ),
+                )
+            })?;
+        let mut required_members = vec![bot.clone()];
+        let configured = match &self.agents.required_members {
+            Some(list) => list.clone(),
+            None => vec![format!("@admin:{server_name}")],
+        };
+        for raw in configured {
+            let user = UserId::parse(raw.as_str()).map_err(|e| {
+                (
+                    "agents.required_members",
+                    format!(
+                        "{raw:?} is not a full user id ({e}); expected e.g. @admin:{server_name}"
+                    ),
+                )
+            })?;
+            if !required_members.contains(&user) {
+                required_members.push(user);
+            }
+        }
+        Ok(Identities {
+            server_name,
+            bot,
+            required_members,
+        })
+    }
+
+    /// The dead-letter topic, `<topic>.dlq` unless configured.
+    pub fn dead_letter_topic(&self) -> String {
+        self.lifecycle
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.lifecycle.topic))
+    }
+}
+
+fn invalid(key: &str, origin: &Origin, message: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        origin: origin.clone(),
+        message: message.into(),
+    }
+}
+
+/// Writes environment overrides into the YAML tree; returns which key came from which variable.
+fn apply_env(
+    tree: &mut Mapping,
+    env: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut overrides: Vec<(String, String, String, String)> = Vec::new();
+    for (var, section, key) in LEGACY_ENV {
+        if let Some(value) = env.get(*var) {
+            overrides.push((
+                var.to_string(),
+                section.to_string(),
+                key.to_string(),
+                value.clone(),
+            ));
+        }
+    }
+    // ROSTER_* last so it wins over a legacy name for the same key.
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once("__") else {
+            // ROSTER_LOG and similar are not config keys.
+            continue;
+        };
+        overrides.push((
+            var.clone(),
+            section.to_ascii_lowercase(),
+            key.to_ascii_lowercase(),
+            value.clone(),
+        ));
+    }
+    let mut origins = BTreeMap::new();
+    for (var, section, key, raw) in overrides {
+        // A value is read as YAML so `false`, `600` and `["@a:x"]` mean what they say;
+        // string-typed keys accept scalars of any kind (see `string_like`).
+        let value: Value = serde_yaml::from_str(&raw).unwrap_or(Value::String(raw));
+        let entry = tree
+            .entry(Value::String(section.clone()))
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+        if entry.is_null() {
+            *entry = Value::Mapping(Mapping::new());
+        }
+        let Value::Mapping(section_map) = entry else {
+            return Err(invalid(
+                &section,
+                &Origin(Some(var)),
+                "the file sets this section to a scalar; expected a mapping",
+            ));
+        };
+        section_map.insert(Value::String(key.clone()), value);
+        origins.insert(format!("{section}.{key}"), var);
+    }
+    Ok(origins)
+}
+
+/// Accepts `90s`, `10m`, `2h`, `1d`, `250ms` or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let expected =
+        || format!("{text:?} is not a duration; expected e.g. 90s, 10m, 2h or a number of seconds");
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let amount: u64 = digits.parse().map_err(|_| expected())?;
+    let seconds_per_unit = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "ms" => return Ok(Duration::from_millis(amount)),
+        _ => return Err(expected()),
+    };
+    amount
+        .checked_mul(seconds_per_unit)
+        .map(Duration::from_secs)
+        .ok_or_else(expected)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value = Value::deserialize(d)?;
+    let text = match &value {
+        Value::Number(n) if n.as_u64().is_some() => n.to_string(),
+        Value::String(s) => s.clone(),
+        other => {
+            return Err(de::Error::custom(format!(
+                "{} is not a duration; expected e.g. 90s, 10m, 2h or a number of seconds",
+                scalar_text(other)
+            )));
+        }
+    };
+    parse_duration(&text).map_err(de::Error::custom)
+}
+
+fn scalar_text(value: &Value) -> String {
+    serde_yaml::to_string(value)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "value".into())
+}
+
+/// Strings may arrive from the environment as YAML numbers or booleans (`LETTA_TOKEN=123`).
+fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match Value::deserialize(d)? {
+        Value::String(s) => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        other => Err(de::Error::custom(format!(
+            "{} is not a string; expected a single value",
+            scalar_text(&other)
+        ))),
+    }
+}
+
+fn optional_string_like<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        other => string_like(other).map(Some).map_err(de::Error::custom),
+    }
+}
+
+fn optional_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    Ok(optional_string_like(d)?
+        .filter(|s| !s.is_empty())
+        .map(Secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "homeserver:\n  server_name: example.org\n";
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn should_fill_defaults_from_a_minimal_file() {
+        let config = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(config.homeserver.url, "http://127.0.0.1:8008");
+        assert_eq!(config.appservice.public_url(), "http://127.0.0.1:9009");
+        assert_eq!(config.sync.interval, Duration::from_secs(600));
+        assert_eq!(config.dead_letter_topic(), "nova.identity.events.dlq");
+        let ids = config.identities().unwrap();
+        assert_eq!(ids.bot, "@letta:example.org");
+        assert_eq!(
+            ids.required_members,
+            vec!["@letta:example.org", "@admin:example.org"]
+        );
+    }
+
+    #[test]
+    fn should_read_the_contract_example() {
+        let text = r#"
+homeserver:
+  url: http://127.0.0.1:8008
+  server_name: example.org
+  flavor: auto
+  admin_token: null
+appservice:
+  registration: registration.yaml
+  listen: 127.0.0.1:9009
+  url: null
+  bot_localpart: letta
+admin:
+  listen: 127.0.0.1:9010
+  token: null
+store:
+  path: roster.db
+agents:
+  letta_url: null
+  letta_token: null
+  file: null
+  poll_interval: 60s
+  required_members: ["@admin:example.org"]
+  removal_grace: 2h
+sync:
+  interval: 600s
+lifecycle:
+  enabled: false
+  brokers: 127.0.0.1:9092
+  topic: nova.identity.events
+  group_id: roster
+  dead_letter_topic: nova.identity.events.dlq
+  matrix_enabled: true
+"#;
+        let config = Config::from_yaml(text).unwrap();
+        assert_eq!(config.agents.removal_grace, Duration::from_secs(7200));
+        assert!(config.lifecycle.matrix_enabled);
+    }
+
+    #[test]
+    fn should_let_roster_variables_win_over_legacy_and_file() {
+        let vars = env(&[
+            ("MATRIX_HOMESERVER_URL", "http://legacy:8008"),
+            ("ROSTER_HOMESERVER__URL", "http://new:8008"),
+            ("MATRIX_AGENT_SYNC_INTERVAL", "900"),
+            ("KAFKA_ENABLED", "true"),
+            ("KAFKA_BROKERS", "k1:9092,k2:9092"),
+            ("MATRIX_ENABLED", "false"),
+            ("LETTA_TOKEN", "12345"),
+            ("ROSTER_AGENTS__REQUIRED_MEMBERS", "[\"@ops:example.org\"]"),
+            ("ROSTER_LOG", "debug"),
+        ]);
+        let config = Config::from_yaml_with_env(MINIMAL, &vars).unwrap();
+        assert_eq!(config.homeserver.url, "http://new:8008");
+        assert_eq!(config.sync.interval, Duration::from_secs(900));
+        assert!(config.lifecycle.enabled);
+        assert_eq!(config.lifecycle.brokers, "k1:9092,k2:9092");
+        assert!(!config.lifecycle.matrix_enabled);
+        assert_eq!(
+            config.agents.letta_token.as_ref().unwrap().expose(),
+            "12345"
+        );
+        assert_eq!(
+            config.identities().unwrap().required_members,
+            vec!["@letta:example.org", "@ops:example.org"]
+        );
+    }
+
+    #[test]
+    fn should_parse_durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("ten minutes").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    /// Each bad config fails with one line naming the key, the value and what is expected.
+    #[test]
+    fn should_reject_bad_configs_naming_key_value_and_expectation() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
+            (
+                "homeserver: {}",
+                &[],
+                &["homeserver.server_name", "missing", "example.org"],
+            ),
+            (
+                "homeserver: {server_name: example.org, url: 'ftp://x'}",
+                &[],
+                &["homeserver.url", "ftp://x", "http"],
+            ),
+            (
+                "homeserver: {server_name: 'not a name!'}",
+                &[],
+                &["homeserver.server_name", "not a name!", "example.org"],
+            ),
+            (
+                MINIMAL,
+                &[("MATRIX_AGENT_SYNC_INTERVAL", "30")],
+                &["sync.interval", "MATRIX_AGENT_SYNC_INTERVAL", "30s", "60s"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nsync: {interval: soon}",
+                &[],
+                &["sync.interval", "soon", "90s"],
+            ),
+            (
+                MINIMAL,
+                &[("KAFKA_ENABLED", "maybe")],
+                &["lifecycle.enabled", "KAFKA_ENABLED", "maybe", "boolean"],
+            ),
+            (
+                "homeserver: {server_name: example.org, flavor: dendrite}",
+                &[],
+                &["homeserver.flavor", "dendrite", "auto"],
+            ),
+            (
+                "homeserver: {server_name: example.org, flavor: tuwunel}",
+                &[],
+                &["homeserver.admin_token", "tuwunel", "MATRIX_ADMIN_TOKEN"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nappservice: {listen: 'nowhere'}",
+                &[],
+                &["appservice.listen", "socket address"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nagents: {required_members: [admin]}",
+                &[],
+                &["agents.required_members", "\"admin\"", "@admin:example.org"],
+            ),
+            (
+                "homeserver: {server_name: example.org, colour: blue}",
+                &[],
+                &["homeserver", "colour", "expected one of"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nappservice: {bot_localpart: 'Letta Bot'}",
+                &[],
+                &["appservice.bot_localpart", "Letta Bot", "localpart"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nadmin: {listen: '127.0.0.1:9009'}",
+                &[],
+                &["admin.listen", "127.0.0.1:9009", "own address"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nagents: {letta_url: 'not a url'}",
+                &[],
+                &["agents.letta_url", "not a url", "http://letta:8283"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {enabled: true, topic: ''}",
+                &[],
+                &["lifecycle.topic", "empty"],
+            ),
+            ("[1, 2]", &[], &["top level", "mapping"]),
+        ];
+        for (yaml, vars, needles) in cases {
+            let err = Config::from_yaml_with_env(yaml, &env(vars))
+                .expect_err(&format!("config should be rejected: {yaml} {vars:?}"))
+                .to_string();
+            assert!(!err.contains('\n'), "one line: {err}");
+            for needle in *needles {
+                assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn should_not_print_secrets_in_debug() {
+        let config =
+            Config::from_yaml("homeserver: {server_name: example.org, admin_token: hunter2}")
+                .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

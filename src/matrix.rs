@@ -1,0 +1,474 @@
+//! Talks to the homeserver: the one client, acting as any namespaced user by masquerading.
+//!
+//! Invariants: the only credential is the `as_token` (DESIGN principle 1: no login code
+//! exists); every request has a timeout, waits for one of a bounded number of permits, and
+//! is counted by endpoint and status in `roster_homeserver_requests_total`. Errors are
+//! classified by `errcode`, never by message text.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
+use ruma::api::client::account::register::{self, LoginType, RegistrationKind};
+use ruma::api::client::account::whoami;
+use ruma::api::client::alias::get_alias;
+use ruma::api::client::appservice::request_ping;
+use ruma::api::client::membership::{
+    invite_user, join_room_by_id, joined_members, kick_user, leave_room,
+};
+use ruma::api::client::profile::set_profile_field;
+use ruma::api::client::room::create_room;
+use ruma::api::error::{ErrorKind, RetryAfter};
+use ruma::api::path_builder::{PathBuilder, SinglePath, VersionHistory};
+use ruma::api::{
+    AppserviceUserIdentity, IncomingResponse, MatrixVersion, OutgoingRequest,
+    OutgoingRequestAppserviceExt, SupportedVersions,
+};
+use ruma::profile::ProfileFieldValue;
+use ruma::{OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
+use tokio::sync::Semaphore;
+
+use crate::config::Secret;
+use crate::metrics::{Metrics, RequestLabels};
+
+/// A failed homeserver call, classified so callers can decide to retry, skip or report.
+#[derive(Debug, thiserror::Error)]
+pub enum MatrixError {
+    #[error("homeserver refused {endpoint}: HTTP {status} {errcode}: {message}")]
+    Api {
+        endpoint: &'static str,
+        status: u16,
+        errcode: String,
+        kind: Option<ErrorKind>,
+        message: String,
+    },
+    #[error("homeserver did not answer {endpoint} within {timeout:?}; is it overloaded or down?")]
+    Timeout {
+        endpoint: &'static str,
+        timeout: Duration,
+    },
+    #[error("cannot reach the homeserver for {endpoint}: {source}; check homeserver.url")]
+    Unreachable {
+        endpoint: &'static str,
+        source: reqwest::Error,
+    },
+    #[error("homeserver sent an undecodable answer to {endpoint}: {message}")]
+    Decode {
+        endpoint: &'static str,
+        message: String,
+    },
+    #[error("cannot build the {endpoint} request: {message}")]
+    Request {
+        endpoint: &'static str,
+        message: String,
+    },
+}
+
+impl MatrixError {
+    pub fn kind(&self) -> Option<&ErrorKind> {
+        match self {
+            MatrixError::Api { kind, .. } => kind.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            MatrixError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self.kind(), Some(ErrorKind::Forbidden))
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self.kind(), Some(ErrorKind::NotFound))
+    }
+
+    /// How long the homeserver asked roster to wait (`M_LIMIT_EXCEEDED`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.kind()? {
+            ErrorKind::LimitExceeded(data) => match data.retry_after.as_ref()? {
+                RetryAfter::Delay(d) => Some(*d),
+                RetryAfter::DateTime(at) => Some(
+                    at.duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default(),
+                ),
+            },
+            _ => None,
+        }
+    }
+
+    /// Worth retrying later: the homeserver was away, overloaded or rate limiting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            MatrixError::Timeout { .. } | MatrixError::Unreachable { .. } => true,
+            MatrixError::Api { status, kind, .. } => {
+                *status >= 500
+                    || *status == 429
+                    || matches!(kind, Some(ErrorKind::LimitExceeded(_)))
+            }
+            MatrixError::Decode { .. } | MatrixError::Request { .. } => false,
+        }
+    }
+}
+
+/// Endpoint errors roster can read an errcode from.
+pub trait ErrorBody {
+    fn parts(self) -> (u16, Option<ErrorKind>, String);
+}
+
+impl ErrorBody for ruma::api::error::Error {
+    fn parts(self) -> (u16, Option<ErrorKind>, String) {
+        let status = self.status_code.as_u16();
+        match self.body {
+            ruma::api::error::ErrorBody::Standard(body) => (status, Some(body.kind), body.message),
+            other => (status, None, format!("{other:?}")),
+        }
+    }
+}
+
+impl ErrorBody for ruma::api::client::uiaa::UiaaResponse {
+    fn parts(self) -> (u16, Option<ErrorKind>, String) {
+        match self {
+            ruma::api::client::uiaa::UiaaResponse::MatrixError(e) => e.parts(),
+            // roster never does interactive auth: asking for it means the homeserver does
+            // not treat the request as coming from the appservice.
+            ruma::api::client::uiaa::UiaaResponse::AuthResponse(_) => (
+                401,
+                None,
+                "homeserver asked for interactive auth; is the as_token registered?".into(),
+            ),
+        }
+    }
+}
+
+/// Produces what a request's path builder needs from the versions roster speaks.
+pub trait PathInput: PathBuilder {
+    fn input(versions: &SupportedVersions) -> Self::Input<'_>;
+}
+
+impl PathInput for VersionHistory {
+    fn input(versions: &SupportedVersions) -> Cow<'_, SupportedVersions> {
+        Cow::Borrowed(versions)
+    }
+}
+
+impl PathInput for SinglePath {
+    fn input(_: &SupportedVersions) {}
+}
+
+/// A member as `joined_members` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinedMember {
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+}
+
+/// Whether registering a user created it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    Created,
+    /// `M_USER_IN_USE`: it existed already, which is what roster wanted.
+    AlreadyExists,
+}
+
+#[derive(Clone)]
+pub struct Homeserver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base_url: String,
+    as_token: Secret,
+    /// The Matrix versions whose paths roster uses: all endpoints it calls are stable
+    /// since 1.7 (the appservice ping), so no `/versions` round trip is needed.
+    versions: SupportedVersions,
+    permits: Semaphore,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Homeserver {
+    pub fn new(
+        base_url: &str,
+        as_token: Secret,
+        timeout: Duration,
+        max_concurrent: usize,
+        metrics: Arc<Metrics>,
+    ) -> Homeserver {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("roster/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a TLS backend is compiled in");
+        let versions = SupportedVersions {
+            versions: [
+                MatrixVersion::V1_1,
+                MatrixVersion::V1_2,
+                MatrixVersion::V1_3,
+                MatrixVersion::V1_4,
+                MatrixVersion::V1_5,
+                MatrixVersion::V1_6,
+                MatrixVersion::V1_7,
+            ]
+            .into(),
+            features: Default::default(),
+        };
+        Homeserver {
+            inner: Arc::new(Inner {
+                http,
+                base_url: base_url.trim_end_matches('/').to_owned(),
+                as_token,
+                versions,
+                permits: Semaphore::new(max_concurrent.max(1)),
+                timeout,
+                metrics,
+            }),
+        }
+    }
+
+    /// Sends `request` as `as_user` (masquerading), or as the appservice sender.
+    pub async fn send<R>(
+        &self,
+        endpoint: &'static str,
+        request: R,
+        as_user: Option<&UserId>,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+        R::PathBuilder: PathInput,
+        R::EndpointError: ErrorBody,
+    {
+        let inner = &self.inner;
+        let identity = match as_user {
+            Some(user) => AppserviceUserIdentity::new(user),
+            None => AppserviceUserIdentity::default(),
+        };
+        let http_request = request
+            .try_into_http_request_with_identity::<Vec<u8>>(
+                &inner.base_url,
+                SendAccessToken::Appservice(inner.as_token.expose()),
+                identity,
+                R::PathBuilder::input(&inner.versions),
+            )
+            .map_err(|e| MatrixError::Request {
+                endpoint,
+                message: e.to_string(),
+            })?;
+        let http_request =
+            reqwest::Request::try_from(http_request).map_err(|e| MatrixError::Request {
+                endpoint,
+                message: e.to_string(),
+            })?;
+
+        let _permit = inner
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let result = inner.http.execute(http_request).await;
+        let count = |status: String| {
+            inner
+                .metrics
+                .homeserver_requests
+                .get_or_create(&RequestLabels { endpoint, status })
+                .inc();
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(source) => {
+                count("error".into());
+                return Err(if source.is_timeout() {
+                    MatrixError::Timeout {
+                        endpoint,
+                        timeout: inner.timeout,
+                    }
+                } else {
+                    MatrixError::Unreachable { endpoint, source }
+                });
+            }
+        };
+        let status = response.status();
+        count(status.as_u16().to_string());
+        let mut builder = http::Response::builder().status(status);
+        if let Some(headers) = builder.headers_mut() {
+            *headers = response.headers().clone();
+        }
+        let body: Bytes = response.bytes().await.map_err(|source| {
+            if source.is_timeout() {
+                MatrixError::Timeout {
+                    endpoint,
+                    timeout: inner.timeout,
+                }
+            } else {
+                MatrixError::Unreachable { endpoint, source }
+            }
+        })?;
+        let http_response = builder
+            .body(body.as_ref())
+            .expect("status and headers came from a valid response");
+        if status.as_u16() >= 400 {
+            use ruma::api::EndpointError;
+            let (status, kind, message) =
+                R::EndpointError::from_http_response(http_response).parts();
+            let errcode = kind
+                .as_ref()
+                .map(|k| k.errcode().to_string())
+                .unwrap_or_else(|| "(no errcode)".into());
+            return Err(MatrixError::Api {
+                endpoint,
+                status,
+                errcode,
+                kind,
+                message,
+            });
+        }
+        R::IncomingResponse::try_from_http_response_inner(http_response).map_err(|e| {
+            MatrixError::Decode {
+                endpoint,
+                message: e.to_string(),
+            }
+        })
+    }
+
+    /// Registers `localpart` as an appservice user; no device, no access token.
+    pub async fn register(&self, localpart: &str) -> Result<Registered, MatrixError> {
+        let mut request = register::v3::Request::new();
+        request.username = Some(localpart.to_owned());
+        request.login_type = Some(LoginType::ApplicationService);
+        request.inhibit_login = true;
+        request.kind = RegistrationKind::User;
+        match self.send("register", request, None).await {
+            Ok(_) => Ok(Registered::Created),
+            Err(e) if matches!(e.kind(), Some(ErrorKind::UserInUse)) => {
+                Ok(Registered::AlreadyExists)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn create_room(
+        &self,
+        as_user: &UserId,
+        request: create_room::v3::Request,
+    ) -> Result<OwnedRoomId, MatrixError> {
+        Ok(self
+            .send("create_room", request, Some(as_user))
+            .await?
+            .room_id)
+    }
+
+    pub async fn invite(
+        &self,
+        as_user: &UserId,
+        room: &RoomId,
+        user: &UserId,
+    ) -> Result<(), MatrixError> {
+        let recipient = invite_user::v3::InvitationRecipient::UserId(
+            invite_user::v3::InviteUserId::new(user.to_owned()),
+        );
+        let request = invite_user::v3::Request::new(room.to_owned(), recipient);
+        self.send("invite", request, Some(as_user)).await?;
+        Ok(())
+    }
+
+    pub async fn join(&self, as_user: &UserId, room: &RoomId) -> Result<(), MatrixError> {
+        let request = join_room_by_id::v3::Request::new(room.to_owned());
+        self.send("join", request, Some(as_user)).await?;
+        Ok(())
+    }
+
+    pub async fn leave(&self, as_user: &UserId, room: &RoomId) -> Result<(), MatrixError> {
+        let request = leave_room::v3::Request::new(room.to_owned());
+        self.send("leave", request, Some(as_user)).await?;
+        Ok(())
+    }
+
+    pub async fn kick(
+        &self,
+        as_user: &UserId,
+        room: &RoomId,
+        user: &UserId,
+        reason: Option<String>,
+    ) -> Result<(), MatrixError> {
+        let mut request = kick_user::v3::Request::new(room.to_owned(), user.to_owned());
+        request.reason = reason;
+        self.send("kick", request, Some(as_user)).await?;
+        Ok(())
+    }
+
+    pub async fn joined_members(
+        &self,
+        as_user: &UserId,
+        room: &RoomId,
+    ) -> Result<BTreeMap<OwnedUserId, JoinedMember>, MatrixError> {
+        let request = joined_members::v3::Request::new(room.to_owned());
+        let response = self.send("joined_members", request, Some(as_user)).await?;
+        Ok(response
+            .joined
+            .into_iter()
+            .map(|(user, member)| {
+                (
+                    user,
+                    JoinedMember {
+                        displayname: member.display_name,
+                        avatar_url: member.avatar_url.map(|u| u.to_string()),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// The room an alias points to, or `None` when the alias does not exist.
+    pub async fn resolve_alias(
+        &self,
+        alias: &RoomAliasId,
+    ) -> Result<Option<OwnedRoomId>, MatrixError> {
+        let request = get_alias::v3::Request::new(alias.to_owned());
+        match self.send("resolve_alias", request, None).await {
+            Ok(response) => Ok(Some(response.room_id)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn set_display_name(&self, user: &UserId, name: &str) -> Result<(), MatrixError> {
+        let request = set_profile_field::v3::Request::new(
+            user.to_owned(),
+            ProfileFieldValue::DisplayName(name.to_owned()),
+        );
+        self.send("set_display_name", request, Some(user)).await?;
+        Ok(())
+    }
+
+    pub async fn set_avatar_url(&self, user: &UserId, url: OwnedMxcUri) -> Result<(), MatrixError> {
+        let request =
+            set_profile_field::v3::Request::new(user.to_owned(), ProfileFieldValue::AvatarUrl(url));
+        self.send("set_avatar_url", request, Some(user)).await?;
+        Ok(())
+    }
+
+    /// Who the homeserver takes roster for when acting as `as_user`.
+    pub async fn whoami(&self, as_user: Option<&UserId>) -> Result<OwnedUserId, MatrixError> {
+        Ok(self
+            .send("whoami", whoami::v3::Request::new(), as_user)
+            .await?
+            .user_id)
+    }
+
+    /// Asks the homeserver to ping roster back; Synapse then also flushes the transactions
+    /// it queued while roster was away.
+    pub async fn ping(&self, appservice_id: &str) -> Result<Duration, MatrixError> {
+        let request = request_ping::v1::Request::new(appservice_id.to_owned());
+        Ok(self.send("appservice_ping", request, None).await?.duration)
+    }
+}
