@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs roster's main job locally: a Synapse homeserver, a Kafka-protocol broker (tansu) and
+# roster itself, all on 127.0.0.1, installed by this script (cached under ~/.cache/roster).
+# State lives in .local/ (delete it to start over). Ctrl-C stops everything.
+#   deploy/local.sh
+# Ports: Synapse 8008 (metrics 9008), broker 9092, roster 9009 (appservice) / 9010 (admin).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+state=$root/.local
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/roster/target}
+mkdir -p "$state"
+
+deploy/peers/all.sh install synapse tansu
+cargo build --release --locked
+roster=$CARGO_TARGET_DIR/release/roster
+
+if [[ ! -f $state/config.yaml ]]; then
+  admin_token=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+  (umask 077; cat >"$state/config.yaml" <<YAML
+homeserver:
+  url: http://127.0.0.1:8008
+  server_name: localhost
+appservice:
+  registration: $state/registration.yaml
+  listen: 127.0.0.1:9009
+admin:
+  listen: 127.0.0.1:9010
+  token: $admin_token
+store:
+  path: $state/roster.db
+agents:
+  file: $state/agents.yaml
+lifecycle:
+  enabled: false
+  brokers: 127.0.0.1:9092
+YAML
+  )
+  printf -- '- {id: agent-demo-1, name: Demo agent}\n' >"$state/agents.yaml"
+fi
+[[ -f $state/registration.yaml ]] || "$roster" registration -c "$state/config.yaml"
+[[ -f $state/synapse/homeserver.yaml ]] || deploy/peers/synapse.sh init "$state/synapse" \
+  --port 8008 --metrics-port 9008 --registration "$state/registration.yaml" --server-name localhost
+
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+deploy/peers/synapse.sh run "$state/synapse" >"$state/synapse.log" 2>&1 &
+pids+=($!)
+deploy/peers/tansu.sh run --port 9092 >"$state/tansu.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  curl -fsS http://127.0.0.1:8008/_matrix/client/versions >/dev/null 2>&1 && break
+  sleep 0.2
+done
+deploy/peers/tansu.sh topic --port 9092 --partitions 3 nova.identity.events nova.identity.events.dlq
+
+echo "Synapse http://127.0.0.1:8008 (server name localhost); roster admin http://127.0.0.1:9010"
+echo "logs: $state/*.log; admin token: in $state/config.yaml; Ctrl-C stops everything"
+"$roster" serve -c "$state/config.yaml" &
+pids+=($!)
+wait "${pids[-1]}"

@@ -1,0 +1,557 @@
+//! Test harness: real peers started by the project's own scripts on 127.0.0.1, and roster
+//! itself as a child process (so tests can SIGKILL and restart it).
+//!
+//! Every process is stopped on drop. When a test fails, its directory (configs, logs,
+//! databases) is kept and its path printed.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const SERVER_NAME: &str = "roster.test";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch directory kept (and printed) when the test panics.
+pub struct Scratch {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("roster-{name}-"))
+            .tempdir()
+            .expect("create a temp dir");
+        Scratch { dir: Some(dir) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!(
+                "test failed; its files are kept in {}",
+                dir.keep().display()
+            );
+        }
+    }
+}
+
+fn stop(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn peer_script(name: &str) -> PathBuf {
+    repo_root().join("deploy/peers").join(name)
+}
+
+fn run_script(script: &str, args: &[&str]) -> String {
+    let output = Command::new(peer_script(script))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        output.status.success(),
+        "{script} {args:?} failed: {}",
+        output.status
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A real Synapse, installed and started by `deploy/peers/synapse.sh`.
+pub struct Synapse {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub metrics_port: u16,
+    http: reqwest::Client,
+}
+
+impl Synapse {
+    /// Starts Synapse on `port` with the appservice `registration`.
+    pub async fn start(dir: &Path, port: u16, registration: &Path) -> Synapse {
+        run_script("synapse.sh", &["install"]);
+        let metrics_port = free_port();
+        let dir = dir.join("synapse");
+        run_script(
+            "synapse.sh",
+            &[
+                "init",
+                dir.to_str().unwrap(),
+                "--port",
+                &port.to_string(),
+                "--metrics-port",
+                &metrics_port.to_string(),
+                "--registration",
+                registration.to_str().unwrap(),
+                "--server-name",
+                SERVER_NAME,
+            ],
+        );
+        let mut synapse = Synapse {
+            child: None,
+            dir,
+            port,
+            metrics_port,
+            http: reqwest::Client::new(),
+        };
+        synapse.spawn().await;
+        synapse
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("stdout.log")).unwrap();
+        let child = Command::new(peer_script("synapse.sh"))
+            .arg("run")
+            .arg(&self.dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start synapse");
+        self.child = Some(child);
+        let url = format!("{}/_matrix/client/versions", self.url());
+        let http = self.http.clone();
+        eventually(Duration::from_secs(60), "synapse to answer", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let ok = http.get(&url).send().await.ok()?.status().is_success();
+                ok.then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Registers an admin user with the shared secret (no `/login`) and returns its token.
+    pub fn admin_token(&self, user: &str) -> String {
+        run_script(
+            "synapse.sh",
+            &["admin-token", self.dir.to_str().unwrap(), user],
+        )
+        .trim()
+        .to_owned()
+    }
+
+    async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!(
+                "http://127.0.0.1:{}/_synapse/metrics",
+                self.metrics_port
+            ))
+            .send()
+            .await
+            .expect("synapse metrics listener answers")
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Synapse's own count of `POST /login` requests (any outcome).
+    pub async fn login_count(&self) -> u64 {
+        sum_samples(
+            &self.metrics_text().await,
+            "synapse_http_server_requests_received_total",
+            &["method=\"POST\"", "servlet=\"LoginRestServlet\""],
+        )
+    }
+
+    /// Synapse's count of requests it received, by servlet name.
+    pub async fn requests_received(&self, servlet: &str) -> u64 {
+        sum_samples(
+            &self.metrics_text().await,
+            "synapse_http_server_requests_received_total",
+            &[&format!("servlet=\"{servlet}\"")],
+        )
+    }
+
+    /// A client-server or admin API call with `token`; returns status and JSON body.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.url()))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("synapse answers");
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    pub async fn create_room(&self, token: &str, body: Value) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/createRoom",
+                token,
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 200, "createRoom: {body}");
+        body["room_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn devices(&self, admin_token: &str, user: &str) -> usize {
+        let (status, body) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/_synapse/admin/v2/users/{user}/devices"),
+                admin_token,
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "devices of {user}: {body}");
+        body["devices"].as_array().map(Vec::len).unwrap_or(0)
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sums the samples of `name` whose labels contain every one of `labels`.
+pub fn sum_samples(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// roster running as a child process with its own config, registration and store.
+pub struct Roster {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub registration: PathBuf,
+    pub appservice_port: u16,
+    pub admin_port: u16,
+    pub admin_token: String,
+    pub hs_token: String,
+    pub as_token: String,
+    extra_env: Vec<(String, String)>,
+    starts: u32,
+    http: reqwest::Client,
+}
+
+impl Roster {
+    /// Writes a config pointing at `homeserver_url` and generates the registration with
+    /// `roster registration`, as an operator would. Does not start roster.
+    pub fn configure(dir: &Path, homeserver_url: &str, extra_yaml: &str) -> Roster {
+        let dir = dir.join("roster");
+        std::fs::create_dir_all(&dir).unwrap();
+        let appservice_port = free_port();
+        let admin_port = free_port();
+        let admin_token = format!("admin-{}", uuid_like());
+        let config = dir.join("config.yaml");
+        let registration = dir.join("registration.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "homeserver:\n  url: {homeserver_url}\n  server_name: {SERVER_NAME}\n  request_timeout: 10s\n\
+                 appservice:\n  registration: {}\n  listen: 127.0.0.1:{appservice_port}\n  max_body_bytes: 65536\n\
+                 admin:\n  listen: 127.0.0.1:{admin_port}\n  token: {admin_token}\n\
+                 store:\n  path: {}\n{extra_yaml}",
+                registration.display(),
+                dir.join("roster.db").display(),
+            ),
+        )
+        .unwrap();
+        let status = Command::new(env!("CARGO_BIN_EXE_roster"))
+            .args(["registration", "-c"])
+            .arg(&config)
+            .status()
+            .unwrap();
+        assert!(status.success(), "roster registration failed");
+        let reg: Value = serde_yaml::from_str(&std::fs::read_to_string(&registration).unwrap())
+            .expect("registration is YAML");
+        Roster {
+            child: None,
+            dir,
+            config,
+            registration,
+            appservice_port,
+            admin_port,
+            admin_token,
+            hs_token: reg["hs_token"].as_str().unwrap().to_owned(),
+            as_token: reg["as_token"].as_str().unwrap().to_owned(),
+            extra_env: Vec::new(),
+            starts: 0,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn env(&mut self, key: &str, value: &str) {
+        self.extra_env.push((key.into(), value.into()));
+    }
+
+    pub fn clear_env(&mut self) {
+        self.extra_env.clear();
+    }
+
+    /// Starts `roster serve` and waits until its admin listener answers.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "roster is already running");
+        self.starts += 1;
+        let log =
+            std::fs::File::create(self.dir.join(format!("roster-{}.log", self.starts))).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_roster"));
+        command
+            .args(["serve", "-c"])
+            .arg(&self.config)
+            .env("ROSTER_LOG", "roster=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (key, value) in &self.extra_env {
+            command.env(key, value);
+        }
+        self.child = Some(command.spawn().expect("start roster"));
+        let url = self.admin_url("/health");
+        let http = self.http.clone();
+        eventually(Duration::from_secs(30), "roster to listen", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(&url).send().await.ok().map(|_| ()) }
+        })
+        .await;
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = self.admin_url("/ready");
+        let http = self.http.clone();
+        eventually(Duration::from_secs(60), "roster to be ready", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let ok = http.get(&url).send().await.ok()?.status().is_success();
+                ok.then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    /// Whether the process ended by itself (e.g. an injected fault).
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().ok().flatten().is_some(),
+            None => true,
+        }
+    }
+
+    pub fn forget_exited(&mut self) {
+        if self.has_exited() {
+            self.child = None;
+        }
+    }
+
+    pub fn appservice_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.appservice_port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("roster metrics")
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> u64 {
+        sum_samples(&self.metrics().await, name, labels)
+    }
+
+    /// The model's members of `room`: user id -> membership.
+    pub async fn members(&self, room: &str) -> Vec<(String, String)> {
+        let body: Value = self
+            .http
+            .get(self.admin_url(&format!("/admin/v1/rooms/{room}/members")))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .expect("roster admin API answers")
+            .json()
+            .await
+            .unwrap();
+        body["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["user_id"].as_str().unwrap().to_owned(),
+                    m["membership"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    pub async fn membership(&self, room: &str, user: &str) -> Option<String> {
+        self.members(room)
+            .await
+            .into_iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, m)| m)
+    }
+
+    /// Waits until the model shows `user` with `membership` in `room`; returns the wait.
+    pub async fn wait_membership(&self, room: &str, user: &str, membership: &str) -> Duration {
+        let started = Instant::now();
+        eventually(
+            Duration::from_secs(20),
+            &format!("{user} to be {membership} in {room} in roster's model"),
+            || async {
+                (self.membership(room, user).await.as_deref() == Some(membership)).then_some(())
+            },
+        )
+        .await;
+        started.elapsed()
+    }
+
+    /// Pushes a transaction the way a homeserver does (PUT with the hs_token).
+    pub async fn push(&self, txn_id: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .put(self.appservice_url(&format!("/_matrix/app/v1/transactions/{txn_id}")))
+            .bearer_auth(&self.hs_token)
+            .json(body)
+            .send()
+            .await
+            .expect("roster answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.http
+    }
+}
+
+impl Drop for Roster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A member event as a homeserver pushes it.
+pub fn member_event(room: &str, user: &str, sender: &str, membership: &str, ts: u64) -> Value {
+    json!({
+        "type": "m.room.member",
+        "event_id": format!("$ev{ts}{}", user.len()),
+        "room_id": room,
+        "sender": sender,
+        "state_key": user,
+        "origin_server_ts": ts,
+        "content": { "membership": membership },
+    })
+}
+
+pub fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{nanos:x}{:x}", std::process::id())
+}
