@@ -93,6 +93,9 @@ impl Shared {
         for member in store.members()? {
             model.restore(member.room_id, member.user_id, member.state);
         }
+        for user in store.deactivated_users()? {
+            model.identities.mark_deactivated(user);
+        }
         Ok(Shared {
             config,
             ids,

@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS members (
     event_id         TEXT NOT NULL,
     PRIMARY KEY (room_id, user_id)
 );
+CREATE TABLE IF NOT EXISTS deactivated_users (
+    user_id TEXT PRIMARY KEY,
+    at_ms   INTEGER NOT NULL
+);
 ";
 
 impl Store {
@@ -196,6 +200,30 @@ impl Store {
         Ok(members)
     }
 
+    /// Records that `user` was deactivated (idempotent).
+    pub fn record_deactivated(&self, user: &ruma::UserId, at_ms: u64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO deactivated_users (user_id, at_ms) VALUES (?1, ?2)",
+            params![user.as_str(), at_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn deactivated_users(&self) -> Result<Vec<ruma::OwnedUserId>, StoreError> {
+        let conn = self.conn();
+        let mut query = conn.prepare("SELECT user_id FROM deactivated_users")?;
+        let rows = query.query_map([], |row| row.get::<_, String>(0))?;
+        let mut users = Vec::new();
+        for row in rows {
+            let raw = row?;
+            users.push(
+                ruma::OwnedUserId::try_from(raw.as_str())
+                    .map_err(|_| StoreError::Corrupt(format!("deactivated_users row {raw}")))?,
+            );
+        }
+        Ok(users)
+    }
+
     /// Forgets transaction ids older than `before_ms`, then all but the newest `keep`.
     pub fn prune_transactions(&self, before_ms: u64, keep: usize) -> Result<usize, StoreError> {
         let conn = self.conn();
@@ -272,6 +300,15 @@ mod tests {
         assert_eq!(members[0].state.membership, Membership::Join);
         assert_eq!(members[0].state.displayname.as_deref(), Some("A"));
         assert!(store.has_transaction("t1").unwrap());
+    }
+
+    #[test]
+    fn should_remember_deactivated_users() {
+        let store = Store::in_memory().unwrap();
+        let user = owned_user_id!("@nova-1:example.org");
+        store.record_deactivated(&user, 1).unwrap();
+        store.record_deactivated(&user, 2).unwrap();
+        assert_eq!(store.deactivated_users().unwrap(), vec![user]);
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! (`origin_server_ts`, then `event_id`), so applying the same events in any order, or
 //! twice, leaves the same state: redelivered and out-of-order transactions are harmless.
 
+pub mod agents;
+pub mod identity;
+
 use std::collections::HashMap;
 
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
@@ -115,10 +118,12 @@ pub struct Change {
     pub state: MemberState,
 }
 
-/// Observed membership of every room roster has heard of.
+/// Observed membership of every room roster has heard of, and what lifecycle events said
+/// about identity users.
 #[derive(Debug, Default, Clone)]
 pub struct Model {
     rooms: HashMap<OwnedRoomId, HashMap<OwnedUserId, MemberState>>,
+    pub identities: identity::Identities,
 }
 
 impl Model {
@@ -138,6 +143,11 @@ impl Model {
 
     pub fn rooms(&self) -> impl Iterator<Item = &OwnedRoomId> {
         self.rooms.keys()
+    }
+
+    /// A deactivated user is never invited or rejoined.
+    pub fn is_deactivated(&self, user: &UserId) -> bool {
+        self.identities.is_deactivated(user)
     }
 
     pub fn room_count(&self) -> usize {
