@@ -2,7 +2,12 @@
 //!
 //! Pure: sources produce listings, this module turns them into desired state.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
+
+use super::{Membership, Model};
 
 /// One agent as a source lists it. `id` is the key: names are not unique.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -27,6 +32,347 @@ pub fn agent_localpart(agent_id: &str) -> Option<String> {
     (!x.is_empty()).then(|| format!("agent_{x}"))
 }
 
+/// What roster has done for one agent's room: its promises, kept in the store.
+///
+/// The homeserver stays the truth: `room_id` is found again by the room's alias when this
+/// record is lost, and membership comes from the model, not from here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRecord {
+    pub agent_id: String,
+    pub localpart: String,
+    pub room_id: Option<OwnedRoomId>,
+    /// The name last written to the room name and the agent's display name.
+    pub applied_name: Option<String>,
+    pub space_linked: bool,
+    /// Users roster cannot act as; they are invited once, never again.
+    #[serde(default)]
+    pub invited_external: BTreeSet<OwnedUserId>,
+    /// When the agent was first missing from a good listing; cleared when it is back.
+    pub missing_since_ms: Option<u64>,
+    /// The agent was removed and its room left; nothing more is done for it.
+    pub retired: bool,
+}
+
+/// A member every agent room must have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequiredMember {
+    pub user: OwnedUserId,
+    /// roster may act as this user (local and inside its namespaces): it can join them.
+    /// Otherwise the user can only be invited, once.
+    pub masquerade: bool,
+}
+
+/// One step towards the desired state of an agent room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Find the room by its alias, or create it (with the user, name and invites).
+    EnsureRoom {
+        alias_localpart: String,
+        name: String,
+    },
+    Invite {
+        room: OwnedRoomId,
+        by: OwnedUserId,
+        user: OwnedUserId,
+    },
+    Join {
+        room: OwnedRoomId,
+        user: OwnedUserId,
+    },
+    Leave {
+        room: OwnedRoomId,
+        user: OwnedUserId,
+    },
+    SetName {
+        room: OwnedRoomId,
+        user: OwnedUserId,
+        name: String,
+    },
+    LinkSpace {
+        room: OwnedRoomId,
+        space: OwnedRoomId,
+        by: OwnedUserId,
+    },
+    UnlinkSpace {
+        room: OwnedRoomId,
+        space: OwnedRoomId,
+    },
+    Deactivate {
+        user: OwnedUserId,
+    },
+}
+
+impl Action {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::EnsureRoom { .. } => "ensure_room",
+            Action::Invite { .. } => "invite",
+            Action::Join { .. } => "join",
+            Action::Leave { .. } => "leave",
+            Action::SetName { .. } => "set_name",
+            Action::LinkSpace { .. } => "link_space",
+            Action::UnlinkSpace { .. } => "unlink_space",
+            Action::Deactivate { .. } => "deactivate",
+        }
+    }
+}
+
+/// The actions an agent room needs, and what the model let roster skip.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Members the model shows in place: no action (`roster_membership_cache_total{hit}`).
+    pub hits: u32,
+    /// Members the model shows missing: an action follows.
+    pub misses: u32,
+    /// Members roster will not touch, with why (banned): reported, never retried.
+    pub blocked: Vec<(OwnedUserId, &'static str)>,
+}
+
+/// Everything the planner reads; it changes nothing.
+pub struct PlanInput<'a> {
+    pub agent: &'a Agent,
+    pub agent_user: &'a UserId,
+    pub bot: &'a UserId,
+    pub record: &'a RoomRecord,
+    pub required: &'a [RequiredMember],
+    pub space: Option<&'a RoomId>,
+    pub model: &'a Model,
+}
+
+/// The smallest set of actions that brings one agent room to its desired state.
+pub fn plan_agent(input: &PlanInput<'_>) -> Plan {
+    let mut plan = Plan::default();
+    let Some(room) = input.record.room_id.clone() else {
+        plan.actions.push(Action::EnsureRoom {
+            alias_localpart: input.record.localpart.clone(),
+            name: input.agent.name.clone(),
+        });
+        return plan;
+    };
+    let agent_user = input.agent_user.to_owned();
+    let membership = |user: &UserId| input.model.member(&room, user).map(|m| m.membership);
+
+    // The agent itself: the bot (power 50) can invite it back if it ever left.
+    ensure_joined(
+        &mut plan,
+        &room,
+        &agent_user,
+        input.bot,
+        membership(&agent_user),
+    );
+    for required in input.required {
+        let user = &required.user;
+        if input.model.is_deactivated(user) {
+            continue;
+        }
+        let now = membership(user);
+        if required.masquerade {
+            ensure_joined(&mut plan, &room, user, &agent_user, now);
+        } else {
+            match now {
+                Some(Membership::Join | Membership::Invite) => plan.hits += 1,
+                Some(Membership::Ban) => plan.blocked.push((user.clone(), "banned")),
+                _ if input.record.invited_external.contains(user) => plan.hits += 1,
+                _ => {
+                    plan.misses += 1;
+                    plan.actions.push(Action::Invite {
+                        room: room.clone(),
+                        by: agent_user.clone(),
+                        user: user.clone(),
+                    });
+                }
+            }
+        }
+    }
+    if input.record.applied_name.as_deref() != Some(input.agent.name.as_str()) {
+        plan.actions.push(Action::SetName {
+            room: room.clone(),
+            user: agent_user.clone(),
+            name: input.agent.name.clone(),
+        });
+    }
+    if let Some(space) = input.space
+        && !input.record.space_linked
+    {
+        plan.actions.push(Action::LinkSpace {
+            room,
+            space: space.to_owned(),
+            by: agent_user,
+        });
+    }
+    plan
+}
+
+fn ensure_joined(
+    plan: &mut Plan,
+    room: &RoomId,
+    user: &UserId,
+    inviter: &UserId,
+    now: Option<Membership>,
+) {
+    let join = Action::Join {
+        room: room.to_owned(),
+        user: user.to_owned(),
+    };
+    match now {
+        Some(Membership::Join) => plan.hits += 1,
+        Some(Membership::Ban) => plan.blocked.push((user.to_owned(), "banned")),
+        Some(Membership::Invite) => {
+            plan.misses += 1;
+            plan.actions.push(join);
+        }
+        _ => {
+            plan.misses += 1;
+            plan.actions.push(Action::Invite {
+                room: room.to_owned(),
+                by: inviter.to_owned(),
+                user: user.to_owned(),
+            });
+            plan.actions.push(join);
+        }
+    }
+}
+
+/// What retiring an agent takes: out of the space, required members out of the room.
+pub fn plan_removal(
+    record: &RoomRecord,
+    agent_user: &UserId,
+    required: &[RequiredMember],
+    space: Option<&RoomId>,
+    model: &Model,
+    deactivate_agent: bool,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let Some(room) = record.room_id.clone() else {
+        return actions;
+    };
+    if let Some(space) = space
+        && record.space_linked
+    {
+        actions.push(Action::UnlinkSpace {
+            room: room.clone(),
+            space: space.to_owned(),
+        });
+    }
+    for required in required.iter().filter(|r| r.masquerade) {
+        let present = model
+            .member(&room, &required.user)
+            .is_some_and(|m| matches!(m.membership, Membership::Join | Membership::Invite));
+        if present {
+            actions.push(Action::Leave {
+                room: room.clone(),
+                user: required.user.clone(),
+            });
+        }
+    }
+    if deactivate_agent {
+        actions.push(Action::Deactivate {
+            user: agent_user.to_owned(),
+        });
+    }
+    actions
+}
+
+/// What a good listing means for the agents roster knows.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ListingOutcome {
+    /// Agents new, renamed, or back: their rooms need a look.
+    pub changed: Vec<String>,
+    /// Agents absent for longer than the grace period: to be retired.
+    pub expired: Vec<String>,
+}
+
+/// Desired agents and roster's records of their rooms.
+#[derive(Debug, Default, Clone)]
+pub struct AgentBook {
+    pub desired: BTreeMap<String, Agent>,
+    pub records: BTreeMap<String, RoomRecord>,
+    room_index: HashMap<OwnedRoomId, String>,
+}
+
+impl AgentBook {
+    /// Puts back a record read from the store.
+    pub fn restore(&mut self, record: RoomRecord) {
+        if let Some(room) = &record.room_id {
+            self.room_index
+                .insert(room.clone(), record.agent_id.clone());
+        }
+        self.records.insert(record.agent_id.clone(), record);
+    }
+
+    /// Replaces a record after an action changed it.
+    pub fn update(&mut self, record: RoomRecord) {
+        self.restore(record);
+    }
+
+    pub fn agent_for_room(&self, room: &RoomId) -> Option<&str> {
+        self.room_index.get(room).map(String::as_str)
+    }
+
+    /// Applies a complete, successful listing observed at `now_ms`.
+    ///
+    /// Never called for a failed listing: a Letta outage must not look like "every agent
+    /// was deleted". Absence only counts once it lasted `grace_ms`.
+    pub fn observe_listing(
+        &mut self,
+        agents: &[Agent],
+        now_ms: u64,
+        grace_ms: u64,
+    ) -> ListingOutcome {
+        let mut outcome = ListingOutcome::default();
+        let listed: BTreeMap<&str, &Agent> = agents.iter().map(|a| (a.id.as_str(), a)).collect();
+        for agent in listed.values() {
+            let Some(localpart) = agent_localpart(&agent.id) else {
+                continue;
+            };
+            let record = self
+                .records
+                .entry(agent.id.clone())
+                .or_insert_with(|| RoomRecord {
+                    agent_id: agent.id.clone(),
+                    localpart,
+                    ..RoomRecord::default()
+                });
+            let was_missing = record.missing_since_ms.take().is_some();
+            let revived = std::mem::take(&mut record.retired);
+            let renamed = self.desired.get(&agent.id).map(|a| &a.name) != Some(&agent.name);
+            if renamed || was_missing || revived {
+                outcome.changed.push(agent.id.clone());
+            }
+            self.desired.insert(agent.id.clone(), (*agent).clone());
+        }
+        for (id, record) in self.records.iter_mut() {
+            if record.retired || listed.contains_key(id.as_str()) {
+                continue;
+            }
+            let since = *record.missing_since_ms.get_or_insert(now_ms);
+            if now_ms.saturating_sub(since) >= grace_ms {
+                outcome.expired.push(id.clone());
+            }
+        }
+        outcome
+    }
+
+    /// Marks an agent retired after its removal actions succeeded.
+    pub fn retire(&mut self, agent_id: &str) {
+        self.desired.remove(agent_id);
+        if let Some(record) = self.records.get_mut(agent_id) {
+            record.retired = true;
+            record.space_linked = false;
+        }
+    }
+
+    /// Agents that should have a room now.
+    pub fn active(&self) -> impl Iterator<Item = (&Agent, &RoomRecord)> {
+        self.desired
+            .values()
+            .filter_map(|a| Some((a, self.records.get(&a.id)?)))
+            .filter(|(_, r)| !r.retired)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +393,299 @@ mod tests {
         );
         assert_eq!(agent_localpart("agent-").as_deref(), None);
         assert_eq!(agent_localpart("!!!"), None);
+    }
+
+    use crate::model::{EventOrder, MemberEvent};
+    use ruma::{owned_room_id, owned_user_id};
+
+    fn agent(name: &str) -> Agent {
+        Agent {
+            id: "agent-1".into(),
+            name: name.into(),
+        }
+    }
+
+    fn required() -> Vec<RequiredMember> {
+        vec![
+            RequiredMember {
+                user: owned_user_id!("@letta:ex.org"),
+                masquerade: true,
+            },
+            RequiredMember {
+                user: owned_user_id!("@admin:ex.org"),
+                masquerade: true,
+            },
+            RequiredMember {
+                user: owned_user_id!("@ops:other.org"),
+                masquerade: false,
+            },
+        ]
+    }
+
+    fn record_with_room() -> RoomRecord {
+        RoomRecord {
+            agent_id: "agent-1".into(),
+            localpart: "agent_1".into(),
+            room_id: Some(owned_room_id!("!r:ex.org")),
+            applied_name: Some("One".into()),
+            space_linked: true,
+            ..RoomRecord::default()
+        }
+    }
+
+    fn member(model: &mut Model, user: &str, membership: Membership, ts: u64) {
+        let user = UserId::parse(user).unwrap();
+        model.apply(&[MemberEvent {
+            room_id: owned_room_id!("!r:ex.org"),
+            user_id: user.clone(),
+            sender: user,
+            membership,
+            displayname: None,
+            avatar_url: None,
+            order: EventOrder {
+                origin_server_ts: ts,
+                event_id: format!("$e{ts}").try_into().unwrap(),
+            },
+        }]);
+    }
+
+    fn plan(model: &Model, record: &RoomRecord, name: &str) -> Plan {
+        let agent = agent(name);
+        let required = required();
+        plan_agent(&PlanInput {
+            agent: &agent,
+            agent_user: &owned_user_id!("@agent_1:ex.org"),
+            bot: &owned_user_id!("@letta:ex.org"),
+            record,
+            required: &required,
+            space: Some(&owned_room_id!("!space:ex.org")),
+            model,
+        })
+    }
+
+    fn converged_model() -> Model {
+        let mut model = Model::new();
+        member(&mut model, "@agent_1:ex.org", Membership::Join, 1);
+        member(&mut model, "@letta:ex.org", Membership::Join, 2);
+        member(&mut model, "@admin:ex.org", Membership::Join, 3);
+        member(&mut model, "@ops:other.org", Membership::Invite, 4);
+        model
+    }
+
+    #[test]
+    fn should_ensure_the_room_first() {
+        let record = RoomRecord {
+            agent_id: "agent-1".into(),
+            localpart: "agent_1".into(),
+            ..RoomRecord::default()
+        };
+        let plan = plan(&Model::new(), &record, "One");
+        assert_eq!(
+            plan.actions,
+            vec![Action::EnsureRoom {
+                alias_localpart: "agent_1".into(),
+                name: "One".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn should_do_nothing_when_converged() {
+        let plan = plan(&converged_model(), &record_with_room(), "One");
+        assert!(plan.actions.is_empty(), "{plan:?}");
+        assert_eq!(plan.hits, 4);
+        assert_eq!(plan.misses, 0);
+    }
+
+    #[test]
+    fn should_reinvite_and_rejoin_a_kicked_required_member() {
+        let mut model = converged_model();
+        member(&mut model, "@admin:ex.org", Membership::Leave, 10);
+        let plan = plan(&model, &record_with_room(), "One");
+        let room = owned_room_id!("!r:ex.org");
+        assert_eq!(
+            plan.actions,
+            vec![
+                Action::Invite {
+                    room: room.clone(),
+                    by: owned_user_id!("@agent_1:ex.org"),
+                    user: owned_user_id!("@admin:ex.org")
+                },
+                Action::Join {
+                    room,
+                    user: owned_user_id!("@admin:ex.org")
+                },
+            ]
+        );
+        assert_eq!(plan.misses, 1);
+    }
+
+    #[test]
+    fn should_accept_a_pending_invite_by_joining() {
+        let mut model = converged_model();
+        member(&mut model, "@letta:ex.org", Membership::Invite, 10);
+        let plan = plan(&model, &record_with_room(), "One");
+        assert_eq!(
+            plan.actions,
+            vec![Action::Join {
+                room: owned_room_id!("!r:ex.org"),
+                user: owned_user_id!("@letta:ex.org")
+            }]
+        );
+    }
+
+    #[test]
+    fn should_report_a_banned_member_instead_of_acting() {
+        let mut model = converged_model();
+        member(&mut model, "@admin:ex.org", Membership::Ban, 10);
+        let plan = plan(&model, &record_with_room(), "One");
+        assert!(plan.actions.is_empty());
+        assert_eq!(
+            plan.blocked,
+            vec![(owned_user_id!("@admin:ex.org"), "banned")]
+        );
+    }
+
+    #[test]
+    fn should_never_touch_a_deactivated_member() {
+        let mut model = converged_model();
+        member(&mut model, "@admin:ex.org", Membership::Leave, 10);
+        model
+            .identities
+            .mark_deactivated(owned_user_id!("@admin:ex.org"));
+        assert!(plan(&model, &record_with_room(), "One").actions.is_empty());
+    }
+
+    #[test]
+    fn should_invite_an_outside_user_once() {
+        let mut model = converged_model();
+        member(&mut model, "@ops:other.org", Membership::Leave, 10);
+        let mut record = record_with_room();
+        let first = plan(&model, &record, "One");
+        assert_eq!(first.actions.len(), 1);
+        assert_eq!(first.actions[0].kind(), "invite");
+        record
+            .invited_external
+            .insert(owned_user_id!("@ops:other.org"));
+        assert!(plan(&model, &record, "One").actions.is_empty());
+    }
+
+    #[test]
+    fn should_rename_and_link_the_space() {
+        let mut record = record_with_room();
+        record.space_linked = false;
+        let plan = plan(&converged_model(), &record, "Renamed");
+        let kinds: Vec<_> = plan.actions.iter().map(Action::kind).collect();
+        assert_eq!(kinds, vec!["set_name", "link_space"]);
+    }
+
+    #[test]
+    fn should_retire_only_after_the_grace_period() {
+        let mut book = AgentBook::default();
+        let a = Agent {
+            id: "agent-a".into(),
+            name: "A".into(),
+        };
+        let b = Agent {
+            id: "agent-b".into(),
+            name: "B".into(),
+        };
+        let first = book.observe_listing(&[a.clone(), b.clone()], 0, 100);
+        assert_eq!(
+            first.changed,
+            vec!["agent-a".to_string(), "agent-b".to_string()]
+        );
+        assert!(
+            book.observe_listing(&[a.clone(), b.clone()], 10, 100)
+                .changed
+                .is_empty()
+        );
+        // b missing: not removed before the grace period ...
+        assert!(
+            book.observe_listing(std::slice::from_ref(&a), 20, 100)
+                .expired
+                .is_empty()
+        );
+        assert!(
+            book.observe_listing(std::slice::from_ref(&a), 119, 100)
+                .expired
+                .is_empty()
+        );
+        // ... coming back resets the clock ...
+        assert_eq!(
+            book.observe_listing(&[a.clone(), b.clone()], 120, 100)
+                .changed,
+            vec!["agent-b".to_string()]
+        );
+        assert!(
+            book.observe_listing(std::slice::from_ref(&a), 200, 100)
+                .expired
+                .is_empty()
+        );
+        // ... and consistent absence past it expires the agent.
+        assert_eq!(
+            book.observe_listing(std::slice::from_ref(&a), 300, 100)
+                .expired,
+            vec!["agent-b".to_string()]
+        );
+        book.retire("agent-b");
+        assert!(
+            book.observe_listing(std::slice::from_ref(&a), 400, 100)
+                .expired
+                .is_empty()
+        );
+        assert_eq!(book.active().count(), 1);
+    }
+
+    #[test]
+    fn should_follow_a_rename() {
+        let mut book = AgentBook::default();
+        book.observe_listing(&[agent("One")], 0, 100);
+        assert_eq!(
+            book.observe_listing(&[agent("Two")], 1, 100).changed,
+            vec!["agent-1".to_string()]
+        );
+        assert_eq!(book.desired["agent-1"].name, "Two");
+    }
+
+    #[test]
+    fn should_plan_removal_of_present_members_only() {
+        let mut model = converged_model();
+        member(&mut model, "@admin:ex.org", Membership::Leave, 10);
+        let actions = plan_removal(
+            &record_with_room(),
+            &owned_user_id!("@agent_1:ex.org"),
+            &required(),
+            Some(&owned_room_id!("!space:ex.org")),
+            &model,
+            true,
+        );
+        let kinds: Vec<_> = actions.iter().map(Action::kind).collect();
+        assert_eq!(kinds, vec!["unlink_space", "leave", "deactivate"]);
+    }
+
+    #[test]
+    fn should_turn_a_read_into_drift() {
+        let model = converged_model();
+        let room = owned_room_id!("!r:ex.org");
+        // The read shows admin gone and a stranger joined.
+        let joined = vec![
+            (owned_user_id!("@agent_1:ex.org"), None, None),
+            (owned_user_id!("@letta:ex.org"), None, None),
+            (owned_user_id!("@eve:ex.org"), None, None),
+        ];
+        let mut drift: Vec<_> = model
+            .observe_joined(&room, &joined, 100)
+            .into_iter()
+            .map(|c| (c.user_id.to_string(), c.state.membership))
+            .collect();
+        drift.sort();
+        assert_eq!(
+            drift,
+            vec![
+                ("@admin:ex.org".into(), Membership::Leave),
+                ("@eve:ex.org".into(), Membership::Join)
+            ]
+        );
     }
 }

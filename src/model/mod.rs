@@ -13,7 +13,7 @@ use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::Serialize;
 
 /// A user's membership in a room, as `m.room.member` states it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Membership {
     Invite,
@@ -124,6 +124,7 @@ pub struct Change {
 pub struct Model {
     rooms: HashMap<OwnedRoomId, HashMap<OwnedUserId, MemberState>>,
     pub identities: identity::Identities,
+    pub agents: agents::AgentBook,
 }
 
 impl Model {
@@ -203,6 +204,75 @@ impl Model {
                 members.insert(user, state);
             }
         }
+    }
+
+    /// Reconciles the model with a `joined_members` read of `room` taken at `now_ms`.
+    ///
+    /// A read is newer than anything pushed before it: listed users become joined, users the
+    /// model showed joined but the read does not list become left. Invites and bans are not
+    /// in the read and stay as they are. Returns the differences (drift), to record.
+    pub fn observe_joined(
+        &self,
+        room: &RoomId,
+        joined: &[(OwnedUserId, Option<String>, Option<String>)],
+        now_ms: u64,
+    ) -> Vec<Change> {
+        // Newer than what the model holds even if the homeserver's clock runs ahead.
+        let order = |user: &UserId| EventOrder {
+            origin_server_ts: self
+                .member(room, user)
+                .map_or(now_ms, |k| now_ms.max(k.order.origin_server_ts + 1)),
+            event_id: format!("$roster-read-{now_ms}-{}", user.localpart())
+                .try_into()
+                .expect("a valid synthetic event id"),
+        };
+        let mut changes = Vec::new();
+        for (user, displayname, avatar_url) in joined {
+            let known = self.member(room, user);
+            if known.is_some_and(|k| k.membership == Membership::Join) {
+                continue;
+            }
+            changes.push(Change {
+                room_id: room.to_owned(),
+                user_id: user.clone(),
+                transition: Transition::Joined,
+                state: MemberState {
+                    membership: Membership::Join,
+                    displayname: displayname.clone(),
+                    avatar_url: avatar_url.clone(),
+                    sender: user.clone(),
+                    order: order(user),
+                },
+            });
+        }
+        for (user, state) in self.members(room) {
+            let still_joined = joined.iter().any(|(u, _, _)| u == user);
+            if state.membership == Membership::Join && !still_joined {
+                changes.push(Change {
+                    room_id: room.to_owned(),
+                    user_id: user.clone(),
+                    transition: Transition::Left,
+                    state: MemberState {
+                        membership: Membership::Leave,
+                        displayname: None,
+                        avatar_url: None,
+                        sender: user.clone(),
+                        order: order(user),
+                    },
+                });
+            }
+        }
+        changes
+    }
+
+    /// Whether the model has any knowledge of `room`.
+    pub fn knows_room(&self, room: &RoomId) -> bool {
+        self.rooms.get(room).is_some_and(|m| !m.is_empty())
+    }
+
+    /// Drops what the model knows of `room`, so the next look reads it afresh.
+    pub fn forget_room(&mut self, room: &RoomId) {
+        self.rooms.remove(room);
     }
 
     /// Applies events at once: `preview` then `commit`. For callers with nothing to record.
