@@ -177,6 +177,7 @@ async fn push_transaction(
                 tracing::error!("fault injection: aborting after recording a transaction");
                 std::process::abort();
             }
+            schedule_managed_rooms(&shared, &changes);
             for change in &changes {
                 tracing::debug!(
                     room = %change.room_id,
@@ -217,6 +218,20 @@ async fn push_transaction(
                 "roster could not record the transaction; retry later",
             )
         }
+    }
+}
+
+/// Hands changes in agent rooms to the reconciler (by key; it reads the model itself).
+fn schedule_managed_rooms(shared: &Shared, changes: &[Change]) {
+    let agents: std::collections::BTreeSet<String> = {
+        let model = shared.model();
+        changes
+            .iter()
+            .filter_map(|c| model.agents.agent_for_room(&c.room_id).map(str::to_owned))
+            .collect()
+    };
+    for agent in agents {
+        shared.queue.schedule(&agent);
     }
 }
 

@@ -215,6 +215,11 @@ pub struct AgentsConfig {
     pub required_members: Option<Vec<String>>,
     #[serde(deserialize_with = "duration")]
     pub removal_grace: Duration,
+    /// Alias localpart of the space holding every agent room.
+    #[serde(deserialize_with = "string_like")]
+    pub space_alias: String,
+    #[serde(deserialize_with = "string_like")]
+    pub space_name: String,
 }
 
 impl Default for AgentsConfig {
@@ -226,6 +231,8 @@ impl Default for AgentsConfig {
             poll_interval: Duration::from_secs(60),
             required_members: None,
             removal_grace: Duration::from_secs(2 * 3600),
+            space_alias: "letta-agents".into(),
+            space_name: "Letta Agents".into(),
         }
     }
 }
@@ -478,6 +485,20 @@ impl Config {
             return fail(
                 "agents.letta_url",
                 format!("{url:?} is not a URL; expected e.g. http://letta:8283"),
+            );
+        }
+        let alias = &self.agents.space_alias;
+        if alias.is_empty()
+            || alias.starts_with(crate::registration::AGENT_PREFIX)
+            || !alias
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-".contains(c))
+        {
+            return fail(
+                "agents.space_alias",
+                format!(
+                    "{alias:?} is not usable; expected an alias localpart like letta-agents, outside the agent_ namespace"
+                ),
             );
         }
         if self.agents.poll_interval < Duration::from_secs(1) {

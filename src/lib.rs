@@ -22,15 +22,17 @@ pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod registration;
+pub mod sources;
 pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use ruma::api::appservice::Registration;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,6 +45,9 @@ use crate::store::Store;
 /// Set (to anything) to make `serve` abort right after durably recording a transaction and
 /// before answering it: lets tests crash roster at the worst moment. Never set in production.
 pub const FAULT_ABORT_AFTER_RECORD: &str = "ROSTER_FAULT_ABORT_AFTER_RECORD";
+
+/// Manual sync requests waiting at once; more get "busy" (they would coalesce anyway).
+pub const SYNC_QUEUE: usize = 64;
 
 /// Why `serve` could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,10 @@ pub struct Shared {
     /// One writer at a time (transactions are recorded under the write lock), many readers.
     pub model: RwLock<Model>,
     pub metrics: Arc<Metrics>,
+    /// Agent rooms waiting for the reconciler; pushed changes schedule theirs.
+    pub queue: reconcile::queue::WorkQueue,
+    status: Mutex<reconcile::Status>,
+    pub sync_requests: mpsc::Sender<reconcile::SyncRequest>,
     ready: AtomicBool,
     last_ping_ms: AtomicU64,
     fault_abort_after_record: bool,
@@ -85,6 +94,7 @@ impl Shared {
         registration: Registration,
         store: Store,
         metrics: Arc<Metrics>,
+        sync_requests: mpsc::Sender<reconcile::SyncRequest>,
     ) -> Result<Shared, RunError> {
         let ids = config
             .identities()
@@ -92,6 +102,9 @@ impl Shared {
         let mut model = Model::new();
         for member in store.members()? {
             model.restore(member.room_id, member.user_id, member.state);
+        }
+        for record in store.room_records()? {
+            model.agents.restore(record);
         }
         for user in store.deactivated_users()? {
             model.identities.mark_deactivated(user);
@@ -103,6 +116,9 @@ impl Shared {
             store,
             model: RwLock::new(model),
             metrics,
+            queue: reconcile::queue::WorkQueue::new(),
+            status: Mutex::new(reconcile::Status::default()),
+            sync_requests,
             ready: AtomicBool::new(false),
             last_ping_ms: AtomicU64::new(0),
             fault_abort_after_record: std::env::var_os(FAULT_ABORT_AFTER_RECORD).is_some(),
@@ -117,6 +133,14 @@ impl Shared {
 
     pub fn model_mut(&self) -> std::sync::RwLockWriteGuard<'_, Model> {
         self.model.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> MutexGuard<'_, reconcile::Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status_mut(&self) -> MutexGuard<'_, reconcile::Status> {
+        self.status()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -162,7 +186,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     };
     let appservice_listener = bind("appservice.listen", config.appservice.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
-    let shared = Arc::new(Shared::new(config, registration, store, metrics)?);
+    let (sync_requests, sync_receiver) = mpsc::channel(SYNC_QUEUE);
+    let source = sources::from_config(&config);
+    let shared = Arc::new(Shared::new(
+        config,
+        registration,
+        store,
+        metrics,
+        sync_requests,
+    )?);
     tracing::info!(
         appservice = %shared.config.appservice.listen,
         admin = %shared.config.admin.listen,
@@ -199,6 +231,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     tracker.spawn(reconcile::start(
         shared.clone(),
         homeserver,
+        source,
+        sync_receiver,
         shutdown.clone(),
     ));
     tracker.spawn(prune_transactions(shared.clone(), shutdown.clone()));

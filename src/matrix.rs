@@ -14,13 +14,15 @@ use bytes::Bytes;
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
 use ruma::api::client::account::register::{self, LoginType, RegistrationKind};
 use ruma::api::client::account::whoami;
-use ruma::api::client::alias::get_alias;
+use ruma::api::client::alias::{create_alias, get_alias};
 use ruma::api::client::appservice::request_ping;
+use ruma::api::client::discovery::get_capabilities;
 use ruma::api::client::membership::{
     invite_user, join_room_by_id, joined_members, kick_user, leave_room,
 };
 use ruma::api::client::profile::set_profile_field;
 use ruma::api::client::room::create_room;
+use ruma::api::client::state::send_state_event;
 use ruma::api::error::{ErrorKind, RetryAfter};
 use ruma::api::path_builder::{PathBuilder, SinglePath, VersionHistory};
 use ruma::api::{
@@ -455,6 +457,72 @@ impl Homeserver {
             set_profile_field::v3::Request::new(user.to_owned(), ProfileFieldValue::AvatarUrl(url));
         self.send("set_avatar_url", request, Some(user)).await?;
         Ok(())
+    }
+
+    /// Sets a state event in `room` as `as_user`.
+    pub async fn send_state<C, K>(
+        &self,
+        as_user: &UserId,
+        room: &RoomId,
+        state_key: &K,
+        content: &C,
+    ) -> Result<(), MatrixError>
+    where
+        C: ruma::events::StateEventContent,
+        C::StateKey: std::borrow::Borrow<K>,
+        K: AsRef<str> + ?Sized,
+    {
+        let request = send_state_event::v3::Request::new(room.to_owned(), state_key, content)
+            .map_err(|e| MatrixError::Request {
+                endpoint: "send_state",
+                message: e.to_string(),
+            })?;
+        self.send("send_state", request, Some(as_user)).await?;
+        Ok(())
+    }
+
+    /// Sets a state event from raw JSON content, for contents without a typed form (an
+    /// empty `m.space.child` removes a child).
+    pub async fn send_raw_state(
+        &self,
+        as_user: &UserId,
+        room: &RoomId,
+        event_type: &str,
+        state_key: &str,
+        content: serde_json::Value,
+    ) -> Result<(), MatrixError> {
+        let raw = serde_json::value::to_raw_value(&content).map_err(|e| MatrixError::Request {
+            endpoint: "send_state",
+            message: e.to_string(),
+        })?;
+        let request = send_state_event::v3::Request::new_raw(
+            room.to_owned(),
+            event_type.into(),
+            state_key.to_owned(),
+            ruma::serde::Raw::from_json(raw),
+        );
+        self.send("send_state", request, Some(as_user)).await?;
+        Ok(())
+    }
+
+    /// Points `alias` at `room`, as `as_user`.
+    pub async fn create_alias(
+        &self,
+        as_user: &UserId,
+        alias: &RoomAliasId,
+        room: &RoomId,
+    ) -> Result<(), MatrixError> {
+        let request = create_alias::v3::Request::new(alias.to_owned(), room.to_owned());
+        self.send("create_alias", request, Some(as_user)).await?;
+        Ok(())
+    }
+
+    /// The room version the homeserver creates rooms with.
+    pub async fn default_room_version(&self) -> Result<String, MatrixError> {
+        let response = self
+            .send("capabilities", get_capabilities::v3::Request::new(), None)
+            .await?;
+        Ok(response.capabilities.room_versions.default.to_string())
     }
 
     /// Who the homeserver takes roster for when acting as `as_user`.

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::model::agents::RoomRecord;
 use crate::model::{Change, EventOrder, MemberState, Membership};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,10 @@ CREATE TABLE IF NOT EXISTS members (
     origin_server_ts INTEGER NOT NULL,
     event_id         TEXT NOT NULL,
     PRIMARY KEY (room_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS agent_rooms (
+    agent_id TEXT PRIMARY KEY,
+    record   TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deactivated_users (
     user_id TEXT PRIMARY KEY,
@@ -131,32 +136,45 @@ impl Store {
         if inserted == 0 {
             return Ok(Recorded::Duplicate);
         }
-        {
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO members
-                   (room_id, user_id, membership, displayname, avatar_url, sender, origin_server_ts, event_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (room_id, user_id) DO UPDATE SET
-                   membership = excluded.membership, displayname = excluded.displayname,
-                   avatar_url = excluded.avatar_url, sender = excluded.sender,
-                   origin_server_ts = excluded.origin_server_ts, event_id = excluded.event_id",
-            )?;
-            for change in changes {
-                let s = &change.state;
-                upsert.execute(params![
-                    change.room_id.as_str(),
-                    change.user_id.as_str(),
-                    s.membership.as_str(),
-                    s.displayname,
-                    s.avatar_url,
-                    s.sender.as_str(),
-                    s.order.origin_server_ts as i64,
-                    s.order.event_id.as_str(),
-                ])?;
-            }
-        }
+        upsert_members(&tx, changes)?;
         tx.commit()?;
         Ok(Recorded::New)
+    }
+
+    /// Records member states learned outside a transaction (a `joined_members` read).
+    pub fn record_member_changes(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        upsert_members(&tx, changes)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn save_room_record(&self, record: &RoomRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record).expect("a record serializes");
+        self.conn().execute(
+            "INSERT INTO agent_rooms (agent_id, record) VALUES (?1, ?2)
+             ON CONFLICT (agent_id) DO UPDATE SET record = excluded.record",
+            params![record.agent_id, json],
+        )?;
+        Ok(())
+    }
+
+    pub fn room_records(&self) -> Result<Vec<RoomRecord>, StoreError> {
+        let conn = self.conn();
+        let mut query = conn.prepare("SELECT agent_id, record FROM agent_rooms")?;
+        let rows = query.query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (agent_id, json) = row?;
+            records
+                .push(serde_json::from_str(&json).map_err(|e| {
+                    StoreError::Corrupt(format!("agent_rooms row {agent_id}: {e}"))
+                })?);
+        }
+        Ok(records)
     }
 
     /// Every recorded member state, to rebuild the model at start-up.
@@ -248,6 +266,32 @@ impl Store {
     }
 }
 
+fn upsert_members(tx: &rusqlite::Transaction<'_>, changes: &[Change]) -> Result<(), StoreError> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO members
+           (room_id, user_id, membership, displayname, avatar_url, sender, origin_server_ts, event_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (room_id, user_id) DO UPDATE SET
+           membership = excluded.membership, displayname = excluded.displayname,
+           avatar_url = excluded.avatar_url, sender = excluded.sender,
+           origin_server_ts = excluded.origin_server_ts, event_id = excluded.event_id",
+    )?;
+    for change in changes {
+        let s = &change.state;
+        upsert.execute(params![
+            change.room_id.as_str(),
+            change.user_id.as_str(),
+            s.membership.as_str(),
+            s.displayname,
+            s.avatar_url,
+            s.sender.as_str(),
+            s.order.origin_server_ts as i64,
+            s.order.event_id.as_str(),
+        ])?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +344,20 @@ mod tests {
         assert_eq!(members[0].state.membership, Membership::Join);
         assert_eq!(members[0].state.displayname.as_deref(), Some("A"));
         assert!(store.has_transaction("t1").unwrap());
+    }
+
+    #[test]
+    fn should_keep_room_records() {
+        let store = Store::in_memory().unwrap();
+        let mut record = RoomRecord {
+            agent_id: "agent-1".into(),
+            localpart: "agent_1".into(),
+            ..RoomRecord::default()
+        };
+        store.save_room_record(&record).unwrap();
+        record.room_id = Some(ruma::owned_room_id!("!r:example.org"));
+        store.save_room_record(&record).unwrap();
+        assert_eq!(store.room_records().unwrap(), vec![record]);
     }
 
     #[test]

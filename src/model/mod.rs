@@ -125,6 +125,9 @@ pub struct Model {
     rooms: HashMap<OwnedRoomId, HashMap<OwnedUserId, MemberState>>,
     pub identities: identity::Identities,
     pub agents: agents::AgentBook,
+    /// Effects roster caused whose events have not been pushed yet: without them a run
+    /// triggered by an earlier event would repeat an action already taken.
+    expected: HashMap<(OwnedRoomId, OwnedUserId), Membership>,
 }
 
 impl Model {
@@ -135,6 +138,21 @@ impl Model {
     /// The known state of `user` in `room`.
     pub fn member(&self, room: &RoomId, user: &UserId) -> Option<&MemberState> {
         self.rooms.get(room)?.get(user)
+    }
+
+    /// The membership roster should plan with: what it just caused, else what it was told.
+    pub fn effective_membership(&self, room: &RoomId, user: &UserId) -> Option<Membership> {
+        self.expected
+            .get(&(room.to_owned(), user.to_owned()))
+            .copied()
+            .or_else(|| self.member(room, user).map(|m| m.membership))
+    }
+
+    /// Records that roster's own action will make `user`'s membership `membership`.
+    /// The next pushed event about the same member replaces this.
+    pub fn expect(&mut self, room: &RoomId, user: &UserId, membership: Membership) {
+        self.expected
+            .insert((room.to_owned(), user.to_owned()), membership);
     }
 
     /// Every known member state of `room`, in no particular order.
@@ -197,6 +215,7 @@ impl Model {
 
     /// Puts back a recorded state unless a newer one is already known.
     pub fn restore(&mut self, room: OwnedRoomId, user: OwnedUserId, state: MemberState) {
+        self.expected.remove(&(room.clone(), user.clone()));
         let members = self.rooms.entry(room).or_default();
         match members.get(&user) {
             Some(known) if known.order >= state.order => {}
@@ -273,6 +292,7 @@ impl Model {
     /// Drops what the model knows of `room`, so the next look reads it afresh.
     pub fn forget_room(&mut self, room: &RoomId) {
         self.rooms.remove(room);
+        self.expected.retain(|(r, _), _| r != room);
     }
 
     /// Applies events at once: `preview` then `commit`. For callers with nothing to record.

@@ -1,0 +1,179 @@
+//! Orders reconciliation work: one entry per key, the earliest deadline wins, and a key is
+//! never handed out while it is still running (it runs again afterwards if rescheduled).
+//!
+//! Bounded by the number of keys (agents); triggers carry only the key, so a burst of
+//! pushed events for one room becomes one run.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+#[derive(Default)]
+pub struct WorkQueue {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    due: HashMap<String, Instant>,
+    running: HashSet<String>,
+}
+
+impl WorkQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks for `key` to run at `at`, or earlier if it is already due earlier.
+    pub fn schedule_at(&self, key: &str, at: Instant) {
+        {
+            let mut state = self.state();
+            let due = state.due.entry(key.to_owned()).or_insert(at);
+            if at < *due {
+                *due = at;
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    pub fn schedule(&self, key: &str) {
+        self.schedule_at(key, Instant::now());
+    }
+
+    pub fn schedule_in(&self, key: &str, delay: Duration) {
+        self.schedule_at(key, Instant::now() + delay);
+    }
+
+    /// Waits for the next due key that is not running, and marks it running.
+    pub async fn next(&self) -> String {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let wake_at = {
+                let mut state = self.state();
+                let now = Instant::now();
+                let ready = state
+                    .due
+                    .iter()
+                    .filter(|(key, _)| !state.running.contains(*key))
+                    .min_by_key(|(_, at)| **at)
+                    .map(|(key, at)| (key.clone(), *at));
+                match ready {
+                    Some((key, at)) if at <= now => {
+                        state.due.remove(&key);
+                        state.running.insert(key.clone());
+                        return key;
+                    }
+                    Some((_, at)) => Some(at),
+                    None => None,
+                }
+            };
+            match wake_at {
+                Some(at) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Marks `key` finished; a reschedule that arrived meanwhile can now run.
+    pub fn done(&self, key: &str) {
+        self.state().running.remove(key);
+        self.changed.notify_waiters();
+    }
+
+    /// Keys waiting (due now or later) and keys running.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.due.len(), state.running.len())
+    }
+
+    /// Whether none of `keys` is due by now or running.
+    pub fn settled(&self, keys: &[String]) -> bool {
+        let state = self.state();
+        let now = Instant::now();
+        keys.iter().all(|key| {
+            !state.running.contains(key) && state.due.get(key).is_none_or(|at| *at > now)
+        })
+    }
+
+    /// Waits until `settled(keys)`.
+    pub async fn wait_settled(&self, keys: &[String]) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.settled(keys) {
+                return;
+            }
+            // Due-later keys become due-now without a notification: look again soon.
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn should_hand_out_each_key_once_earliest_first() {
+        let queue = WorkQueue::new();
+        queue.schedule_in("b", Duration::from_secs(2));
+        queue.schedule_in("a", Duration::from_secs(1));
+        queue.schedule_in("a", Duration::from_secs(5)); // later: the earlier deadline stays
+        assert_eq!(queue.next().await, "a");
+        assert_eq!(queue.next().await, "b");
+        assert_eq!(queue.counts(), (0, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn should_never_run_a_key_twice_at_once() {
+        let queue = std::sync::Arc::new(WorkQueue::new());
+        queue.schedule("a");
+        assert_eq!(queue.next().await, "a");
+        queue.schedule("a"); // rescheduled while running
+        queue.schedule("b");
+        assert_eq!(queue.next().await, "b");
+        let waiter = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.next().await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !waiter.is_finished(),
+            "a must wait for its running instance"
+        );
+        queue.done("a");
+        assert_eq!(waiter.await.unwrap(), "a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn should_report_settled_keys() {
+        let queue = WorkQueue::new();
+        let keys = vec!["a".to_string()];
+        queue.schedule("a");
+        assert!(!queue.settled(&keys));
+        assert_eq!(queue.next().await, "a");
+        assert!(!queue.settled(&keys));
+        queue.done("a");
+        queue.schedule_in("a", Duration::from_secs(60)); // a retry later does not block
+        assert!(queue.settled(&keys));
+    }
+}

@@ -1,0 +1,9 @@
+//! Placeholder replaced by the sources branch.
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::reconcile::AgentSource;
+
+pub fn from_config(_config: &Config) -> Option<Arc<dyn AgentSource>> {
+    None
+}
