@@ -8,9 +8,11 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use ruma::RoomId;
-use serde::Serialize;
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::Shared;
@@ -19,6 +21,8 @@ use crate::model::MemberState;
 pub fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/status", get(status))
+        .route("/sync", post(sync))
+        .route("/invalidate", post(invalidate))
         .route("/rooms/{room_id}/members", get(room_members))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
@@ -90,7 +94,18 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 #[derive(Serialize)]
 struct Status {
     ready: bool,
+    agents: usize,
     rooms: usize,
+    retired: usize,
+    /// Agent rooms waiting for the reconciler, and being reconciled now.
+    pending: usize,
+    running: usize,
+    #[serde(flatten)]
+    reconcile: crate::reconcile::Status,
+    /// Share of membership checks the model answered without an action.
+    cache_hit_ratio: Option<f64>,
+    deactivated_users: usize,
+    lifecycle_lag: i64,
     transactions_remembered: u64,
     last_homeserver_ping_ms: Option<u64>,
     homeserver_requests: u64,
@@ -104,14 +119,211 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
+    let metrics = shared.metrics.encode();
+    let hits = crate::metrics::parse_sum_labeled(
+        &metrics,
+        "roster_membership_cache_total",
+        "result=\"hit\"",
+    );
+    let misses = crate::metrics::parse_sum_labeled(
+        &metrics,
+        "roster_membership_cache_total",
+        "result=\"miss\"",
+    );
+    let (agents, rooms, retired, deactivated_users) = {
+        let model = shared.model();
+        let records = &model.agents.records;
+        (
+            model.agents.desired.len(),
+            records
+                .values()
+                .filter(|r| !r.retired && r.room_id.is_some())
+                .count(),
+            records.values().filter(|r| r.retired).count(),
+            model.identities.deactivated_count(),
+        )
+    };
+    let (pending, running) = shared.queue.counts();
     axum::Json(Status {
         ready: shared.is_ready(),
-        rooms: shared.model().room_count(),
+        agents,
+        rooms,
+        retired,
+        pending,
+        running,
+        reconcile: shared.status().clone(),
+        cache_hit_ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
+        deactivated_users,
+        lifecycle_lag: shared.metrics.lifecycle_lag.get(),
         transactions_remembered,
         last_homeserver_ping_ms: shared.last_homeserver_ping_ms(),
-        homeserver_requests: shared.metrics.homeserver_request_total(),
+        homeserver_requests: crate::metrics::parse_sum(
+            &metrics,
+            "roster_homeserver_requests_total",
+        ),
     })
     .into_response()
+}
+
+/// Which rooms an operator request is about: a room id or an agent id, else all.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct Target {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default)]
+    pub wait: bool,
+}
+
+fn target_agents(shared: &Shared, target: &Target) -> Result<Option<BTreeSet<String>>, Response> {
+    let model = shared.model();
+    let mut agents = BTreeSet::new();
+    if let Some(room) = &target.room {
+        let agent = RoomId::parse(room.as_str())
+            .ok()
+            .and_then(|room| model.agents.agent_for_room(&room).map(str::to_owned));
+        match agent {
+            Some(agent) => agents.insert(agent),
+            None => {
+                return Err(error(
+                    StatusCode::NOT_FOUND,
+                    &format!("{room} is not an agent room roster manages"),
+                ));
+            }
+        };
+    }
+    if let Some(agent) = &target.agent {
+        if !model.agents.records.contains_key(agent) {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                &format!("agent {agent} is unknown; check the id in the agent source"),
+            ));
+        }
+        agents.insert(agent.clone());
+    }
+    Ok((!agents.is_empty()).then_some(agents))
+}
+
+/// Asks for an immediate reconciliation; with `wait`, answers with its summary.
+async fn sync(State(shared): State<Arc<Shared>>, body: Option<axum::Json<Target>>) -> Response {
+    let target = body.map(|b| b.0).unwrap_or_default();
+    let agents = match target_agents(&shared, &target) {
+        Ok(agents) => agents,
+        Err(response) => return response,
+    };
+    let (reply, summary) = tokio::sync::oneshot::channel();
+    let request = crate::reconcile::SyncRequest {
+        agents,
+        reply: target.wait.then_some(reply),
+    };
+    if shared.sync_requests.try_send(request).is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many sync requests waiting; they coalesce, so retry in a moment",
+        );
+    }
+    if !target.wait {
+        return (
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({ "queued": true })),
+        )
+            .into_response();
+    }
+    match summary.await {
+        Ok(summary) => axum::Json(summary).into_response(),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "roster is shutting down or has no agent source; the sync did not run",
+        ),
+    }
+}
+
+/// Forgets what the model knows of the targeted rooms, so they are read before acting.
+async fn invalidate(
+    State(shared): State<Arc<Shared>>,
+    body: Option<axum::Json<Target>>,
+) -> Response {
+    let target = body.map(|b| b.0).unwrap_or_default();
+    let agents = match target_agents(&shared, &target) {
+        Ok(agents) => agents,
+        Err(response) => return response,
+    };
+    let invalidated: Vec<String> = {
+        let mut model = shared.model_mut();
+        let rooms: Vec<(String, ruma::OwnedRoomId)> = model
+            .agents
+            .records
+            .values()
+            .filter(|r| agents.as_ref().is_none_or(|a| a.contains(&r.agent_id)))
+            .filter_map(|r| Some((r.agent_id.clone(), r.room_id.clone()?)))
+            .collect();
+        for (_, room) in &rooms {
+            model.forget_room(room);
+        }
+        rooms.into_iter().map(|(agent, _)| agent).collect()
+    };
+    for agent in &invalidated {
+        shared.queue.schedule(agent);
+    }
+    axum::Json(serde_json::json!({ "invalidated": invalidated.len() })).into_response()
+}
+
+/// Calls a running roster's admin API, for the CLI.
+pub mod client {
+    use crate::config::Config;
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum AdminClientError {
+        #[error(
+            "admin.token is not set; the CLI uses it to talk to `roster serve` (set it in the config or ROSTER_ADMIN__TOKEN)"
+        )]
+        NoToken,
+        #[error(
+            "cannot reach roster's admin API at {url}: {source}; is `roster serve` running with this config?"
+        )]
+        Unreachable { url: String, source: reqwest::Error },
+        #[error("roster answered {status}: {message}")]
+        Refused { status: u16, message: String },
+    }
+
+    /// `method path` with `body`, bearer `admin.token`; returns the JSON answer.
+    pub async fn call(
+        config: &Config,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, AdminClientError> {
+        let token = config
+            .admin
+            .token
+            .as_ref()
+            .ok_or(AdminClientError::NoToken)?;
+        let url = format!("http://{}/admin/v1/{path}", config.admin.listen);
+        let mut request = reqwest::Client::new()
+            .request(method, &url)
+            .bearer_auth(token.expose());
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let unreachable = |source| AdminClientError::Unreachable {
+            url: url.clone(),
+            source,
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        let value: serde_json::Value = response.json().await.map_err(unreachable)?;
+        if !status.is_success() {
+            return Err(AdminClientError::Refused {
+                status: status.as_u16(),
+                message: value["error"]
+                    .as_str()
+                    .unwrap_or("(no reason given)")
+                    .to_owned(),
+            });
+        }
+        Ok(value)
+    }
 }
 
 #[derive(Serialize)]

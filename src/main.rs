@@ -42,6 +42,28 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Ask a running roster for an immediate reconciliation (concurrent requests coalesce).
+    Sync {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this agent room.
+        #[arg(long, value_name = "ROOM_ID")]
+        room: Option<String>,
+        /// Only this agent's room.
+        #[arg(long, value_name = "AGENT_ID")]
+        agent: Option<String>,
+        /// Return when the sync finished, printing its summary.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a running roster's state: agents, rooms, drift, pending and failed work.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the full status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
@@ -112,8 +134,76 @@ async fn real_main() -> anyhow::Result<()> {
                 path.display()
             );
         }
+        Command::Sync {
+            config,
+            room,
+            agent,
+            wait,
+        } => {
+            let config = load_config(&config)?;
+            let target = roster::admin::Target { room, agent, wait };
+            let answer = roster::admin::client::call(
+                &config,
+                reqwest::Method::POST,
+                "sync",
+                Some(serde_json::to_value(&target)?),
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        Command::Status { config, json } => {
+            let config = load_config(&config)?;
+            let status =
+                roster::admin::client::call(&config, reqwest::Method::GET, "status", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", human_status(&status));
+            }
+        }
     }
     Ok(())
+}
+
+/// A few lines an operator reads at a glance; `--json` has everything.
+fn human_status(s: &serde_json::Value) -> String {
+    let sync = &s["last_sync"];
+    let source = &s["source"];
+    let mut out = format!(
+        "ready: {}\nagents: {}  rooms: {}  retired: {}\npending: {}  running: {}  failed: {}  blocked: {}\n",
+        s["ready"],
+        s["agents"],
+        s["rooms"],
+        s["retired"],
+        s["pending"],
+        s["running"],
+        s["failed"].as_object().map_or(0, |m| m.len()),
+        s["blocked"].as_object().map_or(0, |m| m.len()),
+    );
+    if sync.is_object() {
+        out += &format!(
+            "last sync: {} ({} ms, {} rooms read, drift {}, {} actions)\n",
+            sync["trigger"],
+            sync["duration_ms"],
+            sync["rooms_read"],
+            sync["drift"],
+            sync["actions"]
+        );
+    }
+    if source.is_object() {
+        out += &format!(
+            "source: {} ({} agents; last error: {})\n",
+            source["source"], source["agents_listed"], source["last_error"]
+        );
+    }
+    out += &format!(
+        "cache hit ratio: {}  lifecycle lag: {}\n",
+        s["cache_hit_ratio"], s["lifecycle_lag"]
+    );
+    for (agent, reason) in s["failed"].as_object().into_iter().flatten() {
+        out += &format!("failed {agent}: {reason}\n");
+    }
+    out
 }
 
 #[tokio::main]

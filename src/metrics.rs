@@ -181,12 +181,18 @@ impl Metrics {
 
 /// Sums every sample of `name` in a Prometheus text exposition.
 pub fn parse_sum(text: &str, name: &str) -> u64 {
+    parse_sum_labeled(text, name, "")
+}
+
+/// Sums the samples of `name` whose labels contain `label` (e.g. `result="hit"`).
+pub fn parse_sum_labeled(text: &str, name: &str, label: &str) -> u64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             l.strip_prefix(name)
                 .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
         })
+        .filter(|l| l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }

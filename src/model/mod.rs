@@ -287,6 +287,7 @@ impl Model {
     /// Whether the model has any knowledge of `room`.
     pub fn knows_room(&self, room: &RoomId) -> bool {
         self.rooms.get(room).is_some_and(|m| !m.is_empty())
+            || self.expected.keys().any(|(r, _)| r == room)
     }
 
     /// Drops what the model knows of `room`, so the next look reads it afresh.

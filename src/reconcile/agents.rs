@@ -111,6 +111,23 @@ impl Agents {
 
     /// Brings one agent's room to its desired state (or retires it).
     pub async fn reconcile_agent(&self, agent_id: &str) -> Outcome {
+        // A room whose state was invalidated is read before anything is decided about it.
+        let unknown_room = {
+            let model = self.shared.model();
+            model
+                .agents
+                .records
+                .get(agent_id)
+                .filter(|r| !r.retired)
+                .and_then(|r| Some((r.room_id.clone()?, self.agent_user(&r.localpart))))
+                .filter(|(room, _)| !model.knows_room(room))
+        };
+        if let Some((room, agent_user)) = unknown_room
+            && let Err(error) = self.read_room(&room, &agent_user).await
+        {
+            self.count_action("read_room", "error");
+            return self.error_policy(agent_id, "read_room", &error);
+        }
         for round in 0..MAX_ROUNDS {
             let (actions, record) = {
                 let model = self.shared.model();
