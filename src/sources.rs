@@ -2,8 +2,8 @@
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::reconcile::AgentSource;
+use crate::reconcile::ListAgents;
 
-pub fn from_config(_config: &Config) -> Option<Arc<dyn AgentSource>> {
+pub fn from_config(_config: &Config) -> Option<Arc<dyn ListAgents>> {
     None
 }

@@ -49,7 +49,7 @@ pub fn backoff(attempts: u32) -> Duration {
 }
 
 /// A source of desired agents (Letta, a file).
-pub trait AgentSource: Send + Sync {
+pub trait ListAgents: Send + Sync {
     /// For logs and status, e.g. `letta http://letta:8283`.
     fn describe(&self) -> String;
     /// A complete listing, or an error: never a partial or guessed one.
@@ -104,7 +104,7 @@ pub struct Status {
 pub async fn start(
     shared: Arc<Shared>,
     homeserver: Homeserver,
-    source: Option<Arc<dyn AgentSource>>,
+    source: Option<Arc<dyn ListAgents>>,
     sync_requests: mpsc::Receiver<SyncRequest>,
     shutdown: CancellationToken,
 ) {
@@ -206,7 +206,7 @@ async fn work(shared: Arc<Shared>, agents: Arc<agents::Agents>, shutdown: Cancel
 /// Lists agents every `poll_interval`: a poll of the source, never of the homeserver.
 async fn poll_source(
     shared: Arc<Shared>,
-    source: Arc<dyn AgentSource>,
+    source: Arc<dyn ListAgents>,
     shutdown: CancellationToken,
 ) {
     let mut every = tokio::time::interval(shared.config.agents.poll_interval);
@@ -225,7 +225,7 @@ async fn poll_source(
 /// Lists the source and applies a good listing to the desired state.
 ///
 /// Returns the source error, if any. A failed listing changes nothing.
-async fn list_and_observe(shared: &Shared, source: &dyn AgentSource) -> Option<String> {
+async fn list_and_observe(shared: &Shared, source: &dyn ListAgents) -> Option<String> {
     let listed = source.list().await;
     let now = now_ms();
     let mut status = shared.status_mut();
@@ -279,7 +279,7 @@ async fn list_and_observe(shared: &Shared, source: &dyn AgentSource) -> Option<S
 async fn sync_loop(
     shared: Arc<Shared>,
     agents: Arc<agents::Agents>,
-    source: Arc<dyn AgentSource>,
+    source: Arc<dyn ListAgents>,
     mut requests: mpsc::Receiver<SyncRequest>,
     shutdown: CancellationToken,
 ) {
@@ -320,7 +320,7 @@ async fn sync_loop(
 async fn run_sync(
     shared: &Arc<Shared>,
     agents: &agents::Agents,
-    source: &dyn AgentSource,
+    source: &dyn ListAgents,
     trigger: &'static str,
     only: Option<&BTreeSet<String>>,
 ) -> SyncSummary {

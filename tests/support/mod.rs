@@ -225,6 +225,30 @@ impl Synapse {
         )
     }
 
+    /// Every client-API request Synapse received, whoever sent it.
+    pub async fn requests_received_total(&self) -> u64 {
+        sum_samples(
+            &self.metrics_text().await,
+            "synapse_http_server_requests_received_total",
+            &[],
+        )
+    }
+
+    /// One failed login moves the counter: proves the zero-login checks could fail.
+    pub async fn assert_login_counter_is_live(&self) {
+        let before = self.login_count().await;
+        let (status, _) = self
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/login",
+                "",
+                Some(json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "nobody" }, "password": "x" })),
+            )
+            .await;
+        assert_eq!(status, 403);
+        assert_eq!(self.login_count().await, before + 1);
+    }
+
     /// Synapse's count of requests it received, by servlet name.
     pub async fn requests_received(&self, servlet: &str) -> u64 {
         sum_samples(

@@ -1,0 +1,324 @@
+//! Agent provisioning on a real Synapse: rooms, space, required members, drift repair from
+//! pushed events, a quiet steady state, and recovery from a lost store. Synapse's login
+//! counter stays at zero throughout.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::*;
+
+const BOT: &str = "@letta:roster.test";
+const ADMIN: &str = "@admin:roster.test";
+
+fn agents_yaml(agents: &[(String, String)]) -> String {
+    agents
+        .iter()
+        .map(|(id, name)| format!("- {{id: {id}, name: \"{name}\"}}\n"))
+        .collect()
+}
+
+fn agent_ids(n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("agent-{i:04x}-e2e"), format!("Agent {i}")))
+        .collect()
+}
+
+fn localpart(agent_id: &str) -> String {
+    format!("agent_{}", agent_id.trim_start_matches("agent-").replace('-', "_"))
+}
+
+struct Stack {
+    scratch: Scratch,
+    synapse: Synapse,
+    roster: Roster,
+    admin_token: String,
+    agents_file: std::path::PathBuf,
+}
+
+impl Stack {
+    /// Synapse with `@admin` registered, and roster provisioning from an agents file.
+    async fn start(name: &str, agents: &[(String, String)], extra_yaml: &str) -> Stack {
+        let scratch = Scratch::new(name);
+        let agents_file = scratch.path().join("agents.yaml");
+        std::fs::write(&agents_file, agents_yaml(agents)).unwrap();
+        let hs_port = free_port();
+        let roster = Roster::configure(
+            scratch.path(),
+            &format!("http://127.0.0.1:{hs_port}"),
+            &format!(
+                "agents:\n  file: {}\n  poll_interval: 1s\n{extra_yaml}",
+                agents_file.display()
+            ),
+        );
+        let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
+        // A person's account that must be in every agent room.
+        let admin_token = synapse.admin_token("admin");
+        Stack {
+            scratch,
+            synapse,
+            roster,
+            admin_token,
+            agents_file,
+        }
+    }
+
+    async fn status(&self) -> Value {
+        self.roster
+            .client()
+            .get(self.roster.admin_url("/admin/v1/status"))
+            .bearer_auth(&self.roster.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until roster reports `rooms` rooms, nothing pending and nothing failed.
+    async fn wait_converged(&self, rooms: usize) -> Value {
+        eventually(Duration::from_secs(300), &format!("{rooms} rooms converged"), || async {
+            let status = self.status().await;
+            let done = status["rooms"] == rooms
+                && status["agents"] == rooms
+                && status["pending"] == 0
+                && status["running"] == 0
+                && status["last_sync"].is_object();
+            done.then_some(status)
+        })
+        .await
+    }
+
+    async fn admin_get(&self, path: &str) -> Value {
+        let (status, body) = self
+            .synapse
+            .call(Method::GET, path, &self.admin_token, None)
+            .await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+
+    async fn room_for_alias(&self, localpart: &str) -> Option<String> {
+        let (status, body) = self
+            .synapse
+            .call(
+                Method::GET,
+                &format!("/_matrix/client/v3/directory/room/%23{localpart}:{SERVER_NAME}"),
+                &self.admin_token,
+                None,
+            )
+            .await;
+        (status == 200).then(|| body["room_id"].as_str().unwrap().to_owned())
+    }
+
+    async fn joined(&self, room: &str) -> BTreeSet<String> {
+        let body = self
+            .admin_get(&format!("/_synapse/admin/v1/rooms/{room}/members"))
+            .await;
+        body["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    async fn total_rooms(&self) -> u64 {
+        self.admin_get("/_synapse/admin/v1/rooms?limit=1000").await["total_rooms"]
+            .as_u64()
+            .unwrap()
+    }
+
+    async fn space_children(&self) -> BTreeSet<String> {
+        let space = self
+            .room_for_alias("letta-agents")
+            .await
+            .expect("the space exists");
+        let state = self
+            .admin_get(&format!("/_synapse/admin/v1/rooms/{space}/state"))
+            .await;
+        state["state"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "m.space.child")
+            .filter(|e| e["content"]["via"].as_array().is_some_and(|v| !v.is_empty()))
+            .map(|e| e["state_key"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Checks every agent has its user, display name, aliased room, members and space link.
+    async fn assert_provisioned(&self, agents: &[(String, String)]) {
+        let children = self.space_children().await;
+        for (id, name) in agents {
+            let lp = localpart(id);
+            let user = format!("@{lp}:{SERVER_NAME}");
+            let profile = self.admin_get(&format!("/_synapse/admin/v2/users/{user}")).await;
+            assert_eq!(profile["displayname"], name.as_str(), "{user}");
+            let room = self
+                .room_for_alias(&lp)
+                .await
+                .unwrap_or_else(|| panic!("#{lp} resolves"));
+            let joined = self.joined(&room).await;
+            for member in [user.as_str(), BOT, ADMIN] {
+                assert!(joined.contains(member), "{member} joined in {room}: {joined:?}");
+            }
+            assert!(children.contains(&room), "{room} is in the space");
+            let details = self.admin_get(&format!("/_synapse/admin/v1/rooms/{room}")).await;
+            assert_eq!(details["name"], name.as_str());
+            assert_eq!(details["join_rules"], "invite");
+            assert_eq!(details["guest_access"], "forbidden");
+            assert_eq!(details["history_visibility"], "shared");
+        }
+    }
+
+    /// The agent kicks someone (it holds the highest power), by masquerading in the test.
+    async fn kick_as_agent(&self, agent_lp: &str, room: &str, user: &str) {
+        let response = self
+            .roster
+            .client()
+            .post(format!(
+                "{}/_matrix/client/v3/rooms/{room}/kick?user_id=@{agent_lp}:{SERVER_NAME}",
+                self.synapse.url()
+            ))
+            .bearer_auth(&self.roster.as_token)
+            .json(&json!({ "user_id": user, "reason": "test" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "kick {user}");
+    }
+
+    async fn assert_no_logins(&self) {
+        assert_eq!(self.synapse.login_count().await, 0);
+    }
+}
+
+#[tokio::test]
+async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet() {
+    let agents = agent_ids(56);
+    let mut stack = Stack::start("provision-56", &agents, "").await;
+    stack.roster.start().await;
+    stack.roster.wait_ready().await;
+    let started = Instant::now();
+    stack.wait_converged(56).await;
+    eprintln!("56 agents converged in {:?}", started.elapsed());
+    stack.assert_provisioned(&agents).await;
+    stack.assert_no_logins().await;
+
+    // Kick the bot and @admin: both are back, because of the pushed events alone.
+    let lp = localpart(&agents[7].0);
+    let room = stack.room_for_alias(&lp).await.unwrap();
+    let reads_before = stack
+        .roster
+        .metric("roster_homeserver_requests_total", &["endpoint=\"joined_members\""])
+        .await;
+    stack.kick_as_agent(&lp, &room, BOT).await;
+    stack.kick_as_agent(&lp, &room, ADMIN).await;
+    let kicked = Instant::now();
+    eventually(Duration::from_secs(30), "bot and admin rejoined", || async {
+        let joined = stack.joined(&room).await;
+        (joined.contains(BOT) && joined.contains(ADMIN)).then_some(())
+    })
+    .await;
+    eprintln!("kicked members were back after {:?}", kicked.elapsed());
+    assert_eq!(
+        stack
+            .roster
+            .metric("roster_homeserver_requests_total", &["endpoint=\"joined_members\""])
+            .await,
+        reads_before,
+        "repair must not read the room"
+    );
+    assert!(
+        stack
+            .roster
+            .metric("roster_member_transitions_total", &["transition=\"kicked\""])
+            .await
+            >= 2
+    );
+
+    // Steady state: 30 s with nothing changing (the file is polled every second) costs the
+    // homeserver nothing, by roster's count and by Synapse's.
+    stack.wait_converged(56).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // let the rejoin's own events settle
+    let roster_before = stack.roster.metric("roster_homeserver_requests_total", &[]).await;
+    let synapse_before = stack
+        .synapse
+        .requests_received_total()
+        .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(stack.roster.metric("roster_homeserver_requests_total", &[]).await, roster_before);
+    assert_eq!(stack.synapse.requests_received_total().await, synapse_before);
+    let hits = stack
+        .roster
+        .metric("roster_membership_cache_total", &["result=\"hit\""])
+        .await;
+    assert!(hits > 0, "the model answered membership checks");
+    stack.assert_no_logins().await;
+    stack.synapse.assert_login_counter_is_live().await;
+    drop(stack.scratch);
+}
+
+#[tokio::test]
+async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_rooms() {
+    let mut agents = agent_ids(6);
+    let mut stack = Stack::start(
+        "rename-remove-store",
+        &agents,
+        "  removal_grace: 3s\n",
+    )
+    .await;
+    stack.roster.start().await;
+    stack.wait_converged(6).await;
+    stack.assert_provisioned(&agents).await;
+    let rooms_after_provisioning = stack.total_rooms().await;
+
+    // Delete the store and restart: the rooms are found by their aliases.
+    stack.roster.stop();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(stack.roster.dir.join(format!("roster.db{suffix}")));
+    }
+    stack.roster.start().await;
+    stack.wait_converged(6).await;
+    assert_eq!(stack.total_rooms().await, rooms_after_provisioning, "no new room");
+    let reads = stack
+        .roster
+        .metric("roster_homeserver_requests_total", &["endpoint=\"resolve_alias\""])
+        .await
+        + stack
+            .roster
+            .metric("roster_homeserver_requests_total", &["endpoint=\"joined_members\""])
+            .await;
+    // One alias lookup and one member read per room, plus the space's alias.
+    assert!(reads <= 2 * 6 + 1, "{reads} reads for 6 rooms");
+    assert_eq!(
+        stack
+            .roster
+            .metric("roster_homeserver_requests_total", &["endpoint=\"create_room\""])
+            .await,
+        0
+    );
+    stack.assert_provisioned(&agents).await;
+
+    // Rename one agent and remove another from the file.
+    agents[0].1 = "Renamed agent".into();
+    let removed = agents.remove(5);
+    std::fs::write(&stack.agents_file, agents_yaml(&agents)).unwrap();
+    let removed_room = stack.room_for_alias(&localpart(&removed.0)).await.unwrap();
+    eventually(Duration::from_secs(60), "rename and removal applied", || async {
+        let status = stack.status().await;
+        (status["agents"] == 5 && status["retired"] == 1 && status["pending"] == 0).then_some(())
+    })
+    .await;
+    stack.assert_provisioned(&agents).await;
+    let joined = stack.joined(&removed_room).await;
+    assert!(!joined.contains(BOT) && !joined.contains(ADMIN), "required members left: {joined:?}");
+    assert!(!stack.space_children().await.contains(&removed_room), "unlinked from the space");
+    stack.assert_no_logins().await;
+    drop(stack.scratch);
+}
