@@ -56,6 +56,14 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Take over the rooms the old agent-sync bot made (run before the first serve).
+    Adopt {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The old bot's agent_user_mappings.json.
+        #[arg(long, value_name = "FILE")]
+        legacy_mappings: PathBuf,
+    },
     /// Show a running roster's state: agents, rooms, drift, pending and failed work.
     Status {
         #[command(flatten)]
@@ -150,6 +158,14 @@ async fn real_main() -> anyhow::Result<()> {
             )
             .await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        Command::Adopt {
+            config,
+            legacy_mappings,
+        } => {
+            let config = load_config(&config)?;
+            let report = roster::reconcile::adopt::adopt(&config, &legacy_mappings).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Status { config, json } => {
             let config = load_config(&config)?;

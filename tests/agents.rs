@@ -322,3 +322,82 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
     stack.assert_no_logins().await;
     drop(stack.scratch);
 }
+
+#[tokio::test]
+async fn adopts_rooms_the_old_bot_made_and_creates_no_room_for_them() {
+    let agents = vec![("agent-old1".to_string(), "Old one".to_string())];
+    let mut stack = Stack::start("adopt", &agents, "").await;
+    let synapse = &stack.synapse;
+    // The old bot's world: a password user created the room, without an alias, and gave the
+    // agent user the highest power. (The agent user is registered through the appservice
+    // here: Synapse reserves @agent_* for roster once its registration is loaded.)
+    let legacy_token = synapse.admin_token("legacybot");
+    let http = stack.roster.client().clone();
+    let register = http
+        .post(format!("{}/_matrix/client/v3/register", synapse.url()))
+        .bearer_auth(&stack.roster.as_token)
+        .json(&json!({ "type": "m.login.application_service", "username": "agent_old1", "inhibit_login": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(register.status(), 200);
+    let agent = format!("@agent_old1:{SERVER_NAME}");
+    let room = synapse
+        .create_room(
+            &legacy_token,
+            json!({ "preset": "private_chat", "name": "Old one", "invite": [agent],
+                    "power_level_content_override": { "users": { agent.clone(): 100 } } }),
+        )
+        .await;
+    let join = http
+        .post(format!("{}/_matrix/client/v3/rooms/{room}/join?user_id={agent}", synapse.url()))
+        .bearer_auth(&stack.roster.as_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(join.status(), 200);
+
+    let mappings = stack.scratch.path().join("agent_user_mappings.json");
+    std::fs::write(
+        &mappings,
+        json!([
+            { "agent_id": "agent-old1", "agent_name": "Old one", "matrix_user_id": agent,
+              "matrix_password": "hunter2-secret", "room_id": room, "created_at": "2025-01-01" },
+            { "agent_id": "agent-old2", "agent_name": "Gone", "matrix_user_id": "@agent_old2:roster.test",
+              "matrix_password": "hunter2-secret", "room_id": "!gone:roster.test" },
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["adopt", "-c"])
+        .arg(&stack.roster.config)
+        .arg("--legacy-mappings")
+        .arg(&mappings)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "adopt failed: {stderr}");
+    assert!(!stdout.contains("hunter2") && !stderr.contains("hunter2"), "passwords are never printed");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["adopted"], json!(["agent-old1"]));
+    assert_eq!(report["missing_rooms"].as_array().unwrap().len(), 1);
+    assert_eq!(stack.room_for_alias("agent_old1").await.as_deref(), Some(room.as_str()));
+
+    stack.roster.start().await;
+    stack.wait_converged(1).await;
+    stack.assert_provisioned(&agents).await;
+    assert_eq!(stack.room_for_alias("agent_old1").await.as_deref(), Some(room.as_str()));
+    // Only the space was created; the agent's room is the old one.
+    assert_eq!(
+        stack
+            .roster
+            .metric("roster_homeserver_requests_total", &["endpoint=\"create_room\""])
+            .await,
+        1
+    );
+    stack.assert_no_logins().await;
+    drop(stack.scratch);
+}

@@ -7,6 +7,7 @@
 //! `poll_interval`; rooms are read again only by the validation sweep (`sync.interval`), a
 //! manual sync, or when their state is unknown. Pushed events schedule their room.
 
+pub mod adopt;
 pub mod agents;
 pub mod queue;
 

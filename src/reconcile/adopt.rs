@@ -1,0 +1,152 @@
+//! Takes over the rooms the old agent-sync bot created: gives each its alias (as the agent,
+//! who holds the highest power there) and records the mapping, creating nothing new.
+//!
+//! Run before the first `roster serve`: once the alias exists, provisioning finds the room
+//! by it. Passwords in the mapping file are never read into roster's types, never logged.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ruma::{OwnedRoomId, RoomAliasId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::appservice::now_ms;
+use crate::config::{Config, Secret};
+use crate::matrix::{Homeserver, MatrixError};
+use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::model::agents::{RoomRecord, agent_localpart};
+use crate::store::Store;
+
+/// One entry of the old bot's `agent_user_mappings.json`; other fields are ignored.
+#[derive(Debug, Deserialize)]
+struct LegacyMapping {
+    agent_id: String,
+    #[serde(default)]
+    matrix_user_id: Option<String>,
+    room_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("cannot read legacy mappings {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("legacy mappings {path} is not a JSON list of mappings with agent_id and room_id: {source}")]
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Registration(#[from] crate::registration::RegistrationError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("homeserver unavailable during adoption: {0}; nothing after this room was touched, run adopt again")]
+    Homeserver(MatrixError),
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct AdoptionReport {
+    /// Agent ids whose rooms now carry their alias and are recorded.
+    pub adopted: Vec<String>,
+    /// Rooms that no longer exist (or the agent is not in): `agent_id room_id`.
+    pub missing_rooms: Vec<String>,
+    /// Mappings roster would not take over, with why.
+    pub conflicts: Vec<String>,
+}
+
+/// Adopts every mapping in `path` using the registration and store of `config`.
+pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, AdoptError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AdoptError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mappings: Vec<LegacyMapping> =
+        serde_json::from_str(&text).map_err(|source| AdoptError::Parse {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let registration = crate::registration::read(&config.appservice.registration, config)?;
+    let store = Store::open(&config.store.path)?;
+    let hs = Homeserver::new(
+        &config.homeserver.url,
+        Secret::new(registration.as_token),
+        config.homeserver.request_timeout,
+        config.homeserver.max_concurrent_requests,
+        Arc::new(Metrics::new()),
+    );
+    let server = config
+        .identities()
+        .expect("a loaded config has valid identities")
+        .server_name;
+    let mut report = AdoptionReport::default();
+    for mapping in mappings {
+        let Some(localpart) = agent_localpart(&mapping.agent_id) else {
+            report
+                .conflicts
+                .push(format!("{}: no usable localpart in the agent id", mapping.agent_id));
+            continue;
+        };
+        let agent_user = UserId::parse_with_server_name(localpart.as_str(), &server)
+            .expect("agent localparts are valid");
+        if let Some(old) = &mapping.matrix_user_id
+            && old != agent_user.as_str()
+        {
+            report.conflicts.push(format!(
+                "{}: mapped to {old}, but roster's scheme gives {agent_user}",
+                mapping.agent_id
+            ));
+            continue;
+        }
+        let Ok(room) = OwnedRoomId::try_from(mapping.room_id.as_str()) else {
+            report
+                .conflicts
+                .push(format!("{}: {:?} is not a room id", mapping.agent_id, mapping.room_id));
+            continue;
+        };
+        // The old bot registered the user with a password; M_USER_IN_USE is expected.
+        hs.register(&localpart).await.map_err(AdoptError::Homeserver)?;
+        let joined = match hs.joined_members(&agent_user, &room).await {
+            Ok(joined) => joined,
+            Err(e) if e.is_forbidden() || e.is_not_found() => {
+                report
+                    .missing_rooms
+                    .push(format!("{} {room}", mapping.agent_id));
+                continue;
+            }
+            Err(e) => return Err(AdoptError::Homeserver(e)),
+        };
+        let alias = RoomAliasId::parse(format!("#{localpart}:{server}"))
+            .expect("agent localparts are valid alias localparts");
+        match hs.resolve_alias(&alias).await.map_err(AdoptError::Homeserver)? {
+            Some(existing) if existing == room => {}
+            Some(existing) => {
+                report.conflicts.push(format!(
+                    "{}: {alias} already points to {existing}, not {room}",
+                    mapping.agent_id
+                ));
+                continue;
+            }
+            None => hs
+                .create_alias(&agent_user, &alias, &room)
+                .await
+                .map_err(AdoptError::Homeserver)?,
+        }
+        let joined: Vec<_> = joined
+            .into_iter()
+            .map(|(user, m)| (user, m.displayname, m.avatar_url))
+            .collect();
+        store.record_member_changes(&Model::new().observe_joined(&room, &joined, now_ms()))?;
+        store.save_room_record(&RoomRecord {
+            agent_id: mapping.agent_id.clone(),
+            localpart,
+            room_id: Some(room.clone()),
+            ..RoomRecord::default()
+        })?;
+        tracing::info!(agent = %mapping.agent_id, %room, %alias, "adopted legacy room");
+        report.adopted.push(mapping.agent_id);
+    }
+    Ok(report)
+}
