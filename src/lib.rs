@@ -7,6 +7,7 @@
 //! - [`config`]: one typed configuration from YAML and the environment, validated.
 //! - [`registration`]: generates and reads the appservice registration.
 //! - [`appservice`]: the routes the homeserver calls; hs_token auth, dedup, durable record.
+//! - [`sources`]: lists the agents that should exist, from Letta or an agents file.
 //! - [`admin`]: `/health`, `/ready`, `/metrics` and the operator API.
 //! - [`model`]: pure membership state and its transitions; no I/O.
 //! - [`reconcile`]: everything roster does to the homeserver, starting with start-up.
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod registration;
+pub mod sources;
 pub mod store;
 
 use std::net::SocketAddr;
