@@ -376,7 +376,7 @@ impl LettaSource {
             } else {
                 SourceError::Unreachable {
                     url: url.to_string(),
-                    reason: error_chain(&error),
+                    reason: error_chain(&error.without_url()),
                 }
             }
         };
@@ -424,6 +424,7 @@ fn snippet(body: &[u8]) -> String {
     let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
     match one_line.char_indices().nth(200) {
         Some((cut, _)) => format!("{}...", &one_line[..cut]),
+        None if one_line.is_empty() => "(no body)".into(),
         None => one_line,
     }
 }
@@ -804,5 +805,6 @@ mod tests {
         );
         let long = snippet("é".repeat(1000).as_bytes());
         assert_eq!(long.chars().count(), 203);
+        assert_eq!(snippet(b" \n"), "(no body)");
     }
 }
