@@ -307,6 +307,8 @@ impl Letta {
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(peer_script("letta.sh"))
             .args(["run", dir.to_str().unwrap(), "--port", &port.to_string()])
+            // Letta writes openapi_letta.json into its working directory.
+            .current_dir(&dir)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
