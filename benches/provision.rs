@@ -43,8 +43,7 @@ async fn main() {
             .json()
             .await
             .ok()?;
-        (status["rooms"] == n && status["pending"] == 0 && status["running"] == 0)
-            .then_some(())
+        (status["rooms"] == n && status["pending"] == 0 && status["running"] == 0).then_some(())
     })
     .await;
     let wall = started.elapsed();

@@ -7,6 +7,7 @@
 //! - [`config`]: one typed configuration from YAML and the environment, validated.
 //! - [`registration`]: generates and reads the appservice registration.
 //! - [`appservice`]: the routes the homeserver calls; hs_token auth, dedup, durable record.
+//! - [`sources`]: lists the agents that should exist, from Letta or an agents file.
 //! - [`admin`]: `/health`, `/ready`, `/metrics` and the operator API.
 //! - [`model`]: pure membership state and its transitions; no I/O.
 //! - [`reconcile`]: everything roster does to the homeserver, starting with start-up.
@@ -56,6 +57,8 @@ pub enum RunError {
     Registration(#[from] registration::RegistrationError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Source(#[from] sources::SourceError),
     #[error("cannot listen on {addr} ({key}): {source}; is another process using it?")]
     Bind {
         key: &'static str,
@@ -187,7 +190,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let appservice_listener = bind("appservice.listen", config.appservice.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
     let (sync_requests, sync_receiver) = mpsc::channel(SYNC_QUEUE);
-    let source = sources::from_config(&config);
+    let source = sources::AgentSource::from_config(&config.agents, metrics.clone())?
+        .map(|s| Arc::new(s) as Arc<dyn reconcile::ListAgents>);
     let shared = Arc::new(Shared::new(
         config,
         registration,

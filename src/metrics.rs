@@ -45,6 +45,14 @@ pub struct LifecycleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `letta` or `file`.
+    pub source: &'static str,
+    /// `ok`, or the kind of failure (`SourceError::kind`).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabels {
     pub transition: &'static str,
 }
@@ -75,6 +83,8 @@ pub struct Metrics {
     pub lifecycle_lag: Gauge,
     /// Lifecycle messages sent to the dead-letter topic.
     pub dead_letters: Counter,
+    /// Agent listings asked of the agent source, by source and outcome.
+    pub source_polls: Family<SourceLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -99,6 +109,7 @@ impl Metrics {
             lifecycle_events: Family::default(),
             lifecycle_lag: Gauge::default(),
             dead_letters: Counter::default(),
+            source_polls: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -160,6 +171,11 @@ impl Metrics {
             "dead_letters",
             "Lifecycle messages sent to the dead-letter topic",
             m.dead_letters.clone(),
+        );
+        registry.register(
+            "source_polls",
+            "Agent listings asked of the agent source, by source and outcome",
+            m.source_polls.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -231,6 +247,12 @@ mod tests {
                 outcome: "applied",
             })
             .inc();
+        m.source_polls
+            .get_or_create(&SourceLabels {
+                source: "letta",
+                outcome: "ok",
+            })
+            .inc();
         let text = m.encode();
         for name in [
             "roster_homeserver_requests_total{endpoint=\"join\",status=\"200\"} 1",
@@ -242,6 +264,7 @@ mod tests {
             "roster_lifecycle_events_total{type=\"deleted\",outcome=\"applied\"} 1",
             "roster_lifecycle_lag",
             "roster_dead_letters_total",
+            "roster_source_polls_total{source=\"letta\",outcome=\"ok\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -28,7 +28,10 @@ fn agent_ids(n: usize) -> Vec<(String, String)> {
 }
 
 fn localpart(agent_id: &str) -> String {
-    format!("agent_{}", agent_id.trim_start_matches("agent-").replace('-', "_"))
+    format!(
+        "agent_{}",
+        agent_id.trim_start_matches("agent-").replace('-', "_")
+    )
 }
 
 struct Stack {
@@ -81,15 +84,19 @@ impl Stack {
 
     /// Waits until roster reports `rooms` rooms, nothing pending and nothing failed.
     async fn wait_converged(&self, rooms: usize) -> Value {
-        eventually(Duration::from_secs(300), &format!("{rooms} rooms converged"), || async {
-            let status = self.status().await;
-            let done = status["rooms"] == rooms
-                && status["agents"] == rooms
-                && status["pending"] == 0
-                && status["running"] == 0
-                && status["last_sync"].is_object();
-            done.then_some(status)
-        })
+        eventually(
+            Duration::from_secs(300),
+            &format!("{rooms} rooms converged"),
+            || async {
+                let status = self.status().await;
+                let done = status["rooms"] == rooms
+                    && status["agents"] == rooms
+                    && status["pending"] == 0
+                    && status["running"] == 0
+                    && status["last_sync"].is_object();
+                done.then_some(status)
+            },
+        )
         .await
     }
 
@@ -146,7 +153,11 @@ impl Stack {
             .unwrap()
             .iter()
             .filter(|e| e["type"] == "m.space.child")
-            .filter(|e| e["content"]["via"].as_array().is_some_and(|v| !v.is_empty()))
+            .filter(|e| {
+                e["content"]["via"]
+                    .as_array()
+                    .is_some_and(|v| !v.is_empty())
+            })
             .map(|e| e["state_key"].as_str().unwrap().to_owned())
             .collect()
     }
@@ -157,7 +168,9 @@ impl Stack {
         for (id, name) in agents {
             let lp = localpart(id);
             let user = format!("@{lp}:{SERVER_NAME}");
-            let profile = self.admin_get(&format!("/_synapse/admin/v2/users/{user}")).await;
+            let profile = self
+                .admin_get(&format!("/_synapse/admin/v2/users/{user}"))
+                .await;
             assert_eq!(profile["displayname"], name.as_str(), "{user}");
             let room = self
                 .room_for_alias(&lp)
@@ -165,10 +178,15 @@ impl Stack {
                 .unwrap_or_else(|| panic!("#{lp} resolves"));
             let joined = self.joined(&room).await;
             for member in [user.as_str(), BOT, ADMIN] {
-                assert!(joined.contains(member), "{member} joined in {room}: {joined:?}");
+                assert!(
+                    joined.contains(member),
+                    "{member} joined in {room}: {joined:?}"
+                );
             }
             assert!(children.contains(&room), "{room} is in the space");
-            let details = self.admin_get(&format!("/_synapse/admin/v1/rooms/{room}")).await;
+            let details = self
+                .admin_get(&format!("/_synapse/admin/v1/rooms/{room}"))
+                .await;
             assert_eq!(details["name"], name.as_str());
             assert_eq!(details["join_rules"], "invite");
             assert_eq!(details["guest_access"], "forbidden");
@@ -215,21 +233,31 @@ async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet()
     let room = stack.room_for_alias(&lp).await.unwrap();
     let reads_before = stack
         .roster
-        .metric("roster_homeserver_requests_total", &["endpoint=\"joined_members\""])
+        .metric(
+            "roster_homeserver_requests_total",
+            &["endpoint=\"joined_members\""],
+        )
         .await;
     stack.kick_as_agent(&lp, &room, BOT).await;
     stack.kick_as_agent(&lp, &room, ADMIN).await;
     let kicked = Instant::now();
-    eventually(Duration::from_secs(30), "bot and admin rejoined", || async {
-        let joined = stack.joined(&room).await;
-        (joined.contains(BOT) && joined.contains(ADMIN)).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "bot and admin rejoined",
+        || async {
+            let joined = stack.joined(&room).await;
+            (joined.contains(BOT) && joined.contains(ADMIN)).then_some(())
+        },
+    )
     .await;
     eprintln!("kicked members were back after {:?}", kicked.elapsed());
     assert_eq!(
         stack
             .roster
-            .metric("roster_homeserver_requests_total", &["endpoint=\"joined_members\""])
+            .metric(
+                "roster_homeserver_requests_total",
+                &["endpoint=\"joined_members\""]
+            )
             .await,
         reads_before,
         "repair must not read the room"
@@ -237,7 +265,10 @@ async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet()
     assert!(
         stack
             .roster
-            .metric("roster_member_transitions_total", &["transition=\"kicked\""])
+            .metric(
+                "roster_member_transitions_total",
+                &["transition=\"kicked\""]
+            )
             .await
             >= 2
     );
@@ -246,14 +277,23 @@ async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet()
     // homeserver nothing, by roster's count and by Synapse's.
     stack.wait_converged(56).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // let the rejoin's own events settle
-    let roster_before = stack.roster.metric("roster_homeserver_requests_total", &[]).await;
-    let synapse_before = stack
-        .synapse
-        .requests_received_total()
+    let roster_before = stack
+        .roster
+        .metric("roster_homeserver_requests_total", &[])
         .await;
+    let synapse_before = stack.synapse.requests_received_total().await;
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(stack.roster.metric("roster_homeserver_requests_total", &[]).await, roster_before);
-    assert_eq!(stack.synapse.requests_received_total().await, synapse_before);
+    assert_eq!(
+        stack
+            .roster
+            .metric("roster_homeserver_requests_total", &[])
+            .await,
+        roster_before
+    );
+    assert_eq!(
+        stack.synapse.requests_received_total().await,
+        synapse_before
+    );
     let hits = stack
         .roster
         .metric("roster_membership_cache_total", &["result=\"hit\""])
@@ -267,12 +307,7 @@ async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet()
 #[tokio::test]
 async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_rooms() {
     let mut agents = agent_ids(6);
-    let mut stack = Stack::start(
-        "rename-remove-store",
-        &agents,
-        "  removal_grace: 3s\n",
-    )
-    .await;
+    let mut stack = Stack::start("rename-remove-store", &agents, "  removal_grace: 3s\n").await;
     stack.roster.start().await;
     stack.wait_converged(6).await;
     stack.assert_provisioned(&agents).await;
@@ -285,21 +320,34 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
     }
     stack.roster.start().await;
     stack.wait_converged(6).await;
-    assert_eq!(stack.total_rooms().await, rooms_after_provisioning, "no new room");
+    assert_eq!(
+        stack.total_rooms().await,
+        rooms_after_provisioning,
+        "no new room"
+    );
     let reads = stack
         .roster
-        .metric("roster_homeserver_requests_total", &["endpoint=\"resolve_alias\""])
+        .metric(
+            "roster_homeserver_requests_total",
+            &["endpoint=\"resolve_alias\""],
+        )
         .await
         + stack
             .roster
-            .metric("roster_homeserver_requests_total", &["endpoint=\"joined_members\""])
+            .metric(
+                "roster_homeserver_requests_total",
+                &["endpoint=\"joined_members\""],
+            )
             .await;
     // One alias lookup and one member read per room, plus the space's alias.
     assert!(reads <= 2 * 6 + 1, "{reads} reads for 6 rooms");
     assert_eq!(
         stack
             .roster
-            .metric("roster_homeserver_requests_total", &["endpoint=\"create_room\""])
+            .metric(
+                "roster_homeserver_requests_total",
+                &["endpoint=\"create_room\""]
+            )
             .await,
         0
     );
@@ -310,15 +358,26 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
     let removed = agents.remove(5);
     std::fs::write(&stack.agents_file, agents_yaml(&agents)).unwrap();
     let removed_room = stack.room_for_alias(&localpart(&removed.0)).await.unwrap();
-    eventually(Duration::from_secs(60), "rename and removal applied", || async {
-        let status = stack.status().await;
-        (status["agents"] == 5 && status["retired"] == 1 && status["pending"] == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "rename and removal applied",
+        || async {
+            let status = stack.status().await;
+            (status["agents"] == 5 && status["retired"] == 1 && status["pending"] == 0)
+                .then_some(())
+        },
+    )
     .await;
     stack.assert_provisioned(&agents).await;
     let joined = stack.joined(&removed_room).await;
-    assert!(!joined.contains(BOT) && !joined.contains(ADMIN), "required members left: {joined:?}");
-    assert!(!stack.space_children().await.contains(&removed_room), "unlinked from the space");
+    assert!(
+        !joined.contains(BOT) && !joined.contains(ADMIN),
+        "required members left: {joined:?}"
+    );
+    assert!(
+        !stack.space_children().await.contains(&removed_room),
+        "unlinked from the space"
+    );
     stack.assert_no_logins().await;
     drop(stack.scratch);
 }
@@ -350,7 +409,10 @@ async fn adopts_rooms_the_old_bot_made_and_creates_no_room_for_them() {
         )
         .await;
     let join = http
-        .post(format!("{}/_matrix/client/v3/rooms/{room}/join?user_id={agent}", synapse.url()))
+        .post(format!(
+            "{}/_matrix/client/v3/rooms/{room}/join?user_id={agent}",
+            synapse.url()
+        ))
         .bearer_auth(&stack.roster.as_token)
         .json(&json!({}))
         .send()
@@ -380,21 +442,33 @@ async fn adopts_rooms_the_old_bot_made_and_creates_no_room_for_them() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "adopt failed: {stderr}");
-    assert!(!stdout.contains("hunter2") && !stderr.contains("hunter2"), "passwords are never printed");
+    assert!(
+        !stdout.contains("hunter2") && !stderr.contains("hunter2"),
+        "passwords are never printed"
+    );
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["adopted"], json!(["agent-old1"]));
     assert_eq!(report["missing_rooms"].as_array().unwrap().len(), 1);
-    assert_eq!(stack.room_for_alias("agent_old1").await.as_deref(), Some(room.as_str()));
+    assert_eq!(
+        stack.room_for_alias("agent_old1").await.as_deref(),
+        Some(room.as_str())
+    );
 
     stack.roster.start().await;
     stack.wait_converged(1).await;
     stack.assert_provisioned(&agents).await;
-    assert_eq!(stack.room_for_alias("agent_old1").await.as_deref(), Some(room.as_str()));
+    assert_eq!(
+        stack.room_for_alias("agent_old1").await.as_deref(),
+        Some(room.as_str())
+    );
     // Only the space was created; the agent's room is the old one.
     assert_eq!(
         stack
             .roster
-            .metric("roster_homeserver_requests_total", &["endpoint=\"create_room\""])
+            .metric(
+                "roster_homeserver_requests_total",
+                &["endpoint=\"create_room\""]
+            )
             .await,
         1
     );

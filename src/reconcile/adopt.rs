@@ -34,7 +34,9 @@ pub enum AdoptError {
         path: String,
         source: std::io::Error,
     },
-    #[error("legacy mappings {path} is not a JSON list of mappings with agent_id and room_id: {source}")]
+    #[error(
+        "legacy mappings {path} is not a JSON list of mappings with agent_id and room_id: {source}"
+    )]
     Parse {
         path: String,
         source: serde_json::Error,
@@ -43,7 +45,9 @@ pub enum AdoptError {
     Registration(#[from] crate::registration::RegistrationError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("homeserver unavailable during adoption: {0}; nothing after this room was touched, run adopt again")]
+    #[error(
+        "homeserver unavailable during adoption: {0}; nothing after this room was touched, run adopt again"
+    )]
     Homeserver(MatrixError),
 }
 
@@ -84,9 +88,10 @@ pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, Adopt
     let mut report = AdoptionReport::default();
     for mapping in mappings {
         let Some(localpart) = agent_localpart(&mapping.agent_id) else {
-            report
-                .conflicts
-                .push(format!("{}: no usable localpart in the agent id", mapping.agent_id));
+            report.conflicts.push(format!(
+                "{}: no usable localpart in the agent id",
+                mapping.agent_id
+            ));
             continue;
         };
         let agent_user = UserId::parse_with_server_name(localpart.as_str(), &server)
@@ -101,13 +106,16 @@ pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, Adopt
             continue;
         }
         let Ok(room) = OwnedRoomId::try_from(mapping.room_id.as_str()) else {
-            report
-                .conflicts
-                .push(format!("{}: {:?} is not a room id", mapping.agent_id, mapping.room_id));
+            report.conflicts.push(format!(
+                "{}: {:?} is not a room id",
+                mapping.agent_id, mapping.room_id
+            ));
             continue;
         };
         // The old bot registered the user with a password; M_USER_IN_USE is expected.
-        hs.register(&localpart).await.map_err(AdoptError::Homeserver)?;
+        hs.register(&localpart)
+            .await
+            .map_err(AdoptError::Homeserver)?;
         let joined = match hs.joined_members(&agent_user, &room).await {
             Ok(joined) => joined,
             Err(e) if e.is_forbidden() || e.is_not_found() => {
@@ -120,7 +128,11 @@ pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, Adopt
         };
         let alias = RoomAliasId::parse(format!("#{localpart}:{server}"))
             .expect("agent localparts are valid alias localparts");
-        match hs.resolve_alias(&alias).await.map_err(AdoptError::Homeserver)? {
+        match hs
+            .resolve_alias(&alias)
+            .await
+            .map_err(AdoptError::Homeserver)?
+        {
             Some(existing) if existing == room => {}
             Some(existing) => {
                 report.conflicts.push(format!(

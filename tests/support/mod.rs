@@ -312,6 +312,125 @@ impl Drop for Synapse {
     }
 }
 
+/// A real Letta server, installed and started by `deploy/peers/letta.sh`.
+pub struct Letta {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub port: u16,
+    http: reqwest::Client,
+}
+
+impl Letta {
+    /// Starts Letta with its SQLite database in `dir` and waits until it is healthy.
+    pub async fn start(dir: &Path) -> Letta {
+        run_script("letta.sh", &["install"]);
+        let dir = dir.join("letta");
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let log_path = dir.join("stdout.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(peer_script("letta.sh"))
+            .args(["run", dir.to_str().unwrap(), "--port", &port.to_string()])
+            // Letta writes openapi_letta.json into its working directory.
+            .current_dir(&dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start letta");
+        let mut letta = Letta {
+            child: Some(child),
+            dir,
+            port,
+            // Creating an agent offline is slow on a busy machine.
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+        };
+        // 10-30 s when idle; much more on a busy 2-core machine.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let health = format!("{}/v1/health/", letta.url());
+        loop {
+            if let Some(status) = letta.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "letta exited ({status}) before answering; see {}",
+                    log_path.display()
+                );
+            }
+            let answered = letta.http.get(&health).send().await;
+            if answered.is_ok_and(|r| r.status().is_success()) {
+                return letta;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "letta did not answer {health} within 300 s; see {}",
+                log_path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.url()));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("letta answers");
+        let status = response.status();
+        let body = response.json().await.unwrap_or(Value::Null);
+        assert!(
+            status.is_success(),
+            "letta {method} {path}: {status} {body}"
+        );
+        body
+    }
+
+    /// Creates an agent (offline: the free model is never called) and returns its id.
+    pub async fn create_agent(&self, name: &str) -> String {
+        let body =
+            json!({"name": name, "model": "letta/letta-free", "embedding": "letta/letta-free"});
+        let agent = self
+            .call(reqwest::Method::POST, "/v1/agents/", Some(body))
+            .await;
+        agent["id"]
+            .as_str()
+            .expect("a created agent has an id")
+            .to_owned()
+    }
+
+    pub async fn rename_agent(&self, id: &str, name: &str) {
+        self.call(
+            reqwest::Method::PATCH,
+            &format!("/v1/agents/{id}"),
+            Some(json!({"name": name})),
+        )
+        .await;
+    }
+
+    pub async fn delete_agent(&self, id: &str) {
+        self.call(reqwest::Method::DELETE, &format!("/v1/agents/{id}"), None)
+            .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, Duration::from_secs(15));
+        }
+    }
+}
+
+impl Drop for Letta {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Sums the samples of `name` whose labels contain every one of `labels`.
 pub fn sum_samples(text: &str, name: &str, labels: &[&str]) -> u64 {
     text.lines()
