@@ -176,7 +176,10 @@ pub struct Target {
     pub wait: bool,
 }
 
-fn target_agents(shared: &Shared, target: &Target) -> Result<Option<BTreeSet<String>>, Response> {
+fn target_agents(
+    shared: &Shared,
+    target: &Target,
+) -> Result<Option<BTreeSet<String>>, (StatusCode, String)> {
     let model = shared.model();
     let mut agents = BTreeSet::new();
     if let Some(room) = &target.room {
@@ -186,18 +189,18 @@ fn target_agents(shared: &Shared, target: &Target) -> Result<Option<BTreeSet<Str
         match agent {
             Some(agent) => agents.insert(agent),
             None => {
-                return Err(error(
+                return Err((
                     StatusCode::NOT_FOUND,
-                    &format!("{room} is not an agent room roster manages"),
+                    format!("{room} is not an agent room roster manages"),
                 ));
             }
         };
     }
     if let Some(agent) = &target.agent {
         if !model.agents.records.contains_key(agent) {
-            return Err(error(
+            return Err((
                 StatusCode::NOT_FOUND,
-                &format!("agent {agent} is unknown; check the id in the agent source"),
+                format!("agent {agent} is unknown; check the id in the agent source"),
             ));
         }
         agents.insert(agent.clone());
@@ -210,7 +213,7 @@ async fn sync(State(shared): State<Arc<Shared>>, body: Option<axum::Json<Target>
     let target = body.map(|b| b.0).unwrap_or_default();
     let agents = match target_agents(&shared, &target) {
         Ok(agents) => agents,
-        Err(response) => return response,
+        Err((status, message)) => return error(status, &message),
     };
     let (reply, summary) = tokio::sync::oneshot::channel();
     let request = crate::reconcile::SyncRequest {
@@ -247,7 +250,7 @@ async fn invalidate(
     let target = body.map(|b| b.0).unwrap_or_default();
     let agents = match target_agents(&shared, &target) {
         Ok(agents) => agents,
-        Err(response) => return response,
+        Err((status, message)) => return error(status, &message),
     };
     let invalidated: Vec<String> = {
         let mut model = shared.model_mut();

@@ -97,6 +97,11 @@ pub fn generate(config: &Config) -> Result<Registration, RegistrationError> {
         true,
         format!("^#{}.*:{server}$", escape(AGENT_PREFIX)),
     ));
+    // The agents space: an appservice user may only create aliases in its namespaces.
+    namespaces.aliases.push(Namespace::new(
+        true,
+        format!("^#{}:{server}$", escape(&config.agents.space_alias)),
+    ));
     Ok(RegistrationInit {
         id: config.appservice.id.clone(),
         url: Some(config.appservice.public_url()),
@@ -213,6 +218,10 @@ mod tests {
             r"^#agent_.*:my\.example\.org$"
         );
         assert!(reg.namespaces.aliases[0].exclusive);
+        assert_eq!(
+            reg.namespaces.aliases[1].regex,
+            r"^#letta-agents:my\.example\.org$"
+        );
         assert_eq!(reg.sender_localpart, "letta");
         assert_eq!(reg.rate_limited, Some(false));
         assert_eq!(reg.url.as_deref(), Some("http://127.0.0.1:9009"));

@@ -593,6 +593,21 @@ pub fn parse_agents_file(path: &Path, text: &str) -> Result<Vec<Agent>, SourceEr
     Ok(agents)
 }
 
+impl crate::reconcile::ListAgents for AgentSource {
+    fn describe(&self) -> String {
+        self.to_string()
+    }
+
+    fn list(&self) -> futures::future::BoxFuture<'_, Result<Vec<Agent>, String>> {
+        Box::pin(async move {
+            AgentSource::list(self)
+                .await
+                .map(|listing| listing.agents)
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -806,20 +821,5 @@ mod tests {
         let long = snippet("é".repeat(1000).as_bytes());
         assert_eq!(long.chars().count(), 203);
         assert_eq!(snippet(b" \n"), "(no body)");
-    }
-}
-
-impl crate::reconcile::ListAgents for AgentSource {
-    fn describe(&self) -> String {
-        self.to_string()
-    }
-
-    fn list(&self) -> futures::future::BoxFuture<'_, Result<Vec<Agent>, String>> {
-        Box::pin(async move {
-            AgentSource::list(self)
-                .await
-                .map(|listing| listing.agents)
-                .map_err(|e| e.to_string())
-        })
     }
 }
