@@ -44,6 +44,10 @@ pub struct RoomRecord {
     /// The name last written to the room name and the agent's display name.
     pub applied_name: Option<String>,
     pub space_linked: bool,
+    /// History visible to members and guests forbidden were set (at creation, or once on
+    /// a room roster adopted or found again).
+    #[serde(default)]
+    pub settings_applied: bool,
     /// Users roster cannot act as; they are invited once, never again.
     #[serde(default)]
     pub invited_external: BTreeSet<OwnedUserId>,
@@ -84,6 +88,10 @@ pub enum Action {
         room: OwnedRoomId,
         user: OwnedUserId,
     },
+    ApplySettings {
+        room: OwnedRoomId,
+        by: OwnedUserId,
+    },
     SetName {
         room: OwnedRoomId,
         user: OwnedUserId,
@@ -107,6 +115,7 @@ impl Action {
             Action::Invite { .. } => "invite",
             Action::Join { .. } => "join",
             Action::Leave { .. } => "leave",
+            Action::ApplySettings { .. } => "apply_settings",
             Action::SetName { .. } => "set_name",
             Action::LinkSpace { .. } => "link_space",
             Action::UnlinkSpace { .. } => "unlink_space",
@@ -181,6 +190,12 @@ pub fn plan_agent(input: &PlanInput<'_>) -> Plan {
                 }
             }
         }
+    }
+    if !input.record.settings_applied {
+        plan.actions.push(Action::ApplySettings {
+            room: room.clone(),
+            by: agent_user.clone(),
+        });
     }
     if input.record.applied_name.as_deref() != Some(input.agent.name.as_str()) {
         plan.actions.push(Action::SetName {
@@ -419,6 +434,7 @@ mod tests {
             room_id: Some(owned_room_id!("!r:ex.org")),
             applied_name: Some("One".into()),
             space_linked: true,
+            settings_applied: true,
             ..RoomRecord::default()
         }
     }

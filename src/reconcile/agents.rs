@@ -261,6 +261,26 @@ impl Agents {
                     .model_mut()
                     .expect(&room, &user, Membership::Leave);
             }
+            Action::ApplySettings { room, by } => {
+                self.hs
+                    .send_state(
+                        &by,
+                        &room,
+                        &EmptyStateKey,
+                        &RoomHistoryVisibilityEventContent::new(HistoryVisibility::Shared),
+                    )
+                    .await?;
+                self.hs
+                    .send_state(
+                        &by,
+                        &room,
+                        &EmptyStateKey,
+                        &RoomGuestAccessEventContent::new(GuestAccess::Forbidden),
+                    )
+                    .await?;
+                record.settings_applied = true;
+                self.save(record);
+            }
             Action::SetName { room, user, name } => {
                 self.hs
                     .send_state(
@@ -351,6 +371,7 @@ impl Agents {
                 self.hs.set_display_name(&agent_user, name).await?;
                 record.applied_name = Some(name.to_owned());
             }
+            record.settings_applied = true;
             record.room_id = Some(room);
         }
         self.shared.model_mut().agents.update(record.clone());
