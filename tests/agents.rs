@@ -475,3 +475,171 @@ async fn adopts_rooms_the_old_bot_made_and_creates_no_room_for_them() {
     stack.assert_no_logins().await;
     drop(stack.scratch);
 }
+
+#[tokio::test]
+async fn provisions_from_a_real_letta_and_follows_a_rename_and_a_deletion() {
+    let scratch = Scratch::new("letta-agents");
+    let letta = Letta::start(scratch.path()).await;
+    let ids = [
+        letta.create_agent("Alpha").await,
+        letta.create_agent("Beta").await,
+        letta.create_agent("Beta").await, // names are not unique; ids are
+    ];
+    let hs_port = free_port();
+    let mut roster = Roster::configure(
+        scratch.path(),
+        &format!("http://127.0.0.1:{hs_port}"),
+        &format!(
+            "agents:\n  letta_url: {}\n  poll_interval: 1s\n  removal_grace: 3s\n",
+            letta.url()
+        ),
+    );
+    let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
+    let admin_token = synapse.admin_token("admin");
+    roster.start().await;
+    let stack = Stack {
+        scratch,
+        synapse,
+        roster,
+        admin_token,
+        agents_file: Default::default(),
+    };
+    stack.wait_converged(3).await;
+    let mut agents: Vec<(String, String)> = ids
+        .iter()
+        .cloned()
+        .zip(["Alpha", "Beta", "Beta"].map(String::from))
+        .collect();
+    stack.assert_provisioned(&agents).await;
+
+    letta.rename_agent(&ids[0], "Alpha Prime").await;
+    letta.delete_agent(&ids[2]).await;
+    agents[0].1 = "Alpha Prime".into();
+    let deleted = agents.remove(2);
+    let deleted_room = stack.room_for_alias(&localpart(&deleted.0)).await.unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "rename and deletion applied",
+        || async {
+            let status = stack.status().await;
+            let renamed = stack
+                .admin_get(&format!(
+                    "/_synapse/admin/v2/users/@{}:{SERVER_NAME}",
+                    localpart(&ids[0])
+                ))
+                .await["displayname"]
+                == "Alpha Prime";
+            (renamed && status["agents"] == 2 && status["retired"] == 1 && status["pending"] == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    stack.assert_provisioned(&agents).await;
+    let joined = stack.joined(&deleted_room).await;
+    assert!(
+        !joined.contains(BOT) && !joined.contains(ADMIN),
+        "{joined:?}"
+    );
+    stack.assert_no_logins().await;
+    drop(stack.scratch);
+}
+
+/// A Letta stand-in whose answers the test switches: the agents, a 500, or garbage.
+mod flaky_letta {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+
+    pub const HEALTHY: u8 = 0;
+    pub const FAILING: u8 = 1;
+    pub const GARBAGE: u8 = 2;
+
+    pub async fn serve(agents: serde_json::Value) -> (String, Arc<AtomicU8>) {
+        let mode = Arc::new(AtomicU8::new(HEALTHY));
+        let state = (mode.clone(), agents);
+        let app = Router::new()
+            .route("/v1/agents/", get(list))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, mode)
+    }
+
+    async fn list(
+        axum::extract::State((mode, agents)): axum::extract::State<(
+            Arc<AtomicU8>,
+            serde_json::Value,
+        )>,
+        axum::extract::Query(query): axum::extract::Query<
+            std::collections::HashMap<String, String>,
+        >,
+    ) -> Response {
+        match mode.load(Ordering::SeqCst) {
+            HEALTHY if query.contains_key("after") => {
+                axum::Json(serde_json::json!([])).into_response()
+            }
+            HEALTHY => axum::Json(agents).into_response(),
+            FAILING => (StatusCode::INTERNAL_SERVER_ERROR, "database is locked").into_response(),
+            _ => (StatusCode::OK, "<html>maintenance</html>").into_response(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_letta_outage_removes_no_agent_and_shows_in_status() {
+    use std::sync::atomic::Ordering;
+    let scratch = Scratch::new("letta-down");
+    let listing = json!([
+        { "id": "agent-aaaa-1", "name": "One" },
+        { "id": "agent-bbbb-2", "name": "Two" },
+    ]);
+    let (url, mode) = flaky_letta::serve(listing).await;
+    let hs_port = free_port();
+    let mut roster = Roster::configure(
+        scratch.path(),
+        &format!("http://127.0.0.1:{hs_port}"),
+        &format!("agents:\n  letta_url: {url}\n  poll_interval: 1s\n  removal_grace: 1s\n"),
+    );
+    let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
+    let admin_token = synapse.admin_token("admin");
+    roster.start().await;
+    let stack = Stack {
+        scratch,
+        synapse,
+        roster,
+        admin_token,
+        agents_file: Default::default(),
+    };
+    stack.wait_converged(2).await;
+
+    for (failure, expected) in [(flaky_letta::FAILING, "500"), (flaky_letta::GARBAGE, "")] {
+        mode.store(failure, Ordering::SeqCst);
+        let error = eventually(Duration::from_secs(30), "the outage in status", || async {
+            let status = stack.status().await;
+            status["source"]["last_error"].as_str().map(str::to_owned)
+        })
+        .await;
+        assert!(error.contains(expected), "{error}");
+        // Well past the grace period: a failed listing never counts as absence.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let status = stack.status().await;
+        assert_eq!(status["agents"], 2, "{status}");
+        assert_eq!(status["retired"], 0, "{status}");
+        assert!(status["source"]["last_error"].is_string(), "{status}");
+        mode.store(flaky_letta::HEALTHY, Ordering::SeqCst);
+        eventually(Duration::from_secs(30), "recovery in status", || async {
+            stack.status().await["source"]["last_error"]
+                .is_null()
+                .then_some(())
+        })
+        .await;
+    }
+    assert_eq!(stack.status().await["retired"], 0);
+    stack.assert_no_logins().await;
+    drop(stack.scratch);
+}
