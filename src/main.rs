@@ -56,6 +56,14 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Dry run: read the source and the homeserver, print the actions a sync would take.
+    Plan {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Take over the rooms the old agent-sync bot made (run before the first serve).
     Adopt {
         #[command(flatten)]
@@ -159,6 +167,15 @@ async fn real_main() -> anyhow::Result<()> {
             .await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
+        Command::Plan { config, json } => {
+            let config = load_config(&config)?;
+            let plan = roster::reconcile::plan::dry_run(&config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", human_plan(&plan));
+            }
+        }
         Command::Adopt {
             config,
             legacy_mappings,
@@ -179,6 +196,37 @@ async fn real_main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn human_plan(plan: &roster::reconcile::plan::DryRun) -> String {
+    let mut out = String::new();
+    if !plan.space_exists {
+        out += "create the agents space\n";
+    }
+    let mut actions = 0;
+    for agent in &plan.agents {
+        for action in &agent.actions {
+            actions += 1;
+            out += &format!(
+                "{} ({}): {}\n",
+                agent.agent_id,
+                agent.name,
+                serde_json::to_string(action).unwrap_or_default()
+            );
+        }
+        for blocked in &agent.blocked {
+            out += &format!("{}: will not touch {blocked}\n", agent.agent_id);
+        }
+    }
+    for absent in &plan.absent {
+        out += &format!("{absent}: absent from the source (removed after agents.removal_grace)\n");
+    }
+    out += &format!(
+        "{} agents, {actions} actions; {} homeserver reads, no writes\n",
+        plan.agents.len(),
+        plan.homeserver_reads
+    );
+    out
 }
 
 /// A few lines an operator reads at a glance; `--json` has everything.

@@ -454,6 +454,37 @@ async fn adopts_rooms_the_old_bot_made_and_creates_no_room_for_them() {
         Some(room.as_str())
     );
 
+    // The dry run sees the adopted room and what it still needs, and changes nothing.
+    let rooms_before_plan = stack.total_rooms().await;
+    let plan = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["plan", "--json", "-c"])
+        .arg(&stack.roster.config)
+        .output()
+        .unwrap();
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(plan["space_exists"], false);
+    assert_eq!(plan["agents"][0]["room"], room.as_str());
+    let kinds: Vec<&str> = plan["agents"][0]["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"join") && kinds.contains(&"set_name"),
+        "{kinds:?}"
+    );
+    assert!(!kinds.contains(&"ensure_room"), "{kinds:?}");
+    assert_eq!(stack.total_rooms().await, rooms_before_plan);
+    assert!(
+        !stack.joined(&room).await.contains(BOT),
+        "the plan took no action"
+    );
     stack.roster.start().await;
     stack.wait_converged(1).await;
     stack.assert_provisioned(&agents).await;

@@ -24,6 +24,7 @@ use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, User
 use super::Outcome;
 use crate::Shared;
 use crate::appservice::now_ms;
+use crate::config::Identities;
 use crate::matrix::{Homeserver, MatrixError};
 use crate::metrics::{ActionLabels, ResultLabels};
 use crate::model::agents::{
@@ -51,16 +52,7 @@ pub struct Agents {
 
 impl Agents {
     pub fn new(shared: Arc<Shared>, hs: Homeserver, default_room_version: &str) -> Agents {
-        let server = shared.ids.server_name.clone();
-        let required = shared
-            .ids
-            .required_members
-            .iter()
-            .map(|user| RequiredMember {
-                user: user.clone(),
-                masquerade: user.server_name() == server && in_namespace(&shared, user),
-            })
-            .collect();
+        let required = required_members(&shared.ids);
         let list_creator_power = !room_version_has_implicit_creators(default_room_version);
         Agents {
             shared,
@@ -501,7 +493,7 @@ impl Agents {
     }
 
     fn can_masquerade(&self, user: &UserId) -> bool {
-        user.server_name() == self.shared.ids.server_name && in_namespace(&self.shared, user)
+        in_namespace(&self.shared.ids, user)
     }
 
     fn save(&self, record: &RoomRecord) {
@@ -576,12 +568,24 @@ fn is_room_in_use(error: &MatrixError) -> bool {
 
 /// Whether the registration lets roster act as `user` (bot, agents, identities, or a
 /// configured required member on this server).
-fn in_namespace(shared: &Shared, user: &UserId) -> bool {
+fn in_namespace(ids: &Identities, user: &UserId) -> bool {
     let local = user.localpart();
-    user == shared.ids.bot
-        || local.starts_with(AGENT_PREFIX)
-        || local.starts_with(IDENTITY_PREFIX)
-        || shared.ids.required_members.iter().any(|m| m == user)
+    user.server_name() == ids.server_name
+        && (user == ids.bot
+            || local.starts_with(AGENT_PREFIX)
+            || local.starts_with(IDENTITY_PREFIX)
+            || ids.required_members.iter().any(|m| m == user))
+}
+
+/// The members every agent room needs, and which of them roster can act as.
+pub fn required_members(ids: &Identities) -> Vec<RequiredMember> {
+    ids.required_members
+        .iter()
+        .map(|user| RequiredMember {
+            user: user.clone(),
+            masquerade: in_namespace(ids, user),
+        })
+        .collect()
 }
 
 /// Room version 12 (and the hydra preview) make creators rank above power levels.

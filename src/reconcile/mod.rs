@@ -9,6 +9,7 @@
 
 pub mod adopt;
 pub mod agents;
+pub mod plan;
 pub mod queue;
 
 use std::collections::{BTreeMap, BTreeSet};
