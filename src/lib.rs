@@ -164,9 +164,22 @@ impl Shared {
         Some(self.last_ping_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0)
     }
 
-    /// Whether roster provides `user_id` (the homeserver asks before it creates one).
+    /// Whether roster provides `user_id` (the homeserver asks before it creates one): the
+    /// bot and the users of the agents it provisions.
     pub fn manages_user(&self, user_id: &str) -> bool {
-        user_id == self.ids.bot.as_str()
+        if user_id == self.ids.bot.as_str() {
+            return true;
+        }
+        let Ok(user) = ruma::UserId::parse(user_id) else {
+            return false;
+        };
+        user.server_name() == self.ids.server_name
+            && self
+                .model()
+                .agents
+                .records
+                .values()
+                .any(|r| !r.retired && r.localpart == user.localpart())
     }
 }
 

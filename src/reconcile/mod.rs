@@ -248,20 +248,24 @@ async fn list_and_observe(shared: &Shared, source: &dyn ListAgents) -> Option<St
             source_status.last_error = None;
             drop(status);
             let grace = shared.config.agents.removal_grace.as_millis() as u64;
-            let outcome = {
+            let (outcome, touched) = {
                 let mut model = shared.model_mut();
+                let before = model.agents.records.clone();
                 let outcome = model.agents.observe_listing(&agents, now, grace);
                 for expired in &outcome.expired {
                     model.agents.desired.remove(expired);
                 }
-                outcome
+                // Persist new records and absence clocks, so the grace survives restarts.
+                let touched: Vec<_> = model
+                    .agents
+                    .records
+                    .values()
+                    .filter(|r| before.get(&r.agent_id) != Some(*r))
+                    .cloned()
+                    .collect();
+                (outcome, touched)
             };
-            // Persist absence clocks so the grace period survives restarts.
-            let records: Vec<_> = {
-                let model = shared.model();
-                model.agents.records.values().cloned().collect()
-            };
-            for record in &records {
+            for record in &touched {
                 if let Err(e) = shared.store.save_room_record(record) {
                     tracing::warn!(error = %e, "cannot save room record");
                 }
