@@ -671,6 +671,35 @@ async fn a_letta_outage_removes_no_agent_and_shows_in_status() {
         .await;
     }
     assert_eq!(stack.status().await["retired"], 0);
+
+    // A restart during an outage keeps the desired agents: drift is still repaired.
+    mode.store(flaky_letta::FAILING, Ordering::SeqCst);
+    let mut stack = stack;
+    stack.roster.stop();
+    stack.roster.start().await;
+    stack.roster.wait_ready().await;
+    eventually(
+        Duration::from_secs(30),
+        "the outage in status after restart",
+        || async {
+            stack.status().await["source"]["last_error"]
+                .is_string()
+                .then_some(())
+        },
+    )
+    .await;
+    let lp = localpart("agent-aaaa-1");
+    let room = stack.room_for_alias(&lp).await.unwrap();
+    stack.kick_as_agent(&lp, &room, ADMIN).await;
+    eventually(
+        Duration::from_secs(30),
+        "admin rejoined during the outage",
+        || async { stack.joined(&room).await.contains(ADMIN).then_some(()) },
+    )
+    .await;
+    let status = stack.status().await;
+    assert_eq!(status["agents"], 2, "{status}");
+    assert_eq!(status["retired"], 0, "{status}");
     stack.assert_no_logins().await;
     drop(stack.scratch);
 }

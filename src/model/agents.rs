@@ -40,6 +40,10 @@ pub fn agent_localpart(agent_id: &str) -> Option<String> {
 pub struct RoomRecord {
     pub agent_id: String,
     pub localpart: String,
+    /// The name the source last listed: the desired state survives a restart during a
+    /// source outage.
+    #[serde(default)]
+    pub name: String,
     pub room_id: Option<OwnedRoomId>,
     /// The name last written to the room name and the agent's display name.
     pub applied_name: Option<String>,
@@ -53,6 +57,10 @@ pub struct RoomRecord {
     pub invited_external: BTreeSet<OwnedUserId>,
     /// When the agent was first missing from a good listing; cleared when it is back.
     pub missing_since_ms: Option<u64>,
+    /// Absent past the grace period: its removal is under way. Only this (never a mere
+    /// absence from `desired`, e.g. before the first listing) lets roster leave a room.
+    #[serde(default)]
+    pub removing: bool,
     /// The agent was removed and its room left; nothing more is done for it.
     pub retired: bool,
 }
@@ -298,18 +306,26 @@ pub struct AgentBook {
 }
 
 impl AgentBook {
-    /// Puts back a record read from the store.
+    /// Puts back a record read from the store, with the agent it was last listed as.
     pub fn restore(&mut self, record: RoomRecord) {
+        if !record.retired && !record.removing && !record.name.is_empty() {
+            self.desired
+                .entry(record.agent_id.clone())
+                .or_insert_with(|| Agent {
+                    id: record.agent_id.clone(),
+                    name: record.name.clone(),
+                });
+        }
+        self.update(record);
+    }
+
+    /// Replaces a record after an action changed it.
+    pub fn update(&mut self, record: RoomRecord) {
         if let Some(room) = &record.room_id {
             self.room_index
                 .insert(room.clone(), record.agent_id.clone());
         }
         self.records.insert(record.agent_id.clone(), record);
-    }
-
-    /// Replaces a record after an action changed it.
-    pub fn update(&mut self, record: RoomRecord) {
-        self.restore(record);
     }
 
     pub fn agent_for_room(&self, room: &RoomId) -> Option<&str> {
@@ -341,7 +357,9 @@ impl AgentBook {
                     ..RoomRecord::default()
                 });
             let was_missing = record.missing_since_ms.take().is_some();
-            let revived = std::mem::take(&mut record.retired);
+            let revived =
+                std::mem::take(&mut record.retired) | std::mem::take(&mut record.removing);
+            record.name = agent.name.clone();
             let renamed = self.desired.get(&agent.id).map(|a| &a.name) != Some(&agent.name);
             if renamed || was_missing || revived {
                 outcome.changed.push(agent.id.clone());
@@ -353,7 +371,9 @@ impl AgentBook {
                 continue;
             }
             let since = *record.missing_since_ms.get_or_insert(now_ms);
-            if now_ms.saturating_sub(since) >= grace_ms {
+            if !record.removing && now_ms.saturating_sub(since) >= grace_ms {
+                record.removing = true;
+                self.desired.remove(id);
                 outcome.expired.push(id.clone());
             }
         }
@@ -365,6 +385,7 @@ impl AgentBook {
         self.desired.remove(agent_id);
         if let Some(record) = self.records.get_mut(agent_id) {
             record.retired = true;
+            record.removing = false;
             record.space_linked = false;
         }
     }
@@ -654,6 +675,23 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(book.active().count(), 1);
+    }
+
+    #[test]
+    fn should_keep_desired_agents_across_a_restart() {
+        let mut book = AgentBook::default();
+        book.observe_listing(&[agent("One")], 0, 100);
+        let mut restarted = AgentBook::default();
+        for record in book.records.values() {
+            restarted.restore(record.clone());
+        }
+        assert_eq!(restarted.desired["agent-1"].name, "One");
+        assert!(
+            restarted
+                .observe_listing(&[agent("One")], 1, 100)
+                .changed
+                .is_empty()
+        );
     }
 
     #[test]

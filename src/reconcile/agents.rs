@@ -131,7 +131,12 @@ impl Agents {
                 }
                 let agent_user = self.agent_user(&record.localpart);
                 let space = self.shared.status().space.clone();
-                match model.agents.desired.get(agent_id) {
+                match model
+                    .agents
+                    .desired
+                    .get(agent_id)
+                    .filter(|_| !record.removing)
+                {
                     Some(agent) => {
                         let plan = plan_agent(&PlanInput {
                             agent,
@@ -148,6 +153,8 @@ impl Agents {
                         self.report_blocked(agent_id, &plan.blocked);
                         (plan.actions, record)
                     }
+                    // Not (yet) desired, e.g. before the first good listing: hands off.
+                    None if !record.removing => return Outcome::Done,
                     None => {
                         let actions =
                             plan_removal(&record, &self.required, space.as_deref(), &model);

@@ -252,9 +252,6 @@ async fn list_and_observe(shared: &Shared, source: &dyn ListAgents) -> Option<St
                 let mut model = shared.model_mut();
                 let before = model.agents.records.clone();
                 let outcome = model.agents.observe_listing(&agents, now, grace);
-                for expired in &outcome.expired {
-                    model.agents.desired.remove(expired);
-                }
                 // Persist new records and absence clocks, so the grace survives restarts.
                 let touched: Vec<_> = model
                     .agents
