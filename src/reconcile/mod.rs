@@ -3,6 +3,10 @@
 //! Start-up first: register the appservice's own user (Synapse does not create it) and ping
 //! the homeserver, which makes it flush the transactions it queued while roster was away.
 //! Both retry with capped exponential backoff until they succeed or roster shuts down.
+//!
+//! [`identity`] executes what lifecycle events ask of identity users.
+
+pub mod identity;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -85,7 +89,7 @@ where
 }
 
 /// Spreads retries by up to a quarter of the wait so many waiters do not wake together.
-fn jitter(wait: Duration) -> Duration {
+pub(crate) fn jitter(wait: Duration) -> Duration {
     let spread = wait.as_millis() as u64 / 4;
     if spread == 0 {
         return wait;
