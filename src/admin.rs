@@ -8,7 +8,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use ruma::RoomId;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
@@ -20,6 +20,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/status", get(status))
         .route("/rooms/{room_id}/members", get(room_members))
+        .route("/replay", post(replay))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             require_admin_token,
@@ -139,4 +140,36 @@ async fn room_members(State(shared): State<Arc<Shared>>, Path(room_id): Path<Str
         .collect();
     members.sort_by(|a, b| a.user_id.cmp(b.user_id));
     axum::Json(serde_json::json!({ "room_id": room_id, "members": members })).into_response()
+}
+
+/// `POST /admin/v1/replay {"partition": P, "offset": O}`: the lifecycle consumer
+/// re-consumes partition P from offset O (effects are idempotent, so this is safe).
+#[derive(serde::Deserialize)]
+pub struct ReplayRequest {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+async fn replay(
+    State(shared): State<Arc<Shared>>,
+    body: Result<axum::Json<ReplayRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    use crate::lifecycle::ReplayError;
+    let Ok(axum::Json(request)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected a JSON body {\"partition\": P, \"offset\": O}",
+        );
+    };
+    match shared
+        .lifecycle
+        .replay(request.partition, request.offset)
+        .await
+    {
+        Ok(replayed) => axum::Json(replayed).into_response(),
+        Err(e @ ReplayError::NotRunning) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e @ ReplayError::NotAssigned { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ ReplayError::BadOffset(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ ReplayError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }

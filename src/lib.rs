@@ -9,6 +9,7 @@
 //! - [`appservice`]: the routes the homeserver calls; hs_token auth, dedup, durable record.
 //! - [`lifecycle`]: the Kafka consumer of identity events; decoding, ordering, commits, DLQ.
 //! - [`admin`]: `/health`, `/ready`, `/metrics` and the operator API.
+//! - [`operator`]: the CLI's client of a running roster's admin API (e.g. `replay`).
 //! - [`model`]: pure membership state and its transitions; no I/O.
 //! - [`reconcile`]: everything roster does to the homeserver, starting with start-up.
 //! - [`matrix`]: the one homeserver client (ruma types, masquerading, typed errors).
@@ -22,6 +23,7 @@ pub mod lifecycle;
 pub mod matrix;
 pub mod metrics;
 pub mod model;
+pub mod operator;
 pub mod reconcile;
 pub mod registration;
 pub mod store;

@@ -42,6 +42,17 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Ask a running `serve` to re-consume lifecycle events of a partition from an offset.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The partition of lifecycle.topic.
+        #[arg(long)]
+        partition: i32,
+        /// The first offset to consume again (0 for the beginning).
+        #[arg(long)]
+        offset: i64,
+    },
 }
 
 fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
@@ -110,6 +121,20 @@ async fn real_main() -> anyhow::Result<()> {
             eprintln!(
                 "wrote {} (mode 0600); add it to the homeserver's app_service_config_files",
                 path.display()
+            );
+        }
+        Command::Replay {
+            config,
+            partition,
+            offset,
+        } => {
+            let config = load_config(&config)?;
+            let answer = roster::operator::replay(&config, partition, offset).await?;
+            eprintln!(
+                "replaying {} partition {} from offset {}",
+                answer["topic"].as_str().unwrap_or(&config.lifecycle.topic),
+                answer["partition"],
+                answer["offset"]
             );
         }
     }
