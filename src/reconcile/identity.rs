@@ -52,7 +52,10 @@ pub enum StartError {
 
 /// Failure of one attempt, before classification.
 enum StepError {
+    /// A failure while acting as the user: a 403 may mean the user does not exist.
     Matrix(MatrixError),
+    /// A failure while acting as the appservice itself: classified as it is.
+    AsAppservice(MatrixError),
     /// The admin API says the user does not exist.
     Missing,
     /// The local store could not record what was done.
@@ -148,6 +151,7 @@ impl IdentityEffects {
                         retry_after: None,
                     };
                 }
+                Err(StepError::AsAppservice(error)) => return classify(error),
                 Err(StepError::Matrix(error)) => error,
             };
             // Masquerading as a user who does not exist is refused with M_FORBIDDEN; so are
@@ -176,7 +180,10 @@ impl IdentityEffects {
         for effect in &plan.effects {
             match effect {
                 Effect::Register => {
-                    self.homeserver.register(user.localpart()).await?;
+                    self.homeserver
+                        .register(user.localpart())
+                        .await
+                        .map_err(StepError::AsAppservice)?;
                 }
                 Effect::SetDisplayName(name) => {
                     self.homeserver.set_display_name(user, name).await?;
@@ -226,8 +233,9 @@ impl IdentityEffects {
                     self.homeserver.clear_profile(user).await?;
                 }
                 match self.homeserver.admin_deactivate(user, erase).await {
+                    Ok(()) => Ok(()),
                     Err(e) if e.is_not_found() => Err(StepError::Missing),
-                    other => Ok(other?),
+                    Err(e) => Err(StepError::AsAppservice(e)),
                 }
             }
             // Synapse (and `auto` never reaches here unresolved).
