@@ -1382,3 +1382,106 @@ async fn tuwunel_standin_without_an_admin_token_stops_start_up_with_a_clear_erro
         "{stderr}"
     );
 }
+
+/// Users `from..to`, each created and renamed twice (`user-<n>-v2` last), keyed by user.
+async fn batch(tansu: &Tansu, from: u32, to: u32) -> Vec<(i32, i64)> {
+    let mut produced = Vec::new();
+    for n in from..to {
+        let id = uuid(8, n);
+        let key = Some(id.as_str());
+        let create = bytes(&created(&id, "x"));
+        produced.push(
+            tansu
+                .produce(
+                    TOPIC,
+                    None,
+                    key,
+                    &[("event_type", "UserCreatedEvent")],
+                    &create,
+                )
+                .await,
+        );
+        for round in 1..=2 {
+            let name = format!("user-{n}-v{round}");
+            let update = bytes(&profile(&id, "u", Some(&name), None));
+            produced.push(
+                tansu
+                    .produce(
+                        TOPIC,
+                        None,
+                        key,
+                        &[("event_type", "UserProfileUpdatedEvent")],
+                        &update,
+                    )
+                    .await,
+            );
+        }
+    }
+    produced
+}
+
+#[tokio::test]
+async fn partitions_handed_between_two_rosters_lose_nothing() {
+    let stack = Stack::new("lifecycle-rebalance", "").await;
+    // A second roster in the same group, with the same registration (one appservice).
+    let mut second = Roster::configure(
+        &stack.scratch.path().join("second"),
+        &stack.synapse.url(),
+        &stack.tansu.lifecycle_yaml(TOPIC, GROUP, ""),
+    );
+    std::fs::copy(&stack.roster.registration, &second.registration).unwrap();
+    let mut produced = batch(&stack.tansu, 0, 30).await;
+    let mut first = stack.roster;
+    first.start().await;
+    let stack = Stack {
+        roster: first,
+        ..stack
+    };
+    eventually(
+        Duration::from_secs(60),
+        "the first roster to apply some",
+        || async { (stack.events("profile_updated", "applied").await >= 10).then_some(()) },
+    )
+    .await;
+    second.start().await;
+    produced.extend(batch(&stack.tansu, 30, 60).await);
+    eventually(
+        Duration::from_secs(60),
+        "the second roster to take partitions",
+        || async {
+            let applied = second
+                .metric("roster_lifecycle_events_total", &["outcome=\"applied\""])
+                .await;
+            (applied > 0).then_some(())
+        },
+    )
+    .await;
+    // The first leaves gracefully: its partitions (and what it finished) go to the second.
+    let Stack {
+        mut roster,
+        synapse,
+        tansu,
+        scratch,
+        admin,
+    } = stack;
+    roster.stop();
+    let stack = Stack {
+        roster,
+        synapse,
+        tansu,
+        scratch,
+        admin,
+    };
+    produced.extend(batch(&stack.tansu, 60, 70).await);
+    for n in 0..70 {
+        let want = format!("user-{n}-v2");
+        stack
+            .wait_user(&nova(&uuid(8, n)), &format!("display name {want}"), |u| {
+                display_name(u) == Some(want.as_str())
+            })
+            .await;
+    }
+    stack.wait_committed(&ends(&produced)).await;
+    assert_eq!(second.metric("roster_dead_letters_total", &[]).await, 0);
+    assert_eq!(stack.synapse.login_count().await, 0);
+}
