@@ -24,6 +24,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/sync", post(sync))
         .route("/invalidate", post(invalidate))
         .route("/rooms/{room_id}/members", get(room_members))
+        .route("/replay", post(replay))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             require_admin_token,
@@ -272,63 +273,6 @@ async fn invalidate(
     axum::Json(serde_json::json!({ "invalidated": invalidated.len() })).into_response()
 }
 
-/// Calls a running roster's admin API, for the CLI.
-pub mod client {
-    use crate::config::Config;
-
-    #[derive(Debug, thiserror::Error)]
-    pub enum AdminClientError {
-        #[error(
-            "admin.token is not set; the CLI uses it to talk to `roster serve` (set it in the config or ROSTER_ADMIN__TOKEN)"
-        )]
-        NoToken,
-        #[error(
-            "cannot reach roster's admin API at {url}: {source}; is `roster serve` running with this config?"
-        )]
-        Unreachable { url: String, source: reqwest::Error },
-        #[error("roster answered {status}: {message}")]
-        Refused { status: u16, message: String },
-    }
-
-    /// `method path` with `body`, bearer `admin.token`; returns the JSON answer.
-    pub async fn call(
-        config: &Config,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> Result<serde_json::Value, AdminClientError> {
-        let token = config
-            .admin
-            .token
-            .as_ref()
-            .ok_or(AdminClientError::NoToken)?;
-        let url = format!("http://{}/admin/v1/{path}", config.admin.listen);
-        let mut request = reqwest::Client::new()
-            .request(method, &url)
-            .bearer_auth(token.expose());
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let unreachable = |source| AdminClientError::Unreachable {
-            url: url.clone(),
-            source,
-        };
-        let response = request.send().await.map_err(unreachable)?;
-        let status = response.status();
-        let value: serde_json::Value = response.json().await.map_err(unreachable)?;
-        if !status.is_success() {
-            return Err(AdminClientError::Refused {
-                status: status.as_u16(),
-                message: value["error"]
-                    .as_str()
-                    .unwrap_or("(no reason given)")
-                    .to_owned(),
-            });
-        }
-        Ok(value)
-    }
-}
-
 #[derive(Serialize)]
 struct Member<'a> {
     user_id: &'a str,
@@ -354,4 +298,36 @@ async fn room_members(State(shared): State<Arc<Shared>>, Path(room_id): Path<Str
         .collect();
     members.sort_by(|a, b| a.user_id.cmp(b.user_id));
     axum::Json(serde_json::json!({ "room_id": room_id, "members": members })).into_response()
+}
+
+/// `POST /admin/v1/replay {"partition": P, "offset": O}`: the lifecycle consumer
+/// re-consumes partition P from offset O (effects are idempotent, so this is safe).
+#[derive(serde::Deserialize)]
+pub struct ReplayRequest {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+async fn replay(
+    State(shared): State<Arc<Shared>>,
+    body: Result<axum::Json<ReplayRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    use crate::lifecycle::ReplayError;
+    let Ok(axum::Json(request)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected a JSON body {\"partition\": P, \"offset\": O}",
+        );
+    };
+    match shared
+        .lifecycle
+        .replay(request.partition, request.offset)
+        .await
+    {
+        Ok(replayed) => axum::Json(replayed).into_response(),
+        Err(e @ ReplayError::NotRunning) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e @ ReplayError::NotAssigned { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ ReplayError::BadOffset(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ ReplayError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
 }

@@ -266,7 +266,29 @@ pub struct LifecycleConfig {
     #[serde(deserialize_with = "optional_string_like")]
     pub dead_letter_topic: Option<String>,
     pub matrix_enabled: bool,
+    /// A profile update for a user who does not exist yet creates the user first.
+    pub create_missing_users: bool,
+    /// Largest avatar fetched from an `http(s)://` URL, in bytes.
+    pub avatar_max_bytes: usize,
+    /// Upper bound on fetching one avatar.
+    #[serde(deserialize_with = "duration")]
+    pub avatar_fetch_timeout: Duration,
+    /// Users whose events are applied at once; one user's events are applied in order.
+    pub max_in_flight_users: usize,
+    /// Messages received but not yet done, across partitions; beyond it consuming pauses.
+    pub max_buffered_events: usize,
+    /// Extra librdkafka properties (e.g. `security.protocol`, `session.timeout.ms`).
+    #[serde(deserialize_with = "string_map")]
+    pub kafka: BTreeMap<String, String>,
 }
+
+/// librdkafka properties roster sets itself; `lifecycle.kafka` may not override them.
+pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+];
 
 impl Default for LifecycleConfig {
     fn default() -> Self {
@@ -277,7 +299,62 @@ impl Default for LifecycleConfig {
             group_id: "roster".into(),
             dead_letter_topic: None,
             matrix_enabled: true,
+            create_missing_users: true,
+            avatar_max_bytes: 5 * 1024 * 1024,
+            avatar_fetch_timeout: Duration::from_secs(10),
+            max_in_flight_users: 16,
+            max_buffered_events: 1024,
+            kafka: BTreeMap::new(),
         }
+    }
+}
+
+impl LifecycleConfig {
+    /// The bounds of the lifecycle keys; the error names the key.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.max_in_flight_users == 0 {
+            return Err((
+                "lifecycle.max_in_flight_users",
+                "0 would apply no event; expected at least 1, e.g. 16".into(),
+            ));
+        }
+        if self.max_buffered_events < self.max_in_flight_users {
+            return Err((
+                "lifecycle.max_buffered_events",
+                format!(
+                    "{} is below lifecycle.max_in_flight_users ({}); expected at least that, e.g. 1024",
+                    self.max_buffered_events, self.max_in_flight_users
+                ),
+            ));
+        }
+        if !(1024..=100 * 1024 * 1024).contains(&self.avatar_max_bytes) {
+            return Err((
+                "lifecycle.avatar_max_bytes",
+                format!(
+                    "{} is out of range; expected between 1024 and 104857600 bytes, e.g. 5242880",
+                    self.avatar_max_bytes
+                ),
+            ));
+        }
+        if self.avatar_fetch_timeout.is_zero() {
+            return Err((
+                "lifecycle.avatar_fetch_timeout",
+                "0 would fail every avatar fetch; expected e.g. 10s".into(),
+            ));
+        }
+        if let Some(key) = self
+            .kafka
+            .keys()
+            .find(|k| RESERVED_KAFKA_PROPERTIES.contains(&k.as_str()))
+        {
+            return Err((
+                "lifecycle.kafka",
+                format!(
+                    "{key:?} is set by roster itself; use lifecycle.brokers / lifecycle.group_id instead"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -518,6 +595,18 @@ impl Config {
                 }
             }
         }
+        if let Err((key, message)) = self.lifecycle.check() {
+            return fail(key, message);
+        }
+        if self.dead_letter_topic() == self.lifecycle.topic {
+            return fail(
+                "lifecycle.dead_letter_topic",
+                format!(
+                    "{:?} is also lifecycle.topic; dead letters need their own topic, e.g. {}.dlq",
+                    self.lifecycle.topic, self.lifecycle.topic
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -710,6 +799,26 @@ fn optional_string_like<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String
     match Value::deserialize(d)? {
         Value::Null => Ok(None),
         other => string_like(other).map(Some).map_err(de::Error::custom),
+    }
+}
+
+/// A mapping of names to scalars, read as strings (`session.timeout.ms: 6000` works).
+fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(BTreeMap::new()),
+        Value::Mapping(map) => map
+            .into_iter()
+            .map(|(k, v)| {
+                let key = string_like(k).map_err(de::Error::custom)?;
+                let value = string_like(v)
+                    .map_err(|e: serde_yaml::Error| de::Error::custom(format!("{key}: {e}")))?;
+                Ok((key, value))
+            })
+            .collect(),
+        other => Err(de::Error::custom(format!(
+            "{} is not a mapping; expected e.g. {{session.timeout.ms: 6000}}",
+            scalar_text(&other)
+        ))),
     }
 }
 
@@ -908,6 +1017,51 @@ lifecycle:
                 &[],
                 &["lifecycle.topic", "empty"],
             ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {max_in_flight_users: 0}",
+                &[],
+                &["lifecycle.max_in_flight_users", "0", "at least 1"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {max_buffered_events: 4, max_in_flight_users: 8}",
+                &[],
+                &["lifecycle.max_buffered_events", "4", "max_in_flight_users"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {avatar_max_bytes: 10}",
+                &[],
+                &["lifecycle.avatar_max_bytes", "10", "1024"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {avatar_fetch_timeout: 0s}",
+                &[],
+                &["lifecycle.avatar_fetch_timeout", "0", "10s"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {avatar_fetch_timeout: never}",
+                &[],
+                &["lifecycle.avatar_fetch_timeout", "never", "90s"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {create_missing_users: perhaps}",
+                &[],
+                &["lifecycle.create_missing_users", "perhaps", "boolean"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {kafka: {group.id: other}}",
+                &[],
+                &["lifecycle.kafka", "group.id", "lifecycle.group_id"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {kafka: [a]}",
+                &[],
+                &["lifecycle.kafka", "mapping"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {topic: t, dead_letter_topic: t}",
+                &[],
+                &["lifecycle.dead_letter_topic", "\"t\"", "own topic"],
+            ),
             ("[1, 2]", &[], &["top level", "mapping"]),
         ];
         for (yaml, vars, needles) in cases {
@@ -919,6 +1073,27 @@ lifecycle:
                 assert!(err.contains(needle), "{err:?} should mention {needle:?}");
             }
         }
+    }
+
+    #[test]
+    fn should_read_lifecycle_tuning_and_kafka_properties() {
+        let vars = env(&[(
+            "ROSTER_LIFECYCLE__KAFKA",
+            "{session.timeout.ms: 6000, auto.offset.reset: earliest}",
+        )]);
+        let text = "homeserver: {server_name: example.org}\nlifecycle: {create_missing_users: false, avatar_fetch_timeout: 3s, max_in_flight_users: 4}";
+        let config = Config::from_yaml_with_env(text, &vars).unwrap();
+        let lifecycle = &config.lifecycle;
+        assert!(!lifecycle.create_missing_users);
+        assert_eq!(lifecycle.avatar_fetch_timeout, Duration::from_secs(3));
+        assert_eq!(lifecycle.max_in_flight_users, 4);
+        assert_eq!(lifecycle.max_buffered_events, 1024);
+        assert_eq!(lifecycle.avatar_max_bytes, 5 * 1024 * 1024);
+        assert_eq!(lifecycle.kafka["session.timeout.ms"], "6000");
+        assert_eq!(lifecycle.kafka["auto.offset.reset"], "earliest");
+        let defaults = Config::from_yaml(MINIMAL).unwrap().lifecycle;
+        assert!(defaults.create_missing_users);
+        assert!(defaults.kafka.is_empty());
     }
 
     #[test]

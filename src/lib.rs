@@ -8,7 +8,9 @@
 //! - [`registration`]: generates and reads the appservice registration.
 //! - [`appservice`]: the routes the homeserver calls; hs_token auth, dedup, durable record.
 //! - [`sources`]: lists the agents that should exist, from Letta or an agents file.
+//! - [`lifecycle`]: the Kafka consumer of identity events; decoding, ordering, commits, DLQ.
 //! - [`admin`]: `/health`, `/ready`, `/metrics` and the operator API.
+//! - [`operator`]: the CLI's client of a running roster's admin API (e.g. `replay`).
 //! - [`model`]: pure membership state and its transitions; no I/O.
 //! - [`reconcile`]: everything roster does to the homeserver, starting with start-up.
 //! - [`matrix`]: the one homeserver client (ruma types, masquerading, typed errors).
@@ -18,9 +20,11 @@
 pub mod admin;
 pub mod appservice;
 pub mod config;
+pub mod lifecycle;
 pub mod matrix;
 pub mod metrics;
 pub mod model;
+pub mod operator;
 pub mod reconcile;
 pub mod registration;
 pub mod sources;
@@ -70,6 +74,10 @@ pub enum RunError {
         listener: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Lifecycle(#[from] lifecycle::LifecycleError),
+    #[error(transparent)]
+    IdentityEffects(#[from] reconcile::identity::StartError),
 }
 
 /// State every part of a running roster shares. The homeserver client is deliberately not
@@ -86,6 +94,8 @@ pub struct Shared {
     pub queue: reconcile::queue::WorkQueue,
     status: Mutex<reconcile::Status>,
     pub sync_requests: mpsc::Sender<reconcile::SyncRequest>,
+    /// Reaches the lifecycle consumer (replay), when it runs.
+    pub lifecycle: lifecycle::Control,
     ready: AtomicBool,
     last_ping_ms: AtomicU64,
     fault_abort_after_record: bool,
@@ -122,6 +132,7 @@ impl Shared {
             queue: reconcile::queue::WorkQueue::new(),
             status: Mutex::new(reconcile::Status::default()),
             sync_requests,
+            lifecycle: lifecycle::Control::default(),
             ready: AtomicBool::new(false),
             last_ping_ms: AtomicU64::new(0),
             fault_abort_after_record: std::env::var_os(FAULT_ABORT_AFTER_RECORD).is_some(),
@@ -194,7 +205,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         config.homeserver.request_timeout,
         config.homeserver.max_concurrent_requests,
         metrics.clone(),
-    );
+    )
+    .with_admin_token(config.homeserver.admin_token.clone());
     let bind = |key: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -245,6 +257,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             }
         });
     }
+    if shared.config.lifecycle.enabled {
+        let (shared, homeserver) = (shared.clone(), homeserver.clone());
+        let (shutdown, failure) = (shutdown.clone(), failure.clone());
+        tracker.spawn(async move {
+            if let Err(error) = run_lifecycle(shared, homeserver, shutdown.clone()).await {
+                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+                shutdown.cancel();
+            }
+        });
+    }
     tracker.spawn(reconcile::start(
         shared.clone(),
         homeserver,
@@ -262,6 +284,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         Some(error) => Err(error),
         None => Ok(()),
     }
+}
+
+/// Runs the lifecycle consumer; with `matrix_enabled`, first settles how identity effects
+/// are taken (a homeserver flavor that needs a missing token fails start-up here).
+async fn run_lifecycle(
+    shared: Arc<Shared>,
+    homeserver: Homeserver,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let effects = if shared.config.lifecycle.matrix_enabled {
+        let started =
+            reconcile::identity::IdentityEffects::start(shared.clone(), homeserver, &shutdown)
+                .await?;
+        match started {
+            Some(effects) => Some(Arc::new(effects)),
+            None => return Ok(()),
+        }
+    } else {
+        None
+    };
+    lifecycle::run(shared, effects, shutdown).await?;
+    Ok(())
 }
 
 /// Keeps the transaction-id table bounded by age and count.

@@ -80,6 +80,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a running `serve` to re-consume lifecycle events of a partition from an offset.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The partition of lifecycle.topic.
+        #[arg(long)]
+        partition: i32,
+        /// The first offset to consume again (0 for the beginning).
+        #[arg(long)]
+        offset: i64,
+    },
 }
 
 fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
@@ -158,7 +169,7 @@ async fn real_main() -> anyhow::Result<()> {
         } => {
             let config = load_config(&config)?;
             let target = roster::admin::Target { room, agent, wait };
-            let answer = roster::admin::client::call(
+            let answer = roster::operator::call(
                 &config,
                 reqwest::Method::POST,
                 "sync",
@@ -187,12 +198,26 @@ async fn real_main() -> anyhow::Result<()> {
         Command::Status { config, json } => {
             let config = load_config(&config)?;
             let status =
-                roster::admin::client::call(&config, reqwest::Method::GET, "status", None).await?;
+                roster::operator::call(&config, reqwest::Method::GET, "status", None).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", human_status(&status));
             }
+        }
+        Command::Replay {
+            config,
+            partition,
+            offset,
+        } => {
+            let config = load_config(&config)?;
+            let answer = roster::operator::replay(&config, partition, offset).await?;
+            eprintln!(
+                "replaying {} partition {} from offset {}",
+                answer["topic"].as_str().unwrap_or(&config.lifecycle.topic),
+                answer["partition"],
+                answer["offset"]
+            );
         }
     }
     Ok(())

@@ -13,14 +13,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
 use ruma::api::client::account::register::{self, LoginType, RegistrationKind};
-use ruma::api::client::account::whoami;
+use ruma::api::client::account::{deactivate, whoami};
 use ruma::api::client::alias::{create_alias, get_alias};
 use ruma::api::client::appservice::request_ping;
 use ruma::api::client::discovery::get_capabilities;
+use ruma::api::client::media::create_content;
 use ruma::api::client::membership::{
-    invite_user, join_room_by_id, joined_members, kick_user, leave_room,
+    invite_user, join_room_by_id, joined_members, joined_rooms, kick_user, leave_room,
 };
-use ruma::api::client::profile::set_profile_field;
+use ruma::api::client::profile::{set_avatar_url, set_display_name, set_profile_field};
 use ruma::api::client::room::create_room;
 use ruma::api::client::state::send_state_event;
 use ruma::api::error::{ErrorKind, RetryAfter};
@@ -33,7 +34,7 @@ use ruma::profile::ProfileFieldValue;
 use ruma::{OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
 use tokio::sync::Semaphore;
 
-use crate::config::Secret;
+use crate::config::{Flavor, Secret};
 use crate::metrics::{Metrics, RequestLabels};
 
 /// A failed homeserver call, classified so callers can decide to retry, skip or report.
@@ -195,6 +196,9 @@ struct Inner {
     permits: Semaphore,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Only for what a homeserver offers appservices no other way to do (tuwunel
+    /// deactivation); never sent anywhere else.
+    admin_token: Option<Secret>,
 }
 
 impl Homeserver {
@@ -233,8 +237,19 @@ impl Homeserver {
                 permits: Semaphore::new(max_concurrent.max(1)),
                 timeout,
                 metrics,
+                admin_token: None,
             }),
         }
+    }
+
+    /// Gives the client the homeserver admin token (`homeserver.admin_token`).
+    ///
+    /// Call before the client is cloned: clones share one token.
+    pub fn with_admin_token(mut self, token: Option<Secret>) -> Homeserver {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_admin_token is called before the client is shared")
+            .admin_token = token;
+        self
     }
 
     /// Sends `request` as `as_user` (masquerading), or as the appservice sender.
@@ -538,5 +553,256 @@ impl Homeserver {
     pub async fn ping(&self, appservice_id: &str) -> Result<Duration, MatrixError> {
         let request = request_ping::v1::Request::new(appservice_id.to_owned());
         Ok(self.send("appservice_ping", request, None).await?.duration)
+    }
+
+    /// Uploads `bytes` to the media repository as `as_user`; returns its `mxc://` URI.
+    pub async fn upload(
+        &self,
+        as_user: &UserId,
+        content_type: &str,
+        filename: Option<String>,
+        bytes: Vec<u8>,
+    ) -> Result<OwnedMxcUri, MatrixError> {
+        let mut request = create_content::v3::Request::new(bytes);
+        request.content_type = Some(content_type.to_owned());
+        request.filename = filename;
+        Ok(self
+            .send("upload", request, Some(as_user))
+            .await?
+            .content_uri)
+    }
+
+    /// Deactivates `user` by masquerading as it; `erase` also erases its profile.
+    ///
+    /// Synapse lets an appservice do this without interactive auth and leaves the user's
+    /// rooms itself. tuwunel asks for interactive auth instead (see `admin_deactivate`).
+    pub async fn deactivate(&self, user: &UserId, erase: bool) -> Result<(), MatrixError> {
+        let mut request = deactivate::v3::Request::new();
+        request.erase = erase;
+        self.send("deactivate", request, Some(user)).await?;
+        Ok(())
+    }
+
+    /// The rooms `user` is joined to, asked as the user.
+    pub async fn joined_rooms(&self, user: &UserId) -> Result<Vec<OwnedRoomId>, MatrixError> {
+        let request = joined_rooms::v3::Request::new();
+        Ok(self
+            .send("joined_rooms", request, Some(user))
+            .await?
+            .joined_rooms)
+    }
+
+    /// Removes `user`'s display name and avatar, as the user.
+    ///
+    /// Uses the profile endpoints with an absent value (which tuwunel reads as "remove");
+    /// Synapse erases profiles itself on deactivation and is never asked this.
+    #[allow(deprecated)] // the per-field endpoints are the ones that can remove a value
+    pub async fn clear_profile(&self, user: &UserId) -> Result<(), MatrixError> {
+        let request = set_display_name::v3::Request::new(user.to_owned(), None);
+        self.send("clear_display_name", request, Some(user)).await?;
+        let request = set_avatar_url::v3::Request::new(user.to_owned(), None);
+        self.send("clear_avatar_url", request, Some(user)).await?;
+        Ok(())
+    }
+
+    /// Deactivates `user` through the Synapse-compatible admin API with the admin token:
+    /// `POST /_synapse/admin/v1/deactivate/{user}`. For homeservers (tuwunel) that give
+    /// appservices no other way.
+    pub async fn admin_deactivate(&self, user: &UserId, erase: bool) -> Result<(), MatrixError> {
+        const ENDPOINT: &str = "admin_deactivate";
+        let Some(token) = self.inner.admin_token.clone() else {
+            return Err(MatrixError::Request {
+                endpoint: ENDPOINT,
+                message: "no admin token; set homeserver.admin_token (MATRIX_ADMIN_TOKEN)".into(),
+            });
+        };
+        let path = format!(
+            "/_synapse/admin/v1/deactivate/{}",
+            percent_encode_path(user.as_str())
+        );
+        let body = serde_json::json!({ "erase": erase });
+        self.send_raw(
+            ENDPOINT,
+            reqwest::Method::POST,
+            &path,
+            Some(&token),
+            Some(body),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Which homeserver answers: from `GET /_matrix/federation/v1/version`, else Synapse's
+    /// own unauthenticated `GET /_synapse/admin/v1/server_version`.
+    ///
+    /// `Ok(None)`: it answered neither way, or named a server roster does not know.
+    pub async fn detect_flavor(&self) -> Result<Option<(Flavor, String)>, MatrixError> {
+        match self
+            .send_raw(
+                "federation_version",
+                reqwest::Method::GET,
+                "/_matrix/federation/v1/version",
+                None,
+                None,
+            )
+            .await
+        {
+            Ok(body) => {
+                let name = body["server"]["name"].as_str().unwrap_or_default();
+                let version = body["server"]["version"].as_str().unwrap_or_default();
+                let described = format!("{name} {version}").trim().to_owned();
+                return Ok(flavor_of(name).map(|flavor| (flavor, described)));
+            }
+            Err(e) if e.is_transient() => return Err(e),
+            Err(_) => {}
+        }
+        match self
+            .send_raw(
+                "synapse_server_version",
+                reqwest::Method::GET,
+                "/_synapse/admin/v1/server_version",
+                None,
+                None,
+            )
+            .await
+        {
+            Ok(body) => Ok(body["server_version"]
+                .as_str()
+                .map(|v| (Flavor::Synapse, format!("Synapse {v}")))),
+            Err(e) if e.is_transient() => Err(e),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// A request that has no ruma type (admin and discovery endpoints), with the same
+    /// permits, timeout, metrics and error classification as `send`.
+    async fn send_raw(
+        &self,
+        endpoint: &'static str,
+        method: reqwest::Method,
+        path: &str,
+        bearer: Option<&Secret>,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, MatrixError> {
+        let inner = &self.inner;
+        let mut request = inner
+            .http
+            .request(method, format!("{}{path}", inner.base_url));
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token.expose());
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let _permit = inner
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let count = |status: String| {
+            inner
+                .metrics
+                .homeserver_requests
+                .get_or_create(&RequestLabels { endpoint, status })
+                .inc();
+        };
+        let transport = |source: reqwest::Error| {
+            if source.is_timeout() {
+                MatrixError::Timeout {
+                    endpoint,
+                    timeout: inner.timeout,
+                }
+            } else {
+                MatrixError::Unreachable { endpoint, source }
+            }
+        };
+        let response = request.send().await.map_err(|source| {
+            count("error".into());
+            transport(source)
+        })?;
+        let status = response.status();
+        count(status.as_u16().to_string());
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(transport)?;
+        if status.as_u16() >= 400 {
+            use ruma::api::EndpointError;
+            let mut builder = http::Response::builder().status(status);
+            if let Some(h) = builder.headers_mut() {
+                *h = headers;
+            }
+            let http_response = builder
+                .body(bytes.as_ref())
+                .expect("status and headers came from a valid response");
+            let (status, kind, message) =
+                ruma::api::error::Error::from_http_response(http_response).parts();
+            let errcode = kind
+                .as_ref()
+                .map(|k| k.errcode().to_string())
+                .unwrap_or_else(|| "(no errcode)".into());
+            return Err(MatrixError::Api {
+                endpoint,
+                status,
+                errcode,
+                kind,
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| MatrixError::Decode {
+            endpoint,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// The flavor a server name (`/_matrix/federation/v1/version`) stands for.
+fn flavor_of(server_name: &str) -> Option<Flavor> {
+    let name = server_name.to_ascii_lowercase();
+    if name.contains("synapse") {
+        Some(Flavor::Synapse)
+    } else if ["tuwunel", "conduwuit", "continuwuity", "conduit"]
+        .iter()
+        .any(|n| name.contains(n))
+    {
+        // The conduit family shares tuwunel's appservice and admin API behaviour.
+        Some(Flavor::Tuwunel)
+    } else {
+        None
+    }
+}
+
+/// Escapes a user id for a path segment (`@` and `:` are fine; keep it conservative).
+fn percent_encode_path(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'@' | b':' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_tell_flavors_from_server_names() {
+        assert_eq!(flavor_of("Synapse"), Some(Flavor::Synapse));
+        assert_eq!(flavor_of("Tuwunel"), Some(Flavor::Tuwunel));
+        assert_eq!(flavor_of("conduwuit"), Some(Flavor::Tuwunel));
+        assert_eq!(flavor_of("Dendrite"), None);
+        assert_eq!(flavor_of(""), None);
+    }
+
+    #[test]
+    fn should_escape_user_ids_for_paths() {
+        assert_eq!(
+            percent_encode_path("@nova-1:example.org"),
+            "@nova-1:example.org"
+        );
+        assert_eq!(percent_encode_path("@a/b:x y"), "@a%2Fb:x%20y");
     }
 }

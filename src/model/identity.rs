@@ -1,11 +1,176 @@
-//! Holds what roster knows about identity users (`@nova-*`) from lifecycle events.
+//! Holds what roster knows about identity users (`@nova-*`) from lifecycle events, and
+//! decides what each event asks of the homeserver given that knowledge.
 //!
-//! Pure like the rest of `model`: the lifecycle consumer feeds it, the reconciler reads it.
-//! A deactivated user is never invited or rejoined by drift repair.
+//! Pure like the rest of `model`: the lifecycle consumer decodes events into
+//! [`IdentityEvent`]s, [`Identities::plan`] turns one into a [`Plan`], and the reconciler
+//! executes it and reports back (`mark_deactivated`). A deactivated user is never invited,
+//! rejoined, re-created or given a new profile.
 
 use std::collections::HashSet;
+use std::fmt;
 
-use ruma::{OwnedUserId, UserId};
+use ruma::{OwnedUserId, ServerName, UserId};
+
+/// Localpart prefix of identity users (CONTRACT: `@nova-<uuid>`).
+pub const LOCALPART_PREFIX: &str = "nova-";
+
+/// An identity's id: a UUID, lower-cased, dashes kept.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdentityId(String);
+
+impl IdentityId {
+    /// Accepts the canonical 8-4-4-4-12 hex form in either case; `None` otherwise.
+    pub fn parse(text: &str) -> Option<IdentityId> {
+        let groups: Vec<&str> = text.split('-').collect();
+        let lengths_ok = groups.len() == 5
+            && groups
+                .iter()
+                .zip([8, 4, 4, 4, 12])
+                .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()));
+        lengths_ok.then(|| IdentityId(text.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `@nova-<uuid>:<server>`.
+    pub fn user_id(&self, server: &ServerName) -> OwnedUserId {
+        UserId::parse_with_server_name(format!("{LOCALPART_PREFIX}{}", self.0), server)
+            .expect("nova- and a lower-case UUID form a valid localpart")
+    }
+}
+
+impl fmt::Display for IdentityId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One lifecycle event, reduced to the fields roster uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityEvent {
+    Created {
+        id: IdentityId,
+        username: String,
+    },
+    ProfileUpdated {
+        id: IdentityId,
+        /// Required by the decoder only when `display_name` is absent (it is the fallback).
+        username: Option<String>,
+        display_name: Option<String>,
+        avatar_url: Option<String>,
+    },
+    Deleted {
+        id: IdentityId,
+        soft_delete: bool,
+    },
+}
+
+impl IdentityEvent {
+    pub fn id(&self) -> &IdentityId {
+        match self {
+            IdentityEvent::Created { id, .. }
+            | IdentityEvent::ProfileUpdated { id, .. }
+            | IdentityEvent::Deleted { id, .. } => id,
+        }
+    }
+
+    /// The metric label of the event's type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IdentityEvent::Created { .. } => "created",
+            IdentityEvent::ProfileUpdated { .. } => "profile_updated",
+            IdentityEvent::Deleted { .. } => "deleted",
+        }
+    }
+}
+
+/// Where a new avatar comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AvatarSource {
+    /// Already in a media repository: set as is.
+    Mxc(String),
+    /// Fetched (bounded), checked to be an image, uploaded as the user, then set.
+    Fetch(String),
+}
+
+/// One step on the homeserver, in the order a plan lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Register the user by the appservice (no login); "already exists" is success.
+    Register,
+    SetDisplayName(String),
+    SetAvatar(AvatarSource),
+    /// Deactivate; with `erase`, the profile is erased too.
+    Deactivate {
+        erase: bool,
+    },
+}
+
+impl Effect {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Effect::Register => "register",
+            Effect::SetDisplayName(_) => "display_name",
+            Effect::SetAvatar(AvatarSource::Mxc(_)) => "avatar_mxc",
+            Effect::SetAvatar(AvatarSource::Fetch(_)) => "avatar_fetched",
+            Effect::Deactivate { erase: false } => "deactivate",
+            Effect::Deactivate { erase: true } => "deactivate_erase",
+        }
+    }
+}
+
+/// Why a plan does nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The user was deactivated before: it is never re-created or given a new profile.
+    Deactivated,
+    /// Nothing in the event changes anything (e.g. an empty name and no avatar).
+    NothingToDo,
+}
+
+impl Skip {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::Deactivated => "user already deactivated",
+            Skip::NothingToDo => "nothing to change",
+        }
+    }
+}
+
+/// Policy knobs the plan depends on (from `lifecycle.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// A profile update for a user who does not exist creates the user first.
+    pub create_missing_users: bool,
+}
+
+/// What one identity event asks of the homeserver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub user: OwnedUserId,
+    pub effects: Vec<Effect>,
+    /// When the user turns out not to exist: register it and carry on (else: report it).
+    pub create_if_missing: bool,
+    pub skip: Option<Skip>,
+    /// Parts of the event that were ignored, for the log (e.g. an `ftp://` avatar).
+    pub ignored: Vec<&'static str>,
+}
+
+impl Plan {
+    pub fn deactivates(&self) -> bool {
+        self.effects
+            .iter()
+            .any(|e| matches!(e, Effect::Deactivate { .. }))
+    }
+
+    /// The effects, for the one log line per applied event.
+    pub fn summary(&self) -> String {
+        let labels: Vec<&str> = self.effects.iter().map(Effect::label).collect();
+        labels.join("+")
+    }
+}
 
 #[derive(Debug, Default, Clone)]
 pub struct Identities {
@@ -25,12 +190,107 @@ impl Identities {
     pub fn deactivated_count(&self) -> usize {
         self.deactivated.len()
     }
+
+    /// The effects `event` implies, given what is known about its user.
+    ///
+    /// A deletion is planned even for a user already known deactivated: a hard delete may
+    /// follow a soft one, and deactivating twice is harmless on every homeserver.
+    pub fn plan(&self, event: &IdentityEvent, server: &ServerName, options: PlanOptions) -> Plan {
+        let user = event.id().user_id(server);
+        let mut plan = Plan {
+            user,
+            effects: Vec::new(),
+            create_if_missing: false,
+            skip: None,
+            ignored: Vec::new(),
+        };
+        let deactivated = self.is_deactivated(&plan.user);
+        match event {
+            IdentityEvent::Created { .. } | IdentityEvent::ProfileUpdated { .. } if deactivated => {
+                plan.skip = Some(Skip::Deactivated);
+            }
+            IdentityEvent::Created { username, .. } => {
+                plan.effects.push(Effect::Register);
+                if let Some(name) = non_empty(Some(username)) {
+                    plan.effects.push(Effect::SetDisplayName(name.to_owned()));
+                }
+            }
+            IdentityEvent::ProfileUpdated {
+                username,
+                display_name,
+                avatar_url,
+                ..
+            } => {
+                plan.create_if_missing = options.create_missing_users;
+                let name = non_empty(display_name.as_ref()).or(non_empty(username.as_ref()));
+                if let Some(name) = name {
+                    plan.effects.push(Effect::SetDisplayName(name.to_owned()));
+                }
+                match avatar_url.as_deref().map(str::trim) {
+                    None | Some("") => {}
+                    Some(url) if url.starts_with("mxc://") => {
+                        plan.effects
+                            .push(Effect::SetAvatar(AvatarSource::Mxc(url.to_owned())));
+                    }
+                    Some(url) if has_scheme(url, "http://") || has_scheme(url, "https://") => {
+                        plan.effects
+                            .push(Effect::SetAvatar(AvatarSource::Fetch(url.to_owned())));
+                    }
+                    Some(_) => plan.ignored.push("avatar_url with an unsupported scheme"),
+                }
+                if plan.effects.is_empty() {
+                    plan.skip = Some(Skip::NothingToDo);
+                }
+            }
+            IdentityEvent::Deleted { soft_delete, .. } => {
+                plan.effects.push(Effect::Deactivate {
+                    erase: !soft_delete,
+                });
+            }
+        }
+        plan
+    }
+}
+
+fn non_empty(text: Option<&String>) -> Option<&str> {
+    text.map(|s| s.trim()).filter(|s| !s.is_empty())
+}
+
+fn has_scheme(url: &str, scheme: &str) -> bool {
+    url.get(..scheme.len())
+        .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ruma::owned_user_id;
+    use ruma::{owned_user_id, server_name};
+
+    const UUID: &str = "6f1b2c3d-aaaa-4bbb-8ccc-0123456789ab";
+    const CREATE: PlanOptions = PlanOptions {
+        create_missing_users: true,
+    };
+
+    fn id() -> IdentityId {
+        IdentityId::parse(UUID).unwrap()
+    }
+
+    fn profile(
+        display: Option<&str>,
+        username: Option<&str>,
+        avatar: Option<&str>,
+    ) -> IdentityEvent {
+        IdentityEvent::ProfileUpdated {
+            id: id(),
+            username: username.map(Into::into),
+            display_name: display.map(Into::into),
+            avatar_url: avatar.map(Into::into),
+        }
+    }
+
+    fn plan(ids: &Identities, event: &IdentityEvent) -> Plan {
+        ids.plan(event, server_name!("example.org"), CREATE)
+    }
 
     #[test]
     fn should_remember_a_deactivation_once() {
@@ -41,5 +301,150 @@ mod tests {
         assert!(!ids.mark_deactivated(user.clone()));
         assert!(ids.is_deactivated(&user));
         assert_eq!(ids.deactivated_count(), 1);
+    }
+
+    #[test]
+    fn should_accept_only_uuids_and_lower_case_them() {
+        let upper = IdentityId::parse("6F1B2C3D-AAAA-4BBB-8CCC-0123456789AB").unwrap();
+        assert_eq!(upper.as_str(), UUID);
+        assert_eq!(
+            upper.user_id(server_name!("example.org")),
+            "@nova-6f1b2c3d-aaaa-4bbb-8ccc-0123456789ab:example.org"
+        );
+        for bad in [
+            "",
+            "42",
+            "6f1b2c3d-aaaa-4bbb-8ccc",
+            "6f1b2c3d-aaaa-4bbb-8ccc-0123456789ag",
+            "6f1b2c3daaaa4bbb8ccc0123456789ab",
+            "6f1b2c3d-aaaa-4bbb-8ccc-0123456789ab-",
+            "../../admin",
+        ] {
+            assert_eq!(IdentityId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn should_register_a_created_user_named_after_its_username() {
+        let event = IdentityEvent::Created {
+            id: id(),
+            username: "alice".into(),
+        };
+        let plan = plan(&Identities::default(), &event);
+        assert_eq!(plan.user, format!("@nova-{UUID}:example.org"));
+        assert_eq!(
+            plan.effects,
+            vec![Effect::Register, Effect::SetDisplayName("alice".into())]
+        );
+        assert_eq!(plan.skip, None);
+        assert_eq!(plan.summary(), "register+display_name");
+    }
+
+    #[test]
+    fn should_prefer_display_name_and_fall_back_to_username() {
+        let ids = Identities::default();
+        let named = plan(&ids, &profile(Some("Alice A."), Some("alice"), None));
+        assert_eq!(
+            named.effects,
+            vec![Effect::SetDisplayName("Alice A.".into())]
+        );
+        assert!(named.create_if_missing);
+        for display in [None, Some(""), Some("   ")] {
+            let fallback = plan(&ids, &profile(display, Some("alice"), None));
+            assert_eq!(
+                fallback.effects,
+                vec![Effect::SetDisplayName("alice".into())],
+                "{display:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn should_set_mxc_avatars_as_is_and_fetch_http_ones() {
+        let ids = Identities::default();
+        let mxc = plan(
+            &ids,
+            &profile(None, Some("a"), Some("mxc://example.org/abc")),
+        );
+        assert_eq!(
+            mxc.effects[1],
+            Effect::SetAvatar(AvatarSource::Mxc("mxc://example.org/abc".into()))
+        );
+        for url in ["http://127.0.0.1:9/a.png", "HTTPS://cdn.example/a.png"] {
+            let fetched = plan(&ids, &profile(None, Some("a"), Some(url)));
+            assert_eq!(
+                fetched.effects[1],
+                Effect::SetAvatar(AvatarSource::Fetch(url.into()))
+            );
+        }
+        let ignored = plan(&ids, &profile(None, Some("a"), Some("ftp://x/a.png")));
+        assert_eq!(ignored.effects.len(), 1);
+        assert_eq!(ignored.ignored.len(), 1);
+        let empty = plan(&ids, &profile(None, Some("a"), Some("")));
+        assert_eq!(empty.effects.len(), 1);
+        assert!(empty.ignored.is_empty());
+    }
+
+    #[test]
+    fn should_skip_an_update_that_changes_nothing() {
+        let plan = plan(&Identities::default(), &profile(Some(" "), None, None));
+        assert_eq!(plan.skip, Some(Skip::NothingToDo));
+        assert!(plan.effects.is_empty());
+    }
+
+    #[test]
+    fn should_create_missing_users_only_when_configured() {
+        let event = profile(Some("A"), None, None);
+        let ids = Identities::default();
+        let off = ids.plan(
+            &event,
+            server_name!("example.org"),
+            PlanOptions {
+                create_missing_users: false,
+            },
+        );
+        assert!(!off.create_if_missing);
+        assert!(plan(&ids, &event).create_if_missing);
+    }
+
+    #[test]
+    fn should_erase_only_on_hard_delete() {
+        let ids = Identities::default();
+        for (soft_delete, erase) in [(true, false), (false, true)] {
+            let plan = plan(
+                &ids,
+                &IdentityEvent::Deleted {
+                    id: id(),
+                    soft_delete,
+                },
+            );
+            assert_eq!(plan.effects, vec![Effect::Deactivate { erase }]);
+            assert!(plan.deactivates());
+            assert!(!plan.create_if_missing, "a deletion never creates a user");
+        }
+    }
+
+    #[test]
+    fn should_never_recreate_or_rename_a_deactivated_user() {
+        let mut ids = Identities::default();
+        ids.mark_deactivated(id().user_id(server_name!("example.org")));
+        let created = IdentityEvent::Created {
+            id: id(),
+            username: "alice".into(),
+        };
+        for event in [created, profile(Some("A"), None, Some("mxc://x/y"))] {
+            let plan = plan(&ids, &event);
+            assert_eq!(plan.skip, Some(Skip::Deactivated));
+            assert!(plan.effects.is_empty());
+        }
+        // A later hard delete still erases.
+        let delete = plan(
+            &ids,
+            &IdentityEvent::Deleted {
+                id: id(),
+                soft_delete: false,
+            },
+        );
+        assert_eq!(delete.effects, vec![Effect::Deactivate { erase: true }]);
     }
 }

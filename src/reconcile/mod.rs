@@ -6,9 +6,11 @@
 //! after any downtime), and run the work queue. Agents come from the source every
 //! `poll_interval`; rooms are read again only by the validation sweep (`sync.interval`), a
 //! manual sync, or when their state is unknown. Pushed events schedule their room.
+//! [`identity`] executes what lifecycle events ask of identity users.
 
 pub mod adopt;
 pub mod agents;
+pub mod identity;
 pub mod plan;
 pub mod queue;
 
@@ -429,7 +431,7 @@ where
 }
 
 /// Spreads retries by up to a quarter of the wait so many waiters do not wake together.
-fn jitter(wait: Duration) -> Duration {
+pub(crate) fn jitter(wait: Duration) -> Duration {
     let spread = wait.as_millis() as u64 / 4;
     if spread == 0 {
         return wait;

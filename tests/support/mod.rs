@@ -292,6 +292,24 @@ impl Synapse {
         body["room_id"].as_str().unwrap().to_owned()
     }
 
+    /// `GET /_synapse/admin/v2/users/{user}` (has `deactivated`, `erased`, `displayname`,
+    /// `avatar_url`); `None` when the user does not exist.
+    pub async fn admin_user(&self, admin_token: &str, user: &str) -> Option<Value> {
+        let (status, body) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/_synapse/admin/v2/users/{user}"),
+                admin_token,
+                None,
+            )
+            .await;
+        match status {
+            200 => Some(body),
+            404 => None,
+            _ => panic!("admin user {user}: {status} {body}"),
+        }
+    }
+
     pub async fn devices(&self, admin_token: &str, user: &str) -> usize {
         let (status, body) = self
             .call(
@@ -697,4 +715,201 @@ pub fn uuid_like() -> String {
         .unwrap()
         .as_nanos();
     format!("{nanos:x}{:x}", std::process::id())
+}
+
+/// A real Kafka-protocol broker (tansu, in-memory storage), installed and started by
+/// `deploy/peers/tansu.sh` on a free port, with its topics created before roster starts.
+pub struct Tansu {
+    child: Option<Child>,
+    pub port: u16,
+    pub partitions: i32,
+    producer: rdkafka::producer::FutureProducer,
+}
+
+/// What a test consumer read from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+impl Tansu {
+    pub async fn start(dir: &Path, partitions: i32, topics: &[&str]) -> Tansu {
+        run_script("tansu.sh", &["install"]);
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
+        let child = Command::new(peer_script("tansu.sh"))
+            .args(["run", "--port", &port.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        eventually(Duration::from_secs(20), "tansu to listen", || async move {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        let mut args = vec![
+            "topic".to_owned(),
+            "--port".into(),
+            port.to_string(),
+            "--partitions".into(),
+            partitions.to_string(),
+        ];
+        args.extend(topics.iter().map(|t| t.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_script("tansu.sh", &args);
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", format!("127.0.0.1:{port}"))
+            .set("message.timeout.ms", "10000")
+            .create()
+            .expect("a producer for the test broker");
+        Tansu {
+            child: Some(child),
+            port,
+            partitions,
+            producer,
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The `lifecycle:` section for roster: this broker, the group join speed-ups the
+    /// peers README asks for in tests.
+    pub fn lifecycle_yaml(&self, topic: &str, group: &str, extra: &str) -> String {
+        format!(
+            "lifecycle:\n  enabled: true\n  brokers: {}\n  topic: {topic}\n  group_id: {group}\n  \
+             kafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500, auto.offset.reset: earliest}}\n{extra}",
+            self.brokers()
+        )
+    }
+
+    /// Produces one message; returns where it landed.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        payload: &[u8],
+    ) -> (i32, i64) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::FutureRecord;
+        let mut owned = OwnedHeaders::new();
+        for (k, v) in headers {
+            owned = owned.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let mut record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(topic).payload(payload).headers(owned);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        let delivery = self
+            .producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+        (delivery.partition, delivery.offset)
+    }
+
+    /// The group's committed position per partition (-1: nothing committed).
+    pub fn committed(&self, group: &str, topic: &str) -> Vec<i64> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+        // Not subscribed: reads the group's offsets without joining it.
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut list = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            list.add_partition(topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(list, Duration::from_secs(10))
+            .expect("committed offsets");
+        (0..self.partitions)
+            .map(
+                |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => -1,
+                },
+            )
+            .collect()
+    }
+
+    /// Every message of `topic`, read from the beginning until `expected` arrived (or 20 s).
+    pub async fn read_all(&self, topic: &str, expected: usize) -> Vec<Record> {
+        use rdkafka::Message;
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Headers;
+        use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", format!("reader-{}", uuid_like()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut list = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            list.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&list).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut records = Vec::new();
+        while records.len() < expected && Instant::now() < deadline {
+            // A short blocking poll: roster runs in its own process, nothing else waits here.
+            let polled = consumer.poll(Duration::from_millis(200));
+            if let Some(Ok(m)) = polled {
+                records.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        records
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, Duration::from_secs(5));
+        }
+    }
 }

@@ -1,0 +1,263 @@
+//! Tracks, per assigned partition, which offsets are received but not done, so only the
+//! offsets below the oldest unfinished one are ever committed.
+//!
+//! Invariants: the commit position of a partition is the oldest offset still in flight, or
+//! one past the newest received when none is; it never passes an unfinished message. A
+//! partition's generation changes on (re)assignment and on replay, so a job that finishes
+//! for an older generation changes nothing. Pure: the consumer drives it under a mutex
+//! shared with its rebalance callbacks.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Default)]
+struct Partition {
+    generation: u64,
+    in_flight: BTreeSet<i64>,
+    /// One past the newest offset received.
+    next: Option<i64>,
+    /// The last position committed (or handed to the client to commit).
+    committed: Option<i64>,
+    /// Offsets whose jobs wait for the homeserver to come back.
+    stalled: BTreeSet<i64>,
+    /// Whether the consumer has paused fetching it.
+    paused: bool,
+}
+
+impl Partition {
+    fn position(&self) -> Option<i64> {
+        self.in_flight.first().copied().or(self.next)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Offsets {
+    partitions: BTreeMap<i32, Partition>,
+    generations: u64,
+    revoked: Vec<i32>,
+}
+
+/// What the consumer should change about fetching.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PauseChanges {
+    pub pause: Vec<i32>,
+    pub resume: Vec<i32>,
+}
+
+impl Offsets {
+    pub fn assign(&mut self, partition: i32) {
+        self.generations += 1;
+        self.partitions.insert(
+            partition,
+            Partition {
+                generation: self.generations,
+                ..Partition::default()
+            },
+        );
+    }
+
+    /// Forgets `partition`; returns the position to commit before it goes, if any is new.
+    pub fn revoke(&mut self, partition: i32) -> Option<i64> {
+        let p = self.partitions.remove(&partition)?;
+        self.revoked.push(partition);
+        p.position().filter(|&pos| Some(pos) != p.committed)
+    }
+
+    /// Partitions revoked since the last call (their queued and running work is dropped).
+    pub fn take_revoked(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.revoked)
+    }
+
+    pub fn assigned(&self) -> Vec<i32> {
+        self.partitions.keys().copied().collect()
+    }
+
+    /// Notes a received message; returns its generation, or `None` when the partition is
+    /// not (any longer) assigned here and the message must be left alone.
+    pub fn received(&mut self, partition: i32, offset: i64) -> Option<u64> {
+        let p = self.partitions.get_mut(&partition)?;
+        // The consumer fetches from the committed position (or the reset one): committing
+        // the first offset it hands out would change nothing.
+        if p.next.is_none() && p.committed.is_none() {
+            p.committed = Some(offset);
+        }
+        p.in_flight.insert(offset);
+        p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        Some(p.generation)
+    }
+
+    /// Notes a finished job; `false` when it belonged to an older generation.
+    pub fn done(&mut self, partition: i32, generation: u64, offset: i64) -> bool {
+        match self.partitions.get_mut(&partition) {
+            Some(p) if p.generation == generation => {
+                p.in_flight.remove(&offset);
+                p.stalled.remove(&offset);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn stalled(&mut self, partition: i32, generation: u64, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition)
+            && p.generation == generation
+            && p.in_flight.contains(&offset)
+        {
+            p.stalled.insert(offset);
+        }
+    }
+
+    /// Starts `partition` over at `offset` (replay); returns the new generation.
+    pub fn rewind(&mut self, partition: i32, offset: i64) -> Option<u64> {
+        self.generations += 1;
+        let generation = self.generations;
+        let p = self.partitions.get_mut(&partition)?;
+        *p = Partition {
+            generation,
+            next: Some(offset),
+            committed: None,
+            paused: p.paused,
+            ..Partition::default()
+        };
+        Some(generation)
+    }
+
+    /// Positions that moved since they were last committed; marks them committed.
+    pub fn take_commits(&mut self) -> Vec<(i32, i64)> {
+        let mut out = Vec::new();
+        for (&partition, p) in &mut self.partitions {
+            if let Some(pos) = p.position()
+                && p.committed != Some(pos)
+            {
+                p.committed = Some(pos);
+                out.push((partition, pos));
+            }
+        }
+        out
+    }
+
+    /// A commit failed: commit these positions again next time.
+    pub fn commit_failed(&mut self, failed: &[(i32, i64)]) {
+        for (partition, pos) in failed {
+            if let Some(p) = self.partitions.get_mut(partition)
+                && p.committed == Some(*pos)
+            {
+                p.committed = None;
+            }
+        }
+    }
+
+    /// Which partitions to pause (stalled on the homeserver, or everything while the
+    /// buffer is full) and which to resume; records the new state.
+    pub fn pause_changes(&mut self, buffer_full: bool) -> PauseChanges {
+        let mut changes = PauseChanges::default();
+        for (&partition, p) in &mut self.partitions {
+            let want = buffer_full || !p.stalled.is_empty();
+            if want != p.paused {
+                p.paused = want;
+                if want {
+                    changes.pause.push(partition);
+                } else {
+                    changes.resume.push(partition);
+                }
+            }
+        }
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_commit_only_below_the_oldest_unfinished_offset() {
+        let mut o = Offsets::default();
+        o.assign(0);
+        let g = o.received(0, 10).unwrap();
+        o.received(0, 11);
+        o.received(0, 12);
+        assert!(o.done(0, g, 11));
+        assert!(o.done(0, g, 12));
+        assert_eq!(o.take_commits(), vec![], "10 is not done");
+        assert!(o.done(0, g, 10));
+        assert_eq!(o.take_commits(), vec![(0, 13)]);
+    }
+
+    #[test]
+    fn should_ignore_work_of_an_older_generation() {
+        let mut o = Offsets::default();
+        o.assign(0);
+        let old = o.received(0, 5).unwrap();
+        o.revoke(0);
+        assert_eq!(o.take_revoked(), vec![0]);
+        assert_eq!(o.received(0, 6), None, "not assigned");
+        o.assign(0);
+        let new = o.received(0, 5).unwrap();
+        assert_ne!(old, new);
+        assert!(!o.done(0, old, 5));
+        assert_eq!(o.take_commits(), vec![], "where it starts is no news");
+        assert!(o.done(0, new, 5));
+        assert_eq!(o.take_commits(), vec![(0, 6)]);
+    }
+
+    #[test]
+    fn should_hand_over_the_done_position_on_revoke() {
+        let mut o = Offsets::default();
+        o.assign(1);
+        let g = o.received(1, 0).unwrap();
+        o.received(1, 1);
+        o.done(1, g, 0);
+        assert_eq!(o.revoke(1), Some(1), "offset 1 is still in flight");
+        o.assign(2);
+        assert_eq!(o.revoke(2), None, "nothing received");
+        assert_eq!(o.revoke(3), None, "never assigned");
+    }
+
+    #[test]
+    fn should_pause_stalled_partitions_and_resume_when_done() {
+        let mut o = Offsets::default();
+        o.assign(0);
+        o.assign(1);
+        let g = o.received(0, 3).unwrap();
+        o.stalled(0, g, 3);
+        assert_eq!(
+            o.pause_changes(false),
+            PauseChanges {
+                pause: vec![0],
+                resume: vec![]
+            }
+        );
+        assert_eq!(o.pause_changes(false), PauseChanges::default());
+        assert_eq!(
+            o.pause_changes(true),
+            PauseChanges {
+                pause: vec![1],
+                resume: vec![]
+            }
+        );
+        o.done(0, g, 3);
+        assert_eq!(
+            o.pause_changes(false),
+            PauseChanges {
+                pause: vec![],
+                resume: vec![0, 1]
+            }
+        );
+    }
+
+    #[test]
+    fn should_start_over_at_a_replayed_offset_and_retry_failed_commits() {
+        let mut o = Offsets::default();
+        o.assign(0);
+        let g = o.received(0, 40).unwrap();
+        o.done(0, g, 40);
+        assert_eq!(o.take_commits(), vec![(0, 41)]);
+        let replay = o.rewind(0, 7).unwrap();
+        assert!(!o.done(0, g, 40));
+        assert_eq!(o.take_commits(), vec![(0, 7)]);
+        o.commit_failed(&[(0, 7)]);
+        assert_eq!(o.take_commits(), vec![(0, 7)], "retried");
+        assert_eq!(o.received(0, 7), Some(replay));
+        assert_eq!(o.rewind(5, 0), None);
+    }
+}
