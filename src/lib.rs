@@ -275,6 +275,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         shutdown.clone(),
     ));
     tracker.spawn(prune_transactions(shared.clone(), shutdown.clone()));
+    tracker.spawn(sync_on_sighup(shared.clone(), shutdown.clone()));
     tracker.close();
 
     shutdown.cancelled().await;
@@ -306,6 +307,29 @@ async fn run_lifecycle(
     };
     lifecycle::run(shared, effects, shutdown).await?;
     Ok(())
+}
+
+/// SIGHUP asks for a sync, as `roster sync` does: the agents file is read again at once.
+async fn sync_on_sighup(shared: Arc<Shared>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; use `roster sync` instead");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hangups.recv() => {}
+        }
+        let request = reconcile::SyncRequest {
+            agents: None,
+            reply: None,
+        };
+        match shared.sync_requests.try_send(request) {
+            Ok(()) => tracing::info!("SIGHUP: sync requested"),
+            Err(_) => tracing::info!("SIGHUP: a sync is already waiting"),
+        }
+    }
 }
 
 /// Keeps the transaction-id table bounded by age and count.

@@ -52,10 +52,7 @@ impl Stack {
         let roster = Roster::configure(
             scratch.path(),
             &format!("http://127.0.0.1:{hs_port}"),
-            &format!(
-                "agents:\n  file: {}\n  poll_interval: 1s\n{extra_yaml}",
-                agents_file.display()
-            ),
+            &format!("agents:\n  file: {}\n{extra_yaml}", agents_file.display()),
         );
         let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
         // A person's account that must be in every agent room.
@@ -219,7 +216,7 @@ impl Stack {
 #[tokio::test]
 async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet() {
     let agents = agent_ids(56);
-    let mut stack = Stack::start("provision-56", &agents, "").await;
+    let mut stack = Stack::start("provision-56", &agents, "  poll_interval: 1s\n").await;
     stack.roster.start().await;
     stack.roster.wait_ready().await;
     let started = Instant::now();
@@ -307,7 +304,12 @@ async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet()
 #[tokio::test]
 async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_rooms() {
     let mut agents = agent_ids(6);
-    let mut stack = Stack::start("rename-remove-store", &agents, "  removal_grace: 3s\n").await;
+    let mut stack = Stack::start(
+        "rename-remove-store",
+        &agents,
+        "  poll_interval: 1s\n  removal_grace: 3s\n",
+    )
+    .await;
     stack.roster.start().await;
     stack.wait_converged(6).await;
     stack.assert_provisioned(&agents).await;
@@ -385,7 +387,7 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
 #[tokio::test]
 async fn adopts_rooms_the_old_bot_made_and_creates_no_room_for_them() {
     let agents = vec![("agent-old1".to_string(), "Old one".to_string())];
-    let mut stack = Stack::start("adopt", &agents, "").await;
+    let mut stack = Stack::start("adopt", &agents, "  poll_interval: 1s\n").await;
     let synapse = &stack.synapse;
     // The old bot's world: a password user created the room, without an alias, and gave the
     // agent user the highest power. (The agent user is registered through the appservice
@@ -700,6 +702,40 @@ async fn a_letta_outage_removes_no_agent_and_shows_in_status() {
     let status = stack.status().await;
     assert_eq!(status["agents"], 2, "{status}");
     assert_eq!(status["retired"], 0, "{status}");
+    stack.assert_no_logins().await;
+    drop(stack.scratch);
+}
+
+#[tokio::test]
+async fn sighup_and_roster_sync_read_the_agents_file_at_once() {
+    let mut agents = agent_ids(1);
+    // An hour between polls: only the operator's triggers can explain a quick change.
+    let mut stack = Stack::start("manual-sync", &agents, "  poll_interval: 1h\n").await;
+    stack.roster.start().await;
+    stack.wait_converged(1).await;
+
+    agents = agent_ids(2);
+    std::fs::write(&stack.agents_file, agents_yaml(&agents)).unwrap();
+    stack.roster.signal("HUP");
+    stack.wait_converged(2).await;
+
+    agents = agent_ids(3);
+    std::fs::write(&stack.agents_file, agents_yaml(&agents)).unwrap();
+    let (ok, stdout, stderr) = stack.roster.cli(&["sync", "--wait"]);
+    assert!(ok, "{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["trigger"], "manual");
+    assert_eq!(summary["agents"], 3);
+    assert_eq!(summary["failed"], 0);
+    stack.assert_provisioned(&agents).await;
+
+    let (ok, stdout, stderr) = stack.roster.cli(&["status"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("agents: 3"), "{stdout}");
+    let (ok, _, stderr) = stack.roster.cli(&["sync", "--agent", "agent-nobody"]);
+    assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("agent-nobody"), "{stderr}");
     stack.assert_no_logins().await;
     drop(stack.scratch);
 }

@@ -102,6 +102,13 @@ impl Stack {
     ) -> (i32, i64) {
         let headers: Vec<(&str, &str)> =
             event_type.map(|t| ("event_type", t)).into_iter().collect();
+        // Like the identity service, key by user unless told otherwise: an unkeyed message
+        // lands on a random partition, and order is only kept within one.
+        let user_key = body["data"]["user_id"]
+            .as_str()
+            .or(body["user_id"].as_str())
+            .map(str::to_owned);
+        let key = key.or(user_key.as_deref());
         self.tansu
             .produce(TOPIC, None, key, &headers, &bytes(body))
             .await

@@ -572,6 +572,31 @@ impl Roster {
         .await;
     }
 
+    /// Sends `signal` (e.g. `HUP`) to the running roster.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("roster is running");
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Runs a `roster` subcommand with this roster's config; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_roster"))
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
