@@ -257,9 +257,7 @@ async fn invalidate(
         let mut model = shared.model_mut();
         let rooms: Vec<(String, ruma::OwnedRoomId)> = model
             .agents
-            .records
-            .values()
-            .filter(|r| agents.as_ref().is_none_or(|a| a.contains(&r.agent_id)))
+            .live_records(agents.as_ref())
             .filter_map(|r| Some((r.agent_id.clone(), r.room_id.clone()?)))
             .collect();
         for (_, room) in &rooms {

@@ -71,6 +71,24 @@ pub enum MatrixError {
 }
 
 impl MatrixError {
+    /// An error answer, from the parts of its body.
+    fn api(
+        endpoint: &'static str,
+        (status, kind, message): (u16, Option<ErrorKind>, String),
+    ) -> MatrixError {
+        let errcode = kind
+            .as_ref()
+            .map(|k| k.errcode().to_string())
+            .unwrap_or_else(|| "(no errcode)".into());
+        MatrixError::Api {
+            endpoint,
+            status,
+            errcode,
+            kind,
+            message,
+        }
+    }
+
     pub fn kind(&self) -> Option<&ErrorKind> {
         match self {
             MatrixError::Api { kind, .. } => kind.as_ref(),
@@ -335,19 +353,10 @@ impl Homeserver {
             .expect("status and headers came from a valid response");
         if status.as_u16() >= 400 {
             use ruma::api::EndpointError;
-            let (status, kind, message) =
-                R::EndpointError::from_http_response(http_response).parts();
-            let errcode = kind
-                .as_ref()
-                .map(|k| k.errcode().to_string())
-                .unwrap_or_else(|| "(no errcode)".into());
-            return Err(MatrixError::Api {
+            return Err(MatrixError::api(
                 endpoint,
-                status,
-                errcode,
-                kind,
-                message,
-            });
+                R::EndpointError::from_http_response(http_response).parts(),
+            ));
         }
         R::IncomingResponse::try_from_http_response_inner(http_response).map_err(|e| {
             MatrixError::Decode {
@@ -733,19 +742,10 @@ impl Homeserver {
             let http_response = builder
                 .body(bytes.as_ref())
                 .expect("status and headers came from a valid response");
-            let (status, kind, message) =
-                ruma::api::error::Error::from_http_response(http_response).parts();
-            let errcode = kind
-                .as_ref()
-                .map(|k| k.errcode().to_string())
-                .unwrap_or_else(|| "(no errcode)".into());
-            return Err(MatrixError::Api {
+            return Err(MatrixError::api(
                 endpoint,
-                status,
-                errcode,
-                kind,
-                message,
-            });
+                ruma::api::error::Error::from_http_response(http_response).parts(),
+            ));
         }
         serde_json::from_slice(&bytes).map_err(|e| MatrixError::Decode {
             endpoint,

@@ -390,6 +390,17 @@ impl AgentBook {
         }
     }
 
+    /// Records roster still looks after (not retired), all or those of `only`.
+    pub fn live_records<'a>(
+        &'a self,
+        only: Option<&'a BTreeSet<String>>,
+    ) -> impl Iterator<Item = &'a RoomRecord> {
+        self.records
+            .values()
+            .filter(|r| !r.retired)
+            .filter(move |r| only.is_none_or(|o| o.contains(&r.agent_id)))
+    }
+
     /// Agents that should have a room now.
     pub fn active(&self) -> impl Iterator<Item = (&Agent, &RoomRecord)> {
         self.desired

@@ -467,10 +467,7 @@ impl Agents {
             let model = self.shared.model();
             model
                 .agents
-                .records
-                .values()
-                .filter(|r| !r.retired)
-                .filter(|r| only.is_none_or(|o| o.contains(&r.agent_id)))
+                .live_records(only)
                 .filter_map(|r| {
                     Some((
                         r.agent_id.clone(),

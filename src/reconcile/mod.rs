@@ -349,10 +349,7 @@ async fn run_sync(
         let model = shared.model();
         model
             .agents
-            .records
-            .values()
-            .filter(|r| !r.retired)
-            .filter(|r| only.is_none_or(|o| o.contains(&r.agent_id)))
+            .live_records(only)
             .map(|r| r.agent_id.clone())
             .collect()
     };
