@@ -215,6 +215,8 @@ pub struct AgentsConfig {
     pub required_members: Option<Vec<String>>,
     #[serde(deserialize_with = "duration")]
     pub removal_grace: Duration,
+    /// Deactivate the user of an agent removed past the grace period.
+    pub deactivate_removed: bool,
     /// Alias localpart of the space holding every agent room.
     #[serde(deserialize_with = "string_like")]
     pub space_alias: String,
@@ -231,6 +233,7 @@ impl Default for AgentsConfig {
             poll_interval: Duration::from_secs(60),
             required_members: None,
             removal_grace: Duration::from_secs(2 * 3600),
+            deactivate_removed: false,
             space_alias: "letta-agents".into(),
             space_name: "Letta Agents".into(),
         }

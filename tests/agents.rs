@@ -307,7 +307,7 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
     let mut stack = Stack::start(
         "rename-remove-store",
         &agents,
-        "  poll_interval: 1s\n  removal_grace: 3s\n",
+        "  poll_interval: 1s\n  removal_grace: 3s\n  deactivate_removed: true\n",
     )
     .await;
     stack.roster.start().await;
@@ -379,6 +379,16 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
     assert!(
         !stack.space_children().await.contains(&removed_room),
         "unlinked from the space"
+    );
+    let removed_user = stack
+        .admin_get(&format!(
+            "/_synapse/admin/v2/users/@{}:{SERVER_NAME}",
+            localpart(&removed.0)
+        ))
+        .await;
+    assert_eq!(
+        removed_user["deactivated"], true,
+        "agents.deactivate_removed"
     );
     stack.assert_no_logins().await;
     drop(stack.scratch);

@@ -114,6 +114,9 @@ pub enum Action {
         room: OwnedRoomId,
         space: OwnedRoomId,
     },
+    Deactivate {
+        user: OwnedUserId,
+    },
 }
 
 impl Action {
@@ -127,6 +130,7 @@ impl Action {
             Action::SetName { .. } => "set_name",
             Action::LinkSpace { .. } => "link_space",
             Action::UnlinkSpace { .. } => "unlink_space",
+            Action::Deactivate { .. } => "deactivate",
         }
     }
 }
@@ -257,9 +261,11 @@ fn ensure_joined(
 /// What retiring an agent takes: out of the space, required members out of the room.
 pub fn plan_removal(
     record: &RoomRecord,
+    agent_user: &UserId,
     required: &[RequiredMember],
     space: Option<&RoomId>,
     model: &Model,
+    deactivate_agent: bool,
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     let Some(room) = record.room_id.clone() else {
@@ -284,6 +290,11 @@ pub fn plan_removal(
                 user: required.user.clone(),
             });
         }
+    }
+    if deactivate_agent && !model.is_deactivated(agent_user) {
+        actions.push(Action::Deactivate {
+            user: agent_user.to_owned(),
+        });
     }
     actions
 }
@@ -720,15 +731,29 @@ mod tests {
     fn should_plan_removal_of_present_members_only() {
         let mut model = converged_model();
         member(&mut model, "@admin:ex.org", Membership::Leave, 10);
-        let actions = plan_removal(
-            &record_with_room(),
-            &required(),
-            Some(&owned_room_id!("!space:ex.org")),
-            &model,
-        );
-        let kinds: Vec<_> = actions.iter().map(Action::kind).collect();
+        let agent_user = owned_user_id!("@agent_1:ex.org");
+        let space = owned_room_id!("!space:ex.org");
+        let plan = |model: &Model, deactivate| {
+            plan_removal(
+                &record_with_room(),
+                &agent_user,
+                &required(),
+                Some(&space),
+                model,
+                deactivate,
+            )
+            .iter()
+            .map(Action::kind)
+            .collect::<Vec<_>>()
+        };
         // admin already left; the bot leaves; the outside user is not roster's to move.
-        assert_eq!(kinds, vec!["unlink_space", "leave"]);
+        assert_eq!(plan(&model, false), vec!["unlink_space", "leave"]);
+        assert_eq!(
+            plan(&model, true),
+            vec!["unlink_space", "leave", "deactivate"]
+        );
+        model.identities.mark_deactivated(agent_user.clone());
+        assert_eq!(plan(&model, true), vec!["unlink_space", "leave"]);
     }
 
     #[test]

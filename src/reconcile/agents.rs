@@ -31,6 +31,7 @@ use crate::model::agents::{
     Action, PlanInput, RequiredMember, RoomRecord, plan_agent, plan_removal,
 };
 use crate::model::{Change, Membership};
+use crate::reconcile::identity::IdentityEffects;
 use crate::registration::{AGENT_PREFIX, IDENTITY_PREFIX};
 
 /// An action that failed this many runs in a row is reported and left alone until the next
@@ -45,19 +46,27 @@ pub struct Agents {
     shared: Arc<Shared>,
     hs: Homeserver,
     required: Vec<RequiredMember>,
+    /// Deactivates removed agents' users, per homeserver flavor (`agents.deactivate_removed`).
+    effects: Option<Arc<IdentityEffects>>,
     /// Room versions before 12 need the creator listed at power 100 in a power-level
     /// override; version 12 forbids listing creators (they rank above every level).
     list_creator_power: bool,
 }
 
 impl Agents {
-    pub fn new(shared: Arc<Shared>, hs: Homeserver, default_room_version: &str) -> Agents {
+    pub fn new(
+        shared: Arc<Shared>,
+        hs: Homeserver,
+        default_room_version: &str,
+        effects: Option<Arc<IdentityEffects>>,
+    ) -> Agents {
         let required = required_members(&shared.ids);
         let list_creator_power = !room_version_has_implicit_creators(default_room_version);
         Agents {
             shared,
             hs,
             required,
+            effects,
             list_creator_power,
         }
     }
@@ -156,8 +165,14 @@ impl Agents {
                     // Not (yet) desired, e.g. before the first good listing: hands off.
                     None if !record.removing => return Outcome::Done,
                     None => {
-                        let actions =
-                            plan_removal(&record, &self.required, space.as_deref(), &model);
+                        let actions = plan_removal(
+                            &record,
+                            &agent_user,
+                            &self.required,
+                            space.as_deref(),
+                            &model,
+                            self.shared.config.agents.deactivate_removed,
+                        );
                         if actions.is_empty() {
                             drop(model);
                             self.retire(agent_id);
@@ -311,6 +326,18 @@ impl Agents {
                 record.space_linked = true;
                 self.save(record);
             }
+            Action::Deactivate { user } => match &self.effects {
+                Some(effects) => {
+                    effects.deactivate_agent_user(&user).await?;
+                    tracing::info!(%user, "deactivated the removed agent's user");
+                }
+                None => {
+                    return Err(MatrixError::Request {
+                        endpoint: "deactivate",
+                        message: "the homeserver flavor is unknown; see the start-up log".into(),
+                    });
+                }
+            },
             Action::UnlinkSpace { room, space } => {
                 self.hs
                     .send_raw_state(

@@ -243,6 +243,24 @@ impl IdentityEffects {
         }
     }
 
+    /// Deactivates a removed agent's user (`agents.deactivate_removed`), the same way a
+    /// lifecycle deletion does, without erasing it. A user already gone counts as done.
+    pub async fn deactivate_agent_user(&self, user: &UserId) -> Result<(), MatrixError> {
+        let done = match self.deactivate(user, false).await {
+            Ok(()) | Err(StepError::Missing) => Ok(()),
+            Err(StepError::Matrix(e) | StepError::AsAppservice(e)) => Err(e),
+            Err(StepError::Store(reason)) => {
+                tracing::warn!(%user, %reason, "deactivated, but not recorded");
+                Ok(())
+            }
+        };
+        done?;
+        if let Err(StepError::Store(reason)) = self.learn_deactivated(user).await {
+            tracing::warn!(%user, %reason, "deactivated, but not recorded");
+        }
+        Ok(())
+    }
+
     /// Tells the model and the store, so no drift repair ever re-invites the user.
     async fn learn_deactivated(&self, user: &UserId) -> Result<(), StepError> {
         let shared = self.shared.clone();

@@ -151,10 +151,24 @@ pub async fn start(
     else {
         return;
     };
+    let effects = if shared.config.agents.deactivate_removed {
+        match identity::IdentityEffects::start(shared.clone(), homeserver.clone(), &shutdown).await
+        {
+            Ok(Some(effects)) => Some(Arc::new(effects)),
+            Ok(None) => return,
+            Err(error) => {
+                tracing::error!(%error, "agents.deactivate_removed is on, but removed agents' users cannot be deactivated");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let agents = Arc::new(agents::Agents::new(
         shared.clone(),
         homeserver,
         &room_version,
+        effects,
     ));
     let Some(space) = retry(&shutdown, "find or create the agents space", || {
         agents.ensure_space()
