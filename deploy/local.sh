@@ -32,7 +32,7 @@ store:
 agents:
   file: $state/agents.yaml
 lifecycle:
-  enabled: false
+  enabled: true
   brokers: 127.0.0.1:9092
 YAML
   )
@@ -55,9 +55,14 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 deploy/peers/tansu.sh topic --port 9092 --partitions 3 nova.identity.events nova.identity.events.dlq
+# @admin is a required member of every agent room: a person's account, made once.
+if [[ ! -f $state/admin.token ]]; then
+  (umask 077; deploy/peers/synapse.sh admin-token "$state/synapse" admin >"$state/admin.token")
+fi
 
 echo "Synapse http://127.0.0.1:8008 (server name localhost); roster admin http://127.0.0.1:9010"
-echo "logs: $state/*.log; admin token: in $state/config.yaml; Ctrl-C stops everything"
+echo "logs: $state/*.log; roster's admin token: in $state/config.yaml; @admin's: $state/admin.token"
+echo "try: $CARGO_TARGET_DIR/release/roster status -c $state/config.yaml; Ctrl-C stops everything"
 "$roster" serve -c "$state/config.yaml" &
 pids+=($!)
 wait "${pids[-1]}"
