@@ -254,6 +254,15 @@ fn human_plan(plan: &roster::reconcile::plan::DryRun) -> String {
     out
 }
 
+/// A JSON value as an operator reads it: strings without quotes, `-` for nothing.
+fn text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
 /// A few lines an operator reads at a glance; `--json` has everything.
 fn human_status(s: &serde_json::Value) -> String {
     let sync = &s["last_sync"];
@@ -282,7 +291,9 @@ fn human_status(s: &serde_json::Value) -> String {
     if source.is_object() {
         out += &format!(
             "source: {} ({} agents; last error: {})\n",
-            source["source"], source["agents_listed"], source["last_error"]
+            text(&source["source"]),
+            source["agents_listed"],
+            text(&source["last_error"])
         );
     }
     out += &format!(
