@@ -139,6 +139,23 @@ impl MatrixError {
     }
 }
 
+/// Borrows a response's body as bytes, the form ruma decodes from.
+trait AsRefBody {
+    fn as_ref_body(&self) -> http::Response<&[u8]>;
+}
+
+impl AsRefBody for http::Response<Bytes> {
+    fn as_ref_body(&self) -> http::Response<&[u8]> {
+        let mut builder = http::Response::builder().status(self.status());
+        if let Some(headers) = builder.headers_mut() {
+            *headers = self.headers().clone();
+        }
+        builder
+            .body(self.body().as_ref())
+            .expect("status and headers came from a valid response")
+    }
+}
+
 /// Endpoint errors roster can read an errcode from.
 pub trait ErrorBody {
     fn parts(self) -> (u16, Option<ErrorKind>, String);
@@ -305,53 +322,9 @@ impl Homeserver {
                 message: e.to_string(),
             })?;
 
-        let _permit = inner
-            .permits
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        let result = inner.http.execute(http_request).await;
-        let count = |status: String| {
-            inner
-                .metrics
-                .homeserver_requests
-                .get_or_create(&RequestLabels { endpoint, status })
-                .inc();
-        };
-        let response = match result {
-            Ok(response) => response,
-            Err(source) => {
-                count("error".into());
-                return Err(if source.is_timeout() {
-                    MatrixError::Timeout {
-                        endpoint,
-                        timeout: inner.timeout,
-                    }
-                } else {
-                    MatrixError::Unreachable { endpoint, source }
-                });
-            }
-        };
-        let status = response.status();
-        count(status.as_u16().to_string());
-        let mut builder = http::Response::builder().status(status);
-        if let Some(headers) = builder.headers_mut() {
-            *headers = response.headers().clone();
-        }
-        let body: Bytes = response.bytes().await.map_err(|source| {
-            if source.is_timeout() {
-                MatrixError::Timeout {
-                    endpoint,
-                    timeout: inner.timeout,
-                }
-            } else {
-                MatrixError::Unreachable { endpoint, source }
-            }
-        })?;
-        let http_response = builder
-            .body(body.as_ref())
-            .expect("status and headers came from a valid response");
-        if status.as_u16() >= 400 {
+        let response = self.exchange(endpoint, http_request).await?;
+        let http_response = response.as_ref_body();
+        if http_response.status().as_u16() >= 400 {
             use ruma::api::EndpointError;
             return Err(MatrixError::api(
                 endpoint,
@@ -364,6 +337,52 @@ impl Homeserver {
                 message: e.to_string(),
             }
         })
+    }
+
+    /// Sends one request within the concurrency bound, counts it by endpoint and status,
+    /// and reads the whole answer (the client's timeout covers the body too).
+    async fn exchange(
+        &self,
+        endpoint: &'static str,
+        request: reqwest::Request,
+    ) -> Result<http::Response<Bytes>, MatrixError> {
+        let inner = &self.inner;
+        let count = |status: String| {
+            inner
+                .metrics
+                .homeserver_requests
+                .get_or_create(&RequestLabels { endpoint, status })
+                .inc();
+        };
+        let transport = |source: reqwest::Error| {
+            if source.is_timeout() {
+                MatrixError::Timeout {
+                    endpoint,
+                    timeout: inner.timeout,
+                }
+            } else {
+                MatrixError::Unreachable { endpoint, source }
+            }
+        };
+        let _permit = inner
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let response = inner.http.execute(request).await.map_err(|source| {
+            count("error".into());
+            transport(source)
+        })?;
+        let status = response.status();
+        count(status.as_u16().to_string());
+        let mut builder = http::Response::builder().status(status);
+        if let Some(headers) = builder.headers_mut() {
+            *headers = response.headers().clone();
+        }
+        let body = response.bytes().await.map_err(transport)?;
+        Ok(builder
+            .body(body)
+            .expect("status and headers came from a valid response"))
     }
 
     /// Registers `localpart` as an appservice user; no device, no access token.
@@ -703,50 +722,19 @@ impl Homeserver {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let _permit = inner
-            .permits
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        let count = |status: String| {
-            inner
-                .metrics
-                .homeserver_requests
-                .get_or_create(&RequestLabels { endpoint, status })
-                .inc();
-        };
-        let transport = |source: reqwest::Error| {
-            if source.is_timeout() {
-                MatrixError::Timeout {
-                    endpoint,
-                    timeout: inner.timeout,
-                }
-            } else {
-                MatrixError::Unreachable { endpoint, source }
-            }
-        };
-        let response = request.send().await.map_err(|source| {
-            count("error".into());
-            transport(source)
+        let request = request.build().map_err(|e| MatrixError::Request {
+            endpoint,
+            message: e.to_string(),
         })?;
-        let status = response.status();
-        count(status.as_u16().to_string());
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(transport)?;
-        if status.as_u16() >= 400 {
+        let response = self.exchange(endpoint, request).await?;
+        if response.status().as_u16() >= 400 {
             use ruma::api::EndpointError;
-            let mut builder = http::Response::builder().status(status);
-            if let Some(h) = builder.headers_mut() {
-                *h = headers;
-            }
-            let http_response = builder
-                .body(bytes.as_ref())
-                .expect("status and headers came from a valid response");
             return Err(MatrixError::api(
                 endpoint,
-                ruma::api::error::Error::from_http_response(http_response).parts(),
+                ruma::api::error::Error::from_http_response(response.as_ref_body()).parts(),
             ));
         }
+        let bytes = response.into_body();
         serde_json::from_slice(&bytes).map_err(|e| MatrixError::Decode {
             endpoint,
             message: e.to_string(),
