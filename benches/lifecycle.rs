@@ -16,16 +16,14 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
-use axum::response::IntoResponse;
 use futures::StreamExt;
 use roster::config::Config;
+use roster::lifecycle::effects::{Applied, IdentityEffects};
 use roster::lifecycle::{Decoded, decode};
 use roster::matrix::Homeserver;
-use roster::metrics::Metrics;
 use roster::model::identity::PlanOptions;
-use roster::reconcile::identity::{IdentityEffects, Outcome};
-use roster::store::Store;
+use roster::retry::Outcome;
+use roster::testing::FakeHomeserver;
 use serde_json::{Value, json};
 use support::*;
 
@@ -75,54 +73,25 @@ fn events(count: usize, users: usize) -> Vec<(String, Option<&'static str>, Vec<
         .collect()
 }
 
-/// A homeserver that says yes to everything roster asks, at once.
-async fn standin_homeserver() -> String {
-    let app = Router::new().fallback(|uri: axum::http::Uri| async move {
-        let path = uri.path();
-        let body = if path.ends_with("/register") {
-            json!({ "user_id": "@x:bench.test" })
-        } else if path.ends_with("/account/deactivate") {
-            json!({ "id_server_unbind_result": "success" })
-        } else if path.ends_with("/ping") {
-            json!({ "duration_ms": 1 })
-        } else if path.ends_with("/whoami") {
-            json!({ "user_id": "@x:bench.test" })
-        } else if path.contains("/upload") {
-            json!({ "content_uri": "mxc://bench.test/u" })
-        } else {
-            json!({})
-        };
-        axum::Json(body).into_response()
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
 struct Row {
     stage: &'static str,
     events: usize,
     seconds: f64,
 }
 
-async fn in_process(homeserver_url: &str) -> Vec<Row> {
+async fn in_process() -> Vec<Row> {
+    let placeholder = roster::testing::shared(
+        Config::from_yaml("homeserver: {server_name: bench.test}").unwrap(),
+    );
+    let as_token = placeholder.registration.as_token.clone();
+    let fake = FakeHomeserver::start(&as_token, "bench.test", "letta").await;
     let config = Config::from_yaml(&format!(
-        "homeserver: {{server_name: bench.test, url: '{homeserver_url}', flavor: synapse, max_concurrent_requests: 64}}"
+        "homeserver: {{server_name: bench.test, url: '{}', flavor: synapse, max_concurrent_requests: 64}}",
+        fake.url
     ))
     .unwrap();
-    let registration = roster::registration::generate(&config).unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let shared = Arc::new(
-        roster::Shared::new(
-            config,
-            registration.clone(),
-            Store::in_memory().unwrap(),
-            metrics.clone(),
-            tokio::sync::mpsc::channel(1).0,
-        )
-        .unwrap(),
-    );
+    let shared = roster::testing::shared(config);
+    let metrics = shared.metrics.clone();
     let options = PlanOptions {
         create_missing_users: true,
     };
@@ -133,10 +102,10 @@ async fn in_process(homeserver_url: &str) -> Vec<Row> {
     let mut planned = 0;
     for (_, header, payload) in &input {
         if let Ok(Decoded::Event(event)) = decode(header.map(str::as_bytes), Some(payload)) {
-            let plan = shared
-                .model()
-                .identities
-                .plan(&event, &shared.ids.server_name, options);
+            let plan = shared.state.read(|m| {
+                m.identities
+                    .plan(&event, &shared.config.ids().server_name, options)
+            });
             planned += plan.effects.len();
         }
     }
@@ -146,8 +115,8 @@ async fn in_process(homeserver_url: &str) -> Vec<Row> {
     // decode -> plan -> effects on the stand-in, one user at a time, 16 users at once
     // (lifecycle.max_in_flight_users default).
     let homeserver = Homeserver::new(
-        homeserver_url,
-        roster::config::Secret::new(registration.as_token.clone()),
+        &fake.url,
+        roster::config::Secret::new(as_token),
         Duration::from_secs(10),
         64,
         metrics,
@@ -175,13 +144,15 @@ async fn in_process(homeserver_url: &str) -> Vec<Row> {
                     else {
                         continue;
                     };
-                    let plan =
-                        shared
-                            .model()
-                            .identities
-                            .plan(&event, &shared.ids.server_name, options);
+                    let plan = shared.state.read(|m| {
+                        m.identities
+                            .plan(&event, &shared.config.ids().server_name, options)
+                    });
                     let outcome = effects.apply(&plan).await;
-                    assert_eq!(outcome, Outcome::Applied);
+                    assert!(
+                        matches!(outcome, Outcome::Done(Applied::Taken(_))),
+                        "{outcome:?}"
+                    );
                 }
             }
         })
@@ -248,14 +219,16 @@ fn now() -> f64 {
         .as_secs_f64()
 }
 
-async fn end_to_end(homeserver_url: &str) -> Row {
+async fn end_to_end() -> Row {
     let scratch = Scratch::new("bench-e2e");
     let tansu = Tansu::start(scratch.path(), 3, &[TOPIC, DLQ]).await;
     let mut roster = Roster::configure(
         scratch.path(),
-        homeserver_url,
+        "http://127.0.0.1:9",
         &tansu.lifecycle_yaml(TOPIC, "bench", ""),
     );
+    let fake = FakeHomeserver::start(&roster.as_token, SERVER_NAME, "letta").await;
+    roster.env("ROSTER_HOMESERVER__URL", &fake.url);
     roster.env("ROSTER_HOMESERVER__FLAVOR", "synapse");
     roster.env("ROSTER_LOG", "info");
     roster.env("ROSTER_LOG_FORMAT", "json");
@@ -409,9 +382,8 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let standin = standin_homeserver().await;
-        let mut rows = in_process(&standin).await;
-        rows.push(end_to_end(&standin).await);
+        let mut rows = in_process().await;
+        rows.push(end_to_end().await);
         let latency = latency_on_synapse().await;
         println!();
         println!("| lifecycle throughput (homeserver: local stand-in) | events | seconds | events/s |");

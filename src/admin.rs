@@ -1,6 +1,10 @@
 //! Serves operators: `/health`, `/ready`, `/metrics`, and `/admin/v1/*` behind the admin
-//! bearer token (compared in constant time). Read-only views of the shared state.
+//! bearer token (compared in constant time). Every refusal is a Matrix JSON error.
+//!
+//! [`StatusReport`] is the typed status both this API and the CLI use; its counters come
+//! from the metric handles, never from the exposition text.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::Router;
@@ -10,13 +14,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ruma::RoomId;
-use std::collections::BTreeSet;
-
+use ruma::api::error::ErrorKind;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::Shared;
+use crate::http::{bearer_token, json_errors, matrix_error};
+use crate::metrics::ResultLabels;
 use crate::model::MemberState;
+use crate::reconcile::{SyncRequest, Trigger};
 
 pub fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
@@ -34,11 +40,19 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .nest("/admin/v1", api)
+        .layer(middleware::map_response(json_errors))
         .with_state(shared)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
-    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+    let kind = match status {
+        StatusCode::NOT_FOUND => ErrorKind::NotFound,
+        StatusCode::FORBIDDEN => ErrorKind::Forbidden,
+        StatusCode::UNAUTHORIZED => ErrorKind::MissingToken,
+        StatusCode::BAD_REQUEST => ErrorKind::BadJson,
+        _ => ErrorKind::Unknown,
+    };
+    matrix_error(status, kind, message)
 }
 
 async fn require_admin_token(
@@ -52,12 +66,7 @@ async fn require_admin_token(
             "the admin API is off: set admin.token (ROSTER_ADMIN__TOKEN) to enable it",
         );
     };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
+    match bearer_token(&request) {
         None => error(
             StatusCode::UNAUTHORIZED,
             "missing admin token: send Authorization: Bearer <admin.token>",
@@ -69,15 +78,13 @@ async fn require_admin_token(
     }
 }
 
+/// Listeners bound, store open, config valid: a Service may route the homeserver here.
+/// Whether the homeserver can reach roster is reported in status, not here.
 async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     if shared.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the homeserver ping has not succeeded yet\n",
-        )
-            .into_response()
+        error(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting")
     }
 }
 
@@ -92,47 +99,55 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-#[derive(Serialize)]
-struct Status {
-    ready: bool,
-    agents: usize,
-    rooms: usize,
-    retired: usize,
+/// What `GET /admin/v1/status` answers and `roster status` prints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub version: String,
+    pub ready: bool,
+    /// Agents the source lists (or the store remembers during a source outage).
+    pub agents: usize,
+    /// Agent rooms roster looks after.
+    pub rooms: usize,
+    pub retired: usize,
     /// Agent rooms waiting for the reconciler, and being reconciled now.
-    pending: usize,
-    running: usize,
+    pub pending: usize,
+    pub running: usize,
     #[serde(flatten)]
-    reconcile: crate::reconcile::Status,
+    pub reconcile: crate::state::Status,
+    /// Membership checks the model answered without an action, and those that needed one.
+    pub membership_cache_hits: u64,
+    pub membership_cache_misses: u64,
+    /// Member states the model holds.
+    pub memberships: usize,
+    pub deactivated_users: usize,
+    /// Lifecycle messages not yet consumed (a count of messages).
+    pub lifecycle_lag_messages: i64,
+    pub transactions_remembered: u64,
+    /// Homeserver requests sent since start-up.
+    pub homeserver_requests: u64,
+}
+
+impl StatusReport {
     /// Share of membership checks the model answered without an action.
-    cache_hit_ratio: Option<f64>,
-    deactivated_users: usize,
-    lifecycle_lag: i64,
-    transactions_remembered: u64,
-    last_homeserver_ping_ms: Option<u64>,
-    homeserver_requests: u64,
+    pub fn cache_hit_ratio(&self) -> Option<f64> {
+        let total = self.membership_cache_hits + self.membership_cache_misses;
+        (total > 0).then(|| self.membership_cache_hits as f64 / total as f64)
+    }
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
-    let worker = shared.clone();
-    let remembered = tokio::task::spawn_blocking(move || worker.store.transaction_count()).await;
-    let transactions_remembered = match remembered {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    let transactions_remembered = match shared.state.transaction_count().await {
+        Ok(n) => n,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    let metrics = shared.metrics.encode();
-    let hits = crate::metrics::parse_sum_labeled(
-        &metrics,
-        "roster_membership_cache_total",
-        "result=\"hit\"",
-    );
-    let misses = crate::metrics::parse_sum_labeled(
-        &metrics,
-        "roster_membership_cache_total",
-        "result=\"miss\"",
-    );
-    let (agents, rooms, retired, deactivated_users) = {
-        let model = shared.model();
+    let cache = |result| {
+        shared
+            .metrics
+            .membership_cache
+            .get_or_create(&ResultLabels { result })
+            .get()
+    };
+    let (agents, rooms, retired, deactivated_users, memberships) = shared.state.read(|model| {
         let records = &model.agents.records;
         (
             model.agents.desired.len(),
@@ -142,26 +157,26 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
                 .count(),
             records.values().filter(|r| r.retired).count(),
             model.identities.deactivated_count(),
+            model.membership_count(),
         )
-    };
+    });
     let (pending, running) = shared.queue.counts();
-    axum::Json(Status {
+    axum::Json(StatusReport {
+        version: env!("CARGO_PKG_VERSION").into(),
         ready: shared.is_ready(),
         agents,
         rooms,
         retired,
         pending,
         running,
-        reconcile: shared.status().clone(),
-        cache_hit_ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
+        reconcile: shared.state.status(|s| s.clone()),
+        membership_cache_hits: cache("hit"),
+        membership_cache_misses: cache("miss"),
+        memberships,
         deactivated_users,
-        lifecycle_lag: shared.metrics.lifecycle_lag.get(),
+        lifecycle_lag_messages: shared.metrics.lifecycle_lag.get(),
         transactions_remembered,
-        last_homeserver_ping_ms: shared.last_homeserver_ping_ms(),
-        homeserver_requests: crate::metrics::parse_sum(
-            &metrics,
-            "roster_homeserver_requests_total",
-        ),
+        homeserver_requests: shared.metrics.homeserver_requests_sent(),
     })
     .into_response()
 }
@@ -181,32 +196,33 @@ fn target_agents(
     shared: &Shared,
     target: &Target,
 ) -> Result<Option<BTreeSet<String>>, (StatusCode, String)> {
-    let model = shared.model();
-    let mut agents = BTreeSet::new();
-    if let Some(room) = &target.room {
-        let agent = RoomId::parse(room.as_str())
-            .ok()
-            .and_then(|room| model.agents.agent_for_room(&room).map(str::to_owned));
-        match agent {
-            Some(agent) => agents.insert(agent),
-            None => {
+    shared.state.read(|model| {
+        let mut agents = BTreeSet::new();
+        if let Some(room) = &target.room {
+            let agent = RoomId::parse(room.as_str())
+                .ok()
+                .and_then(|room| model.agents.agent_for_room(&room).map(str::to_owned));
+            match agent {
+                Some(agent) => agents.insert(agent),
+                None => {
+                    return Err((
+                        StatusCode::NOT_FOUND,
+                        format!("{room} is not an agent room roster manages"),
+                    ));
+                }
+            };
+        }
+        if let Some(agent) = &target.agent {
+            if !model.agents.records.contains_key(agent) {
                 return Err((
                     StatusCode::NOT_FOUND,
-                    format!("{room} is not an agent room roster manages"),
+                    format!("agent {agent} is unknown; check the id in the agent source"),
                 ));
             }
-        };
-    }
-    if let Some(agent) = &target.agent {
-        if !model.agents.records.contains_key(agent) {
-            return Err((
-                StatusCode::NOT_FOUND,
-                format!("agent {agent} is unknown; check the id in the agent source"),
-            ));
+            agents.insert(agent.clone());
         }
-        agents.insert(agent.clone());
-    }
-    Ok((!agents.is_empty()).then_some(agents))
+        Ok((!agents.is_empty()).then_some(agents))
+    })
 }
 
 /// Asks for an immediate reconciliation; with `wait`, answers with its summary.
@@ -217,7 +233,8 @@ async fn sync(State(shared): State<Arc<Shared>>, body: Option<axum::Json<Target>
         Err((status, message)) => return error(status, &message),
     };
     let (reply, summary) = tokio::sync::oneshot::channel();
-    let request = crate::reconcile::SyncRequest {
+    let request = SyncRequest {
+        trigger: Trigger::Manual,
         agents,
         reply: target.wait.then_some(reply),
     };
@@ -253,29 +270,25 @@ async fn invalidate(
         Ok(agents) => agents,
         Err((status, message)) => return error(status, &message),
     };
-    let invalidated: Vec<String> = {
-        let mut model = shared.model_mut();
-        let rooms: Vec<(String, ruma::OwnedRoomId)> = model
+    let rooms: Vec<(String, ruma::OwnedRoomId)> = shared.state.read(|model| {
+        model
             .agents
             .live_records(agents.as_ref())
             .filter_map(|r| Some((r.agent_id.clone(), r.room_id.clone()?)))
-            .collect();
-        for (_, room) in &rooms {
-            model.forget_room(room);
-        }
-        rooms.into_iter().map(|(agent, _)| agent).collect()
-    };
-    for agent in &invalidated {
+            .collect()
+    });
+    for (agent, room) in &rooms {
+        shared.state.forget_room(room);
         shared.queue.schedule(agent);
     }
-    axum::Json(serde_json::json!({ "invalidated": invalidated.len() })).into_response()
+    axum::Json(serde_json::json!({ "invalidated": rooms.len() })).into_response()
 }
 
 #[derive(Serialize)]
-struct Member<'a> {
-    user_id: &'a str,
+struct Member {
+    user_id: String,
     #[serde(flatten)]
-    state: &'a MemberState,
+    state: MemberState,
 }
 
 /// The model's view of one room: what the homeserver pushed, not a fresh read.
@@ -286,21 +299,22 @@ async fn room_members(State(shared): State<Arc<Shared>>, Path(room_id): Path<Str
             "not a room id; expected e.g. !abc:example.org",
         );
     };
-    let model = shared.model();
-    let mut members: Vec<Member<'_>> = model
-        .members(&room_id)
-        .map(|(user, state)| Member {
-            user_id: user.as_str(),
-            state,
-        })
-        .collect();
-    members.sort_by(|a, b| a.user_id.cmp(b.user_id));
+    let mut members: Vec<Member> = shared.state.read(|model| {
+        model
+            .members(&room_id)
+            .map(|(user, state)| Member {
+                user_id: user.to_string(),
+                state: *state,
+            })
+            .collect()
+    });
+    members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
     axum::Json(serde_json::json!({ "room_id": room_id, "members": members })).into_response()
 }
 
 /// `POST /admin/v1/replay {"partition": P, "offset": O}`: the lifecycle consumer
 /// re-consumes partition P from offset O (effects are idempotent, so this is safe).
-#[derive(serde::Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ReplayRequest {
     pub partition: i32,
     pub offset: i64,
@@ -325,7 +339,7 @@ async fn replay(
         Ok(replayed) => axum::Json(replayed).into_response(),
         Err(e @ ReplayError::NotRunning) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         Err(e @ ReplayError::NotAssigned { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
-        Err(e @ ReplayError::BadOffset(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ ReplayError::OutOfRange { .. }) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ ReplayError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }

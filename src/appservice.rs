@@ -1,12 +1,14 @@
 //! Serves the routes the homeserver calls: transactions, ping, user and alias queries.
 //!
 //! Thin ingress: check the hs_token in constant time, bound the body, decode with
-//! `ruma-appservice-api`, record durably, update the model, answer. A transaction is
-//! answered 200 only after its membership changes are in the store; an id seen before is
-//! answered 200 and applied nothing again. This module never calls the homeserver.
+//! `ruma-appservice-api`, record through `state`, answer. A transaction is answered 200
+//! only after its membership changes are in the store; an id seen before is answered 200
+//! and applied nothing again. One event that cannot be decoded (bad fields, invalid UTF-8)
+//! is skipped and counted; it never holds back the rest of the homeserver's queue. Every
+//! error is a Matrix JSON error. This module never calls the homeserver.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -14,19 +16,22 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
+use axum::routing::{get, post, put};
 use ruma::api::IncomingRequestExt;
 use ruma::api::appservice::event::push_events;
-use ruma::api::error::{ErrorKind, StandardErrorBody};
+use ruma::api::error::ErrorKind;
 use ruma::events::room::member::RoomMemberEvent;
 use ruma::events::{AnyTimelineEvent, TimelineEventType};
 use ruma::serde::Raw;
+use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::Shared;
+use crate::clock::now_ms;
+use crate::http::{Rejection, bearer_token, json_errors, matrix_error};
 use crate::metrics::{OutcomeLabels, TransitionLabels};
-use crate::model::{Change, EventOrder, MemberEvent, Membership};
-use crate::store::Recorded;
+use crate::model::{Change, MemberEvent, Membership};
+use crate::state::Recorded;
 
 /// Every route the homeserver may call, the legacy unprefixed ones included.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -37,46 +42,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/transactions/{txn_id}", put(push_transaction))
         .route("/_matrix/app/v1/ping", post(ping))
-        .route(
-            "/_matrix/app/v1/users/{user_id}",
-            axum::routing::get(query_user),
-        )
-        .route("/users/{user_id}", axum::routing::get(query_user))
-        .route(
-            "/_matrix/app/v1/rooms/{alias}",
-            axum::routing::get(query_room_alias),
-        )
-        .route("/rooms/{alias}", axum::routing::get(query_room_alias))
+        .route("/_matrix/app/v1/users/{user_id}", get(query_user))
+        .route("/users/{user_id}", get(query_user))
+        .route("/_matrix/app/v1/rooms/{alias}", get(query_room_alias))
+        .route("/rooms/{alias}", get(query_room_alias))
         .fallback(unknown_route)
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             require_hs_token,
         ))
+        .layer(middleware::map_response(json_errors))
         .with_state(shared)
-}
-
-/// A Matrix error response: `{"errcode": ..., "error": ...}` with `status`.
-pub fn matrix_error(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Response {
-    Rejection::new(status, kind, message).into_response()
-}
-
-/// A refused request, kept small until it becomes a response.
-pub struct Rejection(Box<(StatusCode, StandardErrorBody)>);
-
-impl Rejection {
-    fn new(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Rejection {
-        Rejection(Box::new((
-            status,
-            StandardErrorBody::new(kind, message.into()),
-        )))
-    }
-}
-
-impl IntoResponse for Rejection {
-    fn into_response(self) -> Response {
-        let (status, body) = *self.0;
-        (status, axum::Json(body)).into_response()
-    }
 }
 
 fn empty_ok() -> Response {
@@ -85,9 +61,8 @@ fn empty_ok() -> Response {
 
 /// Reads the hs_token from `Authorization: Bearer` or the legacy `access_token` parameter.
 fn presented_token(request: &Request) -> Option<String> {
-    if let Some(value) = request.headers().get(header::AUTHORIZATION) {
-        let value = value.to_str().ok()?;
-        return value.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    if request.headers().contains_key(header::AUTHORIZATION) {
+        return bearer_token(request).map(str::to_owned);
     }
     let query = request.uri().query()?;
     url_query_param(query, "access_token")
@@ -142,14 +117,11 @@ async fn push_transaction(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let bytes = match read_body(body, shared.config.appservice.max_body_bytes).await {
-        Ok(bytes) => bytes,
-        Err(rejection) => {
-            count(&shared, "rejected");
-            return rejection.into_response();
-        }
+    let decoded = match read_body(body, shared.config.appservice.max_body_bytes).await {
+        Ok(bytes) => decode_transaction(&parts, &bytes, &txn_id),
+        Err(rejection) => Err(rejection),
     };
-    let txn = match decode_transaction(&parts, &bytes, &txn_id) {
+    let txn = match decoded {
         Ok(txn) => txn,
         Err(rejection) => {
             count(&shared, "rejected");
@@ -163,19 +135,21 @@ async fn push_transaction(
             .undecodable_events
             .inc_by(txn.undecodable as u64);
     }
-
-    let worker = shared.clone();
-    let member_events = txn.member_events;
-    let recorded =
-        tokio::task::spawn_blocking(move || record(&worker, &txn_id, &member_events)).await;
+    let recorded = shared
+        .state
+        .record_transaction(txn_id, now_ms(), txn.member_events)
+        .await;
     match recorded {
-        Ok(Ok((Recorded::New, changes))) => {
+        Ok(Recorded::New { changes, dropped }) => {
             count(&shared, "applied");
             if shared.fault_abort_after_record {
                 // Test-only fault injection (ROSTER_FAULT_ABORT_AFTER_RECORD): die after the
                 // durable write and before the 200, the worst moment for a crash.
                 tracing::error!("fault injection: aborting after recording a transaction");
                 std::process::abort();
+            }
+            if dropped > 0 {
+                shared.metrics.unmanaged_events.inc_by(dropped as u64);
             }
             schedule_managed_rooms(&shared, &changes);
             for change in &changes {
@@ -189,29 +163,20 @@ async fn push_transaction(
                     .metrics
                     .member_transitions
                     .get_or_create(&TransitionLabels {
-                        transition: transition_label(change),
+                        transition: change.transition.label(),
                     })
                     .inc();
             }
             empty_ok()
         }
-        Ok(Ok((Recorded::Duplicate, _))) => {
+        Ok(Recorded::Duplicate) => {
             count(&shared, "duplicate");
             tracing::debug!("transaction already recorded; acknowledged again");
             empty_ok()
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             count(&shared, "error");
             tracing::error!(error = %e, "cannot record transaction; the homeserver will retry");
-            matrix_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorKind::Unknown,
-                "roster could not record the transaction; retry later",
-            )
-        }
-        Err(join_error) => {
-            count(&shared, "error");
-            tracing::error!(error = %join_error, "recording a transaction panicked");
             matrix_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ErrorKind::Unknown,
@@ -223,55 +188,14 @@ async fn push_transaction(
 
 /// Hands changes in agent rooms to the reconciler (by key; it reads the model itself).
 fn schedule_managed_rooms(shared: &Shared, changes: &[Change]) {
-    let agents: std::collections::BTreeSet<String> = {
-        let model = shared.model();
+    let agents: BTreeSet<String> = shared.state.read(|model| {
         changes
             .iter()
             .filter_map(|c| model.agents.agent_for_room(&c.room_id).map(str::to_owned))
             .collect()
-    };
+    });
     for agent in agents {
         shared.queue.schedule(&agent);
-    }
-}
-
-/// Dedupes and durably records a transaction, then applies it to the model.
-///
-/// Runs under the model's write lock, so transactions are recorded one at a time and the
-/// model never holds a change the store does not.
-fn record(
-    shared: &Shared,
-    txn_id: &str,
-    events: &[MemberEvent],
-) -> Result<(Recorded, Vec<Change>), crate::store::StoreError> {
-    let mut model = shared.model_mut();
-    if shared.store.has_transaction(txn_id)? {
-        return Ok((Recorded::Duplicate, Vec::new()));
-    }
-    let changes = model.preview(events);
-    let recorded = shared
-        .store
-        .record_transaction(txn_id, now_ms(), &changes)?;
-    if recorded == Recorded::New {
-        model.commit(changes.clone());
-    }
-    Ok((recorded, changes))
-}
-
-fn transition_label(change: &Change) -> &'static str {
-    use crate::model::Transition::*;
-    match change.transition {
-        Invited => "invited",
-        Joined => "joined",
-        ProfileChanged => "profile_changed",
-        Left => "left",
-        Kicked => "kicked",
-        Banned => "banned",
-        Unbanned => "unbanned",
-        Knocked => "knocked",
-        Unchanged => "unchanged",
-        Duplicate => "duplicate",
-        Stale => "stale",
     }
 }
 
@@ -315,7 +239,15 @@ fn decode_transaction(
     bytes: &[u8],
     txn_id: &str,
 ) -> Result<DecodedTransaction, Rejection> {
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+    // Invalid UTF-8 spoils only the events that hold it: they are dropped, the rest goes on.
+    let (body, spoiled) = match std::str::from_utf8(bytes) {
+        Ok(_) => (std::borrow::Cow::Borrowed(bytes), 0),
+        Err(_) => {
+            let (clean, spoiled) = without_spoiled_events(bytes)?;
+            (std::borrow::Cow::Owned(clean.into_bytes()), spoiled)
+        }
+    };
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
         return Err(Rejection::new(
             StatusCode::BAD_REQUEST,
             ErrorKind::NotJson,
@@ -329,7 +261,7 @@ fn decode_transaction(
         *headers = parts.headers.clone();
     }
     let http_request = builder
-        .body(bytes)
+        .body(body.as_ref())
         .expect("parts came from a valid request");
     let request = push_events::v1::Request::try_from_http_request(http_request, &[txn_id])
         .map_err(|e| {
@@ -340,12 +272,12 @@ fn decode_transaction(
             )
         })?;
     // Ephemeral data is lossy by design (no redelivery); roster only counts it.
-    let unstable = serde_json::from_slice::<UnstableEphemeral>(bytes)
+    let unstable = serde_json::from_slice::<UnstableEphemeral>(&body)
         .map(|u| u.ephemeral.len())
         .unwrap_or(0);
     let mut decoded = DecodedTransaction {
         member_events: Vec::new(),
-        undecodable: 0,
+        undecodable: spoiled,
         ephemeral: request.ephemeral.len() + unstable,
     };
     for raw in &request.events {
@@ -360,7 +292,77 @@ fn decode_transaction(
             }
         }
     }
+    if spoiled > 0 {
+        tracing::warn!(
+            events = spoiled,
+            "skipping events with invalid UTF-8 in a transaction"
+        );
+    }
     Ok(decoded)
+}
+
+/// A body with invalid UTF-8: the same JSON without the events that hold invalid bytes, and
+/// how many were dropped. Invalid bytes outside `events` make the body unreadable.
+fn without_spoiled_events(bytes: &[u8]) -> Result<(String, usize), Rejection> {
+    let not_json = |detail: String| {
+        Rejection::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::NotJson,
+            format!("transaction body is not JSON: {detail}"),
+        )
+    };
+    // Replace each invalid sequence with U+FFFD, remembering where each replacement went.
+    let mut text = String::with_capacity(bytes.len());
+    let mut spoiled_at = Vec::new();
+    for chunk in bytes.utf8_chunks() {
+        text.push_str(chunk.valid());
+        if !chunk.invalid().is_empty() {
+            spoiled_at.push(text.len());
+            text.push(char::REPLACEMENT_CHARACTER);
+        }
+    }
+    let top: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| not_json(e.to_string()))?;
+    #[derive(serde::Deserialize)]
+    struct Events<'a> {
+        #[serde(borrow, default)]
+        events: Vec<&'a RawValue>,
+    }
+    let events: Events<'_> = serde_json::from_str(&text).map_err(|e| not_json(e.to_string()))?;
+    let base = text.as_ptr() as usize;
+    let span = |raw: &RawValue| {
+        let start = raw.get().as_ptr() as usize - base;
+        start..start + raw.get().len()
+    };
+    let (kept, spoiled): (Vec<&RawValue>, Vec<&RawValue>) = events
+        .events
+        .iter()
+        .partition(|raw| !spoiled_at.iter().any(|at| span(raw).contains(at)));
+    let in_events: usize = spoiled
+        .iter()
+        .map(|raw| {
+            spoiled_at
+                .iter()
+                .filter(|at| span(raw).contains(at))
+                .count()
+        })
+        .sum();
+    if in_events < spoiled_at.len() {
+        return Err(not_json(
+            "invalid UTF-8 outside the events; the transaction cannot be read".into(),
+        ));
+    }
+    let mut clean = top;
+    clean.insert(
+        "events".into(),
+        serde_json::Value::Array(
+            kept.iter()
+                .map(|raw| serde_json::from_str(raw.get()).unwrap_or(serde_json::Value::Null))
+                .collect(),
+        ),
+    );
+    let clean = serde_json::to_string(&clean).map_err(|e| not_json(e.to_string()))?;
+    Ok((clean, spoiled.len()))
 }
 
 /// The model's view of an `m.room.member` event; `None` for other event types.
@@ -394,21 +396,21 @@ fn member_event(raw: &Raw<AnyTimelineEvent>) -> Result<Option<MemberEvent>, Stri
         membership,
         displayname,
         avatar_url,
-        order: EventOrder {
-            origin_server_ts: event.origin_server_ts().get().into(),
-            event_id: event.event_id().to_owned(),
-        },
+        event_id: event.event_id().to_owned(),
+        origin_server_ts: event.origin_server_ts().get().into(),
     }))
 }
 
 async fn ping(State(shared): State<Arc<Shared>>) -> Response {
     tracing::debug!("homeserver pinged");
-    shared.note_homeserver_ping();
+    shared
+        .state
+        .status(|s| s.pinged_by_homeserver_at_ms = Some(now_ms()));
     empty_ok()
 }
 
 async fn query_user(State(shared): State<Arc<Shared>>, Path(user_id): Path<String>) -> Response {
-    if shared.manages_user(&user_id) {
+    if shared.provides_user(&user_id) {
         empty_ok()
     } else {
         matrix_error(
@@ -436,10 +438,97 @@ async fn unknown_route() -> Response {
     )
 }
 
-/// Whole-second wall clock in milliseconds, for transaction bookkeeping.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts() -> http::request::Parts {
+        http::Request::builder()
+            .method("PUT")
+            .uri("/_matrix/app/v1/transactions/t1")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    fn member(n: u32, displayname: &str) -> String {
+        format!(
+            r#"{{"type":"m.room.member","event_id":"$e{n}","room_id":"!r:ex.org","sender":"@u{n}:ex.org","state_key":"@u{n}:ex.org","origin_server_ts":{n},"content":{{"membership":"join","displayname":"{displayname}"}}}}"#
+        )
+    }
+
+    #[test]
+    fn should_skip_only_the_event_with_invalid_utf8() {
+        let second = member(2, "XX");
+        let (before, after) = second.split_at(second.find("XX").unwrap());
+        let mut body = Vec::new();
+        body.extend_from_slice(b"{\"events\":[");
+        body.extend_from_slice(member(1, "ok").as_bytes());
+        body.push(b',');
+        body.extend_from_slice(before.as_bytes());
+        // The second event's display name holds bytes that are not UTF-8.
+        body.extend_from_slice(&[0xff, 0xfe]);
+        body.extend_from_slice(&after.as_bytes()[2..]);
+        body.push(b',');
+        body.extend_from_slice(member(3, "also ok").as_bytes());
+        body.extend_from_slice(b"]}");
+        let decoded = decode_transaction(&parts(), &body, "t1").unwrap_or_else(|r| {
+            panic!("{:?}", r.into_response().status());
+        });
+        let users: Vec<_> = decoded
+            .member_events
+            .iter()
+            .map(|e| e.user_id.to_string())
+            .collect();
+        assert_eq!(users, vec!["@u1:ex.org", "@u3:ex.org"]);
+        assert_eq!(decoded.undecodable, 1);
+    }
+
+    #[test]
+    fn should_refuse_invalid_utf8_outside_the_events() {
+        let mut body = format!(r#"{{"events":[{}],"x":""#, member(1, "ok")).into_bytes();
+        body.extend_from_slice(&[0xff]);
+        body.extend_from_slice(b"\"}");
+        let rejection = decode_transaction(&parts(), &body, "t1").err().unwrap();
+        assert_eq!(rejection.into_response().status(), StatusCode::BAD_REQUEST);
+    }
+
+    /// The finding's rule for transactions: a store that cannot write gets the homeserver a
+    /// 500 (it retries), and nothing reaches the model; once it can, the same id applies.
+    #[tokio::test]
+    async fn should_answer_500_and_keep_nothing_when_the_store_fails() {
+        use tower::ServiceExt;
+        let shared = crate::testing::shared(
+            crate::config::Config::from_yaml("homeserver: {server_name: ex.org}").unwrap(),
+        );
+        let app = router(shared.clone());
+        let put = |token: &str| {
+            let body = format!(
+                r#"{{"events":[{}]}}"#,
+                member(1, "x").replace("@u1:ex.org", "@agent_a:ex.org")
+            );
+            Request::builder()
+                .method("PUT")
+                .uri("/_matrix/app/v1/transactions/t1")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let token = shared.registration.hs_token.clone();
+        shared.state.fail_writes(true);
+        let answer = app.clone().oneshot(put(&token)).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = to_bytes(answer.into_body(), 1024).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["errcode"], "M_UNKNOWN");
+        let agent = ruma::UserId::parse("@agent_a:ex.org").unwrap();
+        let room = ruma::RoomId::parse("!r:ex.org").unwrap();
+        assert!(shared.state.read(|m| m.member(&room, &agent).is_none()));
+        shared.state.fail_writes(false);
+        let answer = app.oneshot(put(&token)).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert!(shared.state.read(|m| m.member(&room, &agent).is_some()));
+    }
 }

@@ -4,7 +4,8 @@
 //! Precedence, lowest first: built-in defaults, the YAML file, the legacy variable names of
 //! the systems roster replaces (`MATRIX_*`, `KAFKA_*`, `LETTA_*`), then
 //! `ROSTER_<SECTION>__<KEY>`. Every error names the key (and the variable it came from),
-//! the value, and what is expected, on one line.
+//! the value, and what is expected, on one line. Environment values are taken verbatim
+//! unless the key's type needs them read as YAML (numbers, booleans, lists, mappings).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,12 +13,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ruma::{OwnedServerName, OwnedUserId, UserId};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
-/// The validation sweep may never run more often than this (DESIGN: push, not poll).
+pub use crate::ids::Identities;
+use crate::ids::IdsError;
+
+/// The validation sweep reads every room; it may never run more often than this.
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Legacy environment variables and the key each one sets.
@@ -83,6 +86,9 @@ pub struct Config {
     pub agents: AgentsConfig,
     pub sync: SyncConfig,
     pub lifecycle: LifecycleConfig,
+    /// Derived by `validate`; every constructor of a `Config` validates.
+    #[serde(skip)]
+    ids: Option<Identities>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -280,9 +286,22 @@ pub struct LifecycleConfig {
     pub max_in_flight_users: usize,
     /// Messages received but not yet done, across partitions; beyond it consuming pauses.
     pub max_buffered_events: usize,
+    /// Where a consumer group with no committed offsets starts.
+    pub start_from: StartFrom,
     /// Extra librdkafka properties (e.g. `security.protocol`, `session.timeout.ms`).
     #[serde(deserialize_with = "string_map")]
     pub kafka: BTreeMap<String, String>,
+}
+
+/// Where a new consumer group starts reading `lifecycle.topic`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// Everything the topic still retains: nothing is lost (the default).
+    #[default]
+    Earliest,
+    /// Only what arrives from now on: for a cutover from another consumer.
+    Latest,
 }
 
 /// librdkafka properties roster sets itself; `lifecycle.kafka` may not override them.
@@ -291,6 +310,7 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "group.id",
     "enable.auto.commit",
     "enable.auto.offset.store",
+    "auto.offset.reset",
 ];
 
 impl Default for LifecycleConfig {
@@ -307,6 +327,7 @@ impl Default for LifecycleConfig {
             avatar_fetch_timeout: Duration::from_secs(10),
             max_in_flight_users: 16,
             max_buffered_events: 1024,
+            start_from: StartFrom::Earliest,
             kafka: BTreeMap::new(),
         }
     }
@@ -353,7 +374,7 @@ impl LifecycleConfig {
             return Err((
                 "lifecycle.kafka",
                 format!(
-                    "{key:?} is set by roster itself; use lifecycle.brokers / lifecycle.group_id instead"
+                    "{key:?} is set by roster itself; use lifecycle.brokers, lifecycle.group_id or lifecycle.start_from instead"
                 ),
             ));
         }
@@ -379,15 +400,6 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(..)")
     }
-}
-
-/// What `validate` derives once so nobody parses the same strings twice.
-#[derive(Debug, Clone)]
-pub struct Identities {
-    pub server_name: OwnedServerName,
-    pub bot: OwnedUserId,
-    /// The bot first, then the configured required members, without repeats.
-    pub required_members: Vec<OwnedUserId>,
 }
 
 impl Config {
@@ -424,8 +436,8 @@ impl Config {
                 });
             }
         };
-        let origins = apply_env(&mut tree, env)?;
-        Self::from_tree(Value::Mapping(tree), &origins)
+        let env = apply_env(&mut tree, env)?;
+        Self::from_tree(Value::Mapping(tree), &env)
     }
 
     /// Parses a YAML text with no environment: for tests and tools.
@@ -454,26 +466,58 @@ impl Config {
                 });
             }
         };
-        let origins = apply_env(&mut tree, env)?;
-        Self::from_tree(Value::Mapping(tree), &origins)
+        let env = apply_env(&mut tree, env)?;
+        Self::from_tree(Value::Mapping(tree), &env)
     }
 
-    fn from_tree(tree: Value, origins: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
-        let config: Config = serde_path_to_error::deserialize(tree).map_err(|err| {
+    /// Deserializes `tree`. Environment values enter as strings; one whose key needs
+    /// another type (a number, boolean, list or mapping) is read as YAML instead, so a
+    /// secret like `abc #def`, `0x1F` or `~` stays exactly what was set.
+    fn from_tree(mut tree: Value, env: &[EnvValue]) -> Result<Config, ConfigError> {
+        let origins: BTreeMap<String, String> =
+            env.iter().map(|e| (e.key(), e.var.clone())).collect();
+        let mut as_yaml: Vec<String> = Vec::new();
+        let config = loop {
+            let attempt: Result<Config, _> = serde_path_to_error::deserialize(tree.clone());
+            let err = match attempt {
+                Ok(config) => break config,
+                Err(err) => err,
+            };
             let key = err.path().to_string();
-            let origin = Origin(origins.get(&key).cloned());
-            let message = err.into_inner().to_string();
-            ConfigError::Invalid {
-                key,
-                origin,
-                message,
+            let retry = env
+                .iter()
+                .find(|e| e.key() == key && !as_yaml.contains(&key))
+                .and_then(|e| Some((e, serde_yaml::from_str::<Value>(&e.raw).ok()?)));
+            match retry {
+                Some((e, value)) if value != Value::String(e.raw.clone()) => {
+                    set(&mut tree, &e.section, &e.name, value);
+                    as_yaml.push(key);
+                }
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        origin: Origin(origins.get(&key).cloned()),
+                        key,
+                        message: err.into_inner().to_string(),
+                    });
+                }
             }
-        })?;
-        config.validate(origins)?;
-        Ok(config)
+        };
+        let ids = config.check(&origins)?;
+        Ok(Config {
+            ids: Some(ids),
+            ..config
+        })
     }
 
-    fn validate(&self, origins: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    /// The identities every other part of roster uses, typed once.
+    pub fn ids(&self) -> &Identities {
+        self.ids
+            .as_ref()
+            .expect("every Config is built by load or from_yaml, which validate it")
+    }
+
+    /// Checks every key; returns the identities derived from them.
+    fn check(&self, origins: &BTreeMap<String, String>) -> Result<Identities, ConfigError> {
         let fail = |key: &str, message: String| {
             Err(ConfigError::Invalid {
                 key: key.to_owned(),
@@ -509,9 +553,21 @@ impl Config {
                 "0 would fail every request; expected e.g. 30s".into(),
             );
         }
-        if let Err((key, message)) = self.identities() {
-            return fail(key, message);
-        }
+        let ids = Identities::new(
+            self.homeserver.server_name.as_deref().unwrap_or_default(),
+            &self.appservice.bot_localpart,
+            self.agents.required_members.as_deref(),
+            &self.agents.space_alias,
+        )
+        .or_else(|error| {
+            let key = match error {
+                IdsError::ServerName(_) => "homeserver.server_name",
+                IdsError::BotLocalpart(_) => "appservice.bot_localpart",
+                IdsError::RequiredMember { .. } => "agents.required_members",
+                IdsError::SpaceAlias(_) => "agents.space_alias",
+            };
+            fail(key, error.to_string())
+        })?;
         if self.homeserver.flavor == Flavor::Tuwunel && self.homeserver.admin_token.is_none() {
             return fail(
                 "homeserver.admin_token",
@@ -567,20 +623,6 @@ impl Config {
                 format!("{url:?} is not a URL; expected e.g. http://letta:8283"),
             );
         }
-        let alias = &self.agents.space_alias;
-        if alias.is_empty()
-            || alias.starts_with(crate::registration::AGENT_PREFIX)
-            || !alias
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-".contains(c))
-        {
-            return fail(
-                "agents.space_alias",
-                format!(
-                    "{alias:?} is not usable; expected an alias localpart like letta-agents, outside the agent_ namespace"
-                ),
-            );
-        }
         if self.agents.poll_interval < Duration::from_secs(1) {
             return fail(
                 "agents.poll_interval",
@@ -610,61 +652,7 @@ impl Config {
                 ),
             );
         }
-        Ok(())
-    }
-
-    /// The server name, the bot and the required members as typed ids.
-    ///
-    /// Infallible after `load`; the error names the key for `validate`.
-    pub fn identities(&self) -> Result<Identities, (&'static str, String)> {
-        let raw = self.homeserver.server_name.as_deref().unwrap_or_default();
-        let server_name = OwnedServerName::try_from(raw).map_err(|e| {
-            (
-                "homeserver.server_name",
-                format!("{raw:?} is not a server name ({e}); expected e.g. example.org"),
-            )
-        })?;
-        // The spec's grammar for new user ids; ruma also accepts historical ones.
-        let localpart = &self.appservice.bot_localpart;
-        let valid = !localpart.is_empty()
-            && localpart
-                .chars()
-                .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '=' | '-' | '/' | '+'));
-        let bot = UserId::parse_with_server_name(localpart.as_str(), &server_name)
-            .ok()
-            .filter(|_| valid)
-            .ok_or_else(|| {
-                (
-                    "appservice.bot_localpart",
-                    format!(
-                        "{:?} is not a valid user localpart; expected lower-case letters, digits and ._=-/+",
-                        self.appservice.bot_localpart
-                    ),
-                )
-            })?;
-        let mut required_members = vec![bot.clone()];
-        let configured = match &self.agents.required_members {
-            Some(list) => list.clone(),
-            None => vec![format!("@admin:{server_name}")],
-        };
-        for raw in configured {
-            let user = UserId::parse(raw.as_str()).map_err(|e| {
-                (
-                    "agents.required_members",
-                    format!(
-                        "{raw:?} is not a full user id ({e}); expected e.g. @admin:{server_name}"
-                    ),
-                )
-            })?;
-            if !required_members.contains(&user) {
-                required_members.push(user);
-            }
-        }
-        Ok(Identities {
-            server_name,
-            bot,
-            required_members,
-        })
+        Ok(ids)
     }
 
     /// The dead-letter topic, `<topic>.dlq` unless configured.
@@ -684,60 +672,91 @@ fn invalid(key: &str, origin: &Origin, message: &str) -> ConfigError {
     }
 }
 
-/// Writes environment overrides into the YAML tree; returns which key came from which variable.
+/// One environment variable that sets a config key.
+struct EnvValue {
+    var: String,
+    section: String,
+    name: String,
+    /// Exactly as set: `from_tree` decides whether the key's type needs it read as YAML.
+    raw: String,
+}
+
+impl EnvValue {
+    fn key(&self) -> String {
+        format!("{}.{}", self.section, self.name)
+    }
+}
+
+/// Writes environment overrides into the YAML tree as strings; returns them in order of
+/// precedence (legacy names first, `ROSTER_*` last so it wins).
 fn apply_env(
     tree: &mut Mapping,
     env: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, String>, ConfigError> {
-    let mut overrides: Vec<(String, String, String, String)> = Vec::new();
-    for (var, section, key) in LEGACY_ENV {
+) -> Result<Vec<EnvValue>, ConfigError> {
+    let mut overrides: Vec<EnvValue> = Vec::new();
+    for (var, section, name) in LEGACY_ENV {
         if let Some(value) = env.get(*var) {
-            overrides.push((
-                var.to_string(),
-                section.to_string(),
-                key.to_string(),
-                value.clone(),
-            ));
+            overrides.push(EnvValue {
+                var: var.to_string(),
+                section: section.to_string(),
+                name: name.to_string(),
+                raw: value.clone(),
+            });
         }
     }
-    // ROSTER_* last so it wins over a legacy name for the same key.
     for (var, value) in env {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        let Some((section, key)) = rest.split_once("__") else {
+        let Some((section, name)) = rest.split_once("__") else {
             // ROSTER_LOG and similar are not config keys.
             continue;
         };
-        overrides.push((
-            var.clone(),
-            section.to_ascii_lowercase(),
-            key.to_ascii_lowercase(),
-            value.clone(),
-        ));
+        overrides.push(EnvValue {
+            var: var.clone(),
+            section: section.to_ascii_lowercase(),
+            name: name.to_ascii_lowercase(),
+            raw: value.clone(),
+        });
     }
-    let mut origins = BTreeMap::new();
-    for (var, section, key, raw) in overrides {
-        // A value is read as YAML so `false`, `600` and `["@a:x"]` mean what they say;
-        // string-typed keys accept scalars of any kind (see `string_like`).
-        let value: Value = serde_yaml::from_str(&raw).unwrap_or(Value::String(raw));
+    for e in &overrides {
         let entry = tree
-            .entry(Value::String(section.clone()))
+            .entry(Value::String(e.section.clone()))
             .or_insert_with(|| Value::Mapping(Mapping::new()));
         if entry.is_null() {
             *entry = Value::Mapping(Mapping::new());
         }
-        let Value::Mapping(section_map) = entry else {
+        if !entry.is_mapping() {
             return Err(invalid(
-                &section,
-                &Origin(Some(var)),
+                &e.section,
+                &Origin(Some(e.var.clone())),
                 "the file sets this section to a scalar; expected a mapping",
             ));
-        };
-        section_map.insert(Value::String(key.clone()), value);
-        origins.insert(format!("{section}.{key}"), var);
+        }
+        set_in(entry, &e.name, Value::String(e.raw.clone()));
     }
-    Ok(origins)
+    // A later variable for the same key wins: keep only the last one.
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<EnvValue> = overrides
+        .into_iter()
+        .rev()
+        .filter(|e| seen.insert(e.key()))
+        .collect();
+    kept.reverse();
+    Ok(kept)
+}
+
+/// Sets `section.name` in the tree (the section exists: `apply_env` made it).
+fn set(tree: &mut Value, section: &str, name: &str, value: Value) {
+    if let Some(entry) = tree.get_mut(section) {
+        set_in(entry, name, value);
+    }
+}
+
+fn set_in(section: &mut Value, name: &str, value: Value) {
+    if let Value::Mapping(map) = section {
+        map.insert(Value::String(name.to_owned()), value);
+    }
 }
 
 /// Accepts `90s`, `10m`, `2h`, `1d`, `250ms` or a plain number of seconds.
@@ -851,7 +870,7 @@ mod tests {
         assert_eq!(config.appservice.public_url(), "http://127.0.0.1:9009");
         assert_eq!(config.sync.interval, Duration::from_secs(600));
         assert_eq!(config.dead_letter_topic(), "nova.identity.events.dlq");
-        let ids = config.identities().unwrap();
+        let ids = config.ids();
         assert_eq!(ids.bot, "@letta:example.org");
         assert_eq!(
             ids.required_members,
@@ -923,7 +942,7 @@ lifecycle:
             "12345"
         );
         assert_eq!(
-            config.identities().unwrap().required_members,
+            config.ids().required_members,
             vec!["@letta:example.org", "@ops:example.org"]
         );
     }
@@ -1082,7 +1101,7 @@ lifecycle:
     fn should_read_lifecycle_tuning_and_kafka_properties() {
         let vars = env(&[(
             "ROSTER_LIFECYCLE__KAFKA",
-            "{session.timeout.ms: 6000, auto.offset.reset: earliest}",
+            "{session.timeout.ms: 6000, security.protocol: ssl}",
         )]);
         let text = "homeserver: {server_name: example.org}\nlifecycle: {create_missing_users: false, avatar_fetch_timeout: 3s, max_in_flight_users: 4}";
         let config = Config::from_yaml_with_env(text, &vars).unwrap();
@@ -1093,10 +1112,81 @@ lifecycle:
         assert_eq!(lifecycle.max_buffered_events, 1024);
         assert_eq!(lifecycle.avatar_max_bytes, 5 * 1024 * 1024);
         assert_eq!(lifecycle.kafka["session.timeout.ms"], "6000");
-        assert_eq!(lifecycle.kafka["auto.offset.reset"], "earliest");
+        assert_eq!(lifecycle.kafka["security.protocol"], "ssl");
+        assert_eq!(lifecycle.start_from, StartFrom::Earliest);
         let defaults = Config::from_yaml(MINIMAL).unwrap().lifecycle;
         assert!(defaults.create_missing_users);
         assert!(defaults.kafka.is_empty());
+    }
+
+    /// Secrets and other strings from the environment are kept exactly as set; only keys
+    /// whose type needs it read the value as YAML.
+    #[test]
+    fn should_keep_environment_strings_verbatim() {
+        for secret in [
+            "abc #def",
+            "0x1F",
+            "~",
+            "null",
+            "a: b",
+            "'quoted'",
+            "\"double\"",
+            "  leading and trailing  ",
+            "true",
+            "600",
+            "[1, 2]",
+            "{x: 1}",
+            "@at-start",
+        ] {
+            let vars = env(&[
+                ("ROSTER_ADMIN__TOKEN", secret),
+                ("LETTA_TOKEN", secret),
+                ("MATRIX_ADMIN_TOKEN", secret),
+                ("ROSTER_LIFECYCLE__GROUP_ID", secret),
+            ]);
+            let config = Config::from_yaml_with_env(MINIMAL, &vars)
+                .unwrap_or_else(|e| panic!("{secret:?}: {e}"));
+            assert_eq!(config.admin.token.as_ref().unwrap().expose(), secret);
+            assert_eq!(config.agents.letta_token.as_ref().unwrap().expose(), secret);
+            assert_eq!(
+                config.homeserver.admin_token.as_ref().unwrap().expose(),
+                secret
+            );
+            assert_eq!(config.lifecycle.group_id, secret);
+        }
+        // Typed keys still read YAML.
+        let vars = env(&[
+            ("ROSTER_HOMESERVER__MAX_CONCURRENT_REQUESTS", "0x10"),
+            ("ROSTER_LIFECYCLE__ENABLED", "true"),
+            ("ROSTER_AGENTS__POLL_INTERVAL", "90"),
+            ("ROSTER_LIFECYCLE__KAFKA", "{security.protocol: ssl}"),
+        ]);
+        let config = Config::from_yaml_with_env(MINIMAL, &vars).unwrap();
+        assert_eq!(config.homeserver.max_concurrent_requests, 16);
+        assert!(config.lifecycle.enabled);
+        assert_eq!(config.agents.poll_interval, Duration::from_secs(90));
+        assert_eq!(config.lifecycle.kafka["security.protocol"], "ssl");
+        // The environment wins over the file, ROSTER_* over the legacy name.
+        let vars = env(&[
+            ("LETTA_API_URL", "http://legacy:8283"),
+            ("ROSTER_AGENTS__LETTA_URL", "http://new:8283"),
+        ]);
+        let config = Config::from_yaml_with_env(
+            "homeserver: {server_name: example.org}\nagents: {letta_url: 'http://file:8283'}",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(config.agents.letta_url.as_deref(), Some("http://new:8283"));
+        let vars = env(&[("LETTA_API_URL", "http://legacy:8283")]);
+        let config = Config::from_yaml_with_env(
+            "homeserver: {server_name: example.org}\nagents: {letta_url: 'http://file:8283'}",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(
+            config.agents.letta_url.as_deref(),
+            Some("http://legacy:8283")
+        );
     }
 
     #[test]

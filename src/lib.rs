@@ -2,24 +2,37 @@
 //! identity lifecycle events, acting only by masquerading with its appservice token. It
 //! never logs in.
 //!
-//! The map (ingress feeds the model; `reconcile` reads it and drives `matrix`):
+//! The map (ingress feeds `state`; `reconcile` and the identity effects read it and drive
+//! `matrix`):
 //!
 //! - [`config`]: one typed configuration from YAML and the environment, validated.
+//! - [`ids`]: every naming rule (agent users and aliases, `@nova-*`, namespaces).
+//! - [`clock`]: the wall clock, read in one place.
 //! - [`registration`]: generates and reads the appservice registration.
+//! - [`state`]: the one owner of the model, the store and the status; verbs that persist
+//!   first, then commit.
 //! - [`appservice`]: the routes the homeserver calls; hs_token auth, dedup, durable record.
 //! - [`sources`]: lists the agents that should exist, from Letta or an agents file.
-//! - [`lifecycle`]: the Kafka consumer of identity events; decoding, ordering, commits, DLQ.
-//! - [`admin`]: `/health`, `/ready`, `/metrics` and the operator API.
-//! - [`operator`]: the CLI's client of a running roster's admin API (e.g. `replay`).
+//! - [`lifecycle`]: the Kafka consumer of identity events, its worker and the identity
+//!   effects it takes on the homeserver.
+//! - [`admin`]: `/health`, `/ready`, `/metrics` and the operator API; the typed status.
+//! - [`http`]: what both listeners share: Matrix JSON errors, bearer tokens.
+//! - [`operator`]: the CLI's client of a running roster's admin API.
+//! - [`commands`]: offline commands (`plan`, `adopt`).
 //! - [`model`]: pure membership state and its transitions; no I/O.
-//! - [`reconcile`]: everything roster does to the homeserver, starting with start-up.
+//! - [`reconcile`]: the controller (queue, sweep, triggers) and the agent reconciler.
+//! - [`retry`]: one backoff policy and the outcome every retrying loop reports.
 //! - [`matrix`]: the one homeserver client (ruma types, masquerading, typed errors).
-//! - [`store`]: embedded SQLite persistence of roster's own promises.
+//! - [`store`]: embedded SQLite persistence of roster's own promises, schema versioned.
 //! - [`metrics`]: every exported metric, declared once.
 
 pub mod admin;
 pub mod appservice;
+pub mod clock;
+pub mod commands;
 pub mod config;
+pub mod http;
+pub mod ids;
 pub mod lifecycle;
 pub mod matrix;
 pub mod metrics;
@@ -27,12 +40,16 @@ pub mod model;
 pub mod operator;
 pub mod reconcile;
 pub mod registration;
+pub mod retry;
 pub mod sources;
+pub mod state;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ruma::api::appservice::Registration;
@@ -41,17 +58,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Identities};
+use crate::config::{Config, Secret};
 use crate::matrix::Homeserver;
 use crate::metrics::Metrics;
-use crate::model::Model;
+use crate::reconcile::{SyncRequest, Trigger};
+use crate::state::State;
 use crate::store::Store;
 
 /// Set (to anything) to make `serve` abort right after durably recording a transaction and
 /// before answering it: lets tests crash roster at the worst moment. Never set in production.
 pub const FAULT_ABORT_AFTER_RECORD: &str = "ROSTER_FAULT_ABORT_AFTER_RECORD";
 
-/// Manual sync requests waiting at once; more get "busy" (they would coalesce anyway).
+/// Sync requests waiting at once; more get "busy" (they would coalesce anyway).
 pub const SYNC_QUEUE: usize = 64;
 
 /// Why `serve` could not start or had to stop.
@@ -77,27 +95,23 @@ pub enum RunError {
     #[error(transparent)]
     Lifecycle(#[from] lifecycle::LifecycleError),
     #[error(transparent)]
-    IdentityEffects(#[from] reconcile::identity::StartError),
+    IdentityEffects(#[from] lifecycle::effects::StartError),
 }
 
-/// State every part of a running roster shares. The homeserver client is deliberately not
-/// here: only `reconcile` holds it.
+/// What every part of a running roster shares. The homeserver client is deliberately not
+/// here: only the reconciler and the identity effects hold it.
 pub struct Shared {
     pub config: Config,
-    pub ids: Identities,
     pub registration: Registration,
-    pub store: Store,
-    /// One writer at a time (transactions are recorded under the write lock), many readers.
-    pub model: RwLock<Model>,
+    /// The model, the store and the status, changed only through its verbs.
+    pub state: State,
     pub metrics: Arc<Metrics>,
     /// Agent rooms waiting for the reconciler; pushed changes schedule theirs.
     pub queue: reconcile::queue::WorkQueue,
-    status: Mutex<reconcile::Status>,
-    pub sync_requests: mpsc::Sender<reconcile::SyncRequest>,
+    pub sync_requests: mpsc::Sender<SyncRequest>,
     /// Reaches the lifecycle consumer (replay), when it runs.
     pub lifecycle: lifecycle::Control,
     ready: AtomicBool,
-    last_ping_ms: AtomicU64,
     fault_abort_after_record: bool,
 }
 
@@ -105,58 +119,25 @@ impl Shared {
     pub fn new(
         config: Config,
         registration: Registration,
-        store: Store,
+        state: State,
         metrics: Arc<Metrics>,
-        sync_requests: mpsc::Sender<reconcile::SyncRequest>,
-    ) -> Result<Shared, RunError> {
-        let ids = config
-            .identities()
-            .expect("a loaded config has valid identities");
-        let mut model = Model::new();
-        for member in store.members()? {
-            model.restore(member.room_id, member.user_id, member.state);
-        }
-        for record in store.room_records()? {
-            model.agents.restore(record);
-        }
-        for user in store.deactivated_users()? {
-            model.identities.mark_deactivated(user);
-        }
-        Ok(Shared {
+        sync_requests: mpsc::Sender<SyncRequest>,
+    ) -> Shared {
+        Shared {
             config,
-            ids,
             registration,
-            store,
-            model: RwLock::new(model),
+            state,
             metrics,
             queue: reconcile::queue::WorkQueue::new(),
-            status: Mutex::new(reconcile::Status::default()),
             sync_requests,
             lifecycle: lifecycle::Control::default(),
             ready: AtomicBool::new(false),
-            last_ping_ms: AtomicU64::new(0),
             fault_abort_after_record: std::env::var_os(FAULT_ABORT_AFTER_RECORD).is_some(),
-        })
+        }
     }
 
-    pub fn model(&self) -> std::sync::RwLockReadGuard<'_, Model> {
-        // The model is only written by whole `commit`s; a panic elsewhere cannot leave it
-        // half-applied, so a poisoned lock still holds a consistent model.
-        self.model.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn model_mut(&self) -> std::sync::RwLockWriteGuard<'_, Model> {
-        self.model.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn status(&self) -> MutexGuard<'_, reconcile::Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn status_mut(&self) -> MutexGuard<'_, reconcile::Status> {
-        self.status()
-    }
-
+    /// Listeners bound, store open, config valid: the homeserver's first request can be
+    /// routed here. Never waits for the homeserver.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -165,48 +146,34 @@ impl Shared {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// The homeserver called `/_matrix/app/v1/ping`: it can reach roster.
-    pub fn note_homeserver_ping(&self) {
-        self.last_ping_ms
-            .store(appservice::now_ms(), Ordering::Relaxed);
-    }
-
-    pub fn last_homeserver_ping_ms(&self) -> Option<u64> {
-        Some(self.last_ping_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0)
-    }
-
     /// Whether roster provides `user_id` (the homeserver asks before it creates one): the
     /// bot and the users of the agents it provisions.
-    pub fn manages_user(&self, user_id: &str) -> bool {
-        if user_id == self.ids.bot.as_str() {
-            return true;
-        }
+    pub fn provides_user(&self, user_id: &str) -> bool {
+        let ids = self.config.ids();
         let Ok(user) = ruma::UserId::parse(user_id) else {
             return false;
         };
-        user.server_name() == self.ids.server_name
-            && self
-                .model()
-                .agents
-                .records
-                .values()
-                .any(|r| !r.retired && r.localpart == user.localpart())
+        user == ids.bot
+            || (ids.owns(&user)
+                && self.state.read(|m| {
+                    m.agents
+                        .records
+                        .values()
+                        .any(|r| !r.retired && r.localpart == user.localpart())
+                }))
     }
 }
 
 /// Runs `serve` until `shutdown` is cancelled or a listener fails.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let registration = registration::read(&config.appservice.registration, &config)?;
-    let store = Store::open(&config.store.path)?;
+    let state = State::open(Store::open(&config.store.path)?, config.ids().clone())?;
     let metrics = Arc::new(Metrics::new());
-    let homeserver = Homeserver::new(
-        &config.homeserver.url,
-        config::Secret::new(registration.as_token.clone()),
-        config.homeserver.request_timeout,
-        config.homeserver.max_concurrent_requests,
+    let homeserver = Homeserver::from_config(
+        &config,
+        Secret::new(registration.as_token.clone()),
         metrics.clone(),
-    )
-    .with_admin_token(config.homeserver.admin_token.clone());
+    );
     let bind = |key: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -220,16 +187,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let shared = Arc::new(Shared::new(
         config,
         registration,
-        store,
+        state,
         metrics,
         sync_requests,
-    )?);
+    ));
+    shared.set_ready();
     tracing::info!(
         appservice = %shared.config.appservice.listen,
         admin = %shared.config.admin.listen,
         homeserver = %shared.config.homeserver.url,
-        rooms = shared.model().room_count(),
-        "roster listening"
+        rooms = shared.state.read(|m| m.room_count()),
+        "roster listening; ready"
     );
 
     let tracker = TaskTracker::new();
@@ -296,7 +264,7 @@ async fn run_lifecycle(
 ) -> Result<(), RunError> {
     let effects = if shared.config.lifecycle.matrix_enabled {
         let started =
-            reconcile::identity::IdentityEffects::start(shared.clone(), homeserver, &shutdown)
+            lifecycle::effects::IdentityEffects::start(shared.clone(), homeserver, &shutdown)
                 .await?;
         match started {
             Some(effects) => Some(Arc::new(effects)),
@@ -321,7 +289,8 @@ async fn sync_on_sighup(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = hangups.recv() => {}
         }
-        let request = reconcile::SyncRequest {
+        let request = SyncRequest {
+            trigger: Trigger::Hangup,
             agents: None,
             reply: None,
         };
@@ -340,20 +309,31 @@ async fn prune_transactions(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        let worker = shared.clone();
-        let pruned = tokio::task::spawn_blocking(move || {
-            let retention = worker.config.appservice.txn_retention.as_millis() as u64;
-            let before = appservice::now_ms().saturating_sub(retention);
-            worker
-                .store
-                .prune_transactions(before, worker.config.appservice.txn_max_ids)
-        })
-        .await;
-        match pruned {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(pruned = n, "forgot old transaction ids"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune transaction ids"),
-            Err(e) => tracing::warn!(error = %e, "pruning transaction ids panicked"),
+        let appservice = &shared.config.appservice;
+        let before = clock::now_ms().saturating_sub(appservice.txn_retention.as_millis() as u64);
+        match shared
+            .state
+            .prune_transactions(before, appservice.txn_max_ids)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "forgot old transaction ids"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prune transaction ids; trying again later")
+            }
         }
     }
+}
+
+/// `error` and its causes on one line (reqwest's own message omits the cause, e.g.
+/// "connection refused").
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }

@@ -2,12 +2,15 @@
 //! The one place errors become `anyhow` and a one-line message on stderr.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use roster::admin::Target;
 use roster::config::Config;
+use roster::operator::AdminClient;
 
 #[derive(Parser)]
 #[command(
@@ -27,9 +30,24 @@ struct ConfigArg {
     config: Option<PathBuf>,
 }
 
+/// Where a client command finds the running roster: only the admin URL and token.
+#[derive(clap::Args)]
+struct AdminArg {
+    /// Config file to read `admin.listen` and `admin.token` from (nothing else is read).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The admin API, e.g. http://127.0.0.1:9010 (else ROSTER_ADMIN_URL, else admin.listen).
+    /// The token comes from ROSTER_ADMIN__TOKEN or admin.token.
+    #[arg(long, value_name = "URL")]
+    admin_url: Option<String>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the appservice: homeserver listener, admin listener, reconciler.
+    /// Run the appservice: homeserver listener, admin listener, reconciler, lifecycle.
     Serve(ConfigArg),
     /// Write an appservice registration with fresh tokens for the homeserver to load.
     Registration {
@@ -45,7 +63,7 @@ enum Command {
     /// Ask a running roster for an immediate reconciliation (concurrent requests coalesce).
     Sync {
         #[command(flatten)]
-        config: ConfigArg,
+        admin: AdminArg,
         /// Only this agent room.
         #[arg(long, value_name = "ROOM_ID")]
         room: Option<String>,
@@ -75,31 +93,39 @@ enum Command {
     /// Show a running roster's state: agents, rooms, drift, pending and failed work.
     Status {
         #[command(flatten)]
-        config: ConfigArg,
-        /// Print the full status as JSON.
-        #[arg(long)]
-        json: bool,
+        admin: AdminArg,
     },
-    /// Ask a running `serve` to re-consume lifecycle events of a partition from an offset.
+    /// Ask a running roster to re-consume lifecycle events of a partition from an offset.
     Replay {
         #[command(flatten)]
-        config: ConfigArg,
+        admin: AdminArg,
         /// The partition of lifecycle.topic.
         #[arg(long)]
         partition: i32,
-        /// The first offset to consume again (0 for the beginning).
+        /// The first offset to consume again, within the partition's range.
         #[arg(long)]
         offset: i64,
     },
 }
 
+fn environment() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
 fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
-    let env: BTreeMap<String, String> = std::env::vars().collect();
     let path = arg
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from("config.yaml"));
-    Ok(Config::load(&path, arg.config.is_some(), &env)?)
+    Ok(Config::load(&path, arg.config.is_some(), &environment())?)
+}
+
+fn admin_client(arg: &AdminArg) -> anyhow::Result<AdminClient> {
+    Ok(AdminClient::resolve(
+        arg.admin_url.clone(),
+        arg.config.as_deref(),
+        &environment(),
+    )?)
 }
 
 fn init_logging() {
@@ -109,7 +135,9 @@ fn init_logging() {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into pipes and files.
+        .with_ansi(std::io::stderr().is_terminal());
     if std::env::var("ROSTER_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -142,6 +170,11 @@ async fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(arg) => {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                commit = option_env!("ROSTER_COMMIT").unwrap_or("unknown"),
+                "roster starting"
+            );
             let config = load_config(&arg)?;
             let shutdown = CancellationToken::new();
             shutdown_on_signal(shutdown.clone());
@@ -162,29 +195,33 @@ async fn real_main() -> anyhow::Result<()> {
             );
         }
         Command::Sync {
-            config,
+            admin,
             room,
             agent,
             wait,
         } => {
-            let config = load_config(&config)?;
-            let target = roster::admin::Target { room, agent, wait };
-            let answer = roster::operator::call(
-                &config,
-                reqwest::Method::POST,
-                "sync",
-                Some(serde_json::to_value(&target)?),
-            )
-            .await?;
-            println!("{}", serde_json::to_string_pretty(&answer)?);
+            let client = admin_client(&admin)?;
+            let target = Target { room, agent, wait };
+            match client.sync(&target).await? {
+                Some(summary) if admin.json => {
+                    println!("{}", serde_json::to_string_pretty(&summary)?)
+                }
+                Some(summary) => {
+                    println!(
+                        "sync finished: {}",
+                        roster::operator::render_summary(&summary)
+                    )
+                }
+                None => println!("sync requested"),
+            }
         }
         Command::Plan { config, json } => {
             let config = load_config(&config)?;
-            let plan = roster::reconcile::plan::dry_run(&config).await?;
+            let plan = roster::commands::plan::dry_run(&config).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
             } else {
-                print!("{}", human_plan(&plan));
+                print!("{}", roster::commands::plan::render(&plan));
             }
         }
         Command::Adopt {
@@ -192,118 +229,37 @@ async fn real_main() -> anyhow::Result<()> {
             legacy_mappings,
         } => {
             let config = load_config(&config)?;
-            let report = roster::reconcile::adopt::adopt(&config, &legacy_mappings).await?;
+            let report = roster::commands::adopt::adopt(&config, &legacy_mappings).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Status { config, json } => {
-            let config = load_config(&config)?;
-            let status =
-                roster::operator::call(&config, reqwest::Method::GET, "status", None).await?;
-            if json {
+        Command::Status { admin } => {
+            let status = admin_client(&admin)?.status().await?;
+            if admin.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{}", human_status(&status));
+                print!(
+                    "{}",
+                    roster::operator::render_status(&status, roster::clock::now_ms())
+                );
             }
         }
         Command::Replay {
-            config,
+            admin,
             partition,
             offset,
         } => {
-            let config = load_config(&config)?;
-            let answer = roster::operator::replay(&config, partition, offset).await?;
-            eprintln!(
-                "replaying {} partition {} from offset {}",
-                answer["topic"].as_str().unwrap_or(&config.lifecycle.topic),
-                answer["partition"],
-                answer["offset"]
-            );
+            let answer = admin_client(&admin)?.replay(partition, offset).await?;
+            if admin.json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!(
+                    "replaying {} partition {} from offset {}",
+                    answer.topic, answer.partition, answer.offset
+                );
+            }
         }
     }
     Ok(())
-}
-
-fn human_plan(plan: &roster::reconcile::plan::DryRun) -> String {
-    let mut out = String::new();
-    if !plan.space_exists {
-        out += "create the agents space\n";
-    }
-    let mut actions = 0;
-    for agent in &plan.agents {
-        for action in &agent.actions {
-            actions += 1;
-            out += &format!(
-                "{} ({}): {}\n",
-                agent.agent_id,
-                agent.name,
-                serde_json::to_string(action).unwrap_or_default()
-            );
-        }
-        for blocked in &agent.blocked {
-            out += &format!("{}: will not touch {blocked}\n", agent.agent_id);
-        }
-    }
-    for absent in &plan.absent {
-        out += &format!("{absent}: absent from the source (removed after agents.removal_grace)\n");
-    }
-    out += &format!(
-        "{} agents, {actions} actions; {} homeserver reads, no writes\n",
-        plan.agents.len(),
-        plan.homeserver_reads
-    );
-    out
-}
-
-/// A JSON value as an operator reads it: strings without quotes, `-` for nothing.
-fn text(value: &serde_json::Value) -> String {
-    match value {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
-/// A few lines an operator reads at a glance; `--json` has everything.
-fn human_status(s: &serde_json::Value) -> String {
-    let sync = &s["last_sync"];
-    let source = &s["source"];
-    let mut out = format!(
-        "ready: {}\nagents: {}  rooms: {}  retired: {}\npending: {}  running: {}  failed: {}  blocked: {}\n",
-        s["ready"],
-        s["agents"],
-        s["rooms"],
-        s["retired"],
-        s["pending"],
-        s["running"],
-        s["failed"].as_object().map_or(0, |m| m.len()),
-        s["blocked"].as_object().map_or(0, |m| m.len()),
-    );
-    if sync.is_object() {
-        out += &format!(
-            "last sync: {} ({} ms, {} rooms read, drift {}, {} actions)\n",
-            sync["trigger"],
-            sync["duration_ms"],
-            sync["rooms_read"],
-            sync["drift"],
-            sync["actions"]
-        );
-    }
-    if source.is_object() {
-        out += &format!(
-            "source: {} ({} agents; last error: {})\n",
-            text(&source["source"]),
-            source["agents_listed"],
-            text(&source["last_error"])
-        );
-    }
-    out += &format!(
-        "cache hit ratio: {}  lifecycle lag: {}\n",
-        s["cache_hit_ratio"], s["lifecycle_lag"]
-    );
-    for (agent, reason) in s["failed"].as_object().into_iter().flatten() {
-        out += &format!("failed {agent}: {reason}\n");
-    }
-    out
 }
 
 #[tokio::main]

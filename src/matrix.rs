@@ -1,9 +1,11 @@
 //! Talks to the homeserver: the one client, acting as any namespaced user by masquerading.
 //!
-//! Invariants: the only credential is the `as_token` (DESIGN principle 1: no login code
-//! exists); every request has a timeout, waits for one of a bounded number of permits, and
-//! is counted by endpoint and status in `roster_homeserver_requests_total`. Errors are
-//! classified by `errcode`, never by message text.
+//! Invariants: the only credential is the `as_token` (no login code exists; an admin token
+//! is used only where a homeserver offers appservices no other way); every request has a
+//! timeout, waits for one of a bounded number of permits, and is counted by endpoint and
+//! status in `roster_homeserver_requests_total` and timed in
+//! `roster_homeserver_request_duration_seconds`. Errors are classified by `errcode`, never
+//! by message text.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -34,8 +36,9 @@ use ruma::profile::ProfileFieldValue;
 use ruma::{OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
 use tokio::sync::Semaphore;
 
-use crate::config::{Flavor, Secret};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::config::{Config, Flavor, Secret};
+use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
+use crate::retry::Retryable;
 
 /// A failed homeserver call, classified so callers can decide to retry, skip or report.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +139,16 @@ impl MatrixError {
             }
             MatrixError::Decode { .. } | MatrixError::Request { .. } => false,
         }
+    }
+}
+
+impl Retryable for MatrixError {
+    fn is_transient(&self) -> bool {
+        MatrixError::is_transient(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        MatrixError::retry_after(self)
     }
 }
 
@@ -277,6 +290,18 @@ impl Homeserver {
         }
     }
 
+    /// The client `config` describes, acting with `as_token` (from the registration).
+    pub fn from_config(config: &Config, as_token: Secret, metrics: Arc<Metrics>) -> Homeserver {
+        Homeserver::new(
+            &config.homeserver.url,
+            as_token,
+            config.homeserver.request_timeout,
+            config.homeserver.max_concurrent_requests,
+            metrics,
+        )
+        .with_admin_token(config.homeserver.admin_token.clone())
+    }
+
     /// Gives the client the homeserver admin token (`homeserver.admin_token`).
     ///
     /// Call before the client is cloned: clones share one token.
@@ -369,8 +394,18 @@ impl Homeserver {
             .acquire()
             .await
             .expect("the semaphore is never closed");
+        inner.metrics.count_homeserver_request();
+        let started = std::time::Instant::now();
+        let timed = || {
+            inner
+                .metrics
+                .homeserver_request_duration_seconds
+                .get_or_create(&EndpointLabels { endpoint })
+                .observe(started.elapsed().as_secs_f64());
+        };
         let response = inner.http.execute(request).await.map_err(|source| {
             count("error".into());
+            timed();
             transport(source)
         })?;
         let status = response.status();
@@ -379,7 +414,9 @@ impl Homeserver {
         if let Some(headers) = builder.headers_mut() {
             *headers = response.headers().clone();
         }
-        let body = response.bytes().await.map_err(transport)?;
+        let body = response.bytes().await.map_err(transport);
+        timed();
+        let body = body?;
         Ok(builder
             .body(body)
             .expect("status and headers came from a valid response"))

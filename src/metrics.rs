@@ -9,12 +9,29 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub endpoint: &'static str,
     /// HTTP status, or `error` when no response arrived (timeout, connection refused).
     pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub commit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,14 +76,28 @@ pub struct TransitionLabels {
 
 pub struct Metrics {
     registry: Registry,
+    /// Always 1; the labels name the running build.
+    pub build_info: Family<BuildLabels, Gauge>,
     /// Requests roster sent to the homeserver, by endpoint and HTTP status.
     pub homeserver_requests: Family<RequestLabels, Counter>,
+    /// Time from sending a homeserver request to its whole answer, by endpoint.
+    pub homeserver_request_duration_seconds: Family<EndpointLabels, Histogram>,
+    /// roster's requests that the homeserver ping it back, by outcome.
+    pub homeserver_pings: Family<OutcomeLabels, Counter>,
+    /// 1 once the homeserver pinged roster back, 0 while it cannot.
+    pub homeserver_ping_ok: Gauge,
+    /// When the homeserver last pinged roster back, in Unix seconds.
+    pub homeserver_ping_last_success: Gauge,
+    /// Homeserver requests sent, all endpoints together (for status and `plan`).
+    homeserver_requests_sent: AtomicU64,
     /// Transactions pushed by the homeserver, by outcome.
     pub transactions: Family<OutcomeLabels, Counter>,
     /// Membership changes recorded from pushed events, by transition.
     pub member_transitions: Family<TransitionLabels, Counter>,
     /// Pushed events roster could not decode and skipped.
     pub undecodable_events: Counter,
+    /// Pushed member events about rooms roster does not look after: acknowledged, dropped.
+    pub unmanaged_events: Counter,
     /// Ephemeral items (typing, receipts, presence) received; lossy by nature, only counted.
     pub ephemeral_items: Counter,
     /// Whether an action was skipped because the model already showed it done.
@@ -79,8 +110,12 @@ pub struct Metrics {
     pub actions: Family<ActionLabels, Counter>,
     /// Lifecycle events handled, by type and outcome.
     pub lifecycle_events: Family<LifecycleLabels, Counter>,
-    /// Lifecycle messages behind the end of the topic, summed over partitions.
+    /// Lifecycle messages behind the end of the topic, summed over partitions (a count of
+    /// messages, not a time).
     pub lifecycle_lag: Gauge,
+    /// How long each lifecycle partition has been unable to move past one message, in
+    /// seconds (0 when it moves).
+    pub lifecycle_stalled_seconds: Family<PartitionLabels, Gauge>,
     /// Lifecycle messages sent to the dead-letter topic.
     pub dead_letters: Counter,
     /// Agent listings asked of the agent source, by source and outcome.
@@ -97,10 +132,19 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("roster");
         let m = Metrics {
+            build_info: Family::default(),
             homeserver_requests: Family::default(),
+            homeserver_request_duration_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 14))
+            }),
+            homeserver_requests_sent: AtomicU64::new(0),
+            homeserver_pings: Family::default(),
+            homeserver_ping_ok: Gauge::default(),
+            homeserver_ping_last_success: Gauge::default(),
             transactions: Family::default(),
             member_transitions: Family::default(),
             undecodable_events: Counter::default(),
+            unmanaged_events: Counter::default(),
             ephemeral_items: Counter::default(),
             membership_cache: Family::default(),
             sync_runs: Family::default(),
@@ -108,10 +152,36 @@ impl Metrics {
             actions: Family::default(),
             lifecycle_events: Family::default(),
             lifecycle_lag: Gauge::default(),
+            lifecycle_stalled_seconds: Family::default(),
             dead_letters: Counter::default(),
             source_polls: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "build_info",
+            "Always 1; the labels name the running build",
+            m.build_info.clone(),
+        );
+        registry.register(
+            "homeserver_request_duration_seconds",
+            "Time from sending a homeserver request to its whole answer, by endpoint",
+            m.homeserver_request_duration_seconds.clone(),
+        );
+        registry.register(
+            "homeserver_pings",
+            "roster's requests that the homeserver ping it back, by outcome",
+            m.homeserver_pings.clone(),
+        );
+        registry.register(
+            "homeserver_ping_ok",
+            "1 once the homeserver pinged roster back, 0 while it cannot",
+            m.homeserver_ping_ok.clone(),
+        );
+        registry.register(
+            "homeserver_ping_last_success_timestamp_seconds",
+            "When the homeserver last pinged roster back, in Unix seconds",
+            m.homeserver_ping_last_success.clone(),
+        );
         registry.register(
             "homeserver_requests",
             "Requests roster sent to the homeserver, by endpoint and HTTP status",
@@ -131,6 +201,11 @@ impl Metrics {
             "undecodable_events",
             "Pushed events roster could not decode and skipped",
             m.undecodable_events.clone(),
+        );
+        registry.register(
+            "unmanaged_events",
+            "Pushed member events about rooms roster does not look after: acknowledged, dropped",
+            m.unmanaged_events.clone(),
         );
         registry.register(
             "ephemeral_items",
@@ -164,8 +239,13 @@ impl Metrics {
         );
         registry.register(
             "lifecycle_lag",
-            "Lifecycle messages behind the end of the topic, summed over partitions",
+            "Lifecycle messages behind the end of the topic, summed over partitions (a count of messages)",
             m.lifecycle_lag.clone(),
+        );
+        registry.register(
+            "lifecycle_stalled_seconds",
+            "How long each lifecycle partition has been unable to move past one message (0 when it moves)",
+            m.lifecycle_stalled_seconds.clone(),
         );
         registry.register(
             "dead_letters",
@@ -177,6 +257,32 @@ impl Metrics {
             "Agent listings asked of the agent source, by source and outcome",
             m.source_polls.clone(),
         );
+        // Known label values start at 0, so dashboards and alerts see the series at once.
+        for outcome in [
+            "applied",
+            "duplicate",
+            "rejected",
+            "unauthorized",
+            "forbidden",
+            "error",
+        ] {
+            let _ = m.transactions.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["ok", "error"] {
+            let _ = m.homeserver_pings.get_or_create(&OutcomeLabels { outcome });
+        }
+        for trigger in ["startup", "interval", "manual", "sighup"] {
+            let _ = m.sync_runs.get_or_create(&TriggerLabels { trigger });
+        }
+        for result in ["hit", "miss"] {
+            let _ = m.membership_cache.get_or_create(&ResultLabels { result });
+        }
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: option_env!("ROSTER_COMMIT").unwrap_or("unknown"),
+            })
+            .set(1);
         Metrics { registry, ..m }
     }
 
@@ -188,52 +294,89 @@ impl Metrics {
         out
     }
 
-    /// Sum of all homeserver requests sent so far, for tests and status.
-    pub fn homeserver_request_total(&self) -> u64 {
-        // Family has no iterator; the encoded text is the one public view of every series.
-        parse_sum(&self.encode(), "roster_homeserver_requests_total")
+    /// Counts one homeserver request (all endpoints); `homeserver_requests` has the detail.
+    pub fn count_homeserver_request(&self) {
+        self.homeserver_requests_sent
+            .fetch_add(1, Ordering::Relaxed);
     }
-}
 
-/// Sums every sample of `name` in a Prometheus text exposition.
-pub fn parse_sum(text: &str, name: &str) -> u64 {
-    parse_sum_labeled(text, name, "")
-}
-
-/// Sums the samples of `name` whose labels contain `label` (e.g. `result="hit"`).
-pub fn parse_sum_labeled(text: &str, name: &str, label: &str) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    /// Homeserver requests sent so far.
+    pub fn homeserver_requests_sent(&self) -> u64 {
+        self.homeserver_requests_sent.load(Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const FAMILIES: &[&str] = &[
+        "roster_build_info",
+        "roster_homeserver_pings",
+        "roster_homeserver_ping_ok",
+        "roster_homeserver_ping_last_success_timestamp_seconds",
+        "roster_homeserver_requests",
+        "roster_homeserver_request_duration_seconds",
+        "roster_transactions",
+        "roster_member_transitions",
+        "roster_undecodable_events",
+        "roster_unmanaged_events",
+        "roster_ephemeral_items",
+        "roster_membership_cache",
+        "roster_sync_runs",
+        "roster_sync_duration_seconds",
+        "roster_actions",
+        "roster_lifecycle_events",
+        "roster_lifecycle_lag",
+        "roster_lifecycle_stalled_seconds",
+        "roster_dead_letters",
+        "roster_source_polls",
+    ];
+
+    fn types(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect()
+    }
+
+    /// Families with a fixed set of labels are exported at 0 from the start; every family
+    /// is exported once touched, and nothing else is.
     #[test]
-    fn should_export_every_contract_metric() {
+    fn should_export_every_declared_family() {
         let m = Metrics::new();
+        let fresh = m.encode();
+        for name in [
+            "roster_build_info",
+            "roster_transactions",
+            "roster_homeserver_pings",
+            "roster_sync_runs",
+            "roster_membership_cache",
+            "roster_lifecycle_lag",
+            "roster_dead_letters",
+        ] {
+            assert!(types(&fresh).contains(&name), "{name} missing in\n{fresh}");
+        }
+        assert!(
+            fresh.contains("roster_transactions_total{outcome=\"error\"} 0"),
+            "{fresh}"
+        );
+        assert!(fresh.contains("roster_build_info{version=\""), "{fresh}");
+
+        let endpoint = EndpointLabels { endpoint: "join" };
         m.homeserver_requests
             .get_or_create(&RequestLabels {
                 endpoint: "join",
                 status: "200".into(),
             })
             .inc();
-        m.transactions
-            .get_or_create(&OutcomeLabels { outcome: "applied" })
-            .inc();
-        m.membership_cache
-            .get_or_create(&ResultLabels { result: "hit" })
-            .inc();
-        m.sync_runs
-            .get_or_create(&TriggerLabels { trigger: "startup" })
+        m.homeserver_request_duration_seconds
+            .get_or_create(&endpoint)
+            .observe(0.1);
+        m.member_transitions
+            .get_or_create(&TransitionLabels {
+                transition: "joined",
+            })
             .inc();
         m.actions
             .get_or_create(&ActionLabels {
@@ -247,6 +390,9 @@ mod tests {
                 outcome: "applied",
             })
             .inc();
+        m.lifecycle_stalled_seconds
+            .get_or_create(&PartitionLabels { partition: 0 })
+            .set(3);
         m.source_polls
             .get_or_create(&SourceLabels {
                 source: "letta",
@@ -254,20 +400,25 @@ mod tests {
             })
             .inc();
         let text = m.encode();
-        for name in [
+        let mut exported = types(&text);
+        exported.sort();
+        let mut declared = FAMILIES.to_vec();
+        declared.sort();
+        assert_eq!(exported, declared);
+        for sample in [
             "roster_homeserver_requests_total{endpoint=\"join\",status=\"200\"} 1",
-            "roster_transactions_total{outcome=\"applied\"} 1",
-            "roster_membership_cache_total{result=\"hit\"} 1",
-            "roster_sync_runs_total{trigger=\"startup\"} 1",
-            "roster_sync_duration_seconds_count",
-            "roster_actions_total{kind=\"join\",outcome=\"ok\"} 1",
-            "roster_lifecycle_events_total{type=\"deleted\",outcome=\"applied\"} 1",
-            "roster_lifecycle_lag",
-            "roster_dead_letters_total",
-            "roster_source_polls_total{source=\"letta\",outcome=\"ok\"} 1",
+            "roster_homeserver_request_duration_seconds_count{endpoint=\"join\"} 1",
+            "roster_lifecycle_stalled_seconds{partition=\"0\"} 3",
         ] {
-            assert!(text.contains(name), "missing {name} in\n{text}");
+            assert!(text.contains(sample), "missing {sample} in\n{text}");
         }
-        assert_eq!(m.homeserver_request_total(), 1);
+    }
+
+    #[test]
+    fn should_count_homeserver_requests_beside_their_family() {
+        let m = Metrics::new();
+        m.count_homeserver_request();
+        m.count_homeserver_request();
+        assert_eq!(m.homeserver_requests_sent(), 2);
     }
 }

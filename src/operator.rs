@@ -1,77 +1,335 @@
-//! Talks to a running `serve` through its admin API, for the operator commands of the CLI.
+//! Talks to a running `serve` through its admin API, for the CLI's client commands
+//! (`status`, `sync`, `replay`), and renders their answers for a terminal.
 //!
-//! Reads the admin address and bearer token from the same config `serve` runs with; the
-//! token is sent only to that address and never printed.
+//! They need only the admin URL and token: from flags or the environment
+//! (`ROSTER_ADMIN_URL`, `ROSTER_ADMIN__TOKEN`), else the `admin` section of the config file;
+//! the rest of the config is not read. The token is sent only to that address and never
+//! printed.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 
-use serde_json::Value;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
-use crate::config::Config;
+use crate::admin::{ReplayRequest, StatusReport, Target};
+use crate::config::Secret;
+use crate::lifecycle::Replayed;
+use crate::state::SyncSummary;
+
+/// The variable naming the admin API's URL for client commands.
+pub const URL_VAR: &str = "ROSTER_ADMIN_URL";
+/// The variable holding the admin token (the config key `admin.token` from the environment).
+pub const TOKEN_VAR: &str = "ROSTER_ADMIN__TOKEN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
     #[error(
-        "admin.token is not set; the admin API (and so this command) needs it (ROSTER_ADMIN__TOKEN)"
+        "no admin token: set {TOKEN_VAR}, or admin.token in the config file passed with -c (the API is off without it)"
     )]
     NoToken,
     #[error(
-        "cannot reach roster's admin API at {url}: {source}; is `roster serve` running with this config?"
+        "cannot read {path}: {reason}; pass the config with -c, or set {URL_VAR} and {TOKEN_VAR}"
     )]
-    Unreachable { url: String, source: reqwest::Error },
+    Config { path: String, reason: String },
+    #[error("{0:?} is not an admin URL; expected e.g. http://127.0.0.1:9010")]
+    BadUrl(String),
+    #[error(
+        "cannot reach roster's admin API at {url}: {reason}; is `roster serve` running there? (--admin-url, {URL_VAR} or admin.listen)"
+    )]
+    Unreachable { url: String, reason: String },
     #[error("roster answered HTTP {status}: {message}")]
     Refused { status: u16, message: String },
+    #[error(
+        "roster's answer from {url} is not what this roster expects ({reason}); are both the same version?"
+    )]
+    Undecodable { url: String, reason: String },
 }
 
-/// Where to reach the admin listener: its address, with an unspecified IP made local.
-fn admin_base(config: &Config) -> String {
-    let mut addr: SocketAddr = config.admin.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+/// The `admin` section of a config file, read leniently: client commands need nothing else.
+#[derive(Deserialize, Default)]
+struct AdminOnly {
+    #[serde(default)]
+    admin: AdminSection,
+}
+
+#[derive(Deserialize, Default)]
+struct AdminSection {
+    listen: Option<SocketAddr>,
+    token: Option<String>,
+}
+
+/// A client of one running roster's admin API.
+pub struct AdminClient {
+    base: String,
+    token: Secret,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    /// Resolves the URL and token: `url` (a flag), then the environment, then the config
+    /// file (`config`, or `config.yaml` when it exists), then `http://127.0.0.1:9010`.
+    pub fn resolve(
+        url: Option<String>,
+        config: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<AdminClient, OperatorError> {
+        let file = read_admin_section(config)?;
+        let base = match url.or_else(|| env.get(URL_VAR).cloned()) {
+            Some(url) => url,
+            None => {
+                let mut addr = file
+                    .listen
+                    .unwrap_or_else(|| "127.0.0.1:9010".parse().expect("a valid address"));
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                }
+                format!("http://{addr}")
+            }
+        };
+        let parsed = reqwest::Url::parse(&base).map_err(|_| OperatorError::BadUrl(base.clone()))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(OperatorError::BadUrl(base));
+        }
+        let token = env
+            .get(TOKEN_VAR)
+            .cloned()
+            .or(file.token)
+            .filter(|t| !t.is_empty())
+            .ok_or(OperatorError::NoToken)?;
+        Ok(AdminClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token: Secret::new(token),
+            http: reqwest::Client::new(),
+        })
     }
-    format!("http://{addr}")
+
+    pub async fn status(&self) -> Result<StatusReport, OperatorError> {
+        self.call(reqwest::Method::GET, "status", None::<&()>).await
+    }
+
+    /// Asks for a sync; with `wait`, returns its summary.
+    pub async fn sync(&self, target: &Target) -> Result<Option<SyncSummary>, OperatorError> {
+        if target.wait {
+            self.call(reqwest::Method::POST, "sync", Some(target))
+                .await
+                .map(Some)
+        } else {
+            self.call::<serde_json::Value>(reqwest::Method::POST, "sync", Some(target))
+                .await
+                .map(|_| None)
+        }
+    }
+
+    /// Asks the running consumer to re-consume `partition` from `offset`.
+    pub async fn replay(&self, partition: i32, offset: i64) -> Result<Replayed, OperatorError> {
+        let request = ReplayRequest { partition, offset };
+        self.call(reqwest::Method::POST, "replay", Some(&request))
+            .await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T, OperatorError> {
+        let url = format!("{}/admin/v1/{path}", self.base);
+        let mut request = self
+            .http
+            .request(method, &url)
+            .bearer_auth(self.token.expose());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let unreachable = |error: reqwest::Error| OperatorError::Unreachable {
+            url: self.base.clone(),
+            reason: crate::error_chain(&error.without_url()),
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if !(200..300).contains(&status) {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "no reason given".into());
+            return Err(OperatorError::Refused { status, message });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| OperatorError::Undecodable {
+            url,
+            reason: e.to_string(),
+        })
+    }
 }
 
-/// `method /admin/v1/{path}` with `body`, bearer `admin.token`; returns the JSON answer.
-pub async fn call(
-    config: &Config,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> Result<Value, OperatorError> {
-    let token = config.admin.token.as_ref().ok_or(OperatorError::NoToken)?;
-    let url = format!("{}/admin/v1/{path}", admin_base(config));
-    let unreachable = |source| OperatorError::Unreachable {
-        url: url.clone(),
-        source,
+fn read_admin_section(config: Option<&Path>) -> Result<AdminSection, OperatorError> {
+    let (path, required) = match config {
+        Some(path) => (path, true),
+        None => (Path::new("config.yaml"), false),
     };
-    let mut request = reqwest::Client::new()
-        .request(method, &url)
-        .bearer_auth(token.expose());
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.map_err(unreachable)?;
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    if !(200..300).contains(&status) {
-        let message = body["error"]
-            .as_str()
-            .unwrap_or("no reason given")
-            .to_owned();
-        return Err(OperatorError::Refused { status, message });
-    }
-    Ok(body)
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            return Ok(AdminSection::default());
+        }
+        Err(e) => {
+            return Err(OperatorError::Config {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            });
+        }
+    };
+    let parsed: AdminOnly = serde_yaml::from_str::<Option<AdminOnly>>(&text)
+        .map_err(|e| OperatorError::Config {
+            path: path.display().to_string(),
+            reason: format!("its admin section is not valid: {e}"),
+        })?
+        .unwrap_or_default();
+    Ok(parsed.admin)
 }
 
-/// Asks the running consumer to re-consume `partition` from `offset`; returns its answer
-/// (`{topic, partition, offset}`).
-pub async fn replay(config: &Config, partition: i32, offset: i64) -> Result<Value, OperatorError> {
-    call(
-        config,
-        reqwest::Method::POST,
-        "replay",
-        Some(serde_json::json!({ "partition": partition, "offset": offset })),
+/// A time as an operator reads it: seconds ago.
+fn ago(at_ms: Option<u64>, now_ms: u64) -> String {
+    match at_ms {
+        Some(at) => format!("{}s ago", now_ms.saturating_sub(at) / 1000),
+        None => "never".into(),
+    }
+}
+
+/// A few lines an operator reads at a glance; `--json` has everything.
+pub fn render_status(s: &StatusReport, now_ms: u64) -> String {
+    let r = &s.reconcile;
+    let mut out = format!(
+        "roster {}  ready: {}\nagents: {}  rooms: {}  retired: {}\npending: {}  running: {}  failed: {}  blocked: {}\n",
+        s.version,
+        s.ready,
+        s.agents,
+        s.rooms,
+        s.retired,
+        s.pending,
+        s.running,
+        r.failed.len(),
+        r.blocked.len(),
+    );
+    out += &format!(
+        "homeserver ping: {}{}\n",
+        match r.ping.last_ok_at_ms {
+            Some(at) => format!("ok {}", ago(Some(at), now_ms)),
+            None => "not yet".into(),
+        },
+        r.ping
+            .last_error
+            .as_ref()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
+    );
+    if let Some(sync) = &r.last_sync {
+        out += &format!("last sync: {}\n", render_summary(sync));
+    }
+    if let Some(source) = &r.source {
+        out += &format!(
+            "source: {} ({} agents; last ok {}; last error: {})\n",
+            source.source,
+            source.agents_listed,
+            ago(source.last_ok_at_ms, now_ms),
+            source.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    out += &format!(
+        "cache hit ratio: {}  memberships: {}  lifecycle lag: {} messages\n",
+        s.cache_hit_ratio()
+            .map_or("-".into(), |r| format!("{r:.3}")),
+        s.memberships,
+        s.lifecycle_lag_messages
+    );
+    for stall in &r.lifecycle_stalled {
+        out += &format!(
+            "lifecycle partition {} stalled at offset {} for {}s: {}\n",
+            stall.partition,
+            stall.offset,
+            stall.stalled_for_ms / 1000,
+            stall.reason
+        );
+    }
+    for (agent, reason) in &r.failed {
+        out += &format!("failed {agent}: {reason}\n");
+    }
+    for (agent, members) in &r.blocked {
+        out += &format!("blocked {agent}: {}\n", members.join(", "));
+    }
+    out
+}
+
+/// One line for a finished sync.
+pub fn render_summary(sync: &SyncSummary) -> String {
+    format!(
+        "{} ({} ms, {} agents, {} rooms read, {} drifted, {} actions, {} failed{})",
+        sync.trigger,
+        sync.duration_ms,
+        sync.agents,
+        sync.rooms_read,
+        sync.drift,
+        sync.actions,
+        sync.failed,
+        sync.source_error
+            .as_ref()
+            .map(|e| format!("; source error: {e}"))
+            .unwrap_or_default()
     )
-    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn should_need_only_the_admin_url_and_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = AdminClient::resolve(
+            Some("http://10.0.0.5:9010/".into()),
+            None,
+            &env(&[(TOKEN_VAR, "t")]),
+        )
+        .unwrap();
+        assert_eq!(client.base, "http://10.0.0.5:9010");
+        // A config with nothing but the admin section is enough (no server_name).
+        let config = dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            "admin: {listen: '0.0.0.0:9999', token: from-file}\n",
+        )
+        .unwrap();
+        let client = AdminClient::resolve(None, Some(&config), &env(&[])).unwrap();
+        assert_eq!(client.base, "http://127.0.0.1:9999");
+        assert_eq!(client.token.expose(), "from-file");
+        let client =
+            AdminClient::resolve(None, Some(&config), &env(&[(URL_VAR, "http://h:1")])).unwrap();
+        assert_eq!(client.base, "http://h:1");
+    }
+
+    #[test]
+    fn should_say_what_is_missing() {
+        let none = AdminClient::resolve(None, None, &env(&[])).err().unwrap();
+        assert!(none.to_string().contains(TOKEN_VAR), "{none}");
+        let missing = AdminClient::resolve(None, Some(Path::new("/nonexistent.yaml")), &env(&[]))
+            .err()
+            .unwrap();
+        assert!(
+            missing.to_string().contains("/nonexistent.yaml"),
+            "{missing}"
+        );
+        let bad = AdminClient::resolve(Some("ftp://x".into()), None, &env(&[(TOKEN_VAR, "t")]))
+            .err()
+            .unwrap();
+        assert!(bad.to_string().contains("ftp://x"), "{bad}");
+    }
 }

@@ -12,10 +12,7 @@ use rand::TryRngCore;
 use ruma::api::appservice::{Namespace, Namespaces, Registration, RegistrationInit};
 
 use crate::config::Config;
-
-/// Localpart prefixes of the users and aliases roster manages (CONTRACT identities).
-pub const AGENT_PREFIX: &str = "agent_";
-pub const IDENTITY_PREFIX: &str = "nova-";
+use crate::ids::{AGENT_PREFIX, IDENTITY_PREFIX, regex_escape as escape};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
@@ -53,23 +50,9 @@ pub fn random_token() -> Result<String, RegistrationError> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
-/// Escapes regex metacharacters (POSIX ERE and the Rust/Python dialects homeservers use).
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 4);
-    for c in text.chars() {
-        if "\\.^$|?*+()[]{}".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// The registration for `config`, with fresh tokens.
 pub fn generate(config: &Config) -> Result<Registration, RegistrationError> {
-    let ids = config
-        .identities()
-        .expect("a loaded config has valid identities");
+    let ids = config.ids();
     let server = escape(ids.server_name.as_str());
     let user = |localpart_regex: &str, exclusive: bool| {
         Namespace::new(exclusive, format!("^@{localpart_regex}:{server}$"))
@@ -83,12 +66,10 @@ pub fn generate(config: &Config) -> Result<Registration, RegistrationError> {
         .push(user(&escape(ids.bot.localpart()), true));
     // Required members (e.g. @admin) are people's accounts: roster may act as them but
     // must not claim them, so their namespace is shared.
-    for member in ids.required_members.iter().skip(1) {
-        if member.server_name() == ids.server_name {
-            namespaces
-                .users
-                .push(user(&escape(member.localpart()), false));
-        }
+    for member in ids.acting_members() {
+        namespaces
+            .users
+            .push(user(&escape(member.localpart()), false));
     }
     namespaces
         .users
@@ -100,7 +81,7 @@ pub fn generate(config: &Config) -> Result<Registration, RegistrationError> {
     // The agents space: an appservice user may only create aliases in its namespaces.
     namespaces.aliases.push(Namespace::new(
         true,
-        format!("^#{}:{server}$", escape(&config.agents.space_alias)),
+        format!("^{}$", escape(ids.space_alias.as_str())),
     ));
     Ok(RegistrationInit {
         id: config.appservice.id.clone(),

@@ -14,12 +14,13 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{AgentsConfig, Secret};
+use crate::ids::agent_localpart;
 use crate::metrics::{Metrics, SourceLabels};
-use crate::model::agents::{Agent, agent_localpart};
+use crate::model::agents::Agent;
 
 /// Agents asked for per Letta request: Letta's own default.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -183,15 +184,6 @@ impl AgentSource {
         match self.kind {
             Kind::Letta(_) => "letta",
             Kind::File(_) => "file",
-        }
-    }
-
-    /// Whether `list` may give something new: always for Letta (only asking tells), for the
-    /// file only when it changed since it was last read. Lets a poll tick skip the file.
-    pub async fn changed(&self) -> bool {
-        match &self.kind {
-            Kind::Letta(_) => true,
-            Kind::File(file) => file.changed().await,
         }
     }
 
@@ -376,7 +368,7 @@ impl LettaSource {
             } else {
                 SourceError::Unreachable {
                     url: url.to_string(),
-                    reason: error_chain(&error.without_url()),
+                    reason: crate::error_chain(&error.without_url()),
                 }
             }
         };
@@ -429,79 +421,20 @@ fn snippet(body: &[u8]) -> String {
     }
 }
 
-/// `error` and its causes on one line: reqwest's own message omits the cause
-/// ("connection refused", "dns error").
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
-}
-
-/// Lists agents from a YAML file: a list of `{id, name}` (other keys are ignored).
-///
-/// Re-reading is cheap to skip: `changed` compares the file's modification time, length
-/// (and inode on Unix, for files replaced by rename, as Kubernetes does with ConfigMaps)
-/// with those of the last read, so a poll tick costs one `stat`. A rewrite within the
-/// file system's time granularity that keeps the length is missed until the next change;
-/// SIGHUP or `roster sync` (the caller calls `list` unconditionally) covers that.
+/// Lists agents from a YAML file: a list of `{id, name}` (other keys are ignored), read
+/// whole on every poll (a hand-written file is small).
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
-    /// The file as it was when last read, valid or not: an unchanged invalid file is not
-    /// re-read (and its error not re-logged) on every tick.
-    last_read: Mutex<Option<Stamp>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
-
-impl Stamp {
-    fn of(meta: &std::fs::Metadata) -> Stamp {
-        #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(meta);
-        #[cfg(not(unix))]
-        let inode = 0;
-        Stamp {
-            modified: meta.modified().ok(),
-            len: meta.len(),
-            inode,
-        }
-    }
 }
 
 impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> FileSource {
-        FileSource {
-            path: path.into(),
-            last_read: Mutex::new(None),
-        }
+        FileSource { path: path.into() }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// The modification time of the file as last read, if it was.
-    pub fn modified(&self) -> Option<SystemTime> {
-        self.last_stamp().and_then(|stamp| stamp.modified)
-    }
-
-    /// Whether the file differs from when it was last read; true when it was never read
-    /// or cannot be examined (so `list` reports why).
-    pub async fn changed(&self) -> bool {
-        match tokio::fs::metadata(&self.path).await {
-            Ok(meta) => self.last_stamp() != Some(Stamp::of(&meta)),
-            Err(_) => true,
-        }
     }
 
     /// Reads and checks the whole file.
@@ -510,7 +443,6 @@ impl FileSource {
             path: self.path.clone(),
             reason: error.to_string(),
         };
-        // Stat before reading: a write in between then shows as a change on the next tick.
         let meta = tokio::fs::metadata(&self.path).await.map_err(unreadable)?;
         if meta.len() > MAX_FILE_BYTES {
             return Err(SourceError::FileUnreadable {
@@ -521,13 +453,8 @@ impl FileSource {
         let text = tokio::fs::read_to_string(&self.path)
             .await
             .map_err(unreadable)?;
-        *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(Stamp::of(&meta));
         let agents = parse_agents_file(&self.path, &text)?;
         Ok(Listing { agents, pages: 1 })
-    }
-
-    fn last_stamp(&self) -> Option<Stamp> {
-        *self.last_read.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -714,47 +641,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn should_reread_the_file_only_after_it_changed() {
+    async fn should_read_the_file_each_time_and_name_it_in_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agents.yaml");
         let source = FileSource::new(&path);
-        assert!(source.changed().await, "missing: list must report it");
         let message = source.list().await.unwrap_err().to_string();
         assert!(message.contains(&path.display().to_string()), "{message}");
-
         std::fs::write(&path, "- {id: agent-a, name: A}\n").unwrap();
-        assert!(source.changed().await, "never read");
         assert_eq!(
             source.list().await.unwrap().agents,
             vec![agent("agent-a", "A")]
         );
-        assert!(source.modified().is_some());
-        assert!(!source.changed().await, "read and unchanged");
-
         std::fs::write(&path, "- {id: agent-a, name: B}\n").unwrap();
-        let file = std::fs::File::options().write(true).open(&path).unwrap();
-        file.set_modified(SystemTime::now() + Duration::from_secs(5))
-            .unwrap();
-        assert!(source.changed().await, "same length, new mtime");
         assert_eq!(
             source.list().await.unwrap().agents,
             vec![agent("agent-a", "B")]
         );
-
         std::fs::write(
             &path,
             "- {id: agent-a, name: A}\n- {id: agent-a, name: A}\n",
         )
         .unwrap();
-        assert!(source.changed().await, "new length");
         assert!(matches!(
             source.list().await,
             Err(SourceError::FileEntry { entry: 2, .. })
         ));
-        assert!(
-            !source.changed().await,
-            "an unchanged invalid file is not re-read"
-        );
     }
 
     #[test]

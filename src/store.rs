@@ -1,9 +1,13 @@
-//! Keeps roster's own promises on disk: which transactions were acknowledged and the member
-//! states they recorded.
+//! Keeps roster's own promises on disk: which transactions were acknowledged, the member
+//! states of the rooms roster looks after, its agent-room records, deactivated users.
 //!
 //! SQLite in WAL mode with `synchronous = FULL`: a commit has reached the disk before the
-//! homeserver is told 200. Calls block; async callers use `spawn_blocking`. The homeserver
-//! stays the truth: losing this file costs a resync, never duplicate rooms.
+//! homeserver is told 200. Calls block; only `state` calls them, off the async runtime. The
+//! homeserver stays the truth: losing this file costs a resync, never duplicate rooms.
+//!
+//! The schema carries a version (`PRAGMA user_version`) and migrates forward in one
+//! transaction at open; a store newer than this binary is refused. A new store's directory
+//! is created 0700 and its files 0600 (they list who is in which room).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -11,7 +15,10 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::model::agents::RoomRecord;
-use crate::model::{Change, EventOrder, MemberState, Membership};
+use crate::model::{Change, MemberDetail, MemberState, Membership};
+
+/// The schema this binary writes. Every version below it has a migration in `MIGRATIONS`.
+pub const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -20,7 +27,26 @@ pub enum StoreError {
         path: String,
         source: rusqlite::Error,
     },
-    #[error("store query failed: {0}")]
+    #[error("cannot create the store directory {path}: {source}; check store.path")]
+    Directory {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "store {path} has schema version {found}, newer than this roster knows ({known}); run the newer roster, or move the file away to resync from the homeserver"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("cannot migrate store {path} to schema version {to}: {source}")]
+    Migrate {
+        path: String,
+        to: i64,
+        source: rusqlite::Error,
+    },
+    #[error("store write failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("store holds an unreadable row ({0}); delete the store to resync from the homeserver")]
     Corrupt(String),
@@ -40,14 +66,16 @@ pub struct StoredMember {
     pub room_id: ruma::OwnedRoomId,
     pub user_id: ruma::OwnedUserId,
     pub state: MemberState,
+    pub detail: MemberDetail,
 }
 
 pub struct Store {
-    // A std Mutex: every use is a short synchronous SQLite call inside spawn_blocking.
+    // A std Mutex: every use is a short synchronous SQLite call on a blocking thread.
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
+/// Version 1: the schema roster shipped first (created without a version number).
+const V1: &str = "
 CREATE TABLE IF NOT EXISTS transactions (
     txn_id      TEXT PRIMARY KEY,
     received_ms INTEGER NOT NULL
@@ -74,20 +102,93 @@ CREATE TABLE IF NOT EXISTS deactivated_users (
 );
 ";
 
+/// Version 2: member states are ordered by delivery (`seq`), not by the homeserver's
+/// timestamps; a state learnt from a read has no event id; a `meta` table keeps single
+/// values (the space). Member states of rooms roster does not look after are dropped.
+const V2: &str = "
+CREATE TABLE members_v2 (
+    room_id          TEXT NOT NULL,
+    user_id          TEXT NOT NULL,
+    membership       TEXT NOT NULL,
+    seq              INTEGER NOT NULL,
+    event_id         TEXT,
+    origin_server_ts INTEGER NOT NULL,
+    sender           TEXT NOT NULL,
+    displayname      TEXT,
+    avatar_url       TEXT,
+    PRIMARY KEY (room_id, user_id)
+);
+INSERT INTO members_v2
+    SELECT room_id, user_id, membership,
+           row_number() OVER (ORDER BY origin_server_ts, event_id),
+           CASE WHEN event_id LIKE '$roster-read-%' THEN NULL ELSE event_id END,
+           origin_server_ts, sender, displayname, avatar_url
+    FROM members
+    WHERE room_id IN (SELECT json_extract(record, '$.room_id') FROM agent_rooms)
+       OR user_id LIKE '@agent\\_%' ESCAPE '\\';
+DROP TABLE members;
+ALTER TABLE members_v2 RENAME TO members;
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
+
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let display = path.display().to_string();
         let open_err = |source| StoreError::Open {
-            path: path.display().to_string(),
+            path: display.clone(),
             source,
         };
+        create_private_dir(path.parent()).map_err(|source| StoreError::Directory {
+            path: display.clone(),
+            source,
+        })?;
+        let is_new = !path.exists();
         let conn = Connection::open(path).map_err(open_err)?;
+        if is_new {
+            restrict(path);
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&conn, &display)?;
+        if is_new {
+            // The WAL and shared-memory files appear with the first write.
+            for suffix in ["-wal", "-shm"] {
+                restrict(&path.with_file_name(format!(
+                    "{}{suffix}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                )));
+            }
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Opens an existing store to read it, migrating nothing (for `roster plan`).
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let display = path.display().to_string();
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|source| StoreError::Open {
+                path: display.clone(),
+                source,
+            })?;
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                path: display,
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -96,7 +197,7 @@ impl Store {
     /// An in-memory store for unit tests and benchmarks.
     pub fn in_memory() -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory()?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn, ":memory:")?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -106,6 +207,21 @@ impl Store {
         // A panic while holding the lock cannot leave SQLite half-written: its own
         // transaction rolls back, so the connection is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The schema version of the open store.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    /// Refuses (or allows again) every write, as a full or read-only disk would.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn set_read_only(&self, read_only: bool) {
+        self.conn()
+            .pragma_update(None, "query_only", read_only)
+            .expect("query_only can be set");
     }
 
     pub fn has_transaction(&self, txn_id: &str) -> Result<bool, StoreError> {
@@ -150,13 +266,21 @@ impl Store {
         Ok(())
     }
 
-    pub fn save_room_record(&self, record: &RoomRecord) -> Result<(), StoreError> {
-        let json = serde_json::to_string(record).expect("a record serializes");
-        self.conn().execute(
-            "INSERT INTO agent_rooms (agent_id, record) VALUES (?1, ?2)
-             ON CONFLICT (agent_id) DO UPDATE SET record = excluded.record",
-            params![record.agent_id, json],
-        )?;
+    /// Saves agent-room records, all or none.
+    pub fn save_room_records(&self, records: &[RoomRecord]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO agent_rooms (agent_id, record) VALUES (?1, ?2)
+                 ON CONFLICT (agent_id) DO UPDATE SET record = excluded.record",
+            )?;
+            for record in records {
+                let json = serde_json::to_string(record).expect("a record serializes");
+                upsert.execute(params![record.agent_id, json])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -181,7 +305,8 @@ impl Store {
     pub fn members(&self) -> Result<Vec<StoredMember>, StoreError> {
         let conn = self.conn();
         let mut query = conn.prepare(
-            "SELECT room_id, user_id, membership, displayname, avatar_url, sender, origin_server_ts, event_id
+            "SELECT room_id, user_id, membership, seq, event_id, origin_server_ts, sender,
+                    displayname, avatar_url
              FROM members",
         )?;
         let rows = query.query_map([], |row| {
@@ -189,33 +314,50 @@ impl Store {
                 row.get::<_, String>(0)?,
                 row.get::<_, String>(1)?,
                 row.get::<_, String>(2)?,
-                row.get::<_, Option<String>>(3)?,
+                row.get::<_, i64>(3)?,
                 row.get::<_, Option<String>>(4)?,
-                row.get::<_, String>(5)?,
-                row.get::<_, i64>(6)?,
-                row.get::<_, String>(7)?,
+                row.get::<_, i64>(5)?,
+                row.get::<_, String>(6)?,
+                row.get::<_, Option<String>>(7)?,
+                row.get::<_, Option<String>>(8)?,
             ))
         })?;
         let mut members = Vec::new();
         for row in rows {
-            let (room, user, membership, displayname, avatar_url, sender, ts, event_id) = row?;
+            let (room, user, membership, seq, event_id, ts, sender, displayname, avatar_url) = row?;
             let corrupt = || StoreError::Corrupt(format!("members row {room} {user}"));
+            let detail = MemberDetail {
+                event_id: event_id
+                    .map(|e| e.try_into().map_err(|_| corrupt()))
+                    .transpose()?,
+                sender: sender.try_into().map_err(|_| corrupt())?,
+                displayname,
+                avatar_url,
+            };
+            let membership = Membership::parse(&membership).ok_or_else(corrupt)?;
             members.push(StoredMember {
                 room_id: room.clone().try_into().map_err(|_| corrupt())?,
                 user_id: user.clone().try_into().map_err(|_| corrupt())?,
-                state: MemberState {
-                    membership: Membership::parse(&membership).ok_or_else(corrupt)?,
-                    displayname,
-                    avatar_url,
-                    sender: sender.try_into().map_err(|_| corrupt())?,
-                    order: EventOrder {
-                        origin_server_ts: ts as u64,
-                        event_id: event_id.try_into().map_err(|_| corrupt())?,
-                    },
-                },
+                state: detail.state(membership, seq as u64, ts as u64),
+                detail,
             });
         }
         Ok(members)
+    }
+
+    /// Drops the member states of `rooms` (rooms roster no longer looks after).
+    pub fn forget_rooms(&self, rooms: &[ruma::OwnedRoomId]) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut dropped = 0;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM members WHERE room_id = ?1")?;
+            for room in rooms {
+                dropped += delete.execute([room.as_str()])?;
+            }
+        }
+        tx.commit()?;
+        Ok(dropped)
     }
 
     /// Records that `user` was deactivated (idempotent).
@@ -242,6 +384,23 @@ impl Store {
         Ok(users)
     }
 
+    /// A single value kept under `key` (e.g. the space's room id).
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
     /// Forgets transaction ids older than `before_ms`, then all but the newest `keep`.
     pub fn prune_transactions(&self, before_ms: u64, keep: usize) -> Result<usize, StoreError> {
         let conn = self.conn();
@@ -264,29 +423,100 @@ impl Store {
                 r.get::<_, i64>(0)
             })? as u64)
     }
+
+    /// Member rows kept, for status and benchmarks.
+    pub fn member_count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT count(*) FROM members", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+}
+
+/// Brings the schema to `SCHEMA_VERSION`, one transaction per open.
+fn migrate(conn: &Connection, path: &str) -> Result<(), StoreError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let migrate_err = |source| StoreError::Migrate {
+        path: path.to_owned(),
+        to: SCHEMA_VERSION,
+        source,
+    };
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(migrate_err)?;
+    let run = || -> rusqlite::Result<()> {
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+            conn.execute_batch(sql)?;
+            conn.pragma_update(None, "user_version", version)?;
+        }
+        conn.execute_batch("COMMIT")
+    };
+    if let Err(source) = run() {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(migrate_err(source));
+    }
+    Ok(())
+}
+
+/// Creates the store's directory (0700) when it does not exist.
+fn create_private_dir(dir: Option<&Path>) -> std::io::Result<()> {
+    let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Makes a file roster created readable by its owner only.
+fn restrict(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
 }
 
 fn upsert_members(tx: &rusqlite::Transaction<'_>, changes: &[Change]) -> Result<(), StoreError> {
     let mut upsert = tx.prepare_cached(
         "INSERT INTO members
-           (room_id, user_id, membership, displayname, avatar_url, sender, origin_server_ts, event_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+           (room_id, user_id, membership, seq, event_id, origin_server_ts, sender, displayname, avatar_url)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (room_id, user_id) DO UPDATE SET
-           membership = excluded.membership, displayname = excluded.displayname,
-           avatar_url = excluded.avatar_url, sender = excluded.sender,
-           origin_server_ts = excluded.origin_server_ts, event_id = excluded.event_id",
+           membership = excluded.membership, seq = excluded.seq, event_id = excluded.event_id,
+           origin_server_ts = excluded.origin_server_ts, sender = excluded.sender,
+           displayname = excluded.displayname, avatar_url = excluded.avatar_url",
     )?;
     for change in changes {
-        let s = &change.state;
+        let (s, d) = (&change.state, &change.detail);
         upsert.execute(params![
             change.room_id.as_str(),
             change.user_id.as_str(),
             s.membership.as_str(),
-            s.displayname,
-            s.avatar_url,
-            s.sender.as_str(),
-            s.order.origin_server_ts as i64,
-            s.order.event_id.as_str(),
+            s.seq as i64,
+            d.event_id.as_ref().map(|e| e.as_str()),
+            s.origin_server_ts as i64,
+            d.sender.as_str(),
+            d.displayname,
+            d.avatar_url,
         ])?;
     }
     Ok(())
@@ -298,7 +528,7 @@ mod tests {
     use crate::model::{MemberEvent, Model};
     use ruma::{owned_room_id, owned_user_id};
 
-    fn join(ts: u64) -> MemberEvent {
+    fn join(n: u64) -> MemberEvent {
         MemberEvent {
             room_id: owned_room_id!("!r:example.org"),
             user_id: owned_user_id!("@a:example.org"),
@@ -306,10 +536,8 @@ mod tests {
             membership: Membership::Join,
             displayname: Some("A".into()),
             avatar_url: None,
-            order: EventOrder {
-                origin_server_ts: ts,
-                event_id: format!("$ev{ts}").try_into().unwrap(),
-            },
+            event_id: format!("$ev{n}").try_into().unwrap(),
+            origin_server_ts: n,
         }
     }
 
@@ -330,34 +558,46 @@ mod tests {
     }
 
     #[test]
-    fn should_restore_recorded_members_across_reopen() {
+    fn should_restore_recorded_members_across_reopen_with_private_files() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("roster.db");
+        let path = dir.path().join("state/roster.db");
+        let changes = Model::new().preview(&[join(1)]);
         {
             let store = Store::open(&path).unwrap();
-            let changes = Model::new().preview(&[join(1)]);
             store.record_transaction("t1", 10, &changes).unwrap();
         }
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("state")), 0o700);
+        assert_eq!(mode(&path), 0o600);
         let store = Store::open(&path).unwrap();
         let members = store.members().unwrap();
         assert_eq!(members.len(), 1);
-        assert_eq!(members[0].state.membership, Membership::Join);
-        assert_eq!(members[0].state.displayname.as_deref(), Some("A"));
+        assert_eq!(members[0].state, changes[0].state);
+        assert_eq!(members[0].detail, changes[0].detail);
         assert!(store.has_transaction("t1").unwrap());
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
     }
 
     #[test]
-    fn should_keep_room_records() {
+    fn should_keep_room_records_and_meta() {
         let store = Store::in_memory().unwrap();
         let mut record = RoomRecord {
             agent_id: "agent-1".into(),
             localpart: "agent_1".into(),
             ..RoomRecord::default()
         };
-        store.save_room_record(&record).unwrap();
-        record.room_id = Some(ruma::owned_room_id!("!r:example.org"));
-        store.save_room_record(&record).unwrap();
+        store.save_room_records(&[record.clone()]).unwrap();
+        record.room_id = Some(owned_room_id!("!r:example.org"));
+        store.save_room_records(&[record.clone()]).unwrap();
         assert_eq!(store.room_records().unwrap(), vec![record]);
+        assert_eq!(store.meta("space").unwrap(), None);
+        store.set_meta("space", "!s:example.org").unwrap();
+        store.set_meta("space", "!t:example.org").unwrap();
+        assert_eq!(
+            store.meta("space").unwrap().as_deref(),
+            Some("!t:example.org")
+        );
     }
 
     #[test]
@@ -383,5 +623,93 @@ mod tests {
         assert!(store.has_transaction("t9").unwrap());
         assert!(store.has_transaction("t5").unwrap());
         assert!(!store.has_transaction("t4").unwrap());
+    }
+
+    /// A store written by the first schema (no version number) opens, keeps what roster
+    /// looks after in delivery order, and drops the member states of other rooms.
+    #[test]
+    fn should_migrate_a_version_1_store_and_prune_unmanaged_rooms() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("roster.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(V1).unwrap();
+            let record = r#"{"agent_id":"agent-1","localpart":"agent_1","name":"One","room_id":"!agent:ex.org","applied_name":"One","space_linked":true,"missing_since_ms":null,"retired":false}"#;
+            conn.execute("INSERT INTO agent_rooms VALUES ('agent-1', ?1)", [record])
+                .unwrap();
+            for (room, user, ts, event) in [
+                ("!agent:ex.org", "@admin:ex.org", 20, "$b"),
+                ("!agent:ex.org", "@letta:ex.org", 10, "$a"),
+                ("!other:ex.org", "@admin:ex.org", 5, "$c"),
+                (
+                    "!other:ex.org",
+                    "@agent_1:ex.org",
+                    6,
+                    "$roster-read-6-agent_1",
+                ),
+            ] {
+                conn.execute(
+                    "INSERT INTO members VALUES (?1, ?2, 'join', NULL, NULL, ?2, ?3, ?4)",
+                    params![room, user, ts, event],
+                )
+                .unwrap();
+            }
+            conn.execute("INSERT INTO transactions VALUES ('t1', 1)", [])
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 2);
+        let mut members: Vec<_> = store
+            .members()
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                (
+                    m.room_id.to_string(),
+                    m.user_id.to_string(),
+                    m.state.seq,
+                    m.detail.event_id.map(|e| e.to_string()),
+                )
+            })
+            .collect();
+        members.sort();
+        assert_eq!(
+            members,
+            vec![
+                (
+                    "!agent:ex.org".into(),
+                    "@admin:ex.org".into(),
+                    3,
+                    Some("$b".into())
+                ),
+                (
+                    "!agent:ex.org".into(),
+                    "@letta:ex.org".into(),
+                    2,
+                    Some("$a".into())
+                ),
+                ("!other:ex.org".into(), "@agent_1:ex.org".into(), 1, None),
+            ],
+            "kept in timestamp order; another room's states kept only for roster's own users"
+        );
+        assert!(store.has_transaction("t1").unwrap());
+        assert_eq!(store.room_records().unwrap()[0].agent_id, "agent-1");
+        drop(store);
+        // Opening again is a no-op.
+        assert_eq!(Store::open(&path).unwrap().members().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn should_refuse_a_store_newer_than_the_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("roster.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        let error = Store::open(&path).err().unwrap().to_string();
+        assert!(error.contains("newer than this roster knows"), "{error}");
+        assert!(error.contains(&path.display().to_string()), "{error}");
     }
 }

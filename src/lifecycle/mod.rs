@@ -1,7 +1,12 @@
-//! Consumes identity lifecycle events from Kafka (`lifecycle.topic`), hands each to the
-//! model and the identity reconciler, and commits or dead-letters it.
+//! Consumes identity lifecycle events from Kafka (`lifecycle.topic`), applies each to the
+//! homeserver through the identity effects, and commits or dead-letters it.
 //!
-//! Invariants (DESIGN principle 5):
+//! The house: [`kafka`] configures the clients and holds their callbacks; the [`pipeline`]
+//! receives, orders, runs and commits; the [`worker`] handles one message (decode, plan,
+//! apply, retry or dead-letter); [`effects`] takes identity effects on the homeserver;
+//! [`decode`], [`offsets`] and [`queue`] are pure.
+//!
+//! Invariants:
 //! - An offset is committed only when every message before it in its partition was applied,
 //!   skipped on purpose, or written to the dead-letter topic ([`offsets`]).
 //! - One user's events (the message key, else the user id) are applied one at a time in
@@ -9,54 +14,36 @@
 //! - While the homeserver (or the dead-letter topic) is unreachable, the message is retried
 //!   with backoff and its partition is paused: nothing after it is committed or skipped, and
 //!   at most `max_buffered_events` messages are held; beyond that every partition pauses.
+//!   A partition that waits is listed in status and in `roster_lifecycle_stalled_seconds`.
 //! - A rebalance commits what is done for the partitions leaving and drops their pending
 //!   work (the next owner gets it again; every effect is idempotent).
-//!
-//! Knows nothing of HTTP: it decodes ([`decode`]), asks `model::identity` for a plan and
-//! awaits `reconcile::identity` for the outcome.
 
 pub mod decode;
+pub mod effects;
+mod kafka;
 mod offsets;
+mod pipeline;
 mod queue;
+pub mod worker;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
-use rdkafka::Message as _;
-use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::error::KafkaResult;
+use futures::future::BoxFuture;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::statistics::Statistics;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::metrics::{LifecycleLabels, Metrics};
 use crate::model::identity::PlanOptions;
-use crate::reconcile::identity::{IdentityEffects, Outcome};
+use crate::retry::Backoff;
 
 pub use decode::{DecodeError, Decoded, decode};
-use offsets::Offsets;
-use queue::KeyQueue;
-
-/// Dead-letter header that says why the message is there.
-pub const REASON_HEADER: &str = "reason";
-/// How often finished offsets are committed (and on rebalance and shutdown).
-const COMMIT_INTERVAL: Duration = Duration::from_millis(250);
-/// How long shutdown waits for running events before abandoning them (uncommitted).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-const RETRY_START: Duration = Duration::from_millis(250);
-const RETRY_MAX: Duration = Duration::from_secs(30);
-/// Bound on writing one dead letter; longer counts as the topic being unreachable.
-const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
+use effects::IdentityEffects;
+use worker::{DeadLetter, DeadLetterSink, SinkError, Worker};
 
 /// Why the consumer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +75,7 @@ pub struct Message {
 
 impl Message {
     fn from_kafka(m: &BorrowedMessage<'_>) -> Message {
+        use rdkafka::Message as _;
         let headers = m
             .headers()
             .map(|h| {
@@ -129,8 +117,16 @@ impl Message {
     }
 }
 
+/// A message on its way through the pipeline.
+pub struct Job {
+    pub message: Message,
+    /// The partition's generation when it arrived (see `offsets`).
+    pub generation: u64,
+    pub decoded: Result<Decoded, DecodeError>,
+}
+
 /// A replay that took effect.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Replayed {
     pub topic: String,
     pub partition: i32,
@@ -145,8 +141,15 @@ pub enum ReplayError {
         "partition {partition} is not assigned to this roster (assigned: {assigned:?}); ask the instance that owns it"
     )]
     NotAssigned { partition: i32, assigned: Vec<i32> },
-    #[error("offset {0} is negative; expected a message offset, 0 for the beginning")]
-    BadOffset(i64),
+    #[error(
+        "offset {offset} is outside partition {partition}'s range {low}..={high}; pick an offset in it ({high} is the next message to arrive)"
+    )]
+    OutOfRange {
+        partition: i32,
+        offset: i64,
+        low: i64,
+        high: i64,
+    },
     #[error("cannot replay: {0}")]
     Failed(String),
 }
@@ -166,12 +169,10 @@ pub struct Control {
 }
 
 impl Control {
-    /// Re-consumes `partition` from `offset`: pending work of that partition is dropped,
-    /// the consumer seeks, and the position is committed there.
+    /// Re-consumes `partition` from `offset`, which must lie between the partition's low and
+    /// high watermarks: pending work of that partition is dropped, the consumer seeks, and
+    /// the position is committed there.
     pub async fn replay(&self, partition: i32, offset: i64) -> Result<Replayed, ReplayError> {
-        if offset < 0 {
-            return Err(ReplayError::BadOffset(offset));
-        }
         let sender = self.sender.get().ok_or(ReplayError::NotRunning)?;
         let (reply, answer) = oneshot::channel();
         sender
@@ -186,315 +187,55 @@ impl Control {
     }
 }
 
-/// Rebalance and statistics callbacks; they run inside `recv`, on the consumer's task.
-struct Context {
-    topic: String,
-    offsets: Arc<Mutex<Offsets>>,
-    metrics: Arc<Metrics>,
-}
-
-impl Context {
-    fn offsets(&self) -> std::sync::MutexGuard<'_, Offsets> {
-        self.offsets.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl ClientContext for Context {
-    fn stats(&self, statistics: Statistics) {
-        // librdkafka's lag is behind the committed offset; -1 means unknown.
-        let lag: i64 = statistics
-            .topics
-            .get(&self.topic)
-            .map(|t| t.partitions.values().map(|p| p.consumer_lag.max(0)).sum())
-            .unwrap_or(0);
-        self.metrics.lifecycle_lag.set(lag);
-    }
-}
-
-impl ConsumerContext for Context {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(list) = rebalance else {
-            return;
-        };
-        let mut commit = TopicPartitionList::new();
-        let mut revoked = Vec::new();
-        {
-            let mut offsets = self.offsets();
-            for element in list.elements_for_topic(&self.topic) {
-                revoked.push(element.partition());
-                if let Some(position) = offsets.revoke(element.partition()) {
-                    let _ = commit.add_partition_offset(
-                        &self.topic,
-                        element.partition(),
-                        Offset::Offset(position),
-                    );
-                }
-            }
-        }
-        // The lock is released: the commit callback takes it.
-        if commit.count() > 0
-            && let Err(e) = consumer.commit(&commit, CommitMode::Sync)
-        {
-            tracing::warn!(error = %e, "cannot commit finished offsets of revoked partitions; their next owner repeats them");
-        }
-        tracing::info!(partitions = ?revoked, "lifecycle partitions revoked");
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(list) => {
-                let mut assigned = Vec::new();
-                {
-                    let mut offsets = self.offsets();
-                    for element in list.elements_for_topic(&self.topic) {
-                        offsets.assign(element.partition());
-                        assigned.push(element.partition());
-                    }
-                }
-                // A pause may survive a revoke and re-assign; start every new one fetching.
-                if let Err(e) = consumer.resume(list) {
-                    tracing::warn!(error = %e, "cannot resume assigned lifecycle partitions");
-                }
-                tracing::info!(partitions = ?assigned, "lifecycle partitions assigned");
-            }
-            Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => tracing::warn!(error = %e, "lifecycle rebalance failed"),
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            let failed: Vec<(i32, i64)> = offsets
-                .elements_for_topic(&self.topic)
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some((e.partition(), o)),
-                    _ => None,
-                })
-                .collect();
-            tracing::warn!(error = %e, offsets = ?failed, "lifecycle commit failed; retrying");
-            self.offsets().commit_failed(&failed);
-        }
-    }
-}
-
-type Kafka = StreamConsumer<Context>;
-
-/// A message on its way through the pipeline.
-struct Job {
-    message: Message,
-    generation: u64,
-    decoded: Result<Decoded, DecodeError>,
-}
-
-struct Running {
-    key: String,
-    partition: i32,
-    offset: i64,
-    generation: u64,
-    abort: AbortHandle,
-}
-
-/// What one attempt at a job came to.
-enum Step {
-    Done,
-    Retry {
-        error: String,
-        retry_after: Option<Duration>,
-    },
-}
-
-/// Handles one job at a time; shared by all running jobs.
-struct Worker {
-    shared: Arc<Shared>,
-    effects: Option<Arc<IdentityEffects>>,
+/// Writes dead letters to the dead-letter topic.
+struct KafkaSink {
     producer: FutureProducer,
     topic: String,
-    dead_letter_topic: String,
-    options: PlanOptions,
-    stalls: mpsc::Sender<(i32, u64, i64)>,
 }
 
-impl Worker {
-    fn count(&self, kind: &'static str, outcome: &'static str) {
-        self.shared
-            .metrics
-            .lifecycle_events
-            .get_or_create(&LifecycleLabels {
-                r#type: kind,
-                outcome,
-            })
-            .inc();
+impl DeadLetterSink for KafkaSink {
+    fn send(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len());
+            for (key, value) in &letter.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_slice()),
+                });
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).headers(headers);
+            if let Some(key) = letter.key.as_deref() {
+                record = record.key(key);
+            }
+            if let Some(payload) = letter.payload.as_deref() {
+                record = record.payload(payload);
+            }
+            match self
+                .producer
+                .send(record, std::time::Duration::from_secs(10))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err((error, _)) => {
+                    let too_large = matches!(
+                        error.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidRecord
+                        )
+                    );
+                    if too_large {
+                        Err(SinkError::TooLarge(error.to_string()))
+                    } else {
+                        Err(SinkError::Unavailable(error.to_string()))
+                    }
+                }
+            }
+        })
     }
 
-    /// Runs `job` until it is done, retrying transient failures with backoff.
-    async fn work(self: Arc<Self>, job: Job) {
-        let mut delay = RETRY_START;
-        let mut stalled = false;
-        for attempt in 1u32.. {
-            let (error, retry_after) = match self.attempt(&job).await {
-                Step::Done => return,
-                Step::Retry { error, retry_after } => (error, retry_after),
-            };
-            if !stalled {
-                stalled = true;
-                // Capacity covers every running job; a lost notice only delays a pause.
-                let _ = self.stalls.try_send((
-                    job.message.partition,
-                    job.generation,
-                    job.message.offset,
-                ));
-            }
-            let wait = retry_after.unwrap_or(delay).min(RETRY_MAX);
-            tracing::warn!(
-                partition = job.message.partition,
-                offset = job.message.offset,
-                attempt,
-                retry_in_ms = wait.as_millis() as u64,
-                error = %error,
-                "lifecycle event not applied yet; its partition waits"
-            );
-            tokio::time::sleep(crate::reconcile::jitter(wait)).await;
-            delay = (delay * 2).min(RETRY_MAX);
-        }
-    }
-
-    async fn attempt(&self, job: &Job) -> Step {
-        let message = &job.message;
-        let event = match &job.decoded {
-            Err(error) => {
-                return self
-                    .dead_letter(message, "undecodable", error.to_string())
-                    .await;
-            }
-            Ok(Decoded::Unknown(event_type)) => {
-                self.count("unknown", "skipped");
-                tracing::debug!(
-                    partition = message.partition,
-                    offset = message.offset,
-                    event_type = %event_type,
-                    "lifecycle event of an unknown type skipped"
-                );
-                return Step::Done;
-            }
-            Ok(Decoded::Event(event)) => event,
-        };
-        let kind = event.kind();
-        let plan =
-            self.shared
-                .model()
-                .identities
-                .plan(event, &self.shared.ids.server_name, self.options);
-        if let Some(skip) = plan.skip {
-            self.count(kind, "skipped");
-            tracing::info!(user = %plan.user, event = kind, reason = skip.as_str(), "lifecycle event skipped");
-            return Step::Done;
-        }
-        let Some(effects) = &self.effects else {
-            self.count(kind, "matrix_disabled");
-            tracing::info!(
-                user = %plan.user,
-                event = kind,
-                effect = %plan.summary(),
-                "lifecycle event consumed; lifecycle.matrix_enabled is false, so no Matrix action"
-            );
-            return Step::Done;
-        };
-        match effects.apply(&plan).await {
-            Outcome::Applied => {
-                self.count(kind, "applied");
-                tracing::info!(
-                    user = %plan.user,
-                    event = kind,
-                    effect = %plan.summary(),
-                    ignored = ?plan.ignored,
-                    partition = message.partition,
-                    offset = message.offset,
-                    "lifecycle event applied"
-                );
-                Step::Done
-            }
-            Outcome::MissingUser => {
-                self.count(kind, "missing_user");
-                tracing::info!(user = %plan.user, event = kind, "lifecycle event for a user who does not exist; nothing to do");
-                Step::Done
-            }
-            Outcome::Transient { error, retry_after } => {
-                self.count(kind, "retried");
-                Step::Retry { error, retry_after }
-            }
-            Outcome::Permanent(reason) => self.dead_letter(message, kind, reason).await,
-        }
-    }
-
-    /// Writes `message` to the dead-letter topic with its key, payload, original headers
-    /// and a `reason` header.
-    async fn dead_letter(&self, message: &Message, kind: &'static str, reason: String) -> Step {
-        let partition = message.partition.to_string();
-        let offset = message.offset.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 4);
-        for (key, value) in &message.headers {
-            headers = headers.insert(Header {
-                key,
-                value: value.as_deref(),
-            });
-        }
-        for (key, value) in [
-            (REASON_HEADER, reason.as_str()),
-            ("original_topic", self.topic.as_str()),
-            ("original_partition", partition.as_str()),
-            ("original_offset", offset.as_str()),
-        ] {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.dead_letter_topic).headers(headers);
-        if let Some(key) = message.key.as_deref() {
-            record = record.key(key);
-        }
-        if let Some(payload) = message.payload.as_deref() {
-            record = record.payload(payload);
-        }
-        match self.producer.send(record, DEAD_LETTER_TIMEOUT).await {
-            Ok(_) => {
-                self.shared.metrics.dead_letters.inc();
-                self.count(kind, "dead_lettered");
-                tracing::warn!(
-                    partition = message.partition,
-                    offset = message.offset,
-                    event = kind,
-                    reason = %reason,
-                    dead_letter_topic = %self.dead_letter_topic,
-                    "lifecycle message dead-lettered"
-                );
-                Step::Done
-            }
-            Err((error, _)) => Step::Retry {
-                error: format!(
-                    "cannot write to the dead-letter topic {}: {error}",
-                    self.dead_letter_topic
-                ),
-                retry_after: None,
-            },
-        }
-    }
-}
-
-fn client_config(shared: &Shared) -> ClientConfig {
-    let lifecycle = &shared.config.lifecycle;
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &lifecycle.brokers)
-        .set("client.id", "roster");
-    config
-}
-
-fn apply_extra(config: &mut ClientConfig, shared: &Shared) {
-    for (key, value) in &shared.config.lifecycle.kafka {
-        config.set(key, value);
+    fn name(&self) -> &str {
+        &self.topic
     }
 }
 
@@ -514,28 +255,13 @@ pub async fn run(
         brokers: lifecycle.brokers.clone(),
         source,
     };
-
-    let mut consumer_config = client_config(&shared);
-    consumer_config
-        .set("group.id", &lifecycle.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // A new group starts from the beginning: nothing is lost.
-        .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "5000")
-        // Bounds what librdkafka prefetches per partition.
-        .set("queued.max.messages.kbytes", "8192")
-        // Brokers that hold a fetch for its full wait (tansu does) add it to every event's
-        // latency; 100 ms costs an idle consumer ten small fetches a second.
-        .set("fetch.wait.max.ms", "100");
-    apply_extra(&mut consumer_config, &shared);
-    let offsets = Arc::new(Mutex::new(Offsets::default()));
-    let context = Context {
+    let offsets = Arc::new(Mutex::new(offsets::Offsets::default()));
+    let context = kafka::Context {
         topic: topic.clone(),
         offsets: offsets.clone(),
         metrics: shared.metrics.clone(),
     };
-    let consumer: Kafka = consumer_config
+    let consumer: pipeline::Kafka = kafka::consumer_config(&lifecycle)
         .create_with_context(context)
         .map_err(|e| client_error("consumer", e))?;
     consumer
@@ -544,280 +270,43 @@ pub async fn run(
             topic: topic.clone(),
             source,
         })?;
-
-    let mut producer_config = client_config(&shared);
-    producer_config.set("message.timeout.ms", "10000");
-    apply_extra(&mut producer_config, &shared);
-    let producer: FutureProducer = producer_config
+    let producer: FutureProducer = kafka::producer_config(&lifecycle)
         .create()
         .map_err(|e| client_error("dead-letter producer", e))?;
 
     let (commands_tx, commands) = mpsc::channel(8);
     let _ = shared.lifecycle.sender.set(commands_tx);
-    let (stalls_tx, stalls) = mpsc::channel(lifecycle.max_in_flight_users * 2);
+    let (stalls_tx, stalls) = mpsc::channel(lifecycle.max_in_flight_users * 4);
+    let dead_letter_topic = shared.config.dead_letter_topic();
     let worker = Arc::new(Worker {
         shared: shared.clone(),
         effects,
-        producer,
+        dead_letters: Arc::new(KafkaSink {
+            producer,
+            topic: dead_letter_topic.clone(),
+        }),
         topic: topic.clone(),
-        dead_letter_topic: shared.config.dead_letter_topic(),
         options: PlanOptions {
             create_missing_users: lifecycle.create_missing_users,
         },
+        backoff: Backoff::DEFAULT,
         stalls: stalls_tx,
     });
     tracing::info!(
         topic = %topic,
         group = %lifecycle.group_id,
-        dead_letter_topic = %worker.dead_letter_topic,
+        dead_letter_topic = %dead_letter_topic,
         matrix_enabled = worker.effects.is_some(),
         "lifecycle consumer started"
     );
-    let mut pipeline = Pipeline {
+    let mut pipeline = pipeline::Pipeline::new(
         consumer,
         topic,
         offsets,
-        queue: KeyQueue::default(),
-        tasks: JoinSet::new(),
-        running: HashMap::new(),
         worker,
-        max_in_flight: lifecycle.max_in_flight_users,
-        max_buffered: lifecycle.max_buffered_events,
-    };
+        lifecycle.max_in_flight_users,
+        lifecycle.max_buffered_events,
+    );
     pipeline.run(commands, stalls, shutdown).await;
     Ok(())
-}
-
-struct Pipeline {
-    consumer: Kafka,
-    topic: String,
-    offsets: Arc<Mutex<Offsets>>,
-    queue: KeyQueue<Job>,
-    tasks: JoinSet<()>,
-    running: HashMap<tokio::task::Id, Running>,
-    worker: Arc<Worker>,
-    max_in_flight: usize,
-    max_buffered: usize,
-}
-
-impl Pipeline {
-    fn offsets(&self) -> std::sync::MutexGuard<'_, Offsets> {
-        self.offsets.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    async fn run(
-        &mut self,
-        mut commands: mpsc::Receiver<Command>,
-        mut stalls: mpsc::Receiver<(i32, u64, i64)>,
-        shutdown: CancellationToken,
-    ) {
-        let mut commit_every = tokio::time::interval(COMMIT_INTERVAL);
-        commit_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let revoked = self.offsets().take_revoked();
-            if !revoked.is_empty() {
-                self.drop_partitions(&revoked);
-            }
-            self.start_jobs();
-            self.apply_pauses();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                Some(command) = commands.recv() => self.command(command),
-                Some(finished) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    self.finished(finished);
-                }
-                Some((partition, generation, offset)) = stalls.recv() => {
-                    self.offsets().stalled(partition, generation, offset);
-                }
-                _ = commit_every.tick() => self.commit(CommitMode::Async),
-                received = self.consumer.recv() => match received.map(|m| Message::from_kafka(&m)) {
-                    Ok(message) => self.receive(message),
-                    Err(error) => {
-                        tracing::warn!(error = %error, "lifecycle consumer error");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-            }
-        }
-        self.shut_down().await;
-    }
-
-    fn receive(&mut self, message: Message) {
-        let Some(generation) = self.offsets().received(message.partition, message.offset) else {
-            tracing::debug!(
-                partition = message.partition,
-                offset = message.offset,
-                "message of a partition no longer assigned here; its owner handles it"
-            );
-            return;
-        };
-        let decoded = message.decode();
-        let key = message.ordering_key(&decoded);
-        self.queue.push(
-            key,
-            Job {
-                message,
-                generation,
-                decoded,
-            },
-        );
-    }
-
-    fn start_jobs(&mut self) {
-        while self.running.len() < self.max_in_flight {
-            let Some((key, job)) = self.queue.pop() else {
-                break;
-            };
-            let (partition, offset, generation) =
-                (job.message.partition, job.message.offset, job.generation);
-            let abort = self.tasks.spawn(self.worker.clone().work(job));
-            self.running.insert(
-                abort.id(),
-                Running {
-                    key,
-                    partition,
-                    offset,
-                    generation,
-                    abort,
-                },
-            );
-        }
-    }
-
-    fn finished(&mut self, finished: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
-        let (id, completed) = match finished {
-            Ok((id, ())) => (id, true),
-            Err(e) => {
-                if e.is_panic() {
-                    // A bug: the offset stays uncommitted until a restart redelivers it.
-                    tracing::error!(error = %e, "a lifecycle job panicked; its partition stops committing until restart");
-                }
-                (e.id(), false)
-            }
-        };
-        let Some(running) = self.running.remove(&id) else {
-            return;
-        };
-        self.queue.finish(&running.key);
-        if completed {
-            self.offsets()
-                .done(running.partition, running.generation, running.offset);
-        }
-    }
-
-    fn apply_pauses(&mut self) {
-        let buffered = self.queue.len() + self.running.len();
-        let changes = self.offsets().pause_changes(buffered >= self.max_buffered);
-        for (partitions, pause) in [(&changes.pause, true), (&changes.resume, false)] {
-            if partitions.is_empty() {
-                continue;
-            }
-            let mut list = TopicPartitionList::new();
-            for &p in partitions {
-                list.add_partition(&self.topic, p);
-            }
-            let result = if pause {
-                self.consumer.pause(&list)
-            } else {
-                self.consumer.resume(&list)
-            };
-            match result {
-                Ok(()) => tracing::debug!(?partitions, pause, "lifecycle fetching changed"),
-                Err(e) => {
-                    tracing::warn!(error = %e, ?partitions, pause, "cannot pause or resume lifecycle partitions")
-                }
-            }
-        }
-    }
-
-    /// Drops queued and running work of partitions that left (revoke or replay).
-    fn drop_partitions(&mut self, partitions: &[i32]) {
-        self.queue
-            .retain(|job| !partitions.contains(&job.message.partition));
-        for running in self.running.values() {
-            if partitions.contains(&running.partition) {
-                running.abort.abort();
-            }
-        }
-    }
-
-    fn commit(&mut self, mode: CommitMode) {
-        let positions = self.offsets().take_commits();
-        if positions.is_empty() {
-            return;
-        }
-        let mut list = TopicPartitionList::new();
-        for &(partition, position) in &positions {
-            let _ = list.add_partition_offset(&self.topic, partition, Offset::Offset(position));
-        }
-        match self.consumer.commit(&list, mode) {
-            Ok(()) => tracing::debug!(?positions, "lifecycle offsets committed"),
-            Err(e) => {
-                tracing::warn!(error = %e, ?positions, "cannot commit lifecycle offsets; retrying");
-                self.offsets().commit_failed(&positions);
-            }
-        }
-    }
-
-    fn command(&mut self, command: Command) {
-        match command {
-            Command::Replay {
-                partition,
-                offset,
-                reply,
-            } => {
-                let _ = reply.send(self.replay(partition, offset));
-            }
-        }
-    }
-
-    fn replay(&mut self, partition: i32, offset: i64) -> Result<Replayed, ReplayError> {
-        let assigned = self.offsets().assigned();
-        if !assigned.contains(&partition) {
-            return Err(ReplayError::NotAssigned {
-                partition,
-                assigned,
-            });
-        }
-        self.drop_partitions(&[partition]);
-        self.offsets().rewind(partition, offset);
-        self.consumer
-            .seek(
-                &self.topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(10),
-            )
-            .map_err(|e| ReplayError::Failed(format!("seek failed: {e}")))?;
-        self.commit(CommitMode::Sync);
-        tracing::info!(
-            partition,
-            offset,
-            "lifecycle replay: re-consuming from the offset"
-        );
-        Ok(Replayed {
-            topic: self.topic.clone(),
-            partition,
-            offset,
-        })
-    }
-
-    /// Lets running events finish (briefly), abandons the rest uncommitted, commits.
-    async fn shut_down(&mut self) {
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-        while !self.tasks.is_empty() {
-            tokio::select! {
-                Some(finished) = self.tasks.join_next_with_id() => self.finished(finished),
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        let abandoned = self.running.len() + self.queue.len();
-        self.tasks.abort_all();
-        self.commit(CommitMode::Sync);
-        tracing::info!(
-            abandoned,
-            "lifecycle consumer stopped; abandoned events are redelivered on restart"
-        );
-    }
 }

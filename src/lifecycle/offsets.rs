@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::state::StalledPartition;
+
 #[derive(Debug, Default)]
 struct Partition {
     generation: u64,
@@ -17,8 +19,8 @@ struct Partition {
     next: Option<i64>,
     /// The last position committed (or handed to the client to commit).
     committed: Option<i64>,
-    /// Offsets whose jobs wait for the homeserver to come back.
-    stalled: BTreeSet<i64>,
+    /// Offsets whose jobs wait (for the homeserver, the dead-letter topic): since when, why.
+    stalled: BTreeMap<i64, (u64, String)>,
     /// Whether the consumer has paused fetching it.
     paused: bool,
 }
@@ -97,13 +99,39 @@ impl Offsets {
         }
     }
 
-    pub fn stalled(&mut self, partition: i32, generation: u64, offset: i64) {
+    /// Notes that the job at `offset` waits, since `now_ms` (kept from its first notice) and
+    /// why (the latest reason).
+    pub fn stalled(
+        &mut self,
+        partition: i32,
+        generation: u64,
+        offset: i64,
+        now_ms: u64,
+        reason: String,
+    ) {
         if let Some(p) = self.partitions.get_mut(&partition)
             && p.generation == generation
             && p.in_flight.contains(&offset)
         {
-            p.stalled.insert(offset);
+            let entry = p.stalled.entry(offset).or_insert((now_ms, String::new()));
+            entry.1 = reason;
         }
+    }
+
+    /// Partitions that cannot move: the oldest waiting offset of each, how long, and why.
+    pub fn stalls(&self, now_ms: u64) -> Vec<StalledPartition> {
+        self.partitions
+            .iter()
+            .filter_map(|(&partition, p)| {
+                let (&offset, (since, reason)) = p.stalled.first_key_value()?;
+                Some(StalledPartition {
+                    partition,
+                    offset,
+                    stalled_for_ms: now_ms.saturating_sub(*since),
+                    reason: reason.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Starts `partition` over at `offset` (replay); returns the new generation.
@@ -219,7 +247,17 @@ mod tests {
         o.assign(0);
         o.assign(1);
         let g = o.received(0, 3).unwrap();
-        o.stalled(0, g, 3);
+        o.stalled(0, g, 3, 1_000, "homeserver away".into());
+        o.stalled(0, g, 3, 4_000, "homeserver still away".into());
+        assert_eq!(
+            o.stalls(9_000),
+            vec![StalledPartition {
+                partition: 0,
+                offset: 3,
+                stalled_for_ms: 8_000,
+                reason: "homeserver still away".into()
+            }]
+        );
         assert_eq!(
             o.pause_changes(false),
             PauseChanges {
@@ -236,6 +274,7 @@ mod tests {
             }
         );
         o.done(0, g, 3);
+        assert!(o.stalls(10_000).is_empty());
         assert_eq!(
             o.pause_changes(false),
             PauseChanges {

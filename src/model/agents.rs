@@ -8,28 +8,13 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
 use super::{Membership, Model};
+use crate::ids::agent_localpart;
 
 /// One agent as a source lists it. `id` is the key: names are not unique.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Agent {
     pub id: String,
     pub name: String,
-}
-
-/// The localpart of an agent's user and alias: `agent_<x>`, where `<x>` is the id without a
-/// leading `agent-`, lower-cased, `-` replaced by `_`, anything outside `[a-z0-9_]` dropped.
-///
-/// This is the old bot's scheme, so the users it created are taken over as they are.
-/// `None` when nothing is left of the id.
-pub fn agent_localpart(agent_id: &str) -> Option<String> {
-    let trimmed = agent_id.strip_prefix("agent-").unwrap_or(agent_id);
-    let x: String = trimmed
-        .chars()
-        .map(|c| c.to_ascii_lowercase())
-        .map(|c| if c == '-' { '_' } else { c })
-        .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
-        .collect();
-    (!x.is_empty()).then(|| format!("agent_{x}"))
 }
 
 /// What roster has done for one agent's room: its promises, kept in the store.
@@ -63,6 +48,16 @@ pub struct RoomRecord {
     pub removing: bool,
     /// The agent was removed and its room left; nothing more is done for it.
     pub retired: bool,
+}
+
+impl RoomRecord {
+    /// The record once the agent's removal is done: nothing more is done for it.
+    pub fn retired(mut self) -> RoomRecord {
+        self.retired = true;
+        self.removing = false;
+        self.space_linked = false;
+        self
+    }
 }
 
 /// A member every agent room must have.
@@ -312,6 +307,8 @@ pub struct ListingOutcome {
 #[derive(Debug, Default, Clone)]
 pub struct AgentBook {
     pub desired: BTreeMap<String, Agent>,
+    /// The "Letta Agents" space, once found or created.
+    pub space: Option<OwnedRoomId>,
     pub records: BTreeMap<String, RoomRecord>,
     room_index: HashMap<OwnedRoomId, String>,
 }
@@ -394,11 +391,14 @@ impl AgentBook {
     /// Marks an agent retired after its removal actions succeeded.
     pub fn retire(&mut self, agent_id: &str) {
         self.desired.remove(agent_id);
-        if let Some(record) = self.records.get_mut(agent_id) {
-            record.retired = true;
-            record.removing = false;
-            record.space_linked = false;
+        if let Some(record) = self.records.remove(agent_id) {
+            self.records.insert(agent_id.to_owned(), record.retired());
         }
+    }
+
+    /// Whether roster looks after `room`: an agent room it recorded, or the space.
+    pub fn manages_room(&self, room: &RoomId) -> bool {
+        self.room_index.contains_key(room) || self.space.as_deref() == Some(room)
     }
 
     /// Records roster still looks after (not retired), all or those of `only`.
@@ -425,25 +425,7 @@ impl AgentBook {
 mod tests {
     use super::*;
 
-    #[test]
-    fn should_map_agent_ids_like_the_old_bot() {
-        assert_eq!(
-            agent_localpart("agent-1b2c-3d").as_deref(),
-            Some("agent_1b2c_3d")
-        );
-        assert_eq!(
-            agent_localpart("agent-6F1B2C3D-aaaa-4bbb-8ccc-0123456789ab").as_deref(),
-            Some("agent_6f1b2c3d_aaaa_4bbb_8ccc_0123456789ab")
-        );
-        assert_eq!(
-            agent_localpart("Helper Bot!").as_deref(),
-            Some("agent_helperbot")
-        );
-        assert_eq!(agent_localpart("agent-").as_deref(), None);
-        assert_eq!(agent_localpart("!!!"), None);
-    }
-
-    use crate::model::{EventOrder, MemberEvent};
+    use crate::model::MemberEvent;
     use ruma::{owned_room_id, owned_user_id};
 
     fn agent(name: &str) -> Agent {
@@ -491,10 +473,8 @@ mod tests {
             membership,
             displayname: None,
             avatar_url: None,
-            order: EventOrder {
-                origin_server_ts: ts,
-                event_id: format!("$e{ts}").try_into().unwrap(),
-            },
+            event_id: format!("$e{ts}").try_into().unwrap(),
+            origin_server_ts: ts,
         }]);
     }
 
@@ -754,30 +734,5 @@ mod tests {
         );
         model.identities.mark_deactivated(agent_user.clone());
         assert_eq!(plan(&model, true), vec!["unlink_space", "leave"]);
-    }
-
-    #[test]
-    fn should_turn_a_read_into_drift() {
-        let model = converged_model();
-        let room = owned_room_id!("!r:ex.org");
-        // The read shows admin gone and a stranger joined.
-        let joined = vec![
-            (owned_user_id!("@agent_1:ex.org"), None, None),
-            (owned_user_id!("@letta:ex.org"), None, None),
-            (owned_user_id!("@eve:ex.org"), None, None),
-        ];
-        let mut drift: Vec<_> = model
-            .observe_joined(&room, &joined, 100)
-            .into_iter()
-            .map(|c| (c.user_id.to_string(), c.state.membership))
-            .collect();
-        drift.sort();
-        assert_eq!(
-            drift,
-            vec![
-                ("@admin:ex.org".into(), Membership::Leave),
-                ("@eve:ex.org".into(), Membership::Join)
-            ]
-        );
     }
 }

@@ -2,50 +2,15 @@
 //! decides what each event asks of the homeserver given that knowledge.
 //!
 //! Pure like the rest of `model`: the lifecycle consumer decodes events into
-//! [`IdentityEvent`]s, [`Identities::plan`] turns one into a [`Plan`], and the reconciler
-//! executes it and reports back (`mark_deactivated`). A deactivated user is never invited,
+//! [`IdentityEvent`]s, [`Identities::plan`] turns one into a [`Plan`], and the lifecycle's
+//! identity effects execute it and report back through `state` (`record_deactivated`). A deactivated user is never invited,
 //! rejoined, re-created or given a new profile.
 
 use std::collections::HashSet;
-use std::fmt;
 
 use ruma::{OwnedUserId, ServerName, UserId};
 
-/// Localpart prefix of identity users (CONTRACT: `@nova-<uuid>`).
-pub const LOCALPART_PREFIX: &str = "nova-";
-
-/// An identity's id: a UUID, lower-cased, dashes kept.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct IdentityId(String);
-
-impl IdentityId {
-    /// Accepts the canonical 8-4-4-4-12 hex form in either case; `None` otherwise.
-    pub fn parse(text: &str) -> Option<IdentityId> {
-        let groups: Vec<&str> = text.split('-').collect();
-        let lengths_ok = groups.len() == 5
-            && groups
-                .iter()
-                .zip([8, 4, 4, 4, 12])
-                .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()));
-        lengths_ok.then(|| IdentityId(text.to_ascii_lowercase()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// `@nova-<uuid>:<server>`.
-    pub fn user_id(&self, server: &ServerName) -> OwnedUserId {
-        UserId::parse_with_server_name(format!("{LOCALPART_PREFIX}{}", self.0), server)
-            .expect("nova- and a lower-case UUID form a valid localpart")
-    }
-}
-
-impl fmt::Display for IdentityId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::ids::IdentityId;
 
 /// One lifecycle event, reduced to the fields roster uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,27 +266,6 @@ mod tests {
         assert!(!ids.mark_deactivated(user.clone()));
         assert!(ids.is_deactivated(&user));
         assert_eq!(ids.deactivated_count(), 1);
-    }
-
-    #[test]
-    fn should_accept_only_uuids_and_lower_case_them() {
-        let upper = IdentityId::parse("6F1B2C3D-AAAA-4BBB-8CCC-0123456789AB").unwrap();
-        assert_eq!(upper.as_str(), UUID);
-        assert_eq!(
-            upper.user_id(server_name!("example.org")),
-            "@nova-6f1b2c3d-aaaa-4bbb-8ccc-0123456789ab:example.org"
-        );
-        for bad in [
-            "",
-            "42",
-            "6f1b2c3d-aaaa-4bbb-8ccc",
-            "6f1b2c3d-aaaa-4bbb-8ccc-0123456789ag",
-            "6f1b2c3daaaa4bbb8ccc0123456789ab",
-            "6f1b2c3d-aaaa-4bbb-8ccc-0123456789ab-",
-            "../../admin",
-        ] {
-            assert_eq!(IdentityId::parse(bad), None, "{bad:?}");
-        }
     }
 
     #[test]

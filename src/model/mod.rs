@@ -1,19 +1,34 @@
 //! Holds what roster knows about room membership and computes what each new fact changes.
 //!
-//! Invariants: no I/O, no async, no clock. Every input carries its own order
-//! (`origin_server_ts`, then `event_id`), so applying the same events in any order, or
-//! twice, leaves the same state: redelivered and out-of-order transactions are harmless.
+//! Invariants: no I/O, no async, no clock.
+//!
+//! Ordering (why it holds for Matrix): a homeserver delivers an appservice's transactions
+//! one at a time, in the order the events happened on it, so **delivery order** is the
+//! order. Each accepted fact gets the next delivery sequence number and a later one always
+//! wins. Timestamps (`origin_server_ts`) are set by whichever server sent the event and
+//! skew or lie, so they order nothing: a crafted future timestamp cannot outrank a later
+//! delivery. Redelivered events are recognised by event id (the member's current event,
+//! and a bounded window of recent ids) and change nothing. A `joined_members` read
+//! supersedes everything delivered before the read was asked for, and nothing after it.
+//!
+//! Member states are compact (hashes instead of ids and names): memory per membership is
+//! part of roster's budget. The store keeps the full details beside them.
 
 pub mod agents;
 pub mod identity;
 
-use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::Serialize;
 
+/// Recent event ids remembered to recognise redeliveries beyond a member's current event.
+const RECENT_EVENTS: usize = 16_384;
+
 /// A user's membership in a room, as `m.room.member` states it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Membership {
     Invite,
@@ -47,17 +62,7 @@ impl Membership {
     }
 }
 
-/// Where a member state sits in the room's history; newer wins.
-///
-/// The homeserver's timestamp is the only order an appservice is given across
-/// transactions; the event id breaks ties so the choice is the same on every replay.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct EventOrder {
-    pub origin_server_ts: u64,
-    pub event_id: OwnedEventId,
-}
-
-/// One `m.room.member` event, reduced to what the model uses.
+/// One `m.room.member` event, reduced to what roster uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberEvent {
     pub room_id: OwnedRoomId,
@@ -66,18 +71,56 @@ pub struct MemberEvent {
     pub membership: Membership,
     pub displayname: Option<String>,
     pub avatar_url: Option<String>,
-    pub order: EventOrder,
+    pub event_id: OwnedEventId,
+    /// Shown and stored, never used to order.
+    pub origin_server_ts: u64,
+}
+
+/// A member as a `joined_members` read lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedMember {
+    pub user: OwnedUserId,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
 }
 
 /// What roster knows of one user in one room.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct MemberState {
     pub membership: Membership,
+    /// Delivery order: a later fact wins.
+    pub seq: u64,
+    /// The homeserver's timestamp of the event, for operators only.
+    pub origin_server_ts: u64,
+    /// Hash of the event id that set this state (0 for a read): its redelivery is a duplicate.
+    #[serde(skip)]
+    event: u64,
+    /// Hash of display name and avatar: a join after a join is a profile change or nothing.
+    #[serde(skip)]
+    profile: u64,
+}
+
+/// What the store keeps of a member state beside the state itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberDetail {
+    /// `None` for a state learnt from a read.
+    pub event_id: Option<OwnedEventId>,
+    pub sender: OwnedUserId,
     pub displayname: Option<String>,
     pub avatar_url: Option<String>,
-    /// Who caused the last change (differs from the member on invite, kick, ban).
-    pub sender: OwnedUserId,
-    pub order: EventOrder,
+}
+
+impl MemberDetail {
+    /// Rebuilds the state a stored row describes.
+    pub fn state(&self, membership: Membership, seq: u64, origin_server_ts: u64) -> MemberState {
+        MemberState {
+            membership,
+            seq,
+            origin_server_ts,
+            event: self.event_id.as_ref().map_or(0, |e| hash(e.as_str())),
+            profile: profile_hash(self.displayname.as_deref(), self.avatar_url.as_deref()),
+        }
+    }
 }
 
 /// What an event meant, given what was known before it.
@@ -94,31 +137,38 @@ pub enum Transition {
     Banned,
     Unbanned,
     Knocked,
-    /// Same membership and profile under a newer event: nothing changed.
+    /// Same membership and profile under a new event: nothing changed.
     Unchanged,
-    /// The event was already applied.
-    Duplicate,
-    /// An event older than the state already known: ignored.
-    Stale,
 }
 
 impl Transition {
-    /// Whether the state changed, so it must be recorded and may need action.
-    pub fn changes_state(self) -> bool {
-        !matches!(self, Transition::Duplicate | Transition::Stale)
+    /// The `transition` label of `roster_member_transitions_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Transition::Invited => "invited",
+            Transition::Joined => "joined",
+            Transition::ProfileChanged => "profile_changed",
+            Transition::Left => "left",
+            Transition::Kicked => "kicked",
+            Transition::Banned => "banned",
+            Transition::Unbanned => "unbanned",
+            Transition::Knocked => "knocked",
+            Transition::Unchanged => "unchanged",
+        }
     }
 }
 
-/// One event's outcome: the key, the transition and the state to record.
+/// One accepted fact: the key, what it meant, the state to record and its details.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub room_id: OwnedRoomId,
     pub user_id: OwnedUserId,
     pub transition: Transition,
     pub state: MemberState,
+    pub detail: MemberDetail,
 }
 
-/// Observed membership of every room roster has heard of, and what lifecycle events said
+/// Observed membership of the rooms roster looks after, and what lifecycle events said
 /// about identity users.
 #[derive(Debug, Default, Clone)]
 pub struct Model {
@@ -128,11 +178,19 @@ pub struct Model {
     /// Effects roster caused whose events have not been pushed yet: without them a run
     /// triggered by an earlier event would repeat an action already taken.
     expected: HashMap<(OwnedRoomId, OwnedUserId), Membership>,
+    /// The sequence number the next accepted fact gets.
+    next_seq: u64,
+    /// Hashes of recently accepted event ids, oldest first, and the same as a set.
+    recent: VecDeque<u64>,
+    recent_set: HashSet<u64>,
 }
 
 impl Model {
     pub fn new() -> Self {
-        Self::default()
+        Model {
+            next_seq: 1,
+            ..Self::default()
+        }
     }
 
     /// The known state of `user` in `room`.
@@ -164,121 +222,164 @@ impl Model {
         self.rooms.keys()
     }
 
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Member states held, over all rooms.
+    pub fn membership_count(&self) -> usize {
+        self.rooms.values().map(HashMap::len).sum()
+    }
+
     /// A deactivated user is never invited or rejoined.
     pub fn is_deactivated(&self, user: &UserId) -> bool {
         self.identities.is_deactivated(user)
     }
 
-    pub fn room_count(&self) -> usize {
-        self.rooms.len()
+    /// The sequence number of the last accepted fact: a read asked for now supersedes
+    /// everything up to it.
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
     }
 
-    /// Computes what `events` would change, in order, without changing the model.
+    /// Computes what `events`, delivered in this order, would change, without changing the
+    /// model.
     ///
     /// Callers record the returned changes durably and then `commit` them, so a failed
     /// write leaves the model as it was and a redelivery is applied in full.
     pub fn preview(&self, events: &[MemberEvent]) -> Vec<Change> {
-        // Later events in the same batch see earlier ones through this overlay.
+        // Later events in the same batch see earlier ones through these overlays.
         let mut overlay: HashMap<(&RoomId, &UserId), MemberState> = HashMap::new();
+        let mut batch_events: HashSet<u64> = HashSet::new();
+        let mut seq = self.next_seq;
         let mut changes = Vec::new();
         for event in events {
+            let event_hash = hash(event.event_id.as_str());
+            if self.recent_set.contains(&event_hash) || !batch_events.insert(event_hash) {
+                continue;
+            }
             let key = (event.room_id.as_ref(), event.user_id.as_ref());
-            let before = overlay.get(&key).or_else(|| self.member(key.0, key.1));
-            let transition = transition(before, event);
-            if !transition.changes_state() {
+            let before = overlay
+                .get(&key)
+                .or_else(|| self.member(key.0, key.1))
+                .copied();
+            if before.is_some_and(|b| b.event == event_hash) {
                 continue;
             }
             let state = MemberState {
                 membership: event.membership,
-                displayname: event.displayname.clone(),
-                avatar_url: event.avatar_url.clone(),
-                sender: event.sender.clone(),
-                order: event.order.clone(),
+                seq,
+                origin_server_ts: event.origin_server_ts,
+                event: event_hash,
+                profile: profile_hash(event.displayname.as_deref(), event.avatar_url.as_deref()),
             };
-            overlay.insert(key, state.clone());
+            seq += 1;
+            overlay.insert(key, state);
             changes.push(Change {
                 room_id: event.room_id.clone(),
                 user_id: event.user_id.clone(),
-                transition,
+                transition: transition(before.as_ref(), &state, event.sender == event.user_id),
                 state,
+                detail: MemberDetail {
+                    event_id: Some(event.event_id.clone()),
+                    sender: event.sender.clone(),
+                    displayname: event.displayname.clone(),
+                    avatar_url: event.avatar_url.clone(),
+                },
             });
         }
         changes
     }
 
-    /// Applies changes from `preview` (or restored from the store).
+    /// Applies changes from `preview` or `observe_joined`.
     pub fn commit(&mut self, changes: impl IntoIterator<Item = Change>) {
         for change in changes {
+            if change.state.event != 0 {
+                self.remember_event(change.state.event);
+            }
             self.restore(change.room_id, change.user_id, change.state);
         }
     }
 
-    /// Puts back a recorded state unless a newer one is already known.
+    /// Puts back a recorded state unless a later one is already known.
     pub fn restore(&mut self, room: OwnedRoomId, user: OwnedUserId, state: MemberState) {
+        self.next_seq = self.next_seq.max(state.seq + 1);
         self.expected.remove(&(room.clone(), user.clone()));
         let members = self.rooms.entry(room).or_default();
         match members.get(&user) {
-            Some(known) if known.order >= state.order => {}
+            Some(known) if known.seq >= state.seq => {}
             _ => {
                 members.insert(user, state);
             }
         }
     }
 
-    /// Reconciles the model with a `joined_members` read of `room` taken at `now_ms`.
+    fn remember_event(&mut self, event: u64) {
+        if self.recent_set.insert(event) {
+            self.recent.push_back(event);
+            if self.recent.len() > RECENT_EVENTS
+                && let Some(oldest) = self.recent.pop_front()
+            {
+                self.recent_set.remove(&oldest);
+            }
+        }
+    }
+
+    /// Reconciles the model with a `joined_members` read of `room`, asked for when the
+    /// model's last fact was `asked_at_seq`.
     ///
-    /// A read is newer than anything pushed before it: listed users become joined, users the
-    /// model showed joined but the read does not list become left. Invites and bans are not
-    /// in the read and stay as they are. Returns the differences (drift), to record.
+    /// The read supersedes what was delivered before it was asked for: listed users become
+    /// joined, users the model showed joined but the read does not list become left.
+    /// Invites and bans are not in the read and stay as they are; so does any member whose
+    /// state was delivered after the read was asked for (that fact is newer than the read).
+    /// Returns the differences (drift), to record.
     pub fn observe_joined(
         &self,
         room: &RoomId,
-        joined: &[(OwnedUserId, Option<String>, Option<String>)],
-        now_ms: u64,
+        joined: &[ObservedMember],
+        asked_at_seq: u64,
     ) -> Vec<Change> {
-        // Newer than what the model holds even if the homeserver's clock runs ahead.
-        let order = |user: &UserId| EventOrder {
-            origin_server_ts: self
-                .member(room, user)
-                .map_or(now_ms, |k| now_ms.max(k.order.origin_server_ts + 1)),
-            event_id: format!("$roster-read-{now_ms}-{}", user.localpart())
-                .try_into()
-                .expect("a valid synthetic event id"),
-        };
+        let mut seq = self.next_seq;
         let mut changes = Vec::new();
-        for (user, displayname, avatar_url) in joined {
-            let known = self.member(room, user);
-            if known.is_some_and(|k| k.membership == Membership::Join) {
-                continue;
-            }
+        let mut change = |user: &UserId, membership, member: Option<&ObservedMember>| {
+            let detail = MemberDetail {
+                event_id: None,
+                sender: user.to_owned(),
+                displayname: member.and_then(|m| m.displayname.clone()),
+                avatar_url: member.and_then(|m| m.avatar_url.clone()),
+            };
+            let state = detail.state(membership, seq, 0);
+            seq += 1;
+            let transition = if membership == Membership::Join {
+                Transition::Joined
+            } else {
+                Transition::Left
+            };
             changes.push(Change {
                 room_id: room.to_owned(),
-                user_id: user.clone(),
-                transition: Transition::Joined,
-                state: MemberState {
-                    membership: Membership::Join,
-                    displayname: displayname.clone(),
-                    avatar_url: avatar_url.clone(),
-                    sender: user.clone(),
-                    order: order(user),
-                },
+                user_id: user.to_owned(),
+                transition,
+                state,
+                detail,
             });
+        };
+        let newer_than_read = |user: &UserId| {
+            self.member(room, user)
+                .is_some_and(|k| k.seq > asked_at_seq)
+        };
+        for member in joined {
+            let known = self.member(room, &member.user);
+            if known.is_some_and(|k| k.membership == Membership::Join)
+                || newer_than_read(&member.user)
+            {
+                continue;
+            }
+            change(&member.user, Membership::Join, Some(member));
         }
         for (user, state) in self.members(room) {
-            let still_joined = joined.iter().any(|(u, _, _)| u == user);
-            if state.membership == Membership::Join && !still_joined {
-                changes.push(Change {
-                    room_id: room.to_owned(),
-                    user_id: user.clone(),
-                    transition: Transition::Left,
-                    state: MemberState {
-                        membership: Membership::Leave,
-                        displayname: None,
-                        avatar_url: None,
-                        sender: user.clone(),
-                        order: order(user),
-                    },
-                });
+            let still_joined = joined.iter().any(|m| &m.user == user);
+            if state.membership == Membership::Join && !still_joined && !newer_than_read(user) {
+                change(user, Membership::Leave, None);
             }
         }
         changes
@@ -296,7 +397,13 @@ impl Model {
         self.expected.retain(|(r, _), _| r != room);
     }
 
-    /// Applies events at once: `preview` then `commit`. For callers with nothing to record.
+    /// Drops every room for which `keep` is false (rooms roster does not look after).
+    pub fn retain_rooms(&mut self, mut keep: impl FnMut(&RoomId) -> bool) {
+        self.rooms.retain(|room, _| keep(room));
+    }
+
+    /// Applies events at once: `preview` then `commit`.
+    #[cfg(test)]
     pub fn apply(&mut self, events: &[MemberEvent]) -> Vec<Change> {
         let changes = self.preview(events);
         self.commit(changes.clone());
@@ -304,22 +411,25 @@ impl Model {
     }
 }
 
-fn transition(before: Option<&MemberState>, event: &MemberEvent) -> Transition {
+/// A process-local hash: stored states keep the full ids and are hashed again on restore.
+fn hash(text: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    // 0 means "no event" (a read).
+    hasher.finish().max(1)
+}
+
+fn profile_hash(displayname: Option<&str>, avatar_url: Option<&str>) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    (displayname, avatar_url).hash(&mut hasher);
+    hasher.finish()
+}
+
+fn transition(before: Option<&MemberState>, now: &MemberState, by_self: bool) -> Transition {
     use Membership::*;
-    if let Some(known) = before {
-        if known.order == event.order {
-            return Transition::Duplicate;
-        }
-        if known.order > event.order {
-            return Transition::Stale;
-        }
-    }
-    let previous = before.map(|s| s.membership);
-    let by_self = event.sender == event.user_id;
-    match (previous, event.membership) {
+    match (before.map(|s| s.membership), now.membership) {
         (Some(Join), Join) => {
-            let known = before.expect("previous membership implies a state");
-            if known.displayname == event.displayname && known.avatar_url == event.avatar_url {
+            if before.is_some_and(|b| b.profile == now.profile) {
                 Transition::Unchanged
             } else {
                 Transition::ProfileChanged
@@ -337,269 +447,4 @@ fn transition(before: Option<&MemberState>, event: &MemberEvent) -> Transition {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ruma::{owned_room_id, owned_user_id};
-
-    const ROOM: &str = "!room:example.org";
-
-    struct Ev {
-        user: &'static str,
-        sender: &'static str,
-        membership: Membership,
-        name: Option<&'static str>,
-        ts: u64,
-    }
-
-    fn ev(user: &'static str, membership: Membership, ts: u64) -> Ev {
-        Ev {
-            user,
-            sender: user,
-            membership,
-            name: None,
-            ts,
-        }
-    }
-
-    impl Ev {
-        fn by(mut self, sender: &'static str) -> Self {
-            self.sender = sender;
-            self
-        }
-        fn named(mut self, name: &'static str) -> Self {
-            self.name = Some(name);
-            self
-        }
-        fn build(&self) -> MemberEvent {
-            MemberEvent {
-                room_id: owned_room_id!("!room:example.org"),
-                user_id: UserId::parse(self.user).unwrap(),
-                sender: UserId::parse(self.sender).unwrap(),
-                membership: self.membership,
-                displayname: self.name.map(Into::into),
-                avatar_url: None,
-                order: EventOrder {
-                    origin_server_ts: self.ts,
-                    event_id: format!("$e{}_{}", self.ts, self.user.len())
-                        .try_into()
-                        .unwrap(),
-                },
-            }
-        }
-    }
-
-    fn transitions(model: &mut Model, events: &[Ev]) -> Vec<Transition> {
-        let built: Vec<_> = events.iter().map(Ev::build).collect();
-        let all: Vec<_> = built
-            .iter()
-            .map(|e| {
-                let changes = model.apply(std::slice::from_ref(e));
-                changes.first().map(|c| c.transition).unwrap_or_else(|| {
-                    // Filtered out: report why.
-                    super::transition(model.member(&e.room_id, &e.user_id), e)
-                })
-            })
-            .collect();
-        all
-    }
-
-    fn membership_of(model: &Model, user: &str) -> Option<Membership> {
-        model
-            .member(
-                RoomId::parse(ROOM).unwrap().as_ref(),
-                UserId::parse(user).unwrap().as_ref(),
-            )
-            .map(|s| s.membership)
-    }
-
-    const ALICE: &str = "@alice:example.org";
-    const ADMIN: &str = "@admin:example.org";
-
-    #[test]
-    fn should_follow_invite_join_leave() {
-        let mut model = Model::new();
-        let got = transitions(
-            &mut model,
-            &[
-                ev(ALICE, Membership::Invite, 1).by(ADMIN),
-                ev(ALICE, Membership::Join, 2),
-                ev(ALICE, Membership::Leave, 3),
-            ],
-        );
-        assert_eq!(
-            got,
-            vec![Transition::Invited, Transition::Joined, Transition::Left]
-        );
-        assert_eq!(membership_of(&model, ALICE), Some(Membership::Leave));
-    }
-
-    #[test]
-    fn should_tell_kick_from_leave() {
-        let mut model = Model::new();
-        let got = transitions(
-            &mut model,
-            &[
-                ev(ALICE, Membership::Join, 1),
-                ev(ALICE, Membership::Leave, 2).by(ADMIN),
-            ],
-        );
-        assert_eq!(got, vec![Transition::Joined, Transition::Kicked]);
-    }
-
-    #[test]
-    fn should_follow_ban_and_unban() {
-        let mut model = Model::new();
-        let got = transitions(
-            &mut model,
-            &[
-                ev(ALICE, Membership::Join, 1),
-                ev(ALICE, Membership::Ban, 2).by(ADMIN),
-                ev(ALICE, Membership::Leave, 3).by(ADMIN),
-            ],
-        );
-        assert_eq!(
-            got,
-            vec![Transition::Joined, Transition::Banned, Transition::Unbanned]
-        );
-    }
-
-    #[test]
-    fn should_record_knock_and_rejected_invite() {
-        let mut model = Model::new();
-        let got = transitions(
-            &mut model,
-            &[
-                ev(ALICE, Membership::Knock, 1),
-                ev(ALICE, Membership::Invite, 2).by(ADMIN),
-                ev(ALICE, Membership::Leave, 3),
-            ],
-        );
-        assert_eq!(
-            got,
-            vec![Transition::Knocked, Transition::Invited, Transition::Left]
-        );
-    }
-
-    #[test]
-    fn should_treat_join_after_join_as_profile_change() {
-        let mut model = Model::new();
-        let got = transitions(
-            &mut model,
-            &[
-                ev(ALICE, Membership::Join, 1).named("Alice"),
-                ev(ALICE, Membership::Join, 2).named("Alice B."),
-                ev(ALICE, Membership::Join, 3).named("Alice B."),
-            ],
-        );
-        assert_eq!(
-            got,
-            vec![
-                Transition::Joined,
-                Transition::ProfileChanged,
-                Transition::Unchanged
-            ]
-        );
-        let state = model
-            .member(
-                &owned_room_id!("!room:example.org"),
-                &UserId::parse(ALICE).unwrap(),
-            )
-            .unwrap();
-        assert_eq!(state.displayname.as_deref(), Some("Alice B."));
-    }
-
-    #[test]
-    fn should_apply_a_duplicate_once() {
-        let mut model = Model::new();
-        let join = ev(ALICE, Membership::Join, 1).build();
-        assert_eq!(model.apply(std::slice::from_ref(&join)).len(), 1);
-        assert!(model.apply(std::slice::from_ref(&join)).is_empty());
-        assert_eq!(
-            super::transition(model.member(&join.room_id, &join.user_id), &join),
-            Transition::Duplicate
-        );
-    }
-
-    #[test]
-    fn should_ignore_an_event_older_than_the_known_state() {
-        let mut model = Model::new();
-        let leave = ev(ALICE, Membership::Leave, 5).build();
-        let join = ev(ALICE, Membership::Join, 4).build();
-        model.apply(&[leave]);
-        assert!(model.apply(std::slice::from_ref(&join)).is_empty());
-        assert_eq!(
-            super::transition(model.member(&join.room_id, &join.user_id), &join),
-            Transition::Stale
-        );
-        assert_eq!(membership_of(&model, ALICE), Some(Membership::Leave));
-    }
-
-    #[test]
-    fn should_reach_the_same_state_in_any_delivery_order() {
-        let events: Vec<MemberEvent> = [
-            ev(ALICE, Membership::Invite, 1).by(ADMIN),
-            ev(ALICE, Membership::Join, 2),
-            ev(ADMIN, Membership::Join, 3),
-            ev(ALICE, Membership::Leave, 4).by(ADMIN),
-            ev(ADMIN, Membership::Join, 5).named("Boss"),
-        ]
-        .iter()
-        .map(Ev::build)
-        .collect();
-        let mut in_order = Model::new();
-        in_order.apply(&events);
-        let mut reversed = Model::new();
-        for e in events.iter().rev() {
-            reversed.apply(std::slice::from_ref(e));
-        }
-        let mut twice = Model::new();
-        twice.apply(&events);
-        twice.apply(&events);
-        for model in [&reversed, &twice] {
-            assert_eq!(membership_of(model, ALICE), Some(Membership::Leave));
-            assert_eq!(membership_of(model, ADMIN), Some(Membership::Join));
-            assert_eq!(
-                model.member(&events[0].room_id, &events[4].user_id),
-                in_order.member(&events[0].room_id, &events[4].user_id)
-            );
-        }
-    }
-
-    #[test]
-    fn should_see_earlier_events_of_the_same_batch_in_preview() {
-        let model = Model::new();
-        let batch: Vec<_> = [
-            ev(ALICE, Membership::Join, 1),
-            ev(ALICE, Membership::Join, 1),
-            ev(ALICE, Membership::Leave, 2),
-        ]
-        .iter()
-        .map(Ev::build)
-        .collect();
-        let changes = model.preview(&batch);
-        let got: Vec<_> = changes.iter().map(|c| c.transition).collect();
-        assert_eq!(got, vec![Transition::Joined, Transition::Left]);
-        assert_eq!(model.room_count(), 0, "preview changes nothing");
-    }
-
-    #[test]
-    fn should_keep_the_newer_state_on_restore() {
-        let mut model = Model::new();
-        let newer = ev(ALICE, Membership::Join, 9).build();
-        let older = ev(ALICE, Membership::Leave, 3).build();
-        model.apply(&[newer]);
-        let change = Model::new().apply(&[older]).remove(0);
-        model.restore(change.room_id, change.user_id, change.state);
-        assert_eq!(membership_of(&model, ALICE), Some(Membership::Join));
-        let user = owned_user_id!("@alice:example.org");
-        assert_eq!(
-            model.members(&owned_room_id!("!room:example.org")).count(),
-            1
-        );
-        assert!(
-            model
-                .member(&owned_room_id!("!other:example.org"), &user)
-                .is_none()
-        );
-    }
-}
+mod tests;

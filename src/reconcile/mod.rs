@@ -1,110 +1,109 @@
-//! Acts on the homeserver: the only module that drives `matrix`.
+//! Acts on the homeserver for agent rooms: the controller (work queue, sweep, triggers) and
+//! the agent reconciler ([`agents`]).
 //!
-//! Start-up first: register the appservice's own user (Synapse does not create it) and ping
-//! the homeserver, which makes it flush the transactions it queued while roster was away.
-//! Then: find or create the agents space, read every managed room once (so roster converges
-//! after any downtime), and run the work queue. Agents come from the source every
-//! `poll_interval`; rooms are read again only by the validation sweep (`sync.interval`), a
-//! manual sync, or when their state is unknown. Pushed events schedule their room.
-//! [`identity`] executes what lifecycle events ask of identity users.
+//! Start-up first: ping the homeserver in the background (it makes Synapse flush the
+//! transactions it queued while roster was away) and register the appservice's own user
+//! (Synapse does not create it). Then: find or create the agents space, read every managed
+//! room once (so roster converges after any downtime), and run the work queue. Agents come
+//! from the source every `poll_interval`; rooms are read again only by the validation sweep
+//! (`sync.interval`), a manual sync, or when their state is unknown. Pushed events schedule
+//! their room.
 
-pub mod adopt;
 pub mod agents;
-pub mod identity;
-pub mod plan;
 pub mod queue;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use ruma::OwnedRoomId;
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::appservice::now_ms;
-use crate::matrix::{Homeserver, MatrixError, Registered};
-use crate::metrics::TriggerLabels;
+use crate::clock::now_ms;
+use crate::lifecycle::effects::IdentityEffects;
+use crate::matrix::{Homeserver, Registered};
+use crate::metrics::{ActionLabels, OutcomeLabels, TriggerLabels};
 use crate::model::agents::Agent;
+use crate::retry::{Backoff, Outcome, until_ok};
+use crate::state::{SourceStatus, SyncSummary};
 
-const BACKOFF_START: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An agent whose runs failed this many times in a row is reported and left alone until
+/// the next sweep, manual sync or pushed change.
+pub const MAX_ATTEMPTS: u32 = 5;
 
 /// Agent rooms reconciled at once; each run is sequential within its room.
 const WORKERS: usize = 4;
 
-/// What a reconcile run asks for next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Done,
-    RetryIn(Duration),
-    /// Reported in status; the key waits for the next sweep, sync or pushed change.
-    GaveUp,
-}
-
-/// Exponential backoff for the `attempts`-th failure, with jitter.
-pub fn backoff(attempts: u32) -> Duration {
-    let exp = BACKOFF_START.saturating_mul(1 << attempts.min(16));
-    jitter(exp.min(BACKOFF_MAX))
-}
-
 /// A source of desired agents (Letta, a file).
 pub trait ListAgents: Send + Sync {
-    /// For logs and status, e.g. `letta http://letta:8283`.
+    /// For logs and status, e.g. `Letta at http://letta:8283/v1/agents/`.
     fn describe(&self) -> String;
     /// A complete listing, or an error: never a partial or guessed one.
     fn list(&self) -> BoxFuture<'_, Result<Vec<Agent>, String>>;
 }
 
-/// A manual sync request (admin API); requests that arrive while one runs are coalesced.
+/// Why a sync was asked for (the `trigger` label of `roster_sync_runs_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `roster sync` or `POST /admin/v1/sync`.
+    Manual,
+    /// SIGHUP.
+    Hangup,
+}
+
+impl Trigger {
+    fn label(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Hangup => "sighup",
+        }
+    }
+}
+
+/// A request for a sync now; requests that arrive while one runs are coalesced.
 pub struct SyncRequest {
+    pub trigger: Trigger,
     /// Only these agents; `None` for all.
     pub agents: Option<BTreeSet<String>>,
     pub reply: Option<oneshot::Sender<SyncSummary>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct SyncSummary {
-    pub trigger: &'static str,
-    pub started_ms: u64,
-    pub duration_ms: u64,
-    pub agents: usize,
-    pub rooms_read: usize,
-    pub drift: usize,
-    pub actions: u64,
-    pub failed: usize,
-    pub source_error: Option<String>,
+/// What the controller does with a key after a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Converged: wait for the next trigger.
+    Idle,
+    RetryIn(Duration),
+    /// Failed `MAX_ATTEMPTS` times: reported, left until the next sweep, sync or push.
+    GiveUp(String),
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SourceStatus {
-    pub source: String,
-    pub last_ok_ms: Option<u64>,
-    pub agents_listed: usize,
-    pub last_error: Option<String>,
-    pub last_error_ms: Option<u64>,
+/// The error policy: from a run's outcome and the failures before it, what comes next.
+/// A rate-limited run waits as asked and does not count as a failure.
+pub fn error_policy(failures: &mut u32, outcome: &Outcome, backoff: Backoff) -> Next {
+    let reason = match outcome {
+        Outcome::Done(()) => {
+            *failures = 0;
+            return Next::Idle;
+        }
+        Outcome::Retry {
+            retry_after: Some(wait),
+            ..
+        } => return Next::RetryIn(*wait),
+        Outcome::Retry { reason, .. } | Outcome::Refused(reason) => reason,
+    };
+    *failures += 1;
+    if *failures >= MAX_ATTEMPTS {
+        let reason = format!("failed {failures} times, last: {reason}");
+        *failures = 0;
+        return Next::GiveUp(reason);
+    }
+    Next::RetryIn(backoff.wait(*failures, None))
 }
 
-/// What operators see in `roster status`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Status {
-    pub space: Option<OwnedRoomId>,
-    pub source: Option<SourceStatus>,
-    pub last_sync: Option<SyncSummary>,
-    /// Agents whose work gave up, with the reason.
-    pub failed: BTreeMap<String, String>,
-    /// Agents with required members roster will not touch (banned).
-    pub blocked: BTreeMap<String, Vec<String>>,
-    #[serde(skip)]
-    pub attempts: BTreeMap<String, u32>,
-    pub actions_ok: u64,
-}
-
-/// Prepares the homeserver side, marks roster ready, then keeps agent rooms converged.
+/// Prepares the homeserver side, then keeps agent rooms converged until `shutdown`.
 pub async fn start(
     shared: Arc<Shared>,
     homeserver: Homeserver,
@@ -112,8 +111,99 @@ pub async fn start(
     sync_requests: mpsc::Receiver<SyncRequest>,
     shutdown: CancellationToken,
 ) {
-    let bot = shared.ids.bot.clone();
-    let registered = retry(&shutdown, "register the appservice user", || {
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(ping_until_ok(
+        shared.clone(),
+        homeserver.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(source) = source {
+        tasks.spawn(provision(
+            shared,
+            homeserver,
+            source,
+            sync_requests,
+            shutdown,
+        ));
+    } else {
+        tracing::info!(
+            "no agent source configured (agents.letta_url or agents.file); provisioning is off"
+        );
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Asks the homeserver to ping roster back until it does; reported in status and in
+/// `roster_homeserver_ping_ok`. Readiness never waits for it: a Kubernetes Service routes
+/// the homeserver's first request only to a ready pod.
+async fn ping_until_ok(shared: Arc<Shared>, homeserver: Homeserver, shutdown: CancellationToken) {
+    let appservice_id = shared.registration.id.clone();
+    let mut failures = 0;
+    loop {
+        let pinged = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            pinged = homeserver.ping(&appservice_id) => pinged,
+        };
+        let outcome = match &pinged {
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        shared
+            .metrics
+            .homeserver_pings
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        match pinged {
+            Ok(round_trip) => {
+                shared.metrics.homeserver_ping_ok.set(1);
+                shared
+                    .metrics
+                    .homeserver_ping_last_success
+                    .set(now_ms() as i64 / 1000);
+                shared.state.status(|s| {
+                    s.ping.last_ok_at_ms = Some(now_ms());
+                    s.ping.round_trip_ms = Some(round_trip.as_millis() as u64);
+                    s.ping.last_error = None;
+                });
+                tracing::info!(
+                    round_trip_ms = round_trip.as_millis() as u64,
+                    "the homeserver reaches roster"
+                );
+                return;
+            }
+            Err(error) => {
+                failures += 1;
+                shared.metrics.homeserver_ping_ok.set(0);
+                let wait = Backoff::DEFAULT.wait(failures, error.retry_after());
+                tracing::warn!(
+                    attempt = failures,
+                    retry_in_ms = wait.as_millis() as u64,
+                    %error,
+                    "the homeserver cannot ping roster yet; check appservice.url in the registration"
+                );
+                shared
+                    .state
+                    .status(|s| s.ping.last_error = Some(error.to_string()));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn provision(
+    shared: Arc<Shared>,
+    homeserver: Homeserver,
+    source: Arc<dyn ListAgents>,
+    sync_requests: mpsc::Receiver<SyncRequest>,
+    shutdown: CancellationToken,
+) {
+    let bot = shared.config.ids().bot.clone();
+    let backoff = Backoff::DEFAULT;
+    let registered = until_ok(&shutdown, "register the appservice user", backoff, || {
         homeserver.register(bot.localpart())
     })
     .await;
@@ -124,36 +214,18 @@ pub async fn start(
         }
         None => return,
     }
-    let appservice_id = shared.registration.id.clone();
-    let Some(round_trip) = retry(&shutdown, "ping the homeserver", || {
-        homeserver.ping(&appservice_id)
-    })
-    .await
-    else {
-        return;
-    };
-    shared.set_ready();
-    tracing::info!(
-        round_trip_ms = round_trip.as_millis() as u64,
-        "homeserver reaches roster; ready"
-    );
-    let Some(source) = source else {
-        tracing::info!(
-            "no agent source configured (agents.letta_url or agents.file); provisioning is off"
-        );
-        return;
-    };
-
-    let Some(room_version) = retry(&shutdown, "read the homeserver's capabilities", || {
-        homeserver.default_room_version()
-    })
+    let Some(room_version) = until_ok(
+        &shutdown,
+        "read the homeserver's capabilities",
+        backoff,
+        || homeserver.default_room_version(),
+    )
     .await
     else {
         return;
     };
     let effects = if shared.config.agents.deactivate_removed {
-        match identity::IdentityEffects::start(shared.clone(), homeserver.clone(), &shutdown).await
-        {
+        match IdentityEffects::start(shared.clone(), homeserver.clone(), &shutdown).await {
             Ok(Some(effects)) => Some(Arc::new(effects)),
             Ok(None) => return,
             Err(error) => {
@@ -170,14 +242,23 @@ pub async fn start(
         &room_version,
         effects,
     ));
-    let Some(space) = retry(&shutdown, "find or create the agents space", || {
-        agents.ensure_space()
-    })
+    let Some(space) = until_ok(
+        &shutdown,
+        "find or create the agents space",
+        backoff,
+        || agents.ensure_space(),
+    )
     .await
     else {
         return;
     };
-    shared.status_mut().space = Some(space);
+    while let Err(error) = shared.state.set_space(space.clone()).await {
+        tracing::error!(%error, "cannot record the agents space; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.max) => {}
+        }
+    }
 
     let tasks = tokio_util::task::TaskTracker::new();
     for _ in 0..WORKERS {
@@ -199,7 +280,7 @@ pub async fn start(
     tasks.wait().await;
 }
 
-/// Takes due keys off the queue and reconciles them, rescheduling as the outcome says.
+/// Takes due keys off the queue and reconciles them, rescheduling as the policy says.
 async fn work(shared: Arc<Shared>, agents: Arc<agents::Agents>, shutdown: CancellationToken) {
     loop {
         let key = tokio::select! {
@@ -211,14 +292,46 @@ async fn work(shared: Arc<Shared>, agents: Arc<agents::Agents>, shutdown: Cancel
             outcome = agents.reconcile_agent(&key) => outcome,
         };
         shared.queue.done(&key);
-        match outcome {
-            Outcome::Done => {
-                shared.status_mut().attempts.remove(&key);
+        settle(&shared, &key, &outcome);
+    }
+}
+
+/// Applies the error policy to a run's outcome: reschedules the key, or reports it in
+/// status (`failed`) and `roster_actions_total{outcome="gave_up"}`.
+pub fn settle(shared: &Shared, key: &str, outcome: &Outcome) -> Next {
+    let next = shared.state.status(|status| {
+        let failures = status.attempts.entry(key.to_owned()).or_default();
+        let next = error_policy(failures, outcome, Backoff::DEFAULT);
+        if *failures == 0 {
+            status.attempts.remove(key);
+        }
+        match &next {
+            Next::Idle => {
+                status.failed.remove(key);
             }
-            Outcome::RetryIn(wait) => shared.queue.schedule_in(&key, wait),
-            Outcome::GaveUp => {}
+            Next::GiveUp(reason) => {
+                status.failed.insert(key.to_owned(), reason.clone());
+            }
+            Next::RetryIn(_) => {}
+        }
+        next
+    });
+    match &next {
+        Next::Idle => {}
+        Next::RetryIn(wait) => shared.queue.schedule_in(key, *wait),
+        Next::GiveUp(reason) => {
+            tracing::warn!(agent = %key, %reason, "giving up until the next sweep or sync");
+            shared
+                .metrics
+                .actions
+                .get_or_create(&ActionLabels {
+                    kind: "reconcile",
+                    outcome: "gave_up",
+                })
+                .inc();
         }
     }
+    next
 }
 
 /// Lists agents every `poll_interval`: a poll of the source, never of the homeserver.
@@ -242,59 +355,57 @@ async fn poll_source(
 
 /// Lists the source and applies a good listing to the desired state.
 ///
-/// Returns the source error, if any. A failed listing changes nothing.
+/// Returns the error, if any: a failed listing (or one roster could not record) changes
+/// nothing and is shown in status.
 async fn list_and_observe(shared: &Shared, source: &dyn ListAgents) -> Option<String> {
     let listed = source.list().await;
     let now = now_ms();
-    let mut status = shared.status_mut();
-    let source_status = status.source.get_or_insert_with(|| SourceStatus {
-        source: source.describe(),
-        ..SourceStatus::default()
-    });
-    match listed {
+    let observed = match listed {
         Err(error) => {
             tracing::warn!(source = %source.describe(), %error, "agent listing failed; nothing changes");
-            source_status.last_error = Some(error.clone());
-            source_status.last_error_ms = Some(now);
-            Some(error)
+            Err(error)
         }
         Ok(agents) => {
-            source_status.last_ok_ms = Some(now);
-            source_status.agents_listed = agents.len();
-            source_status.last_error = None;
-            drop(status);
+            let listed = agents.len();
             let grace = shared.config.agents.removal_grace.as_millis() as u64;
-            let (outcome, touched) = {
-                let mut model = shared.model_mut();
-                let before = model.agents.records.clone();
-                let outcome = model.agents.observe_listing(&agents, now, grace);
-                // Persist new records and absence clocks, so the grace survives restarts.
-                let touched: Vec<_> = model
-                    .agents
-                    .records
-                    .values()
-                    .filter(|r| before.get(&r.agent_id) != Some(*r))
-                    .cloned()
-                    .collect();
-                (outcome, touched)
-            };
-            for record in &touched {
-                if let Err(e) = shared.store.save_room_record(record) {
-                    tracing::warn!(error = %e, "cannot save room record");
+            match shared.state.observe_listing(agents, now, grace).await {
+                Ok(outcome) => {
+                    for id in outcome.changed.iter().chain(&outcome.expired) {
+                        shared.queue.schedule(id);
+                    }
+                    if !outcome.expired.is_empty() {
+                        tracing::info!(agents = ?outcome.expired, "agents absent past the grace period; removing");
+                    }
+                    Ok(listed)
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot record the agent listing; nothing changes");
+                    Err(format!("cannot record the listing: {error}"))
                 }
             }
-            for id in outcome.changed.iter().chain(&outcome.expired) {
-                shared.queue.schedule(id);
-            }
-            if !outcome.expired.is_empty() {
-                tracing::info!(agents = ?outcome.expired, "agents absent past the grace period; removing");
-            }
-            None
         }
-    }
+    };
+    shared.state.status(|status| {
+        let source_status = status.source.get_or_insert_with(|| SourceStatus {
+            source: source.describe(),
+            ..SourceStatus::default()
+        });
+        match &observed {
+            Ok(listed) => {
+                source_status.last_ok_at_ms = Some(now);
+                source_status.agents_listed = *listed;
+                source_status.last_error = None;
+            }
+            Err(error) => {
+                source_status.last_error = Some(error.clone());
+                source_status.last_error_at_ms = Some(now);
+            }
+        }
+    });
+    observed.err()
 }
 
-/// Runs the start-up sync, the validation sweep every `sync.interval`, and manual syncs.
+/// Runs the start-up sync, the validation sweep every `sync.interval`, and requested syncs.
 async fn sync_loop(
     shared: Arc<Shared>,
     agents: Arc<agents::Agents>,
@@ -328,8 +439,9 @@ async fn sync_loop(
             _ = shutdown.cancelled() => return,
             _ = every.tick() => "interval",
             Some(request) = requests.recv() => {
+                let label = request.trigger.label();
                 waiting.push(request);
-                "manual"
+                label
             }
         };
     }
@@ -344,8 +456,8 @@ async fn run_sync(
     only: Option<&BTreeSet<String>>,
 ) -> SyncSummary {
     let started = Instant::now();
-    let started_ms = now_ms();
-    let actions_before = shared.status().actions_ok;
+    let started_at_ms = now_ms();
+    let actions_before = shared.state.status(|s| s.actions_ok);
     tracing::info!(trigger, agents = ?only, "sync started");
     shared
         .metrics
@@ -354,27 +466,25 @@ async fn run_sync(
         .inc();
     let source_error = list_and_observe(shared, source).await;
     // A fresh look clears earlier give-ups: they get another chance.
-    shared
-        .status_mut()
-        .failed
-        .retain(|id, _| only.is_some_and(|o| !o.contains(id)));
+    shared.state.status(|s| {
+        s.failed
+            .retain(|id, _| only.is_some_and(|o| !o.contains(id)));
+    });
     let (rooms_read, drift) = agents.sweep(only).await;
-    let keys: Vec<String> = {
-        let model = shared.model();
+    let keys: Vec<String> = shared.state.read(|model| {
         model
             .agents
             .live_records(only)
             .map(|r| r.agent_id.clone())
             .collect()
-    };
+    });
     for key in &keys {
         shared.queue.schedule(key);
     }
     let _ = tokio::time::timeout(Duration::from_secs(600), shared.queue.wait_settled(&keys)).await;
-    let status = shared.status();
-    let summary = SyncSummary {
-        trigger,
-        started_ms,
+    let summary = shared.state.status(|status| SyncSummary {
+        trigger: trigger.to_owned(),
+        started_at_ms,
         duration_ms: started.elapsed().as_millis() as u64,
         agents: keys.len(),
         rooms_read,
@@ -382,8 +492,7 @@ async fn run_sync(
         actions: status.actions_ok - actions_before,
         failed: status.failed.len(),
         source_error,
-    };
-    drop(status);
+    });
     shared
         .metrics
         .sync_duration_seconds
@@ -392,60 +501,97 @@ async fn run_sync(
         trigger,
         agents = summary.agents,
         rooms_read = summary.rooms_read,
-        drift = summary.drift,
+        rooms_drifted = drift,
         actions = summary.actions,
         failed = summary.failed,
         duration_ms = summary.duration_ms,
         "sync finished"
     );
-    shared.status_mut().last_sync = Some(summary.clone());
+    shared
+        .state
+        .status(|status| status.last_sync = Some(summary.clone()));
     summary
 }
 
-/// Runs `attempt` until it succeeds, waiting longer after each failure; `None` on shutdown.
-///
-/// A permanent error (a 4xx other than rate limiting) is retried too, at the slowest pace:
-/// at start-up it usually means the homeserver has not loaded the registration yet.
-async fn retry<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut attempt: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, MatrixError>>,
-{
-    let mut delay = BACKOFF_START;
-    for attempt_number in 1u32.. {
-        let outcome = tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            outcome = attempt() => outcome,
-        };
-        let error = match outcome {
-            Ok(value) => return Some(value),
-            Err(error) => error,
-        };
-        let wait = match error.retry_after() {
-            Some(asked) => asked,
-            None if error.is_transient() => delay,
-            None => BACKOFF_MAX,
-        };
-        tracing::warn!(
-            attempt = attempt_number,
-            retry_in_ms = wait.as_millis() as u64,
-            error = %error,
-            "cannot {what} yet"
-        );
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(jitter(wait)) => {}
-        }
-        delay = (delay * 2).min(BACKOFF_MAX);
-    }
-    unreachable!("the attempt counter does not run out")
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Spreads retries by up to a quarter of the wait so many waiters do not wake together.
-pub(crate) fn jitter(wait: Duration) -> Duration {
-    let spread = wait.as_millis() as u64 / 4;
-    if spread == 0 {
-        return wait;
+    fn retry(after: Option<Duration>) -> Outcome {
+        Outcome::Retry {
+            reason: "busy".into(),
+            retry_after: after,
+        }
     }
-    wait + Duration::from_millis(rand::random_range(0..=spread))
+
+    #[test]
+    fn should_back_off_then_give_up_after_max_attempts() {
+        let mut failures = 0;
+        let backoff = Backoff::DEFAULT;
+        for n in 1..MAX_ATTEMPTS {
+            match error_policy(&mut failures, &retry(None), backoff) {
+                Next::RetryIn(wait) => {
+                    let base = backoff.base(n);
+                    assert!(wait >= base && wait <= base + base / 4, "{wait:?}");
+                }
+                other => panic!("attempt {n}: {other:?}"),
+            }
+        }
+        match error_policy(&mut failures, &Outcome::Refused("403".into()), backoff) {
+            Next::GiveUp(reason) => {
+                assert!(reason.contains("failed 5 times") && reason.contains("403"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(failures, 0, "a fresh start after giving up");
+    }
+
+    /// Five failed runs in a row show in status as failed; a good run clears it.
+    #[tokio::test]
+    async fn should_report_an_agent_failed_after_five_failures_and_clear_it() {
+        let shared = crate::testing::shared(
+            crate::config::Config::from_yaml("homeserver: {server_name: ex.org}").unwrap(),
+        );
+        let refused = Outcome::Refused("homeserver refused create_room: HTTP 403".into());
+        for _ in 1..MAX_ATTEMPTS {
+            assert!(matches!(
+                settle(&shared, "agent-1", &refused),
+                Next::RetryIn(_)
+            ));
+            assert!(shared.state.status(|s| s.failed.is_empty()));
+        }
+        assert!(matches!(
+            settle(&shared, "agent-1", &refused),
+            Next::GiveUp(_)
+        ));
+        let failed = shared.state.status(|s| s.failed.clone());
+        assert!(failed["agent-1"].contains("HTTP 403"), "{failed:?}");
+        let gave_up = shared
+            .metrics
+            .actions
+            .get_or_create(&ActionLabels {
+                kind: "reconcile",
+                outcome: "gave_up",
+            })
+            .get();
+        assert_eq!(gave_up, 1);
+        assert_eq!(settle(&shared, "agent-1", &Outcome::Done(())), Next::Idle);
+        assert!(shared.state.status(|s| s.failed.is_empty()));
+    }
+
+    #[test]
+    fn should_wait_as_asked_when_rate_limited_without_counting_a_failure() {
+        let mut failures = 2;
+        let asked = Duration::from_secs(7);
+        assert_eq!(
+            error_policy(&mut failures, &retry(Some(asked)), Backoff::DEFAULT),
+            Next::RetryIn(asked)
+        );
+        assert_eq!(failures, 2);
+        assert_eq!(
+            error_policy(&mut failures, &Outcome::Done(()), Backoff::DEFAULT),
+            Next::Idle
+        );
+        assert_eq!(failures, 0);
+    }
 }

@@ -1,13 +1,13 @@
 //! Executes identity plans (from `model::identity`) on the homeserver and reports one
-//! [`Outcome`]; the lifecycle consumer decides from it whether to commit, retry or
+//! [`Outcome`]; the lifecycle worker decides from it whether to commit, retry or
 //! dead-letter.
 //!
 //! Invariants: every effect is idempotent (registering an existing user, setting the same
 //! name, deactivating twice), so a redelivered or replayed event is harmless. Acting as an
 //! identity user is always masquerading with the `as_token`; the admin token is used only
-//! for tuwunel deactivation. What the homeserver did is written back to the model and the
-//! store (`mark_deactivated`, `record_deactivated`) before the outcome is reported, so drift
-//! repair never re-invites a deactivated user. No token, payload or e-mail is ever logged.
+//! for tuwunel deactivation. A deactivation is recorded through `state` before the outcome
+//! is reported, so drift repair never re-invites a deactivated user. No token, payload or
+//! e-mail is ever logged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,24 +15,19 @@ use std::time::Duration;
 use ruma::{OwnedMxcUri, UserId};
 use tokio_util::sync::CancellationToken;
 
-use super::{BACKOFF_MAX, BACKOFF_START, jitter};
 use crate::Shared;
+use crate::clock::now_ms;
 use crate::config::Flavor;
 use crate::matrix::{Homeserver, MatrixError};
 use crate::model::identity::{AvatarSource, Effect, Plan};
+use crate::retry::{Backoff, Outcome, until_ok};
 
-/// What applying a plan came to.
+/// What a plan that is done came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Every effect is in place on the homeserver (and learnt by the model).
-    Applied,
-    /// The homeserver was away, overloaded or rate limiting: try again later.
-    Transient {
-        error: String,
-        retry_after: Option<Duration>,
-    },
-    /// Refused for good (a 4xx other than rate limiting): the event is dead-lettered.
-    Permanent(String),
+pub enum Applied {
+    /// The effects are in place; `taken` names them for the log (a failed avatar fetch
+    /// shows as `avatar_fetch_failed`, not as a set avatar).
+    Taken(Vec<&'static str>),
     /// The user does not exist and the plan may not create it: counted, not retried.
     MissingUser,
 }
@@ -58,7 +53,7 @@ enum StepError {
     AsAppservice(MatrixError),
     /// The admin API says the user does not exist.
     Missing,
-    /// The local store could not record what was done.
+    /// The store could not record what was done: retried (the effect is idempotent).
     Store(String),
 }
 
@@ -88,28 +83,17 @@ impl IdentityEffects {
         let url = config.homeserver.url.clone();
         let (flavor, server) = match config.homeserver.flavor {
             Flavor::Auto => {
-                let mut delay = BACKOFF_START;
-                loop {
-                    let detected = tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(None),
-                        detected = homeserver.detect_flavor() => detected,
-                    };
-                    match detected {
-                        Ok(Some(found)) => break found,
-                        Ok(None) => return Err(StartError::Undetected { url }),
-                        Err(error) => {
-                            tracing::warn!(
-                                retry_in_ms = delay.as_millis() as u64,
-                                error = %error,
-                                "cannot ask the homeserver which it is yet"
-                            );
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return Ok(None),
-                                _ = tokio::time::sleep(jitter(delay)) => {}
-                            }
-                            delay = (delay * 2).min(BACKOFF_MAX);
-                        }
-                    }
+                let detected = until_ok(
+                    shutdown,
+                    "ask the homeserver which it is",
+                    Backoff::DEFAULT,
+                    || homeserver.detect_flavor(),
+                )
+                .await;
+                match detected {
+                    None => return Ok(None),
+                    Some(None) => return Err(StartError::Undetected { url }),
+                    Some(Some(found)) => found,
                 }
             }
             configured => (configured, format!("{configured:?} (configured)")),
@@ -136,47 +120,48 @@ impl IdentityEffects {
 
     /// Applies `plan`: every effect in order; a user found missing is registered first when
     /// the plan allows it, then the effects are taken again from the start.
-    pub async fn apply(&self, plan: &Plan) -> Outcome {
+    pub async fn apply(&self, plan: &Plan) -> Outcome<Applied> {
         if plan.skip.is_some() || plan.effects.is_empty() {
-            return Outcome::Applied;
+            return Outcome::Done(Applied::Taken(Vec::new()));
         }
         let mut registered = false;
         loop {
             let error = match self.attempt(plan).await {
-                Ok(()) => return Outcome::Applied,
-                Err(StepError::Missing) => return Outcome::MissingUser,
-                Err(StepError::Store(message)) => {
-                    return Outcome::Transient {
-                        error: message,
+                Ok(taken) => return Outcome::Done(Applied::Taken(taken)),
+                Err(StepError::Missing) => return Outcome::Done(Applied::MissingUser),
+                Err(StepError::Store(reason)) => {
+                    return Outcome::Retry {
+                        reason,
                         retry_after: None,
                     };
                 }
-                Err(StepError::AsAppservice(error)) => return classify(error),
+                Err(StepError::AsAppservice(error)) => return Outcome::from_error(&error),
                 Err(StepError::Matrix(error)) => error,
             };
             // Masquerading as a user who does not exist is refused with M_FORBIDDEN; so are
             // other things. Ask who the user is to tell them apart, never the error text.
             if !error.is_forbidden() || registered {
-                return classify(error);
+                return Outcome::from_error(&error);
             }
             match self.homeserver.whoami(Some(&plan.user)).await {
-                Ok(_) => return classify(error),
+                Ok(_) => return Outcome::from_error(&error),
                 Err(e) if e.is_forbidden() => {}
-                Err(e) => return classify(e),
+                Err(e) => return Outcome::from_error(&e),
             }
             if !plan.create_if_missing {
-                return Outcome::MissingUser;
+                return Outcome::Done(Applied::MissingUser);
             }
             if let Err(e) = self.homeserver.register(plan.user.localpart()).await {
-                return classify(e);
+                return Outcome::from_error(&e);
             }
             tracing::info!(user = %plan.user, "registered a missing identity user");
             registered = true;
         }
     }
 
-    async fn attempt(&self, plan: &Plan) -> Result<(), StepError> {
+    async fn attempt(&self, plan: &Plan) -> Result<Vec<&'static str>, StepError> {
         let user: &UserId = &plan.user;
+        let mut taken = Vec::with_capacity(plan.effects.len());
         for effect in &plan.effects {
             match effect {
                 Effect::Register => {
@@ -203,6 +188,7 @@ impl IdentityEffects {
                                 error = %error,
                                 "cannot fetch the avatar; keeping the old one"
                             );
+                            taken.push("avatar_fetch_failed");
                             continue;
                         }
                     };
@@ -217,15 +203,17 @@ impl IdentityEffects {
                     self.learn_deactivated(user).await?;
                 }
             }
+            taken.push(effect.label());
         }
-        Ok(())
+        Ok(taken)
     }
 
     async fn deactivate(&self, user: &UserId, erase: bool) -> Result<(), StepError> {
         match self.flavor {
             Flavor::Tuwunel => {
-                // tuwunel's admin API neither leaves rooms nor clears the profile (DESIGN),
-                // so do both as the user while it can still act, then deactivate.
+                // A deactivated user can no longer act, and tuwunel's admin deactivation
+                // neither leaves rooms nor clears the profile: so leave and clear as the
+                // user first, while it still can, then deactivate.
                 for room in self.homeserver.joined_rooms(user).await? {
                     self.homeserver.leave(user, &room).await?;
                 }
@@ -244,62 +232,31 @@ impl IdentityEffects {
     }
 
     /// Deactivates a removed agent's user (`agents.deactivate_removed`), the same way a
-    /// lifecycle deletion does, without erasing it. A user already gone counts as done.
+    /// lifecycle deletion does, without erasing it. A user already gone counts as done; a
+    /// deactivation the store could not record is an error (the next run records it).
     pub async fn deactivate_agent_user(&self, user: &UserId) -> Result<(), MatrixError> {
-        let done = match self.deactivate(user, false).await {
-            Ok(()) | Err(StepError::Missing) => Ok(()),
-            Err(StepError::Matrix(e) | StepError::AsAppservice(e)) => Err(e),
-            Err(StepError::Store(reason)) => {
-                tracing::warn!(%user, %reason, "deactivated, but not recorded");
-                Ok(())
-            }
+        let recorded = match self.deactivate(user, false).await {
+            Ok(()) | Err(StepError::Missing) => self.learn_deactivated(user).await,
+            Err(StepError::Matrix(e) | StepError::AsAppservice(e)) => return Err(e),
+            Err(store) => Err(store),
         };
-        done?;
-        if let Err(StepError::Store(reason)) = self.learn_deactivated(user).await {
-            tracing::warn!(%user, %reason, "deactivated, but not recorded");
+        match recorded {
+            Err(StepError::Store(reason)) => Err(MatrixError::Request {
+                endpoint: "deactivate",
+                message: reason,
+            }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Tells the model and the store, so no drift repair ever re-invites the user.
     async fn learn_deactivated(&self, user: &UserId) -> Result<(), StepError> {
-        let shared = self.shared.clone();
-        let owned = user.to_owned();
-        let recorded = tokio::task::spawn_blocking(move || {
-            shared
-                .store
-                .record_deactivated(&owned, crate::appservice::now_ms())
-        })
-        .await;
-        match recorded {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(StepError::Store(format!(
-                    "cannot record the deactivation: {e}"
-                )));
-            }
-            Err(e) => {
-                return Err(StepError::Store(format!(
-                    "recording the deactivation panicked: {e}"
-                )));
-            }
-        }
         self.shared
-            .model_mut()
-            .identities
-            .mark_deactivated(user.to_owned());
-        Ok(())
-    }
-}
-
-fn classify(error: MatrixError) -> Outcome {
-    if error.is_transient() {
-        Outcome::Transient {
-            retry_after: error.retry_after(),
-            error: error.to_string(),
-        }
-    } else {
-        Outcome::Permanent(error.to_string())
+            .state
+            .record_deactivated(user.to_owned(), now_ms())
+            .await
+            .map(|_| ())
+            .map_err(|e| StepError::Store(format!("deactivated, but cannot record it: {e}")))
     }
 }
 
@@ -326,14 +283,17 @@ enum FetchError {
         "the avatar is not a PNG, JPEG, GIF, WebP or AVIF image (content type {content_type:?})"
     )]
     NotAnImage { content_type: String },
+    #[error("the avatar server did not answer within {0:?} (lifecycle.avatar_fetch_timeout)")]
+    Timeout(Duration),
     #[error("cannot fetch the avatar: {0}")]
-    Http(#[source] reqwest::Error),
+    Http(String),
 }
 
 /// Fetches `http(s)://` avatars with a timeout and a size limit.
 struct AvatarFetcher {
     http: reqwest::Client,
     max_bytes: usize,
+    timeout: Duration,
 }
 
 impl AvatarFetcher {
@@ -345,11 +305,22 @@ impl AvatarFetcher {
             .user_agent(concat!("roster/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a TLS backend is compiled in");
-        AvatarFetcher { http, max_bytes }
+        AvatarFetcher {
+            http,
+            max_bytes,
+            timeout,
+        }
     }
 
     async fn fetch(&self, url: &str) -> Result<Avatar, FetchError> {
-        let mut response = self.http.get(url).send().await.map_err(FetchError::Http)?;
+        let transport = |e: reqwest::Error| {
+            if e.is_timeout() {
+                FetchError::Timeout(self.timeout)
+            } else {
+                FetchError::Http(crate::error_chain(&e.without_url()))
+            }
+        };
+        let mut response = self.http.get(url).send().await.map_err(transport)?;
         let status = response.status();
         if !status.is_success() {
             return Err(FetchError::Status(status.as_u16()));
@@ -370,7 +341,7 @@ impl AvatarFetcher {
             .unwrap_or_default()
             .to_owned();
         let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(FetchError::Http)? {
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
             if bytes.len() + chunk.len() > self.max_bytes {
                 return Err(too_large);
             }
@@ -452,12 +423,18 @@ mod tests {
             kind: Some(ruma::api::error::ErrorKind::Forbidden),
             message: "no".into(),
         };
-        assert!(matches!(classify(forbidden), Outcome::Permanent(_)));
+        assert!(matches!(
+            Outcome::<()>::from_error(&forbidden),
+            Outcome::Refused(_)
+        ));
         let down = MatrixError::Timeout {
             endpoint: "x",
             timeout: Duration::from_secs(1),
         };
-        assert!(matches!(classify(down), Outcome::Transient { .. }));
+        assert!(matches!(
+            Outcome::<()>::from_error(&down),
+            Outcome::Retry { .. }
+        ));
         let busy = MatrixError::Api {
             endpoint: "x",
             status: 502,
@@ -465,6 +442,9 @@ mod tests {
             kind: None,
             message: "bad gateway".into(),
         };
-        assert!(matches!(classify(busy), Outcome::Transient { .. }));
+        assert!(matches!(
+            Outcome::<()>::from_error(&busy),
+            Outcome::Retry { .. }
+        ));
     }
 }

@@ -5,17 +5,16 @@
 //! by it. Passwords in the mapping file are never read into roster's types, never logged.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use ruma::{OwnedRoomId, RoomAliasId, UserId};
+use ruma::OwnedRoomId;
 use serde::{Deserialize, Serialize};
 
-use crate::appservice::now_ms;
-use crate::config::{Config, Secret};
-use crate::matrix::{Homeserver, MatrixError};
-use crate::metrics::Metrics;
-use crate::model::Model;
-use crate::model::agents::{RoomRecord, agent_localpart};
+use crate::config::Config;
+use crate::ids::agent_localpart;
+use crate::matrix::MatrixError;
+use crate::model::agents::RoomRecord;
+use crate::reconcile::agents::read_joined;
+use crate::state::{State, StateError};
 use crate::store::Store;
 
 /// One entry of the old bot's `agent_user_mappings.json`; other fields are ignored.
@@ -46,6 +45,10 @@ pub enum AdoptError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(
+        "cannot record the adoption: {0}; nothing after this room was recorded, run adopt again"
+    )]
+    Record(#[from] StateError),
+    #[error(
         "homeserver unavailable during adoption: {0}; nothing after this room was touched, run adopt again"
     )]
     Homeserver(MatrixError),
@@ -72,19 +75,9 @@ pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, Adopt
             path: path.display().to_string(),
             source,
         })?;
-    let registration = crate::registration::read(&config.appservice.registration, config)?;
-    let store = Store::open(&config.store.path)?;
-    let hs = Homeserver::new(
-        &config.homeserver.url,
-        Secret::new(registration.as_token),
-        config.homeserver.request_timeout,
-        config.homeserver.max_concurrent_requests,
-        Arc::new(Metrics::new()),
-    );
-    let server = config
-        .identities()
-        .expect("a loaded config has valid identities")
-        .server_name;
+    let (hs, _) = super::homeserver(config)?;
+    let state = State::open(Store::open(&config.store.path)?, config.ids().clone())?;
+    let ids = config.ids();
     let mut report = AdoptionReport::default();
     for mapping in mappings {
         let Some(localpart) = agent_localpart(&mapping.agent_id) else {
@@ -94,8 +87,7 @@ pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, Adopt
             ));
             continue;
         };
-        let agent_user = UserId::parse_with_server_name(localpart.as_str(), &server)
-            .expect("agent localparts are valid");
+        let agent_user = ids.agent_user(&localpart);
         if let Some(old) = &mapping.matrix_user_id
             && old != agent_user.as_str()
         {
@@ -116,7 +108,8 @@ pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, Adopt
         hs.register(&localpart)
             .await
             .map_err(AdoptError::Homeserver)?;
-        let joined = match hs.joined_members(&agent_user, &room).await {
+        let asked_at = state.read(|m| m.last_seq());
+        let joined = match read_joined(&hs, &room, &agent_user, &ids.bot).await {
             Ok(joined) => joined,
             Err(e) if e.is_forbidden() || e.is_not_found() => {
                 report
@@ -126,8 +119,7 @@ pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, Adopt
             }
             Err(e) => return Err(AdoptError::Homeserver(e)),
         };
-        let alias = RoomAliasId::parse(format!("#{localpart}:{server}"))
-            .expect("agent localparts are valid alias localparts");
+        let alias = ids.agent_alias(&localpart);
         match hs
             .resolve_alias(&alias)
             .await
@@ -146,17 +138,15 @@ pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, Adopt
                 .await
                 .map_err(AdoptError::Homeserver)?,
         }
-        let joined: Vec<_> = joined
-            .into_iter()
-            .map(|(user, m)| (user, m.displayname, m.avatar_url))
-            .collect();
-        store.record_member_changes(&Model::new().observe_joined(&room, &joined, now_ms()))?;
-        store.save_room_record(&RoomRecord {
-            agent_id: mapping.agent_id.clone(),
-            localpart,
-            room_id: Some(room.clone()),
-            ..RoomRecord::default()
-        })?;
+        state.record_read(room.clone(), joined, asked_at).await?;
+        state
+            .save_agent(RoomRecord {
+                agent_id: mapping.agent_id.clone(),
+                localpart,
+                room_id: Some(room.clone()),
+                ..RoomRecord::default()
+            })
+            .await?;
         tracing::info!(agent = %mapping.agent_id, %room, %alias, "adopted legacy room");
         report.adopted.push(mapping.agent_id);
     }

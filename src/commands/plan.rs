@@ -5,16 +5,15 @@
 
 use std::sync::Arc;
 
-use ruma::{RoomAliasId, UserId};
 use serde::Serialize;
 
-use super::agents::required_members;
-use crate::appservice::now_ms;
-use crate::config::{Config, Secret};
-use crate::matrix::{Homeserver, MatrixError};
+use crate::config::Config;
+use crate::ids::agent_localpart;
+use crate::matrix::MatrixError;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::model::agents::{Action, PlanInput, RoomRecord, agent_localpart, plan_agent};
+use crate::model::agents::{Action, PlanInput, RoomRecord, plan_agent};
+use crate::reconcile::agents::{read_joined, required_members};
 use crate::sources::{AgentSource, SourceError};
 use crate::store::Store;
 
@@ -52,41 +51,25 @@ pub struct DryRun {
 }
 
 pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
-    let metrics = Arc::new(Metrics::new());
-    let source =
-        AgentSource::from_config(&config.agents, metrics.clone())?.ok_or(PlanError::NoSource)?;
+    let source = AgentSource::from_config(&config.agents, Arc::new(Metrics::new()))?
+        .ok_or(PlanError::NoSource)?;
     let listing = source.list().await?;
-    let registration = crate::registration::read(&config.appservice.registration, config)?;
-    let hs = Homeserver::new(
-        &config.homeserver.url,
-        Secret::new(registration.as_token),
-        config.homeserver.request_timeout,
-        config.homeserver.max_concurrent_requests,
-        metrics.clone(),
-    );
-    let ids = config
-        .identities()
-        .expect("a loaded config has valid identities");
-    let required = required_members(&ids);
+    let (hs, metrics) = super::homeserver(config)?;
+    let ids = config.ids();
+    let required = required_members(ids);
     let records: Vec<RoomRecord> = if config.store.path.exists() {
-        Store::open(&config.store.path)?.room_records()?
+        Store::open_read_only(&config.store.path)?.room_records()?
     } else {
         Vec::new()
     };
-    let space_alias = RoomAliasId::parse(format!(
-        "#{}:{}",
-        config.agents.space_alias, ids.server_name
-    ))
-    .expect("validated space alias");
-    let space = hs.resolve_alias(&space_alias).await?;
+    let space = hs.resolve_alias(&ids.space_alias).await?;
     let mut model = Model::new();
     let mut plans = Vec::new();
     for agent in &listing.agents {
         let Some(localpart) = agent_localpart(&agent.id) else {
             continue;
         };
-        let agent_user = UserId::parse_with_server_name(localpart.as_str(), &ids.server_name)
-            .expect("agent localparts are valid");
+        let agent_user = ids.agent_user(&localpart);
         let mut record = records
             .iter()
             .find(|r| r.agent_id == agent.id)
@@ -96,21 +79,11 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
                 localpart: localpart.clone(),
                 ..RoomRecord::default()
             });
-        let alias = RoomAliasId::parse(format!("#{localpart}:{}", ids.server_name))
-            .expect("agent localparts are valid alias localparts");
         // The alias decides, as in `serve`: a stale record does not.
-        record.room_id = hs.resolve_alias(&alias).await?;
+        record.room_id = hs.resolve_alias(&ids.agent_alias(&localpart)).await?;
         if let Some(room) = &record.room_id {
-            let joined = match hs.joined_members(&agent_user, room).await {
-                Ok(joined) => joined,
-                Err(e) if e.is_forbidden() => hs.joined_members(&ids.bot, room).await?,
-                Err(e) => return Err(e.into()),
-            };
-            let joined: Vec<_> = joined
-                .into_iter()
-                .map(|(user, m)| (user, m.displayname, m.avatar_url))
-                .collect();
-            let changes = model.observe_joined(room, &joined, now_ms());
+            let joined = read_joined(&hs, room, &agent_user, &ids.bot).await?;
+            let changes = model.observe_joined(room, &joined, model.last_seq());
             model.commit(changes);
         }
         let plan = plan_agent(&PlanInput {
@@ -143,6 +116,38 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
         space_exists: space.is_some(),
         agents: plans,
         absent,
-        homeserver_reads: metrics.homeserver_request_total(),
+        homeserver_reads: metrics.homeserver_requests_sent(),
     })
+}
+
+/// The plan as an operator reads it: one line per action.
+pub fn render(plan: &DryRun) -> String {
+    let mut out = String::new();
+    if !plan.space_exists {
+        out += "create the agents space\n";
+    }
+    let mut actions = 0;
+    for agent in &plan.agents {
+        for action in &agent.actions {
+            actions += 1;
+            out += &format!(
+                "{} ({}): {}\n",
+                agent.agent_id,
+                agent.name,
+                serde_json::to_string(action).unwrap_or_default()
+            );
+        }
+        for blocked in &agent.blocked {
+            out += &format!("{}: will not touch {blocked}\n", agent.agent_id);
+        }
+    }
+    for absent in &plan.absent {
+        out += &format!("{absent}: absent from the source (removed after agents.removal_grace)\n");
+    }
+    out += &format!(
+        "{} agents, {actions} actions; {} homeserver reads, no writes\n",
+        plan.agents.len(),
+        plan.homeserver_reads
+    );
+    out
 }

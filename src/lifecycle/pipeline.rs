@@ -1,0 +1,343 @@
+//! Moves lifecycle messages from the consumer through the worker to commits: receives,
+//! orders per user, runs at most `max_in_flight` jobs, pauses partitions that wait or when
+//! the buffer is full, commits what is done, shows stalls, and answers replays.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::kafka::Context;
+use super::offsets::Offsets;
+use super::queue::KeyQueue;
+use super::worker::{Stall, Worker};
+use super::{Command, Job, Message, ReplayError, Replayed};
+use crate::clock::now_ms;
+use crate::metrics::PartitionLabels;
+use crate::state::StalledPartition;
+
+pub type Kafka = StreamConsumer<Context>;
+
+/// How often finished offsets are committed and stalls reported (and on rebalance and
+/// shutdown).
+const COMMIT_INTERVAL: Duration = Duration::from_millis(250);
+/// How long shutdown waits for running events before abandoning them (uncommitted).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Bound on asking the broker for a partition's range (replay).
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Running {
+    key: String,
+    partition: i32,
+    offset: i64,
+    generation: u64,
+    abort: AbortHandle,
+}
+
+pub struct Pipeline {
+    consumer: Kafka,
+    topic: String,
+    offsets: Arc<Mutex<Offsets>>,
+    queue: KeyQueue<Job>,
+    tasks: JoinSet<()>,
+    running: HashMap<tokio::task::Id, Running>,
+    worker: Arc<Worker>,
+    max_in_flight: usize,
+    max_buffered: usize,
+    /// Partitions shown as stalled last time, so a recovered one drops back to 0.
+    shown_stalled: Vec<i32>,
+}
+
+impl Pipeline {
+    pub fn new(
+        consumer: Kafka,
+        topic: String,
+        offsets: Arc<Mutex<Offsets>>,
+        worker: Arc<Worker>,
+        max_in_flight: usize,
+        max_buffered: usize,
+    ) -> Pipeline {
+        Pipeline {
+            consumer,
+            topic,
+            offsets,
+            queue: KeyQueue::default(),
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            worker,
+            max_in_flight,
+            max_buffered,
+            shown_stalled: Vec::new(),
+        }
+    }
+
+    fn offsets(&self) -> std::sync::MutexGuard<'_, Offsets> {
+        self.offsets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub async fn run(
+        &mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut stalls: mpsc::Receiver<Stall>,
+        shutdown: CancellationToken,
+    ) {
+        let mut commit_every = tokio::time::interval(COMMIT_INTERVAL);
+        commit_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let revoked = self.offsets().take_revoked();
+            if !revoked.is_empty() {
+                self.drop_partitions(&revoked);
+            }
+            self.start_jobs();
+            self.apply_pauses();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(command) = commands.recv() => self.command(command),
+                Some(finished) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.finished(finished);
+                }
+                Some(stall) = stalls.recv() => {
+                    self.offsets().stalled(stall.partition, stall.generation, stall.offset, now_ms(), stall.reason);
+                }
+                _ = commit_every.tick() => {
+                    self.commit(CommitMode::Async);
+                    self.show_stalls();
+                }
+                received = self.consumer.recv() => match received.map(|m| Message::from_kafka(&m)) {
+                    Ok(message) => self.receive(message),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "lifecycle consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        self.shut_down().await;
+    }
+
+    fn receive(&mut self, message: Message) {
+        let Some(generation) = self.offsets().received(message.partition, message.offset) else {
+            tracing::debug!(
+                partition = message.partition,
+                offset = message.offset,
+                "message of a partition no longer assigned here; its owner handles it"
+            );
+            return;
+        };
+        let decoded = message.decode();
+        let key = message.ordering_key(&decoded);
+        self.queue.push(
+            key,
+            Job {
+                message,
+                generation,
+                decoded,
+            },
+        );
+    }
+
+    fn start_jobs(&mut self) {
+        while self.running.len() < self.max_in_flight {
+            let Some((key, job)) = self.queue.pop() else {
+                break;
+            };
+            let (partition, offset, generation) =
+                (job.message.partition, job.message.offset, job.generation);
+            let abort = self.tasks.spawn(self.worker.clone().work(job));
+            self.running.insert(
+                abort.id(),
+                Running {
+                    key,
+                    partition,
+                    offset,
+                    generation,
+                    abort,
+                },
+            );
+        }
+    }
+
+    fn finished(&mut self, finished: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let (id, completed) = match finished {
+            Ok((id, ())) => (id, true),
+            Err(e) => {
+                if e.is_panic() {
+                    // A bug: the offset stays uncommitted until a restart redelivers it.
+                    tracing::error!(error = %e, "a lifecycle job panicked; its partition stops committing until restart");
+                }
+                (e.id(), false)
+            }
+        };
+        let Some(running) = self.running.remove(&id) else {
+            return;
+        };
+        self.queue.finish(&running.key);
+        if completed {
+            self.offsets()
+                .done(running.partition, running.generation, running.offset);
+        }
+    }
+
+    fn apply_pauses(&mut self) {
+        let buffered = self.queue.len() + self.running.len();
+        let changes = self.offsets().pause_changes(buffered >= self.max_buffered);
+        for (partitions, pause) in [(&changes.pause, true), (&changes.resume, false)] {
+            if partitions.is_empty() {
+                continue;
+            }
+            let mut list = TopicPartitionList::new();
+            for &p in partitions {
+                list.add_partition(&self.topic, p);
+            }
+            let result = if pause {
+                self.consumer.pause(&list)
+            } else {
+                self.consumer.resume(&list)
+            };
+            match result {
+                Ok(()) => tracing::debug!(?partitions, pause, "lifecycle fetching changed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, ?partitions, pause, "cannot pause or resume lifecycle partitions")
+                }
+            }
+        }
+    }
+
+    /// Publishes which partitions wait, since when and why: status and the stall gauge.
+    fn show_stalls(&mut self) {
+        let now = now_ms();
+        let stalled: Vec<StalledPartition> = self.offsets().stalls(now);
+        let metrics = &self.worker.shared.metrics;
+        for partition in self.shown_stalled.drain(..) {
+            if !stalled.iter().any(|s| s.partition == partition) {
+                metrics
+                    .lifecycle_stalled_seconds
+                    .get_or_create(&PartitionLabels { partition })
+                    .set(0);
+            }
+        }
+        for stall in &stalled {
+            metrics
+                .lifecycle_stalled_seconds
+                .get_or_create(&PartitionLabels {
+                    partition: stall.partition,
+                })
+                .set((stall.stalled_for_ms / 1000) as i64);
+            self.shown_stalled.push(stall.partition);
+        }
+        self.worker
+            .shared
+            .state
+            .status(|s| s.lifecycle_stalled = stalled);
+    }
+
+    /// Drops queued and running work of partitions that left (revoke or replay).
+    fn drop_partitions(&mut self, partitions: &[i32]) {
+        self.queue
+            .retain(|job| !partitions.contains(&job.message.partition));
+        for running in self.running.values() {
+            if partitions.contains(&running.partition) {
+                running.abort.abort();
+            }
+        }
+    }
+
+    fn commit(&mut self, mode: CommitMode) {
+        let positions = self.offsets().take_commits();
+        if positions.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for &(partition, position) in &positions {
+            let _ = list.add_partition_offset(&self.topic, partition, Offset::Offset(position));
+        }
+        match self.consumer.commit(&list, mode) {
+            Ok(()) => tracing::debug!(?positions, "lifecycle offsets committed"),
+            Err(e) => {
+                tracing::warn!(error = %e, ?positions, "cannot commit lifecycle offsets; retrying");
+                self.offsets().commit_failed(&positions);
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Replay {
+                partition,
+                offset,
+                reply,
+            } => {
+                let _ = reply.send(self.replay(partition, offset));
+            }
+        }
+    }
+
+    fn replay(&mut self, partition: i32, offset: i64) -> Result<Replayed, ReplayError> {
+        let assigned = self.offsets().assigned();
+        if !assigned.contains(&partition) {
+            return Err(ReplayError::NotAssigned {
+                partition,
+                assigned,
+            });
+        }
+        // An operator command: blocking this task for the broker's answer is acceptable.
+        let (low, high) = tokio::task::block_in_place(|| {
+            self.consumer
+                .fetch_watermarks(&self.topic, partition, WATERMARK_TIMEOUT)
+        })
+        .map_err(|e| ReplayError::Failed(format!("cannot read the partition's range: {e}")))?;
+        if offset < low || offset > high {
+            return Err(ReplayError::OutOfRange {
+                partition,
+                offset,
+                low,
+                high,
+            });
+        }
+        self.drop_partitions(&[partition]);
+        self.offsets().rewind(partition, offset);
+        self.consumer
+            .seek(
+                &self.topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| ReplayError::Failed(format!("seek failed: {e}")))?;
+        self.commit(CommitMode::Sync);
+        tracing::info!(
+            partition,
+            offset,
+            "lifecycle replay: re-consuming from the offset"
+        );
+        Ok(Replayed {
+            topic: self.topic.clone(),
+            partition,
+            offset,
+        })
+    }
+
+    /// Lets running events finish (briefly), abandons the rest uncommitted, commits.
+    async fn shut_down(&mut self) {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(finished) = self.tasks.join_next_with_id() => self.finished(finished),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let abandoned = self.running.len() + self.queue.len();
+        self.tasks.abort_all();
+        self.commit(CommitMode::Sync);
+        tracing::info!(
+            abandoned,
+            "lifecycle consumer stopped; abandoned events are redelivered on restart"
+        );
+    }
+}

@@ -1,0 +1,572 @@
+//! Handles one lifecycle message: decode, plan, apply, and decide: done, retry later, or
+//! dead-letter. The pipeline runs many jobs (one per user at a time) through one worker.
+//!
+//! The decision, for each outcome:
+//! - applied, skipped on purpose, unknown type, missing user: done;
+//! - undecodable, or refused for good by the homeserver (a 4xx other than rate limiting,
+//!   413 included): dead-lettered, then done;
+//! - the homeserver (or the dead-letter topic) away, overloaded or rate limiting: retried
+//!   with backoff while the partition waits; never dead-lettered.
+//!
+//! A dead letter that is too large for the topic is written truncated (reason, origin and
+//! headers kept, the payload cut, a `truncated` header), so no message can wedge its
+//! partition.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::effects::{Applied, IdentityEffects};
+use super::{Job, Message};
+use crate::Shared;
+use crate::lifecycle::decode::Decoded;
+use crate::metrics::LifecycleLabels;
+use crate::model::identity::PlanOptions;
+use crate::retry::{Backoff, Outcome};
+
+/// Dead-letter header that says why the message is there.
+pub const REASON_HEADER: &str = "reason";
+/// Dead-letter header present (`true`) when the payload was cut to fit the topic.
+pub const TRUNCATED_HEADER: &str = "truncated";
+/// How much of a payload a truncated dead letter keeps.
+pub const TRUNCATED_PAYLOAD_BYTES: usize = 16 * 1024;
+
+/// One message for the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Why a dead letter was not written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkError {
+    /// Larger than the topic (or broker) accepts: write it truncated.
+    TooLarge(String),
+    /// The topic is unreachable: retry later.
+    Unavailable(String),
+}
+
+/// Where dead letters go: the dead-letter topic (a Kafka producer), or a test's list.
+pub trait DeadLetterSink: Send + Sync {
+    fn send(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), SinkError>>;
+    /// The topic's name, for logs.
+    fn name(&self) -> &str;
+}
+
+/// What one attempt at a job came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Done,
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// A partition that cannot move past `offset` yet, and why (the pipeline pauses it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stall {
+    pub partition: i32,
+    pub generation: u64,
+    pub offset: i64,
+    pub reason: String,
+}
+
+/// Handles jobs; shared by all running jobs.
+pub struct Worker {
+    pub(super) shared: Arc<Shared>,
+    pub(super) effects: Option<Arc<IdentityEffects>>,
+    pub(super) dead_letters: Arc<dyn DeadLetterSink>,
+    pub(super) topic: String,
+    pub(super) options: PlanOptions,
+    pub(super) backoff: Backoff,
+    /// Tells the pipeline which partitions wait, and why (first failure and every change).
+    pub(super) stalls: mpsc::Sender<Stall>,
+}
+
+impl Worker {
+    fn count(&self, kind: &'static str, outcome: &'static str) {
+        self.shared
+            .metrics
+            .lifecycle_events
+            .get_or_create(&LifecycleLabels {
+                r#type: kind,
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Runs `job` until it is done, retrying with backoff.
+    pub async fn work(self: Arc<Self>, job: Job) {
+        let mut last_reason = None;
+        for failures in 1u32.. {
+            let (reason, retry_after) = match self.attempt(&job).await {
+                Step::Done => return,
+                Step::Retry {
+                    reason,
+                    retry_after,
+                } => (reason, retry_after),
+            };
+            if last_reason.as_ref() != Some(&reason) {
+                // Capacity covers every running job; a lost notice only delays a pause.
+                let _ = self.stalls.try_send(Stall {
+                    partition: job.message.partition,
+                    generation: job.generation,
+                    offset: job.message.offset,
+                    reason: reason.clone(),
+                });
+                last_reason = Some(reason.clone());
+            }
+            let wait = self.backoff.wait(failures, retry_after);
+            tracing::warn!(
+                partition = job.message.partition,
+                offset = job.message.offset,
+                attempt = failures,
+                retry_in_ms = wait.as_millis() as u64,
+                error = %reason,
+                "lifecycle event not applied yet; its partition waits"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One attempt: decode, plan, apply, decide.
+    pub async fn attempt(&self, job: &Job) -> Step {
+        let message = &job.message;
+        let event = match &job.decoded {
+            Err(error) => {
+                return self
+                    .dead_letter(message, "undecodable", error.to_string())
+                    .await;
+            }
+            Ok(Decoded::Unknown(event_type)) => {
+                self.count("unknown", "skipped");
+                tracing::debug!(
+                    partition = message.partition,
+                    offset = message.offset,
+                    event_type = %event_type,
+                    "lifecycle event of an unknown type skipped"
+                );
+                return Step::Done;
+            }
+            Ok(Decoded::Event(event)) => event,
+        };
+        let kind = event.kind();
+        let server = &self.shared.config.ids().server_name;
+        let plan = self
+            .shared
+            .state
+            .read(|m| m.identities.plan(event, server, self.options));
+        if let Some(skip) = plan.skip {
+            self.count(kind, "skipped");
+            tracing::info!(user = %plan.user, event = kind, reason = skip.as_str(), "lifecycle event skipped");
+            return Step::Done;
+        }
+        let Some(effects) = &self.effects else {
+            self.count(kind, "matrix_disabled");
+            tracing::info!(
+                user = %plan.user,
+                event = kind,
+                effect = %plan.summary(),
+                "lifecycle event consumed; lifecycle.matrix_enabled is false, so no Matrix action"
+            );
+            return Step::Done;
+        };
+        match effects.apply(&plan).await {
+            Outcome::Done(Applied::Taken(taken)) => {
+                self.count(kind, "applied");
+                tracing::info!(
+                    user = %plan.user,
+                    event = kind,
+                    effect = %taken.join("+"),
+                    ignored = ?plan.ignored,
+                    partition = message.partition,
+                    offset = message.offset,
+                    "lifecycle event applied"
+                );
+                Step::Done
+            }
+            Outcome::Done(Applied::MissingUser) => {
+                self.count(kind, "missing_user");
+                tracing::info!(user = %plan.user, event = kind, "lifecycle event for a user who does not exist; nothing to do");
+                Step::Done
+            }
+            Outcome::Retry {
+                reason,
+                retry_after,
+            } => {
+                self.count(kind, "retried");
+                Step::Retry {
+                    reason,
+                    retry_after,
+                }
+            }
+            Outcome::Refused(reason) => self.dead_letter(message, kind, reason).await,
+        }
+    }
+
+    /// Writes `message` to the dead-letter topic with its key, payload, original headers
+    /// and the reason and origin headers; truncated when it does not fit.
+    async fn dead_letter(&self, message: &Message, kind: &'static str, reason: String) -> Step {
+        let letter = dead_letter(message, &self.topic, &reason);
+        let sent = match self.dead_letters.send(letter.clone()).await {
+            Err(SinkError::TooLarge(error)) => {
+                tracing::warn!(
+                    partition = message.partition,
+                    offset = message.offset,
+                    %error,
+                    "dead letter too large for its topic; writing it truncated"
+                );
+                self.dead_letters
+                    .send(truncated(letter, TRUNCATED_PAYLOAD_BYTES))
+                    .await
+            }
+            other => other,
+        };
+        match sent {
+            Ok(()) => {
+                self.shared.metrics.dead_letters.inc();
+                self.count(kind, "dead_lettered");
+                tracing::warn!(
+                    partition = message.partition,
+                    offset = message.offset,
+                    event = kind,
+                    reason = %reason,
+                    dead_letter_topic = %self.dead_letters.name(),
+                    "lifecycle message dead-lettered"
+                );
+                Step::Done
+            }
+            Err(SinkError::TooLarge(error) | SinkError::Unavailable(error)) => Step::Retry {
+                reason: format!(
+                    "cannot write to the dead-letter topic {}: {error}",
+                    self.dead_letters.name()
+                ),
+                retry_after: None,
+            },
+        }
+    }
+}
+
+/// The dead letter for `message`: its key, payload and headers, plus why and where from.
+pub fn dead_letter(message: &Message, topic: &str, reason: &str) -> DeadLetter {
+    let mut headers: Vec<(String, Vec<u8>)> = message
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+        .collect();
+    for (key, value) in [
+        (REASON_HEADER, reason.to_owned()),
+        ("original_topic", topic.to_owned()),
+        ("original_partition", message.partition.to_string()),
+        ("original_offset", message.offset.to_string()),
+    ] {
+        headers.push((key.to_owned(), value.into_bytes()));
+    }
+    DeadLetter {
+        key: message.key.clone(),
+        payload: message.payload.clone(),
+        headers,
+    }
+}
+
+/// `letter` cut to fit: the payload's first `keep` bytes, original headers cut alike, and
+/// headers saying so.
+pub fn truncated(mut letter: DeadLetter, keep: usize) -> DeadLetter {
+    let original = letter.payload.as_ref().map_or(0, Vec::len);
+    if let Some(payload) = &mut letter.payload {
+        payload.truncate(keep);
+    }
+    if let Some(key) = &mut letter.key {
+        key.truncate(keep);
+    }
+    for (_, value) in &mut letter.headers {
+        value.truncate(keep);
+    }
+    letter
+        .headers
+        .push((TRUNCATED_HEADER.to_owned(), b"true".to_vec()));
+    letter.headers.push((
+        "original_size".to_owned(),
+        original.to_string().into_bytes(),
+    ));
+    letter
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Secret};
+    use crate::lifecycle::decode;
+    use crate::matrix::Homeserver;
+    use crate::testing::{FakeHomeserver, shared};
+    use std::sync::Mutex;
+
+    fn message(payload: Vec<u8>) -> Message {
+        Message {
+            partition: 2,
+            offset: 41,
+            key: Some(b"k".to_vec()),
+            payload: Some(payload),
+            headers: vec![("trace_id".into(), Some(b"t-1".to_vec()))],
+        }
+    }
+
+    /// Dead letters kept in memory; the first `refuse` sends fail with `error`.
+    #[derive(Default)]
+    struct Sink {
+        letters: Mutex<Vec<DeadLetter>>,
+        refuse: Mutex<Vec<SinkError>>,
+    }
+
+    impl DeadLetterSink for Sink {
+        fn send(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), SinkError>> {
+            Box::pin(async move {
+                if let Some(error) = self.refuse.lock().unwrap().pop() {
+                    return Err(error);
+                }
+                self.letters.lock().unwrap().push(letter);
+                Ok(())
+            })
+        }
+
+        fn name(&self) -> &str {
+            "events.dlq"
+        }
+    }
+
+    const UUID: &str = "6f1b2c3d-aaaa-4bbb-8ccc-0123456789ab";
+    const USER: &str = "@nova-6f1b2c3d-aaaa-4bbb-8ccc-0123456789ab:ex.org";
+
+    struct Fixture {
+        hs: FakeHomeserver,
+        sink: Arc<Sink>,
+        worker: Worker,
+    }
+
+    async fn fixture(matrix: bool) -> Fixture {
+        let placeholder = shared(Config::from_yaml("homeserver: {server_name: ex.org}").unwrap());
+        let as_token = placeholder.registration.as_token.clone();
+        let hs = FakeHomeserver::start(&as_token, "ex.org", "letta").await;
+        let config = Config::from_yaml(&format!(
+            "homeserver: {{server_name: ex.org, url: '{}', flavor: synapse}}",
+            hs.url
+        ))
+        .unwrap();
+        let shared = shared(config);
+        let client = Homeserver::from_config(
+            &shared.config,
+            Secret::new(as_token),
+            shared.metrics.clone(),
+        );
+        let effects = if matrix {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            Some(Arc::new(
+                IdentityEffects::start(shared.clone(), client, &shutdown)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            ))
+        } else {
+            None
+        };
+        let sink = Arc::new(Sink::default());
+        let worker = Worker {
+            shared,
+            effects,
+            dead_letters: sink.clone(),
+            topic: "events".into(),
+            options: PlanOptions {
+                create_missing_users: true,
+            },
+            backoff: Backoff::DEFAULT,
+            stalls: mpsc::channel(8).0,
+        };
+        Fixture { hs, sink, worker }
+    }
+
+    fn job(event_type: &str, payload: serde_json::Value) -> Job {
+        let mut message = message(serde_json::to_vec(&payload).unwrap());
+        message.headers.push((
+            decode::TYPE_HEADER.into(),
+            Some(event_type.as_bytes().to_vec()),
+        ));
+        Job {
+            decoded: message.decode(),
+            message,
+            generation: 1,
+        }
+    }
+
+    fn created() -> Job {
+        job(
+            "UserCreatedEvent",
+            serde_json::json!({ "user_id": UUID, "username": "alice" }),
+        )
+    }
+
+    fn renamed(name: &str) -> Job {
+        job(
+            "UserProfileUpdatedEvent",
+            serde_json::json!({ "user_id": UUID, "username": "alice", "display_name": name }),
+        )
+    }
+
+    #[tokio::test]
+    async fn should_apply_an_event_and_be_done() {
+        let f = fixture(true).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        assert_eq!(
+            f.hs.world().users[USER].displayname.as_deref(),
+            Some("alice")
+        );
+        assert!(f.sink.letters.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn should_dead_letter_what_cannot_be_decoded_or_is_refused_for_good() {
+        let f = fixture(true).await;
+        let garbage = Job {
+            message: message(b"{not json".to_vec()),
+            generation: 1,
+            decoded: message(b"{not json".to_vec()).decode(),
+        };
+        assert_eq!(f.worker.attempt(&garbage).await, Step::Done);
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        f.hs.fail("/displayname", 413, "M_TOO_LARGE", "too large", 1);
+        assert_eq!(f.worker.attempt(&renamed("huge")).await, Step::Done);
+        let letters = f.sink.letters.lock().unwrap();
+        assert_eq!(letters.len(), 2);
+        let reason = |letter: &DeadLetter| {
+            letter
+                .headers
+                .iter()
+                .find(|(k, _)| k == REASON_HEADER)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .unwrap()
+        };
+        assert!(
+            reason(&letters[0]).contains("not JSON"),
+            "{}",
+            reason(&letters[0])
+        );
+        assert!(
+            reason(&letters[1]).contains("413"),
+            "{}",
+            reason(&letters[1])
+        );
+    }
+
+    #[tokio::test]
+    async fn should_retry_while_the_homeserver_is_away_and_never_dead_letter_it() {
+        let f = fixture(true).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        f.hs.fail("/displayname", 502, "M_UNKNOWN", "bad gateway", 1);
+        assert!(matches!(
+            f.worker.attempt(&renamed("B")).await,
+            Step::Retry {
+                retry_after: None,
+                ..
+            }
+        ));
+        f.hs.rate_limit("/displayname", 1_500, 1);
+        assert!(matches!(
+            f.worker.attempt(&renamed("B")).await,
+            Step::Retry { retry_after: Some(wait), .. } if wait.as_millis() == 1_500
+        ));
+        assert_eq!(f.worker.attempt(&renamed("B")).await, Step::Done);
+        assert!(f.sink.letters.lock().unwrap().is_empty());
+    }
+
+    /// The finding: a dead letter too large for its topic wedged the partition.
+    #[tokio::test]
+    async fn should_truncate_a_dead_letter_that_does_not_fit() {
+        let f = fixture(true).await;
+        f.sink
+            .refuse
+            .lock()
+            .unwrap()
+            .push(SinkError::TooLarge("Message size too large".into()));
+        let mut big = created();
+        big.message.payload = Some(vec![b'{'; 2 << 20]);
+        big.decoded = big.message.decode();
+        assert_eq!(f.worker.attempt(&big).await, Step::Done);
+        let letters = f.sink.letters.lock().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(
+            letters[0].payload.as_ref().unwrap().len(),
+            TRUNCATED_PAYLOAD_BYTES
+        );
+        assert!(
+            letters[0]
+                .headers
+                .iter()
+                .any(|(k, _)| k == TRUNCATED_HEADER)
+        );
+    }
+
+    #[tokio::test]
+    async fn should_retry_when_the_dead_letter_topic_is_unreachable() {
+        let f = fixture(true).await;
+        f.sink
+            .refuse
+            .lock()
+            .unwrap()
+            .push(SinkError::Unavailable("broker down".into()));
+        let garbage = Job {
+            message: message(b"[]".to_vec()),
+            generation: 1,
+            decoded: message(b"[]".to_vec()).decode(),
+        };
+        assert!(matches!(
+            f.worker.attempt(&garbage).await,
+            Step::Retry { reason, .. } if reason.contains("events.dlq")
+        ));
+        assert_eq!(f.worker.attempt(&garbage).await, Step::Done);
+    }
+
+    #[tokio::test]
+    async fn should_take_no_matrix_action_when_matrix_is_disabled() {
+        let f = fixture(false).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        assert!(f.hs.world().requests.is_empty());
+    }
+
+    #[test]
+    fn should_carry_the_reason_origin_and_original_headers() {
+        let letter = dead_letter(&message(b"{}".to_vec()), "events", "not JSON");
+        let header = |name: &str| {
+            letter
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(header("trace_id").as_deref(), Some("t-1"));
+        assert_eq!(header(REASON_HEADER).as_deref(), Some("not JSON"));
+        assert_eq!(header("original_topic").as_deref(), Some("events"));
+        assert_eq!(header("original_partition").as_deref(), Some("2"));
+        assert_eq!(header("original_offset").as_deref(), Some("41"));
+        assert_eq!(letter.payload.as_deref(), Some(b"{}".as_slice()));
+        assert_eq!(letter.key.as_deref(), Some(b"k".as_slice()));
+    }
+
+    #[test]
+    fn should_truncate_a_letter_and_say_so() {
+        let big = vec![b'x'; 2 * 1024 * 1024];
+        let letter = truncated(dead_letter(&message(big), "events", "too big"), 1024);
+        assert_eq!(letter.payload.as_ref().unwrap().len(), 1024);
+        let names: Vec<&str> = letter.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(names.contains(&TRUNCATED_HEADER) && names.contains(&REASON_HEADER));
+        let size = letter
+            .headers
+            .iter()
+            .find(|(k, _)| k == "original_size")
+            .unwrap();
+        assert_eq!(size.1, b"2097152");
+    }
+}

@@ -1,0 +1,582 @@
+//! Owns what roster knows and has promised: the membership model, the store behind it, and
+//! the reconciler's status. Every change goes through a verb here.
+//!
+//! Invariants:
+//! - A verb persists first, then commits to the model: the model never holds a change the
+//!   store does not, and a failed write leaves both as they were and returns an error the
+//!   caller must handle (nothing is promised before it is durable).
+//! - Writes run one at a time, under the model's write lock, off the async runtime.
+//! - Nothing outside this module sees the lock or the connection: readers get a closure.
+//! - Expectations (`expect`) and invalidations (`forget_room`) change the model only: they
+//!   are roster's guesses about the next pushed event, not promises.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::Identities;
+use crate::model::agents::{Agent, ListingOutcome, RoomRecord};
+use crate::model::{Change, MemberEvent, Membership, Model, ObservedMember};
+use crate::store::{Store, StoreError};
+
+/// The `meta` key of the agents space's room id.
+const SPACE_KEY: &str = "space";
+
+/// A verb could not keep its promise; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the store worker stopped unexpectedly: {0}")]
+    Worker(String),
+}
+
+/// Whether a transaction was new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded, with the membership changes it made, and how many member events were
+    /// about rooms roster does not look after (acknowledged, not kept).
+    New {
+        changes: Vec<Change>,
+        dropped: usize,
+    },
+    /// The id was recorded before: nothing was applied again.
+    Duplicate,
+}
+
+/// What operators see of the reconciler: the space, the source, the last sync, failures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub space: Option<OwnedRoomId>,
+    pub source: Option<SourceStatus>,
+    pub last_sync: Option<SyncSummary>,
+    /// Agents whose work gave up, with the reason.
+    pub failed: BTreeMap<String, String>,
+    /// Agents with required members roster will not touch (banned).
+    pub blocked: BTreeMap<String, Vec<String>>,
+    /// Failures in a row per agent, for the error policy.
+    #[serde(skip)]
+    pub attempts: BTreeMap<String, u32>,
+    /// Homeserver actions that succeeded since start-up.
+    pub actions_ok: u64,
+    /// roster asking the homeserver to ping it back (start-up, retried until it works).
+    pub ping: PingStatus,
+    /// When the homeserver last called roster's `/_matrix/app/v1/ping`.
+    pub pinged_by_homeserver_at_ms: Option<u64>,
+    /// Lifecycle partitions that cannot move past a message.
+    pub lifecycle_stalled: Vec<StalledPartition>,
+}
+
+/// A lifecycle partition waiting on one message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StalledPartition {
+    pub partition: i32,
+    /// The oldest message that cannot be done yet.
+    pub offset: i64,
+    pub stalled_for_ms: u64,
+    pub reason: String,
+}
+
+/// Whether the homeserver can reach roster, as the last start-up ping showed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PingStatus {
+    pub last_ok_at_ms: Option<u64>,
+    pub round_trip_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// The agent source as the last listing left it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceStatus {
+    pub source: String,
+    pub last_ok_at_ms: Option<u64>,
+    pub agents_listed: usize,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<u64>,
+}
+
+/// What one reconciliation run did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SyncSummary {
+    /// `startup`, `interval`, `manual` (admin API or `roster sync`) or `sighup`.
+    pub trigger: String,
+    pub started_at_ms: u64,
+    pub duration_ms: u64,
+    pub agents: usize,
+    pub rooms_read: usize,
+    pub drift: usize,
+    pub actions: u64,
+    pub failed: usize,
+    pub source_error: Option<String>,
+}
+
+/// The one owner of roster's model, store and status. Cheap to clone.
+#[derive(Clone)]
+pub struct State {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    model: RwLock<Model>,
+    store: Store,
+    status: Mutex<Status>,
+    /// Who roster's own users are: their events are kept in any room.
+    ids: Identities,
+}
+
+impl State {
+    /// Rebuilds the model from `store`.
+    pub fn open(store: Store, ids: Identities) -> Result<State, StoreError> {
+        let mut model = Model::new();
+        for member in store.members()? {
+            model.restore(member.room_id, member.user_id, member.state);
+        }
+        for record in store.room_records()? {
+            model.agents.restore(record);
+        }
+        for user in store.deactivated_users()? {
+            model.identities.mark_deactivated(user);
+        }
+        if let Some(space) = store.meta(SPACE_KEY)? {
+            model.agents.space = Some(
+                space
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("meta row space".into()))?,
+            );
+        }
+        Ok(State {
+            inner: Arc::new(Inner {
+                model: RwLock::new(model),
+                store,
+                status: Mutex::new(Status::default()),
+                ids,
+            }),
+        })
+    }
+
+    /// Reads the model. Keep `f` short: writers wait for it.
+    pub fn read<R>(&self, f: impl FnOnce(&Model) -> R) -> R {
+        // The model is only written by whole verbs; a panic elsewhere cannot leave it
+        // half-applied, so a poisoned lock still holds a consistent model.
+        let model = self.inner.model.read().unwrap_or_else(|p| p.into_inner());
+        f(&model)
+    }
+
+    /// Reads or updates the status (not persisted: it describes this run).
+    pub fn status<R>(&self, f: impl FnOnce(&mut Status) -> R) -> R {
+        let mut status = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut status)
+    }
+
+    /// Runs `f` with the store and the model under the write lock, off the runtime.
+    async fn write<R, F>(&self, f: F) -> Result<R, StateError>
+    where
+        F: FnOnce(&Store, &mut Model) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut model = inner.model.write().unwrap_or_else(|p| p.into_inner());
+            f(&inner.store, &mut model)
+        })
+        .await
+        .map_err(|e| StateError::Worker(e.to_string()))?;
+        Ok(done?)
+    }
+
+    /// Dedupes and records a pushed transaction: its id and the member states it changed
+    /// in one store transaction, then the model.
+    ///
+    /// Only rooms roster looks after are kept (agent rooms, the space), and any event whose
+    /// sender or member is roster's own user: the events of a room roster has just created
+    /// may arrive before it recorded the room. The rest is acknowledged and dropped.
+    pub async fn record_transaction(
+        &self,
+        txn_id: String,
+        received_at_ms: u64,
+        mut events: Vec<MemberEvent>,
+    ) -> Result<Recorded, StateError> {
+        let inner = self.inner.clone();
+        self.write(move |store, model| {
+            if store.has_transaction(&txn_id)? {
+                return Ok(Recorded::Duplicate);
+            }
+            let before = events.len();
+            events.retain(|e| {
+                model.agents.manages_room(&e.room_id)
+                    || inner.ids.owns(&e.sender)
+                    || inner.ids.owns(&e.user_id)
+            });
+            let dropped = before - events.len();
+            let changes = model.preview(&events);
+            match store.record_transaction(&txn_id, received_at_ms, &changes)? {
+                crate::store::Recorded::Duplicate => Ok(Recorded::Duplicate),
+                crate::store::Recorded::New => {
+                    model.commit(changes.clone());
+                    Ok(Recorded::New { changes, dropped })
+                }
+            }
+        })
+        .await
+    }
+
+    /// Records what a `joined_members` read of `room` showed; returns the drift it found.
+    pub async fn record_read(
+        &self,
+        room: OwnedRoomId,
+        joined: Vec<ObservedMember>,
+        now_ms: u64,
+    ) -> Result<Vec<Change>, StateError> {
+        self.write(move |store, model| {
+            let changes = model.observe_joined(&room, &joined, now_ms);
+            if !changes.is_empty() {
+                store.record_member_changes(&changes)?;
+                model.commit(changes.clone());
+            }
+            Ok(changes)
+        })
+        .await
+    }
+
+    /// Saves what roster has done for one agent's room.
+    pub async fn save_agent(&self, record: RoomRecord) -> Result<(), StateError> {
+        self.write(move |store, model| {
+            store.save_room_records(std::slice::from_ref(&record))?;
+            model.agents.update(record);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Applies a complete, successful listing taken at `now_ms`; the records it changed
+    /// (new agents, absence clocks) are saved first, so the grace period survives restarts.
+    pub async fn observe_listing(
+        &self,
+        agents: Vec<Agent>,
+        now_ms: u64,
+        grace_ms: u64,
+    ) -> Result<ListingOutcome, StateError> {
+        self.write(move |store, model| {
+            let mut book = model.agents.clone();
+            let outcome = book.observe_listing(&agents, now_ms, grace_ms);
+            let touched: Vec<RoomRecord> = book
+                .records
+                .values()
+                .filter(|r| model.agents.records.get(&r.agent_id) != Some(*r))
+                .cloned()
+                .collect();
+            store.save_room_records(&touched)?;
+            model.agents = book;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// Records the agents space, found or created.
+    pub async fn set_space(&self, space: OwnedRoomId) -> Result<(), StateError> {
+        self.write(move |store, model| {
+            store.set_meta(SPACE_KEY, space.as_str())?;
+            model.agents.space = Some(space);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Marks an agent retired after its removal actions succeeded.
+    pub async fn retire_agent(&self, agent_id: String) -> Result<(), StateError> {
+        self.write(move |store, model| {
+            let Some(record) = model.agents.records.get(&agent_id) else {
+                return Ok(());
+            };
+            store.save_room_records(&[record.clone().retired()])?;
+            model.agents.retire(&agent_id);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records that `user` was deactivated; returns whether this is news.
+    pub async fn record_deactivated(
+        &self,
+        user: OwnedUserId,
+        at_ms: u64,
+    ) -> Result<bool, StateError> {
+        self.write(move |store, model| {
+            store.record_deactivated(&user, at_ms)?;
+            Ok(model.identities.mark_deactivated(user))
+        })
+        .await
+    }
+
+    /// Notes that roster's own action will make `user`'s membership `membership`; the next
+    /// pushed event about the member replaces this.
+    pub fn expect(&self, room: &RoomId, user: &UserId, membership: Membership) {
+        self.model_mut().expect(room, user, membership);
+    }
+
+    /// Forgets what the model knows of `room`, so it is read before anything is decided.
+    pub fn forget_room(&self, room: &RoomId) {
+        self.model_mut().forget_room(room);
+    }
+
+    fn model_mut(&self) -> std::sync::RwLockWriteGuard<'_, Model> {
+        self.inner.model.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets transaction ids older than `before_ms`, then all but the newest `keep`.
+    pub async fn prune_transactions(
+        &self,
+        before_ms: u64,
+        keep: usize,
+    ) -> Result<usize, StateError> {
+        self.write(move |store, _| store.prune_transactions(before_ms, keep))
+            .await
+    }
+
+    /// Transaction ids remembered for dedup.
+    pub async fn transaction_count(&self) -> Result<u64, StateError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.store.transaction_count())
+            .await
+            .map_err(|e| StateError::Worker(e.to_string()))?
+            .map_err(StateError::from)
+    }
+
+    /// Makes every store write fail from now on (or not): lets tests prove that a failed
+    /// write is never acknowledged or committed.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn fail_writes(&self, fail: bool) {
+        self.inner.store.set_read_only(fail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ruma::{owned_room_id, owned_user_id};
+
+    fn event(room: &str, user: &str, n: u64) -> MemberEvent {
+        let user = UserId::parse(user).unwrap();
+        MemberEvent {
+            room_id: RoomId::parse(room).unwrap(),
+            user_id: user.clone(),
+            sender: user,
+            membership: Membership::Join,
+            displayname: None,
+            avatar_url: None,
+            event_id: format!("$e{n}").try_into().unwrap(),
+            origin_server_ts: n,
+        }
+    }
+
+    fn join(user: &str, n: u64) -> MemberEvent {
+        event("!r:ex.org", user, n)
+    }
+
+    fn member(state: &State, room: &str, user: &str) -> Option<Membership> {
+        let (room, user) = (RoomId::parse(room).unwrap(), UserId::parse(user).unwrap());
+        state.read(|m| m.member(&room, &user).map(|s| s.membership))
+    }
+
+    fn reopen(dir: &std::path::Path) -> State {
+        let ids = Identities::new("ex.org", "letta", None, "letta-agents").unwrap();
+        State::open(Store::open(&dir.join("roster.db")).unwrap(), ids).unwrap()
+    }
+
+    /// A state whose agent `agent-1` has the room `!r:ex.org`.
+    async fn with_agent_room(dir: &std::path::Path) -> State {
+        let state = reopen(dir);
+        state
+            .save_agent(RoomRecord {
+                agent_id: "agent-1".into(),
+                localpart: "agent_1".into(),
+                name: "One".into(),
+                room_id: Some(owned_room_id!("!r:ex.org")),
+                ..RoomRecord::default()
+            })
+            .await
+            .unwrap();
+        state
+    }
+
+    #[tokio::test]
+    async fn should_record_a_transaction_once_and_keep_it_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = with_agent_room(dir.path()).await;
+        let recorded = state
+            .record_transaction("t1".into(), 1, vec![join("@a:ex.org", 1)])
+            .await
+            .unwrap();
+        assert!(
+            matches!(recorded, Recorded::New { ref changes, dropped: 0 } if changes.len() == 1)
+        );
+        let again = state
+            .record_transaction("t1".into(), 2, vec![join("@b:ex.org", 2)])
+            .await
+            .unwrap();
+        assert_eq!(again, Recorded::Duplicate);
+        assert_eq!(
+            member(&state, "!r:ex.org", "@b:ex.org"),
+            None,
+            "a duplicate applies nothing"
+        );
+        drop(state);
+        let state = reopen(dir.path());
+        assert_eq!(
+            member(&state, "!r:ex.org", "@a:ex.org"),
+            Some(Membership::Join)
+        );
+        assert_eq!(state.transaction_count().await.unwrap(), 1);
+    }
+
+    /// The finding: every member event of every room a namespaced user is in was kept.
+    #[tokio::test]
+    async fn should_keep_only_rooms_it_looks_after_and_its_own_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = with_agent_room(dir.path()).await;
+        state
+            .set_space(owned_room_id!("!space:ex.org"))
+            .await
+            .unwrap();
+        let recorded = state
+            .record_transaction(
+                "t1".into(),
+                1,
+                vec![
+                    event("!r:ex.org", "@admin:ex.org", 1),
+                    event("!space:ex.org", "@admin:ex.org", 2),
+                    event("!elsewhere:ex.org", "@admin:ex.org", 3),
+                    event("!elsewhere:ex.org", "@nova-1:ex.org", 4),
+                    // A room roster just created, before it recorded it.
+                    event("!new:ex.org", "@agent_2:ex.org", 5),
+                    event("!new:ex.org", "@letta:ex.org", 6),
+                ],
+            )
+            .await
+            .unwrap();
+        let Recorded::New { changes, dropped } = recorded else {
+            panic!("new")
+        };
+        assert_eq!((changes.len(), dropped), (4, 2));
+        assert_eq!(member(&state, "!elsewhere:ex.org", "@admin:ex.org"), None);
+        assert_eq!(
+            member(&state, "!new:ex.org", "@letta:ex.org"),
+            Some(Membership::Join)
+        );
+        drop(state);
+        let state = reopen(dir.path());
+        assert_eq!(state.read(|m| m.room_count()), 3, "nor in the store");
+        assert_eq!(
+            state.read(|m| m.agents.space.clone()),
+            Some(owned_room_id!("!space:ex.org"))
+        );
+    }
+
+    /// Every verb: when the store refuses the write, the caller gets the error and neither
+    /// the model nor the store changed; once the store is back, the same call succeeds.
+    #[tokio::test]
+    async fn should_change_nothing_when_the_store_fails_on_any_verb() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = with_agent_room(dir.path()).await;
+        let agent = Agent {
+            id: "agent-1".into(),
+            name: "One".into(),
+        };
+        state
+            .observe_listing(vec![agent.clone()], 0, 1000)
+            .await
+            .unwrap();
+        state.fail_writes(true);
+
+        let err = state
+            .record_transaction("t1".into(), 1, vec![join("@a:ex.org", 1)])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("store"), "{err}");
+        assert_eq!(member(&state, "!r:ex.org", "@a:ex.org"), None);
+
+        let joined = vec![ObservedMember {
+            user: owned_user_id!("@b:ex.org"),
+            displayname: None,
+            avatar_url: None,
+        }];
+        assert!(
+            state
+                .record_read(owned_room_id!("!r:ex.org"), joined.clone(), 0)
+                .await
+                .is_err()
+        );
+        assert_eq!(member(&state, "!r:ex.org", "@b:ex.org"), None);
+
+        let mut record = state.read(|m| m.agents.records["agent-1"].clone());
+        record.applied_name = Some("One".into());
+        assert!(state.save_agent(record.clone()).await.is_err());
+        assert_eq!(
+            state.read(|m| m.agents.records["agent-1"].applied_name.clone()),
+            None
+        );
+
+        assert!(
+            state
+                .set_space(owned_room_id!("!space:ex.org"))
+                .await
+                .is_err()
+        );
+        assert_eq!(state.read(|m| m.agents.space.clone()), None);
+
+        // Absent from a listing past the grace period: the expiry is not promised either.
+        assert!(state.observe_listing(vec![], 2000, 1000).await.is_err());
+        assert_eq!(
+            state.read(|m| m.agents.records["agent-1"].missing_since_ms),
+            None
+        );
+
+        assert!(state.retire_agent("agent-1".into()).await.is_err());
+        assert!(!state.read(|m| m.agents.records["agent-1"].retired));
+
+        let user = owned_user_id!("@nova-1:ex.org");
+        assert!(state.record_deactivated(user.clone(), 1).await.is_err());
+        assert!(!state.read(|m| m.is_deactivated(&user)));
+
+        // Nothing reached the disk either.
+        state.fail_writes(false);
+        drop(state);
+        let state = reopen(dir.path());
+        assert_eq!(state.transaction_count().await.unwrap(), 0);
+        assert_eq!(member(&state, "!r:ex.org", "@a:ex.org"), None);
+        assert_eq!(member(&state, "!r:ex.org", "@b:ex.org"), None);
+        assert!(!state.read(|m| m.is_deactivated(&user)));
+        assert_eq!(state.read(|m| m.agents.space.clone()), None);
+        assert_eq!(
+            state.read(|m| m.agents.records["agent-1"].applied_name.clone()),
+            None
+        );
+
+        // And every verb works once the store does.
+        state
+            .record_transaction("t1".into(), 1, vec![join("@a:ex.org", 1)])
+            .await
+            .unwrap();
+        state
+            .record_read(owned_room_id!("!r:ex.org"), joined, 0)
+            .await
+            .unwrap();
+        state.save_agent(record).await.unwrap();
+        assert!(state.record_deactivated(user.clone(), 1).await.unwrap());
+        state.retire_agent("agent-1".into()).await.unwrap();
+        drop(state);
+        let state = reopen(dir.path());
+        assert_eq!(
+            member(&state, "!r:ex.org", "@a:ex.org"),
+            Some(Membership::Join)
+        );
+        assert_eq!(
+            member(&state, "!r:ex.org", "@b:ex.org"),
+            Some(Membership::Join)
+        );
+        assert!(state.read(|m| m.is_deactivated(&user)));
+        assert!(state.read(|m| m.agents.records["agent-1"].retired));
+    }
+}
