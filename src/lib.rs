@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod appservice;
+pub mod avatar;
 pub mod config;
 pub mod lifecycle;
 pub mod matrix;
