@@ -13,6 +13,7 @@
 //!   first, then commit.
 //! - [`appservice`]: the routes the homeserver calls; hs_token auth, dedup, durable record.
 //! - [`sources`]: lists the agents that should exist, from Letta or an agents file.
+//! - [`avatar`]: draws the generated avatar of an agent without one; pure, no I/O.
 //! - [`lifecycle`]: the Kafka consumer of identity events, its worker and the identity
 //!   effects it takes on the homeserver.
 //! - [`admin`]: `/health`, `/ready`, `/metrics` and the operator API; the typed status.
@@ -28,6 +29,7 @@
 
 pub mod admin;
 pub mod appservice;
+pub mod avatar;
 pub mod clock;
 pub mod commands;
 pub mod config;
