@@ -220,6 +220,22 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Rejection> 
     })
 }
 
+/// Decodes a transaction body as `PUT /_matrix/app/v1/transactions/{txn}` would: the member
+/// events roster keeps and the count of events it skipped, or why the body is refused. For
+/// fuzzing and tools; the route uses the same decoder.
+pub fn parse_transaction(body: &[u8]) -> Result<(Vec<MemberEvent>, usize), String> {
+    let (parts, ()) = http::Request::builder()
+        .method("PUT")
+        .uri("/_matrix/app/v1/transactions/fuzz")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(())
+        .expect("a valid request")
+        .into_parts();
+    decode_transaction(&parts, body, "fuzz")
+        .map(|t| (t.member_events, t.undecodable))
+        .map_err(|r| format!("{:?}", r.into_response().status()))
+}
+
 /// What roster takes from one pushed transaction.
 struct DecodedTransaction {
     member_events: Vec<MemberEvent>,

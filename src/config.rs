@@ -138,6 +138,9 @@ pub struct AppserviceConfig {
     #[serde(deserialize_with = "string_like")]
     pub id: String,
     pub registration: PathBuf,
+    /// The acting-only registration (`url: null`): users roster acts as but never needs to
+    /// hear about. Default: beside `registration`, with `-acting` before the extension.
+    pub acting_registration: Option<PathBuf>,
     pub listen: SocketAddr,
     #[serde(deserialize_with = "optional_string_like")]
     pub url: Option<String>,
@@ -157,6 +160,7 @@ impl Default for AppserviceConfig {
         AppserviceConfig {
             id: "roster".into(),
             registration: "registration.yaml".into(),
+            acting_registration: None,
             listen: "127.0.0.1:9009".parse().expect("valid default address"),
             url: None,
             bot_localpart: "letta".into(),
@@ -168,6 +172,25 @@ impl Default for AppserviceConfig {
 }
 
 impl AppserviceConfig {
+    /// Where the acting-only registration is (`acting_registration`, else
+    /// `registration.yaml` -> `registration-acting.yaml`).
+    pub fn acting_registration_path(&self) -> PathBuf {
+        self.acting_registration.clone().unwrap_or_else(|| {
+            let stem = self
+                .registration
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "registration".into());
+            let ext = self
+                .registration
+                .extension()
+                .map(|e| format!(".{}", e.to_string_lossy()))
+                .unwrap_or_default();
+            self.registration
+                .with_file_name(format!("{stem}-acting{ext}"))
+        })
+    }
+
     /// How the homeserver reaches roster: `url`, else derived from `listen`.
     pub fn public_url(&self) -> String {
         self.url
@@ -228,6 +251,41 @@ pub struct AgentsConfig {
     pub space_alias: String,
     #[serde(deserialize_with = "string_like")]
     pub space_name: String,
+    /// The picture of every agent: generated (default), none, or one image for all.
+    pub avatar: AvatarSetting,
+    /// The last N Letta messages posted into a room roster creates; 0 turns it off.
+    pub history_import: u32,
+}
+
+/// `agents.avatar`: what picture agents get.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AvatarSetting {
+    /// The name's first letter on a colour derived from the agent id.
+    #[default]
+    Generated,
+    /// roster sets no avatar.
+    None,
+    /// One image for every agent: an `mxc://` URI, or an `https://` URL fetched once.
+    Image(String),
+}
+
+impl<'de> Deserialize<'de> for AvatarSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = string_like(d)?;
+        match text.as_str() {
+            "generated" => Ok(AvatarSetting::Generated),
+            "none" => Ok(AvatarSetting::None),
+            url if url.starts_with("mxc://") && <&ruma::MxcUri>::from(url).is_valid()
+                || url.starts_with("https://")
+                || url.starts_with("http://") =>
+            {
+                Ok(AvatarSetting::Image(url.to_owned()))
+            }
+            other => Err(de::Error::custom(format!(
+                "{other:?} is not an avatar setting; expected generated, none, an mxc:// URI or an https:// URL"
+            ))),
+        }
+    }
 }
 
 impl Default for AgentsConfig {
@@ -242,6 +300,8 @@ impl Default for AgentsConfig {
             deactivate_removed: false,
             space_alias: "letta-agents".into(),
             space_name: "Letta Agents".into(),
+            avatar: AvatarSetting::Generated,
+            history_import: 15,
         }
     }
 }
@@ -288,6 +348,9 @@ pub struct LifecycleConfig {
     pub max_buffered_events: usize,
     /// Where a consumer group with no committed offsets starts.
     pub start_from: StartFrom,
+    /// An `http(s)` avatar URL already uploaded is reused (not fetched again) this long.
+    #[serde(deserialize_with = "duration")]
+    pub avatar_cache_ttl: Duration,
     /// Extra librdkafka properties (e.g. `security.protocol`, `session.timeout.ms`).
     #[serde(deserialize_with = "string_map")]
     pub kafka: BTreeMap<String, String>,
@@ -328,6 +391,7 @@ impl Default for LifecycleConfig {
             max_in_flight_users: 16,
             max_buffered_events: 1024,
             start_from: StartFrom::Earliest,
+            avatar_cache_ttl: Duration::from_secs(24 * 3600),
             kafka: BTreeMap::new(),
         }
     }
@@ -1083,6 +1147,21 @@ lifecycle:
                 "homeserver: {server_name: example.org}\nlifecycle: {topic: t, dead_letter_topic: t}",
                 &[],
                 &["lifecycle.dead_letter_topic", "\"t\"", "own topic"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nagents: {avatar: 'ftp://x/a.png'}",
+                &[],
+                &["agents.avatar", "ftp://x/a.png", "generated"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nagents: {avatar: 'mxc://evil.org/../../x'}",
+                &[],
+                &["agents.avatar", "mxc://evil.org/../../x"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {start_from: middle}",
+                &[],
+                &["lifecycle.start_from", "middle", "earliest"],
             ),
             ("[1, 2]", &[], &["top level", "mapping"]),
         ];

@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::ids::Identities;
 use crate::model::agents::{Agent, ListingOutcome, RoomRecord};
 use crate::model::{Change, MemberEvent, Membership, Model, ObservedMember};
-use crate::store::{Store, StoreError};
+use crate::store::{AppliedProfile, HistoryImport, Store, StoreError, Upload};
+
+/// Identity profiles kept in memory in front of the store.
+const PROFILE_CACHE: u64 = 100_000;
 
 /// The `meta` key of the agents space's room id.
 const SPACE_KEY: &str = "space";
@@ -124,6 +127,11 @@ struct Inner {
     status: Mutex<Status>,
     /// Who roster's own users are: their events are kept in any room.
     ids: Identities,
+    /// What roster last applied to identity profiles: the store decides, this bounded cache
+    /// spares it the reads.
+    profiles: moka::sync::Cache<OwnedUserId, AppliedProfile>,
+    /// History imported into new agent rooms, by room.
+    history: Mutex<BTreeMap<OwnedRoomId, HistoryImport>>,
 }
 
 impl State {
@@ -146,12 +154,15 @@ impl State {
                     .map_err(|_| StoreError::Corrupt("meta row space".into()))?,
             );
         }
+        let history = store.history_imports()?.into_iter().collect();
         Ok(State {
             inner: Arc::new(Inner {
                 model: RwLock::new(model),
                 store,
                 status: Mutex::new(Status::default()),
                 ids,
+                profiles: moka::sync::Cache::new(PROFILE_CACHE),
+                history: Mutex::new(history),
             }),
         })
     }
@@ -308,6 +319,89 @@ impl State {
             Ok(model.identities.mark_deactivated(user))
         })
         .await
+    }
+
+    /// Runs `f` with the store alone, off the runtime (for what the model does not hold).
+    async fn blocking<R, F>(&self, f: F) -> Result<R, StateError>
+    where
+        F: FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let done = tokio::task::spawn_blocking(move || f(&inner.store))
+            .await
+            .map_err(|e| StateError::Worker(e.to_string()))?;
+        Ok(done?)
+    }
+
+    /// What roster last applied to `user`'s profile (nothing known: all `None`).
+    pub async fn applied_profile(&self, user: &UserId) -> Result<AppliedProfile, StateError> {
+        if let Some(known) = self.inner.profiles.get(user) {
+            return Ok(known);
+        }
+        let owned = user.to_owned();
+        let stored = self
+            .blocking(move |store| store.identity_profile(&owned))
+            .await?
+            .unwrap_or_default();
+        self.inner.profiles.insert(user.to_owned(), stored.clone());
+        Ok(stored)
+    }
+
+    /// Records what was applied to `user`'s profile.
+    pub async fn record_applied_profile(
+        &self,
+        user: OwnedUserId,
+        profile: AppliedProfile,
+        at_ms: u64,
+    ) -> Result<(), StateError> {
+        let (key, cached) = (user.clone(), profile.clone());
+        self.blocking(move |store| store.save_identity_profile(&user, &profile, at_ms))
+            .await?;
+        self.inner.profiles.insert(key, cached);
+        Ok(())
+    }
+
+    /// The media uploaded from `source` (`url:<url>` or `sha256:<hex>`), if any.
+    pub async fn upload(&self, source: &str) -> Result<Option<Upload>, StateError> {
+        let source = source.to_owned();
+        self.blocking(move |store| store.upload(&source)).await
+    }
+
+    pub async fn record_upload(&self, source: &str, upload: Upload) -> Result<(), StateError> {
+        let source = source.to_owned();
+        self.blocking(move |store| store.save_upload(&source, &upload))
+            .await
+    }
+
+    /// How the history import of `room` went, if one ran.
+    pub fn history_import(&self, room: &RoomId) -> Option<HistoryImport> {
+        self.history().get(room).cloned()
+    }
+
+    /// Imports that failed, for status.
+    pub fn failed_history_imports(&self) -> BTreeMap<OwnedRoomId, HistoryImport> {
+        self.history()
+            .iter()
+            .filter(|(_, i)| i.outcome != "done")
+            .map(|(r, i)| (r.clone(), i.clone()))
+            .collect()
+    }
+
+    pub async fn record_history_import(
+        &self,
+        room: OwnedRoomId,
+        import: HistoryImport,
+    ) -> Result<(), StateError> {
+        let (key, kept) = (room.clone(), import.clone());
+        self.blocking(move |store| store.save_history_import(&room, &import))
+            .await?;
+        self.history().insert(key, kept);
+        Ok(())
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, BTreeMap<OwnedRoomId, HistoryImport>> {
+        self.inner.history.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Notes that roster's own action will make `user`'s membership `membership`; the next
@@ -540,6 +634,47 @@ mod tests {
         assert!(state.record_deactivated(user.clone(), 1).await.is_err());
         assert!(!state.read(|m| m.is_deactivated(&user)));
 
+        let profile = AppliedProfile {
+            displayname: Some("N".into()),
+            ..AppliedProfile::default()
+        };
+        assert!(
+            state
+                .record_applied_profile(user.clone(), profile.clone(), 1)
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            state.applied_profile(&user).await.unwrap(),
+            AppliedProfile::default(),
+            "not cached either"
+        );
+        let upload = Upload {
+            mxc: "mxc://ex.org/u".into(),
+            uploaded_ms: 1,
+        };
+        assert!(
+            state
+                .record_upload("sha256:ab", upload.clone())
+                .await
+                .is_err()
+        );
+        let import = HistoryImport {
+            agent_id: "agent-1".into(),
+            outcome: "done".into(),
+            posted: 2,
+            detail: None,
+            at_ms: 1,
+        };
+        let room = owned_room_id!("!r:ex.org");
+        assert!(
+            state
+                .record_history_import(room.clone(), import.clone())
+                .await
+                .is_err()
+        );
+        assert_eq!(state.history_import(&room), None);
+
         // Nothing reached the disk either.
         state.fail_writes(false);
         drop(state);
@@ -566,6 +701,18 @@ mod tests {
         state.save_agent(record).await.unwrap();
         assert!(state.record_deactivated(user.clone(), 1).await.unwrap());
         state.retire_agent("agent-1".into()).await.unwrap();
+        state
+            .record_applied_profile(user.clone(), profile.clone(), 1)
+            .await
+            .unwrap();
+        state
+            .record_upload("sha256:ab", upload.clone())
+            .await
+            .unwrap();
+        state
+            .record_history_import(room.clone(), import.clone())
+            .await
+            .unwrap();
         drop(state);
         let state = reopen(dir.path());
         assert_eq!(
@@ -578,5 +725,8 @@ mod tests {
         );
         assert!(state.read(|m| m.is_deactivated(&user)));
         assert!(state.read(|m| m.agents.records["agent-1"].retired));
+        assert_eq!(state.applied_profile(&user).await.unwrap(), profile);
+        assert_eq!(state.upload("sha256:ab").await.unwrap(), Some(upload));
+        assert_eq!(state.history_import(&room), Some(import));
     }
 }

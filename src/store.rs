@@ -18,7 +18,7 @@ use crate::model::agents::RoomRecord;
 use crate::model::{Change, MemberDetail, MemberState, Membership};
 
 /// The schema this binary writes. Every version below it has a migration in `MIGRATIONS`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -134,7 +134,61 @@ CREATE TABLE meta (
 );
 ";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
+/// Version 3: what roster last applied to each identity user's profile (so an unchanged
+/// update sends nothing), media it uploaded by source (avatar URLs, generated pictures), and
+/// the history imported into new agent rooms.
+const V3: &str = "
+CREATE TABLE identity_profiles (
+    user_id       TEXT PRIMARY KEY,
+    displayname   TEXT,
+    avatar_source TEXT,
+    avatar_mxc    TEXT,
+    updated_ms    INTEGER NOT NULL
+);
+CREATE TABLE uploads (
+    source      TEXT PRIMARY KEY,
+    mxc         TEXT NOT NULL,
+    uploaded_ms INTEGER NOT NULL
+);
+CREATE TABLE history_imports (
+    room_id  TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    outcome  TEXT NOT NULL,
+    posted   INTEGER NOT NULL,
+    detail   TEXT,
+    at_ms    INTEGER NOT NULL
+);
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
+
+/// What roster last applied to an identity user's profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppliedProfile {
+    pub displayname: Option<String>,
+    /// The avatar the event named (an `mxc://` or `http(s)://` URL).
+    pub avatar_source: Option<String>,
+    /// The `mxc://` URI set for it.
+    pub avatar_mxc: Option<String>,
+}
+
+/// Media roster uploaded, by where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub mxc: String,
+    pub uploaded_ms: u64,
+}
+
+/// How importing an agent's history into its new room went.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryImport {
+    pub agent_id: String,
+    /// `done` or `failed`.
+    pub outcome: String,
+    pub posted: u32,
+    pub detail: Option<String>,
+    pub at_ms: u64,
+}
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -401,6 +455,123 @@ impl Store {
         Ok(())
     }
 
+    pub fn identity_profile(
+        &self,
+        user: &ruma::UserId,
+    ) -> Result<Option<AppliedProfile>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT displayname, avatar_source, avatar_mxc FROM identity_profiles WHERE user_id = ?1",
+                [user.as_str()],
+                |r| {
+                    Ok(AppliedProfile {
+                        displayname: r.get(0)?,
+                        avatar_source: r.get(1)?,
+                        avatar_mxc: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn save_identity_profile(
+        &self,
+        user: &ruma::UserId,
+        profile: &AppliedProfile,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO identity_profiles (user_id, displayname, avatar_source, avatar_mxc, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (user_id) DO UPDATE SET displayname = excluded.displayname,
+               avatar_source = excluded.avatar_source, avatar_mxc = excluded.avatar_mxc,
+               updated_ms = excluded.updated_ms",
+            params![
+                user.as_str(),
+                profile.displayname,
+                profile.avatar_source,
+                profile.avatar_mxc,
+                at_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn upload(&self, source: &str) -> Result<Option<Upload>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT mxc, uploaded_ms FROM uploads WHERE source = ?1",
+                [source],
+                |r| {
+                    Ok(Upload {
+                        mxc: r.get(0)?,
+                        uploaded_ms: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn save_upload(&self, source: &str, upload: &Upload) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO uploads (source, mxc, uploaded_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (source) DO UPDATE SET mxc = excluded.mxc, uploaded_ms = excluded.uploaded_ms",
+            params![source, upload.mxc, upload.uploaded_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn history_imports(&self) -> Result<Vec<(ruma::OwnedRoomId, HistoryImport)>, StoreError> {
+        let conn = self.conn();
+        let mut query = conn.prepare(
+            "SELECT room_id, agent_id, outcome, posted, detail, at_ms FROM history_imports",
+        )?;
+        let rows = query.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                HistoryImport {
+                    agent_id: r.get(1)?,
+                    outcome: r.get(2)?,
+                    posted: r.get::<_, i64>(3)? as u32,
+                    detail: r.get(4)?,
+                    at_ms: r.get::<_, i64>(5)? as u64,
+                },
+            ))
+        })?;
+        let mut imports = Vec::new();
+        for row in rows {
+            let (room, import) = row?;
+            let room = ruma::OwnedRoomId::try_from(room.as_str())
+                .map_err(|_| StoreError::Corrupt(format!("history_imports row {room}")))?;
+            imports.push((room, import));
+        }
+        Ok(imports)
+    }
+
+    pub fn save_history_import(
+        &self,
+        room: &ruma::RoomId,
+        import: &HistoryImport,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO history_imports (room_id, agent_id, outcome, posted, detail, at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (room_id) DO UPDATE SET outcome = excluded.outcome,
+               posted = excluded.posted, detail = excluded.detail, at_ms = excluded.at_ms",
+            params![
+                room.as_str(),
+                import.agent_id,
+                import.outcome,
+                import.posted as i64,
+                import.detail,
+                import.at_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Forgets transaction ids older than `before_ms`, then all but the newest `keep`.
     pub fn prune_transactions(&self, before_ms: u64, keep: usize) -> Result<usize, StoreError> {
         let conn = self.conn();
@@ -601,6 +772,37 @@ mod tests {
     }
 
     #[test]
+    fn should_keep_profiles_uploads_and_history_imports() {
+        let store = Store::in_memory().unwrap();
+        let user = owned_user_id!("@nova-1:example.org");
+        assert_eq!(store.identity_profile(&user).unwrap(), None);
+        let profile = AppliedProfile {
+            displayname: Some("A".into()),
+            avatar_source: Some("https://x/a.png".into()),
+            avatar_mxc: Some("mxc://example.org/a".into()),
+        };
+        store.save_identity_profile(&user, &profile, 1).unwrap();
+        assert_eq!(store.identity_profile(&user).unwrap(), Some(profile));
+        let upload = Upload {
+            mxc: "mxc://example.org/u".into(),
+            uploaded_ms: 5,
+        };
+        store.save_upload("sha256:ab", &upload).unwrap();
+        assert_eq!(store.upload("sha256:ab").unwrap(), Some(upload));
+        assert_eq!(store.upload("sha256:cd").unwrap(), None);
+        let import = HistoryImport {
+            agent_id: "agent-1".into(),
+            outcome: "done".into(),
+            posted: 3,
+            detail: None,
+            at_ms: 9,
+        };
+        let room = owned_room_id!("!r:example.org");
+        store.save_history_import(&room, &import).unwrap();
+        assert_eq!(store.history_imports().unwrap(), vec![(room, import)]);
+    }
+
+    #[test]
     fn should_remember_deactivated_users() {
         let store = Store::in_memory().unwrap();
         let user = owned_user_id!("@nova-1:example.org");
@@ -658,7 +860,7 @@ mod tests {
                 .unwrap();
         }
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         let mut members: Vec<_> = store
             .members()
             .unwrap()

@@ -194,8 +194,12 @@ impl Identities {
                 match avatar_url.as_deref().map(str::trim) {
                     None | Some("") => {}
                     Some(url) if url.starts_with("mxc://") => {
-                        plan.effects
-                            .push(Effect::SetAvatar(AvatarSource::Mxc(url.to_owned())));
+                        if is_valid_mxc(url) {
+                            plan.effects
+                                .push(Effect::SetAvatar(AvatarSource::Mxc(url.to_owned())));
+                        } else {
+                            plan.ignored.push("avatar_url is not a valid mxc:// URI");
+                        }
                     }
                     Some(url) if has_scheme(url, "http://") || has_scheme(url, "https://") => {
                         plan.effects
@@ -215,6 +219,13 @@ impl Identities {
         }
         plan
     }
+}
+
+/// An `mxc://` URI with a valid server name and a non-empty media id of `[A-Za-z0-9_-]`.
+pub fn is_valid_mxc(uri: &str) -> bool {
+    <&ruma::MxcUri>::from(uri)
+        .parts()
+        .is_ok_and(|(_, media)| !media.is_empty())
 }
 
 fn non_empty(text: Option<&String>) -> Option<&str> {
@@ -324,6 +335,20 @@ mod tests {
         let ignored = plan(&ids, &profile(None, Some("a"), Some("ftp://x/a.png")));
         assert_eq!(ignored.effects.len(), 1);
         assert_eq!(ignored.ignored.len(), 1);
+        for bad in [
+            "mxc://evil.org/../../x",
+            "mxc://evil.org/",
+            "mxc://not a server/abc",
+            "mxc://x",
+        ] {
+            let refused = plan(&ids, &profile(None, Some("a"), Some(bad)));
+            assert_eq!(refused.effects.len(), 1, "{bad}: only the name");
+            assert_eq!(
+                refused.ignored,
+                vec!["avatar_url is not a valid mxc:// URI"],
+                "{bad}"
+            );
+        }
         let empty = plan(&ids, &profile(None, Some("a"), Some("")));
         assert_eq!(empty.effects.len(), 1);
         assert!(empty.ignored.is_empty());
