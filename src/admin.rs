@@ -279,7 +279,9 @@ async fn invalidate(
     });
     for (agent, room) in &rooms {
         shared.state.forget_room(room);
-        shared.queue.schedule(agent);
+        shared
+            .queue
+            .schedule(&crate::reconcile::queue::Key::agent(agent));
     }
     axum::Json(serde_json::json!({ "invalidated": rooms.len() })).into_response()
 }

@@ -31,6 +31,7 @@ use crate::clock::now_ms;
 use crate::http::{Rejection, bearer_token, json_errors, matrix_error};
 use crate::metrics::{OutcomeLabels, TransitionLabels};
 use crate::model::{Change, MemberEvent, Membership};
+use crate::reconcile::queue::Key;
 use crate::state::Recorded;
 
 /// Every route the homeserver may call, the legacy unprefixed ones included.
@@ -186,16 +187,22 @@ async fn push_transaction(
     }
 }
 
-/// Hands changes in agent rooms to the reconciler (by key; it reads the model itself).
+/// Hands changes in agent rooms and the space to the reconciler (by key; it reads the
+/// model itself).
 fn schedule_managed_rooms(shared: &Shared, changes: &[Change]) {
-    let agents: BTreeSet<String> = shared.state.read(|model| {
+    let keys: BTreeSet<Key> = shared.state.read(|model| {
         changes
             .iter()
-            .filter_map(|c| model.agents.agent_for_room(&c.room_id).map(str::to_owned))
+            .filter_map(|c| {
+                if model.agents.space.room_id.as_ref() == Some(&c.room_id) {
+                    return Some(Key::Space);
+                }
+                model.agents.agent_for_room(&c.room_id).map(Key::agent)
+            })
             .collect()
     });
-    for agent in agents {
-        shared.queue.schedule(&agent);
+    for key in keys {
+        shared.queue.schedule(&key);
     }
 }
 

@@ -23,7 +23,10 @@ use ruma::api::client::media::create_content;
 use ruma::api::client::membership::{
     invite_user, join_room_by_id, joined_members, joined_rooms, kick_user, leave_room,
 };
-use ruma::api::client::profile::{set_avatar_url, set_display_name, set_profile_field};
+use ruma::api::client::message::send_message_event;
+use ruma::api::client::profile::{
+    get_profile_field, set_avatar_url, set_display_name, set_profile_field,
+};
 use ruma::api::client::room::create_room;
 use ruma::api::client::state::send_state_event;
 use ruma::api::error::{ErrorKind, RetryAfter};
@@ -32,7 +35,7 @@ use ruma::api::{
     AppserviceUserIdentity, IncomingResponse, MatrixVersion, OutgoingRequest,
     OutgoingRequestAppserviceExt, SupportedVersions,
 };
-use ruma::profile::ProfileFieldValue;
+use ruma::profile::{ProfileFieldName, ProfileFieldValue};
 use ruma::{OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
 use tokio::sync::Semaphore;
 
@@ -536,6 +539,47 @@ impl Homeserver {
         let request =
             set_profile_field::v3::Request::new(user.to_owned(), ProfileFieldValue::AvatarUrl(url));
         self.send("set_avatar_url", request, Some(user)).await?;
+        Ok(())
+    }
+
+    /// The avatar `user` has now (`None`: none set, or the user has no profile).
+    pub async fn avatar_url(&self, user: &UserId) -> Result<Option<String>, MatrixError> {
+        let request =
+            get_profile_field::v3::Request::new(user.to_owned(), ProfileFieldName::AvatarUrl);
+        match self.send("get_avatar_url", request, Some(user)).await {
+            Ok(response) => Ok(match response.value {
+                Some(ProfileFieldValue::AvatarUrl(uri)) => Some(uri.to_string()),
+                _ => None,
+            }),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a message as `as_user`; the same `txn_id` twice is one message (the homeserver
+    /// dedupes it). `at` sets the event's timestamp (appservices may, on Synapse).
+    pub async fn send_message(
+        &self,
+        as_user: &UserId,
+        room: &RoomId,
+        txn_id: &str,
+        content: serde_json::Value,
+        at: Option<u64>,
+    ) -> Result<(), MatrixError> {
+        let raw = serde_json::value::to_raw_value(&content).map_err(|e| MatrixError::Request {
+            endpoint: "send_message",
+            message: e.to_string(),
+        })?;
+        let mut request = send_message_event::v3::Request::new_raw(
+            room.to_owned(),
+            txn_id.into(),
+            "m.room.message".into(),
+            ruma::serde::Raw::from_json(raw),
+        );
+        request.timestamp = at
+            .and_then(ruma::UInt::new)
+            .map(ruma::MilliSecondsSinceUnixEpoch);
+        self.send("send_message", request, Some(as_user)).await?;
         Ok(())
     }
 

@@ -120,6 +120,11 @@ pub struct Metrics {
     pub dead_letters: Counter,
     /// Agent listings asked of the agent source, by source and outcome.
     pub source_polls: Family<SourceLabels, Counter>,
+    /// Agent avatars, by outcome: uploaded, reused (an image uploaded before), set,
+    /// left_alone (a person set one by hand).
+    pub avatars: Family<OutcomeLabels, Counter>,
+    /// History imports into new agent rooms, by outcome (done, failed).
+    pub history_imports: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -155,6 +160,8 @@ impl Metrics {
             lifecycle_stalled_seconds: Family::default(),
             dead_letters: Counter::default(),
             source_polls: Family::default(),
+            avatars: Family::default(),
+            history_imports: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -257,6 +264,16 @@ impl Metrics {
             "Agent listings asked of the agent source, by source and outcome",
             m.source_polls.clone(),
         );
+        registry.register(
+            "avatars",
+            "Agent avatars, by outcome: uploaded, reused, set, left_alone (set by hand)",
+            m.avatars.clone(),
+        );
+        registry.register(
+            "history_imports",
+            "History imports into new agent rooms, by outcome (done, failed)",
+            m.history_imports.clone(),
+        );
         // Known label values start at 0, so dashboards and alerts see the series at once.
         for outcome in [
             "applied",
@@ -331,6 +348,8 @@ mod tests {
         "roster_lifecycle_stalled_seconds",
         "roster_dead_letters",
         "roster_source_polls",
+        "roster_avatars",
+        "roster_history_imports",
     ];
 
     fn types(text: &str) -> Vec<&str> {
@@ -398,6 +417,12 @@ mod tests {
                 source: "letta",
                 outcome: "ok",
             })
+            .inc();
+        m.avatars
+            .get_or_create(&OutcomeLabels { outcome: "set" })
+            .inc();
+        m.history_imports
+            .get_or_create(&OutcomeLabels { outcome: "done" })
             .inc();
         let text = m.encode();
         let mut exported = types(&text);

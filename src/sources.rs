@@ -20,7 +20,7 @@ use std::time::Duration;
 use crate::config::{AgentsConfig, Secret};
 use crate::ids::agent_localpart;
 use crate::metrics::{Metrics, SourceLabels};
-use crate::model::agents::Agent;
+use crate::model::agents::{Agent, HistoryMessage, HistoryRole};
 
 /// Agents asked for per Letta request: Letta's own default.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -352,6 +352,21 @@ impl LettaSource {
     }
 
     async fn page(&self, url: &reqwest::Url) -> Result<Vec<Agent>, SourceError> {
+        let agents: Vec<Agent> = self.get_json(url).await?;
+        if let Some(position) = agents.iter().position(|a| a.id.trim().is_empty()) {
+            return Err(SourceError::Undecodable {
+                url: url.to_string(),
+                reason: format!("agent [{position}] has an empty id"),
+            });
+        }
+        Ok(agents)
+    }
+
+    /// `GET url` with the token; the body (bounded) decoded as `T`, or a named error.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &reqwest::Url,
+    ) -> Result<T, SourceError> {
         let mut request = self
             .http
             .get(url.clone())
@@ -396,17 +411,112 @@ impl LettaSource {
                 max_bytes: MAX_PAGE_BYTES,
             });
         }
-        let undecodable = |reason: String| SourceError::Undecodable {
-            url: url.to_string(),
-            reason: format!("{reason}; the answer starts with {:?}", snippet(&body)),
-        };
         let deserializer = &mut serde_json::Deserializer::from_slice(&body);
-        let agents: Vec<Agent> = serde_path_to_error::deserialize(deserializer)
-            .map_err(|e| undecodable(e.to_string()))?;
-        if let Some(position) = agents.iter().position(|a| a.id.trim().is_empty()) {
-            return Err(undecodable(format!("agent [{position}] has an empty id")));
+        serde_path_to_error::deserialize(deserializer).map_err(|e| SourceError::Undecodable {
+            url: url.to_string(),
+            reason: format!("{e}; the answer starts with {:?}", snippet(&body)),
+        })
+    }
+
+    /// The agent's last `limit` user and assistant messages, oldest first.
+    ///
+    /// Letta 0.11 answers `GET /v1/agents/{id}/messages?limit=N` with the newest N stored
+    /// messages, oldest first, of every kind (system, reasoning, tool calls); pages further
+    /// back with `before=<oldest id>`. Only user and assistant messages with text count;
+    /// Letta's own JSON notices posing as user messages (login, heartbeat) are skipped.
+    pub async fn recent_messages(
+        &self,
+        agent_id: &str,
+        limit: u32,
+    ) -> Result<Vec<HistoryMessage>, SourceError> {
+        const MAX_PAGES: usize = 10;
+        let mut base = self.list_url.clone();
+        base.path_segments_mut()
+            .map_err(|_| SourceError::InvalidUrl {
+                url: self.list_url.to_string(),
+            })?
+            .pop_if_empty()
+            .push(agent_id)
+            .push("messages");
+        let mut found: Vec<HistoryMessage> = Vec::new();
+        let mut before: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut url = base.clone();
+            {
+                let mut query = url.query_pairs_mut();
+                query.append_pair("limit", &limit.max(1).to_string());
+                if let Some(before) = &before {
+                    query.append_pair("before", before);
+                }
+            }
+            let page: Vec<LettaMessage> = self.get_json(&url).await?;
+            let full = page.len() >= limit.max(1) as usize;
+            before = page.first().map(|m| m.id.clone());
+            let mut older: Vec<HistoryMessage> =
+                page.into_iter().filter_map(LettaMessage::history).collect();
+            older.dedup_by(|a, b| a.id == b.id && a.role == b.role);
+            older.append(&mut found);
+            found = older;
+            if found.len() >= limit as usize || !full || before.is_none() {
+                break;
+            }
         }
-        Ok(agents)
+        let skip = found.len().saturating_sub(limit as usize);
+        Ok(found.split_off(skip))
+    }
+}
+
+/// One message as Letta lists it; only what roster uses.
+#[derive(serde::Deserialize)]
+struct LettaMessage {
+    id: String,
+    message_type: String,
+    #[serde(default)]
+    content: Option<serde_json::Value>,
+    #[serde(default)]
+    date: Option<String>,
+    #[serde(default)]
+    is_err: Option<bool>,
+}
+
+impl LettaMessage {
+    fn history(self) -> Option<HistoryMessage> {
+        let role = match self.message_type.as_str() {
+            "user_message" => HistoryRole::User,
+            "assistant_message" => HistoryRole::Assistant,
+            _ => return None,
+        };
+        if self.is_err == Some(true) {
+            return None;
+        }
+        let text = match self.content? {
+            serde_json::Value::String(text) => text,
+            serde_json::Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .collect::<Vec<_>>()
+                .join(""),
+            _ => return None,
+        };
+        // Letta's notices (login, heartbeat, system alerts) are JSON objects with a type.
+        if role == HistoryRole::User
+            && serde_json::from_str::<serde_json::Value>(&text)
+                .is_ok_and(|v| v.get("type").is_some_and(|t| t.is_string()))
+        {
+            return None;
+        }
+        if text.trim().is_empty() {
+            return None;
+        }
+        Some(HistoryMessage {
+            at_ms: self
+                .date
+                .as_deref()
+                .and_then(crate::clock::parse_rfc3339_ms),
+            id: self.id,
+            role,
+            text,
+        })
     }
 }
 
@@ -523,6 +633,24 @@ pub fn parse_agents_file(path: &Path, text: &str) -> Result<Vec<Agent>, SourceEr
 impl crate::reconcile::ListAgents for AgentSource {
     fn describe(&self) -> String {
         self.to_string()
+    }
+
+    fn history(
+        &self,
+        agent_id: &str,
+        limit: u32,
+    ) -> futures::future::BoxFuture<'_, Result<Option<Vec<HistoryMessage>>, String>> {
+        let agent_id = agent_id.to_owned();
+        Box::pin(async move {
+            match &self.kind {
+                Kind::Letta(letta) => letta
+                    .recent_messages(&agent_id, limit)
+                    .await
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                Kind::File(_) => Ok(None),
+            }
+        })
     }
 
     fn list(&self) -> futures::future::BoxFuture<'_, Result<Vec<Agent>, String>> {

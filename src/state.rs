@@ -17,14 +17,14 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::Identities;
-use crate::model::agents::{Agent, ListingOutcome, RoomRecord};
+use crate::model::agents::{Agent, ListingOutcome, RoomRecord, SpaceRecord};
 use crate::model::{Change, MemberEvent, Membership, Model, ObservedMember};
 use crate::store::{AppliedProfile, HistoryImport, Store, StoreError, Upload};
 
 /// Identity profiles kept in memory in front of the store.
 const PROFILE_CACHE: u64 = 100_000;
 
-/// The `meta` key of the agents space's room id.
+/// The `meta` key of the agents space's record (JSON).
 const SPACE_KEY: &str = "space";
 
 /// A verb could not keep its promise; nothing was changed.
@@ -148,11 +148,8 @@ impl State {
             model.identities.mark_deactivated(user);
         }
         if let Some(space) = store.meta(SPACE_KEY)? {
-            model.agents.space = Some(
-                space
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("meta row space".into()))?,
-            );
+            model.agents.space = serde_json::from_str(&space)
+                .map_err(|e| StoreError::Corrupt(format!("meta row space: {e}")))?;
         }
         let history = store.history_imports()?.into_iter().collect();
         Ok(State {
@@ -285,11 +282,25 @@ impl State {
         .await
     }
 
-    /// Records the agents space, found or created.
+    /// Records the agents space, found or created (a different room starts a new record).
     pub async fn set_space(&self, space: OwnedRoomId) -> Result<(), StateError> {
+        let current = self.read(|m| m.agents.space.room_id.clone());
+        if current.as_ref() == Some(&space) {
+            return Ok(());
+        }
+        self.save_space(SpaceRecord {
+            room_id: Some(space),
+            ..SpaceRecord::default()
+        })
+        .await
+    }
+
+    /// Saves what roster has done for the space.
+    pub async fn save_space(&self, record: SpaceRecord) -> Result<(), StateError> {
         self.write(move |store, model| {
-            store.set_meta(SPACE_KEY, space.as_str())?;
-            model.agents.space = Some(space);
+            let json = serde_json::to_string(&record).expect("a space record serializes");
+            store.set_meta(SPACE_KEY, &json)?;
+            model.agents.space = record;
             Ok(())
         })
         .await
@@ -563,7 +574,7 @@ mod tests {
         let state = reopen(dir.path());
         assert_eq!(state.read(|m| m.room_count()), 3, "nor in the store");
         assert_eq!(
-            state.read(|m| m.agents.space.clone()),
+            state.read(|m| m.agents.space.room_id.clone()),
             Some(owned_room_id!("!space:ex.org"))
         );
     }
@@ -618,7 +629,7 @@ mod tests {
                 .await
                 .is_err()
         );
-        assert_eq!(state.read(|m| m.agents.space.clone()), None);
+        assert_eq!(state.read(|m| m.agents.space.room_id.clone()), None);
 
         // Absent from a listing past the grace period: the expiry is not promised either.
         assert!(state.observe_listing(vec![], 2000, 1000).await.is_err());
@@ -683,7 +694,7 @@ mod tests {
         assert_eq!(member(&state, "!r:ex.org", "@a:ex.org"), None);
         assert_eq!(member(&state, "!r:ex.org", "@b:ex.org"), None);
         assert!(!state.read(|m| m.is_deactivated(&user)));
-        assert_eq!(state.read(|m| m.agents.space.clone()), None);
+        assert_eq!(state.read(|m| m.agents.space.room_id.clone()), None);
         assert_eq!(
             state.read(|m| m.agents.records["agent-1"].applied_name.clone()),
             None

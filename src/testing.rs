@@ -248,7 +248,9 @@ async fn answer(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     // Alias lookups need no token (as on Synapse); everything else needs the as_token.
-    let public = method == Method::GET && path.starts_with("/_matrix/client/v3/directory/room/");
+    let public = method == Method::GET
+        && (path.starts_with("/_matrix/client/v3/directory/room/")
+            || path.starts_with("/_matrix/client/v3/profile/"));
     match bearer {
         Some(token) if token != w.as_token => {
             return error(
@@ -485,6 +487,22 @@ async fn answer(
             }
             r.messages.push((me, body, ts, txn));
             ok(json!({ "event_id": format!("$msg{}", r.messages.len() - 1) }))
+        }
+        ("GET", ["_matrix", "client", "v3", "profile", user, field]) => {
+            let profile = w.users.get(*user).cloned().unwrap_or_default();
+            let value = match *field {
+                "displayname" => profile.displayname,
+                "avatar_url" => profile.avatar_url,
+                _ => None,
+            };
+            match value {
+                Some(value) => ok(json!({ *field: value })),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "M_NOT_FOUND",
+                    "Profile field not set",
+                ),
+            }
         }
         ("PUT", ["_matrix", "client", "v3", "profile", user, field]) => {
             if *user != me {

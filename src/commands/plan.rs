@@ -93,6 +93,7 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
             record: &record,
             required: &required,
             space: space.as_deref(),
+            avatar: None,
             model: &model,
         });
         plans.push(AgentPlan {

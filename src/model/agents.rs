@@ -8,6 +8,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
 use super::{Membership, Model};
+use crate::avatar::Look;
 use crate::ids::agent_localpart;
 
 /// One agent as a source lists it. `id` is the key: names are not unique.
@@ -40,6 +41,21 @@ pub struct RoomRecord {
     /// Users roster cannot act as; they are invited once, never again.
     #[serde(default)]
     pub invited_external: BTreeSet<OwnedUserId>,
+    /// The topic last written to the room.
+    #[serde(default)]
+    pub applied_topic: Option<String>,
+    /// The avatar roster last set on the agent's user.
+    #[serde(default)]
+    pub avatar: Option<AppliedAvatar>,
+    /// A person set the agent's avatar by hand: roster leaves it alone for good.
+    #[serde(default)]
+    pub avatar_hand_set: bool,
+    /// The room's `m.space.parent` was set (at creation, or by linking).
+    #[serde(default)]
+    pub space_parent_set: bool,
+    /// roster created the room with history import on and has not imported yet.
+    #[serde(default)]
+    pub history_pending: bool,
     /// When the agent was first missing from a good listing; cleared when it is back.
     pub missing_since_ms: Option<u64>,
     /// Absent past the grace period: its removal is under way. Only this (never a mere
@@ -60,6 +76,46 @@ impl RoomRecord {
     }
 }
 
+/// Who said a message in an agent's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryRole {
+    User,
+    Assistant,
+}
+
+/// One message of an agent's history, as its source keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryMessage {
+    /// The source's id: the message's transaction id comes from it, so it is posted once.
+    pub id: String,
+    pub role: HistoryRole,
+    pub text: String,
+    pub at_ms: Option<u64>,
+}
+
+/// The topic of an agent's room.
+pub fn topic_for(name: &str) -> String {
+    format!("Letta agent {name}")
+}
+
+/// What picture an agent should have (from `agents.avatar`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AvatarWant {
+    /// The generated picture with this look.
+    Generated { look: Look },
+    /// One image for every agent: an `mxc://` URI or an `http(s)://` URL.
+    Image { url: String },
+}
+
+/// The avatar roster set on an agent's user, and what it showed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedAvatar {
+    pub want: AvatarWant,
+    pub mxc: String,
+}
+
 /// A member every agent room must have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequiredMember {
@@ -73,10 +129,12 @@ pub struct RequiredMember {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
-    /// Find the room by its alias, or create it (with the user, name and invites).
+    /// Find the room by its alias, or create it: the user (named, with its picture), the
+    /// room (name, topic, settings, space parent) and the invites in one request.
     EnsureRoom {
         alias_localpart: String,
         name: String,
+        avatar: Option<AvatarWant>,
     },
     Invite {
         room: OwnedRoomId,
@@ -100,10 +158,29 @@ pub enum Action {
         user: OwnedUserId,
         name: String,
     },
+    SetTopic {
+        room: OwnedRoomId,
+        by: OwnedUserId,
+        topic: String,
+    },
+    /// Set the agent user's avatar, unless a person replaced the one roster set
+    /// (`replaces`, the `mxc://` roster set before) or set one before roster did.
+    SetAvatar {
+        user: OwnedUserId,
+        want: AvatarWant,
+        replaces: Option<String>,
+    },
     LinkSpace {
         room: OwnedRoomId,
         space: OwnedRoomId,
         by: OwnedUserId,
+        /// Also set the room's `m.space.parent` (not set at creation).
+        parent: bool,
+    },
+    /// Post the agent's last messages from Letta into the room roster created.
+    ImportHistory {
+        room: OwnedRoomId,
+        user: OwnedUserId,
     },
     UnlinkSpace {
         room: OwnedRoomId,
@@ -123,7 +200,10 @@ impl Action {
             Action::Leave { .. } => "leave",
             Action::ApplySettings { .. } => "apply_settings",
             Action::SetName { .. } => "set_name",
+            Action::SetTopic { .. } => "set_topic",
+            Action::SetAvatar { .. } => "set_avatar",
             Action::LinkSpace { .. } => "link_space",
+            Action::ImportHistory { .. } => "import_history",
             Action::UnlinkSpace { .. } => "unlink_space",
             Action::Deactivate { .. } => "deactivate",
         }
@@ -150,6 +230,8 @@ pub struct PlanInput<'a> {
     pub record: &'a RoomRecord,
     pub required: &'a [RequiredMember],
     pub space: Option<&'a RoomId>,
+    /// The picture the agent should have; `None` when `agents.avatar` is `none`.
+    pub avatar: Option<&'a AvatarWant>,
     pub model: &'a Model,
 }
 
@@ -160,6 +242,7 @@ pub fn plan_agent(input: &PlanInput<'_>) -> Plan {
         plan.actions.push(Action::EnsureRoom {
             alias_localpart: input.record.localpart.clone(),
             name: input.agent.name.clone(),
+            avatar: input.avatar.cloned(),
         });
         return plan;
     };
@@ -211,14 +294,102 @@ pub fn plan_agent(input: &PlanInput<'_>) -> Plan {
             name: input.agent.name.clone(),
         });
     }
+    let topic = topic_for(&input.agent.name);
+    if input.record.applied_topic.as_deref() != Some(topic.as_str()) {
+        plan.actions.push(Action::SetTopic {
+            room: room.clone(),
+            by: agent_user.clone(),
+            topic,
+        });
+    }
+    if let Some(want) = input.avatar
+        && !input.record.avatar_hand_set
+        && input.record.avatar.as_ref().map(|a| &a.want) != Some(want)
+    {
+        plan.actions.push(Action::SetAvatar {
+            user: agent_user.clone(),
+            want: want.clone(),
+            replaces: input.record.avatar.as_ref().map(|a| a.mxc.clone()),
+        });
+    }
     if let Some(space) = input.space
         && !input.record.space_linked
     {
         plan.actions.push(Action::LinkSpace {
-            room,
+            room: room.clone(),
             space: space.to_owned(),
-            by: agent_user,
+            by: agent_user.clone(),
+            parent: !input.record.space_parent_set,
         });
+    }
+    // Last, once the room is complete and the agent in it.
+    if input.record.history_pending
+        && input.model.effective_membership(&room, &agent_user) == Some(Membership::Join)
+    {
+        plan.actions.push(Action::ImportHistory {
+            room,
+            user: agent_user,
+        });
+    }
+    plan
+}
+
+/// The space as roster keeps it: people are in it like in agent rooms.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceRecord {
+    pub room_id: Option<OwnedRoomId>,
+    /// Users roster cannot act as; they are invited once, never again.
+    #[serde(default)]
+    pub invited_external: BTreeSet<OwnedUserId>,
+}
+
+/// The actions that bring the space's required members in: the bot (its creator) invites,
+/// the members join; users roster cannot act as are invited once.
+pub fn plan_space(
+    space: &RoomId,
+    record: &SpaceRecord,
+    bot: &UserId,
+    required: &[RequiredMember],
+    model: &Model,
+) -> Plan {
+    let mut plan = Plan::default();
+    let membership = |user: &UserId| model.effective_membership(space, user);
+    for required in required {
+        let user = &required.user;
+        if model.is_deactivated(user) {
+            continue;
+        }
+        let now = membership(user);
+        if user == bot {
+            // Nobody else can invite the creator back; a join works if it is invited.
+            match now {
+                Some(Membership::Join) => plan.hits += 1,
+                Some(Membership::Ban) => plan.blocked.push((user.clone(), "banned")),
+                _ => {
+                    plan.misses += 1;
+                    plan.actions.push(Action::Join {
+                        room: space.to_owned(),
+                        user: user.clone(),
+                    });
+                }
+            }
+        } else if required.masquerade {
+            ensure_joined(&mut plan, space, user, bot, now);
+        } else {
+            match now {
+                Some(Membership::Join | Membership::Invite) => plan.hits += 1,
+                Some(Membership::Ban) => plan.blocked.push((user.clone(), "banned")),
+                _ if record.invited_external.contains(user) => plan.hits += 1,
+                _ => {
+                    plan.misses += 1;
+                    plan.actions.push(Action::Invite {
+                        room: space.to_owned(),
+                        by: bot.to_owned(),
+                        user: user.clone(),
+                    });
+                }
+            }
+        }
     }
     plan
 }
@@ -308,7 +479,7 @@ pub struct ListingOutcome {
 pub struct AgentBook {
     pub desired: BTreeMap<String, Agent>,
     /// The "Letta Agents" space, once found or created.
-    pub space: Option<OwnedRoomId>,
+    pub space: SpaceRecord,
     pub records: BTreeMap<String, RoomRecord>,
     room_index: HashMap<OwnedRoomId, String>,
 }
@@ -398,7 +569,7 @@ impl AgentBook {
 
     /// Whether roster looks after `room`: an agent room it recorded, or the space.
     pub fn manages_room(&self, room: &RoomId) -> bool {
-        self.room_index.contains_key(room) || self.space.as_deref() == Some(room)
+        self.room_index.contains_key(room) || self.space.room_id.as_deref() == Some(room)
     }
 
     /// Records roster still looks after (not retired), all or those of `only`.
@@ -458,7 +629,9 @@ mod tests {
             localpart: "agent_1".into(),
             room_id: Some(owned_room_id!("!r:ex.org")),
             applied_name: Some("One".into()),
+            applied_topic: Some(topic_for("One")),
             space_linked: true,
+            space_parent_set: true,
             settings_applied: true,
             ..RoomRecord::default()
         }
@@ -479,6 +652,15 @@ mod tests {
     }
 
     fn plan(model: &Model, record: &RoomRecord, name: &str) -> Plan {
+        plan_with_avatar(model, record, name, None)
+    }
+
+    fn plan_with_avatar(
+        model: &Model,
+        record: &RoomRecord,
+        name: &str,
+        avatar: Option<&AvatarWant>,
+    ) -> Plan {
         let agent = agent(name);
         let required = required();
         plan_agent(&PlanInput {
@@ -488,8 +670,15 @@ mod tests {
             record,
             required: &required,
             space: Some(&owned_room_id!("!space:ex.org")),
+            avatar,
             model,
         })
+    }
+
+    fn generated(name: &str) -> AvatarWant {
+        AvatarWant::Generated {
+            look: crate::avatar::look("agent-1", name),
+        }
     }
 
     fn converged_model() -> Model {
@@ -513,7 +702,8 @@ mod tests {
             plan.actions,
             vec![Action::EnsureRoom {
                 alias_localpart: "agent_1".into(),
-                name: "One".into()
+                name: "One".into(),
+                avatar: None,
             }]
         );
     }
@@ -613,12 +803,165 @@ mod tests {
     }
 
     #[test]
-    fn should_rename_and_link_the_space() {
+    fn should_rename_retopic_and_link_the_space() {
         let mut record = record_with_room();
         record.space_linked = false;
         let plan = plan(&converged_model(), &record, "Renamed");
         let kinds: Vec<_> = plan.actions.iter().map(Action::kind).collect();
-        assert_eq!(kinds, vec!["set_name", "link_space"]);
+        assert_eq!(kinds, vec!["set_name", "set_topic", "link_space"]);
+        assert!(plan.actions.contains(&Action::SetTopic {
+            room: owned_room_id!("!r:ex.org"),
+            by: owned_user_id!("@agent_1:ex.org"),
+            topic: "Letta agent Renamed".into()
+        }));
+        assert!(matches!(
+            plan.actions[2],
+            Action::LinkSpace { parent: false, .. }
+        ));
+    }
+
+    #[test]
+    fn should_set_the_avatar_only_when_the_picture_changes() {
+        let model = converged_model();
+        let mut record = record_with_room();
+        let want = generated("One");
+        let first = plan_with_avatar(&model, &record, "One", Some(&want));
+        assert_eq!(
+            first.actions,
+            vec![Action::SetAvatar {
+                user: owned_user_id!("@agent_1:ex.org"),
+                want: want.clone(),
+                replaces: None
+            }]
+        );
+        record.avatar = Some(AppliedAvatar {
+            want: want.clone(),
+            mxc: "mxc://ex.org/a".into(),
+        });
+        assert!(
+            plan_with_avatar(&model, &record, "One", Some(&want))
+                .actions
+                .is_empty()
+        );
+        // A rename keeping the first letter keeps the picture.
+        record.applied_name = Some("Only".into());
+        record.applied_topic = Some(topic_for("Only"));
+        let same_letter = generated("Only");
+        assert_eq!(same_letter, want);
+        assert!(
+            plan_with_avatar(&model, &record, "Only", Some(&same_letter))
+                .actions
+                .is_empty()
+        );
+        // Another first letter: a new picture, replacing the one roster set.
+        record.applied_name = Some("Two".into());
+        record.applied_topic = Some(topic_for("Two"));
+        let other = generated("Two");
+        assert_eq!(
+            plan_with_avatar(&model, &record, "Two", Some(&other)).actions,
+            vec![Action::SetAvatar {
+                user: owned_user_id!("@agent_1:ex.org"),
+                want: other.clone(),
+                replaces: Some("mxc://ex.org/a".into())
+            }]
+        );
+        // A person set one by hand, or avatars are off: nothing.
+        record.avatar_hand_set = true;
+        assert!(
+            plan_with_avatar(&model, &record, "Two", Some(&other))
+                .actions
+                .is_empty()
+        );
+        record.avatar_hand_set = false;
+        assert!(
+            plan_with_avatar(&model, &record, "Two", None)
+                .actions
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn should_import_history_last_once_the_agent_is_in_its_room() {
+        let mut record = record_with_room();
+        record.history_pending = true;
+        let mut model = Model::new();
+        member(&mut model, "@letta:ex.org", Membership::Join, 2);
+        member(&mut model, "@admin:ex.org", Membership::Join, 3);
+        member(&mut model, "@ops:other.org", Membership::Invite, 4);
+        let kinds: Vec<_> = plan(&model, &record, "One")
+            .actions
+            .iter()
+            .map(Action::kind)
+            .collect();
+        assert_eq!(kinds, vec!["invite", "join"], "not before the agent joined");
+        member(&mut model, "@agent_1:ex.org", Membership::Join, 5);
+        assert_eq!(
+            plan(&model, &record, "One").actions,
+            vec![Action::ImportHistory {
+                room: owned_room_id!("!r:ex.org"),
+                user: owned_user_id!("@agent_1:ex.org")
+            }]
+        );
+    }
+
+    #[test]
+    fn should_bring_required_members_into_the_space() {
+        let space = owned_room_id!("!space:ex.org");
+        let mut model = Model::new();
+        let join = |model: &mut Model, user: &str, membership, n: u64| {
+            let user = UserId::parse(user).unwrap();
+            model.apply(&[MemberEvent {
+                room_id: space.clone(),
+                user_id: user.clone(),
+                sender: user,
+                membership,
+                displayname: None,
+                avatar_url: None,
+                event_id: format!("$s{n}").try_into().unwrap(),
+                origin_server_ts: n,
+            }]);
+        };
+        join(&mut model, "@letta:ex.org", Membership::Join, 1);
+        let mut record = SpaceRecord {
+            room_id: Some(space.clone()),
+            ..SpaceRecord::default()
+        };
+        let bot = owned_user_id!("@letta:ex.org");
+        let plan = plan_space(&space, &record, &bot, &required(), &model);
+        assert_eq!(
+            plan.actions,
+            vec![
+                Action::Invite {
+                    room: space.clone(),
+                    by: bot.clone(),
+                    user: owned_user_id!("@admin:ex.org")
+                },
+                Action::Join {
+                    room: space.clone(),
+                    user: owned_user_id!("@admin:ex.org")
+                },
+                Action::Invite {
+                    room: space.clone(),
+                    by: bot.clone(),
+                    user: owned_user_id!("@ops:other.org")
+                },
+            ]
+        );
+        join(&mut model, "@admin:ex.org", Membership::Join, 2);
+        record
+            .invited_external
+            .insert(owned_user_id!("@ops:other.org"));
+        let converged = plan_space(&space, &record, &bot, &required(), &model);
+        assert!(converged.actions.is_empty());
+        assert_eq!(converged.hits, 3);
+        // Kicked from the space: back by the bot's invite.
+        join(&mut model, "@admin:ex.org", Membership::Leave, 3);
+        assert_eq!(
+            plan_space(&space, &record, &bot, &required(), &model)
+                .actions
+                .len(),
+            2
+        );
     }
 
     #[test]

@@ -7,6 +7,9 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
 
 use ruma::api::client::room::create_room;
 use ruma::events::room::guest_access::{GuestAccess, RoomGuestAccessEventContent};
@@ -14,6 +17,7 @@ use ruma::events::room::history_visibility::{
     HistoryVisibility, RoomHistoryVisibilityEventContent,
 };
 use ruma::events::room::name::RoomNameEventContent;
+use ruma::events::room::topic::RoomTopicEventContent;
 use ruma::events::space::child::SpaceChildEventContent;
 use ruma::events::space::parent::SpaceParentEventContent;
 use ruma::events::{EmptyStateKey, InitialStateEvent, StateEventType};
@@ -22,16 +26,30 @@ use ruma::serde::Raw;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
 use crate::Shared;
+use crate::config::AvatarSetting;
 use crate::ids::Identities;
 use crate::lifecycle::effects::IdentityEffects;
 use crate::matrix::{Homeserver, MatrixError};
-use crate::metrics::{ActionLabels, ResultLabels};
+use crate::metrics::{ActionLabels, OutcomeLabels, ResultLabels};
 use crate::model::agents::{
-    Action, PlanInput, RequiredMember, RoomRecord, plan_agent, plan_removal,
+    Action, Agent, AppliedAvatar, AvatarWant, HistoryMessage, HistoryRole, PlanInput,
+    RequiredMember, RoomRecord, SpaceRecord, plan_agent, plan_removal, plan_space, topic_for,
 };
 use crate::model::{Membership, ObservedMember};
+use crate::reconcile::ListAgents;
+use crate::reconcile::queue::Key;
 use crate::retry::Outcome;
 use crate::state::StateError;
+use crate::store::{HistoryImport, Upload};
+
+/// What a sweep read and found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepSummary {
+    pub rooms_read: usize,
+    pub rooms_drifted: usize,
+    /// Member states the reads corrected.
+    pub changes: usize,
+}
 
 /// Re-plans within one run at most this often (create, then join, then name, then space).
 const MAX_ROUNDS: usize = 6;
@@ -101,10 +119,15 @@ pub struct Agents {
     required: Vec<RequiredMember>,
     /// Deactivates removed agents' users, per homeserver flavor (`agents.deactivate_removed`).
     effects: Option<Arc<IdentityEffects>>,
+    /// Where agents' history comes from (`agents.history_import`).
+    history: Option<Arc<dyn ListAgents>>,
     /// Room versions before 12 need the creator listed at power 100 in a power-level
     /// override; version 12 forbids listing creators (they rank above every level).
     list_creator_power: bool,
 }
+
+/// The longest history message posted; longer ones are cut with an ellipsis.
+const MAX_HISTORY_CHARS: usize = 4000;
 
 impl Agents {
     pub fn new(
@@ -112,6 +135,7 @@ impl Agents {
         hs: Homeserver,
         default_room_version: &str,
         effects: Option<Arc<IdentityEffects>>,
+        history: Option<Arc<dyn ListAgents>>,
     ) -> Agents {
         let required = required_members(shared.config.ids());
         let list_creator_power = !room_version_has_implicit_creators(default_room_version);
@@ -120,7 +144,19 @@ impl Agents {
             hs,
             required,
             effects,
+            history,
             list_creator_power,
+        }
+    }
+
+    /// The picture `agent` should have, from `agents.avatar`.
+    fn avatar_for(&self, agent: &Agent) -> Option<AvatarWant> {
+        match &self.shared.config.agents.avatar {
+            AvatarSetting::Generated => Some(AvatarWant::Generated {
+                look: crate::avatar::look(&agent.id, &agent.name),
+            }),
+            AvatarSetting::None => None,
+            AvatarSetting::Image(url) => Some(AvatarWant::Image { url: url.clone() }),
         }
     }
 
@@ -151,6 +187,84 @@ impl Agents {
             Err(e) if is_room_in_use(&e) => self.hs.resolve_alias(alias).await?.ok_or(e),
             Err(e) => Err(e),
         }
+    }
+
+    /// Brings the room `key` names to its desired state.
+    pub async fn reconcile(&self, key: &Key) -> Outcome {
+        match key {
+            Key::Agent(id) => self.reconcile_agent(id).await,
+            Key::Space => self.reconcile_space().await,
+        }
+    }
+
+    /// Brings the space's required members in, like in an agent room.
+    pub async fn reconcile_space(&self) -> Outcome {
+        let space = self.shared.state.read(|m| m.agents.space.clone());
+        let Some(room) = space.room_id.clone() else {
+            return Outcome::Done(());
+        };
+        if !self.shared.state.read(|m| m.knows_room(&room)) {
+            let bot = self.ids().bot.clone();
+            if let Err(error) = self.read_room(&room, &bot).await {
+                self.count_action("read_room", "error");
+                return error.outcome();
+            }
+        }
+        for round in 0..MAX_ROUNDS {
+            let plan = self
+                .shared
+                .state
+                .read(|model| plan_space(&room, &space, &self.ids().bot, &self.required, model));
+            if round == 0 {
+                self.count_cache("(space)", plan.hits, plan.misses);
+            }
+            self.report_blocked("(space)", &plan.blocked);
+            if plan.actions.is_empty() {
+                return Outcome::Done(());
+            }
+            let mut record = self.shared.state.read(|m| m.agents.space.clone());
+            for action in plan.actions {
+                let kind = action.kind();
+                match self.execute_in_space(&mut record, action).await {
+                    Ok(()) => self.count_action(kind, "ok"),
+                    Err(error) => {
+                        self.count_action(kind, "error");
+                        return error.outcome();
+                    }
+                }
+            }
+        }
+        Outcome::Done(())
+    }
+
+    /// Takes one membership action in the space.
+    async fn execute_in_space(
+        &self,
+        record: &mut SpaceRecord,
+        action: Action,
+    ) -> Result<(), ActionError> {
+        let state = &self.shared.state;
+        match action {
+            Action::Invite { room, by, user } => {
+                match self.hs.invite(&by, &room, &user).await {
+                    Ok(()) => state.expect(&room, &user, Membership::Invite),
+                    Err(e) if e.is_forbidden() => {
+                        tracing::debug!(%room, %user, error = %e, "invite refused; trying to join")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                if !self.ids().can_act_as(&user) {
+                    record.invited_external.insert(user);
+                    state.save_space(record.clone()).await?;
+                }
+            }
+            Action::Join { room, user } => {
+                self.hs.join(&user, &room).await?;
+                state.expect(&room, &user, Membership::Join);
+            }
+            other => unreachable!("the space plan has only invites and joins: {other:?}"),
+        }
+        Ok(())
     }
 
     /// Brings one agent's room to its desired state (or retires it).
@@ -203,7 +317,7 @@ impl Agents {
     /// The actions the agent's room needs now, and its record; `None` when there is
     /// nothing to look after (unknown, retired, or not desired yet).
     fn plan(&self, agent_id: &str, count_cache: bool) -> Option<(Vec<Action>, RoomRecord)> {
-        let space = self.shared.state.read(|m| m.agents.space.clone());
+        let space = self.shared.state.read(|m| m.agents.space.room_id.clone());
         let (actions, record, blocked, hits, misses) = self.shared.state.read(|model| {
             let record = model.agents.records.get(agent_id).filter(|r| !r.retired)?;
             let agent_user = self.ids().agent_user(&record.localpart);
@@ -214,6 +328,7 @@ impl Agents {
                 .filter(|_| !record.removing)
             {
                 Some(agent) => {
+                    let avatar = self.avatar_for(agent);
                     let plan = plan_agent(&PlanInput {
                         agent,
                         agent_user: &agent_user,
@@ -221,6 +336,7 @@ impl Agents {
                         record,
                         required: &self.required,
                         space: space.as_deref(),
+                        avatar: avatar.as_ref(),
                         model,
                     });
                     Some((
@@ -264,7 +380,11 @@ impl Agents {
             Action::EnsureRoom {
                 alias_localpart,
                 name,
-            } => self.ensure_room(record, &alias_localpart, &name).await?,
+                avatar,
+            } => {
+                self.ensure_room(record, &alias_localpart, &name, avatar)
+                    .await?
+            }
             Action::Invite { room, by, user } => {
                 match self.hs.invite(&by, &room, &user).await {
                     Ok(()) => state.expect(&room, &user, Membership::Invite),
@@ -324,7 +444,32 @@ impl Agents {
                 record.applied_name = Some(name);
                 state.save_agent(record.clone()).await?;
             }
-            Action::LinkSpace { room, space, by } => {
+            Action::SetTopic { room, by, topic } => {
+                self.hs
+                    .send_state(
+                        &by,
+                        &room,
+                        &EmptyStateKey,
+                        &RoomTopicEventContent::new(topic.clone()),
+                    )
+                    .await?;
+                record.applied_topic = Some(topic);
+                state.save_agent(record.clone()).await?;
+            }
+            Action::SetAvatar {
+                user,
+                want,
+                replaces,
+            } => {
+                self.set_avatar(record, &user, want, replaces, false)
+                    .await?
+            }
+            Action::LinkSpace {
+                room,
+                space,
+                by,
+                parent,
+            } => {
                 let via = vec![self.ids().server_name.clone()];
                 self.hs
                     .send_state(
@@ -334,13 +479,17 @@ impl Agents {
                         &SpaceChildEventContent::new(via.clone()),
                     )
                     .await?;
-                let mut parent = SpaceParentEventContent::new(via);
-                parent.canonical = true;
-                self.hs
-                    .send_state(&by, &room, space.as_str(), &parent)
-                    .await?;
+                if parent {
+                    self.hs
+                        .send_state(&by, &room, space.as_str(), &space_parent(via))
+                        .await?;
+                }
                 record.space_linked = true;
+                record.space_parent_set = true;
                 state.save_agent(record.clone()).await?;
+            }
+            Action::ImportHistory { room, user } => {
+                self.import_history(record, &room, &user).await?
             }
             Action::Deactivate { user } => match &self.effects {
                 Some(effects) => {
@@ -372,50 +521,213 @@ impl Agents {
         Ok(())
     }
 
-    /// Finds the room by its alias (the homeserver is the truth), else creates it.
+    /// Creates the agent's room, or finds it by its alias (the homeserver is the truth).
+    ///
+    /// The cheap order: the user is registered and given its name and picture before any
+    /// room exists (no member events to rewrite), then one `createRoom` carries the name,
+    /// topic, settings, space parent, power levels and invites. The alias makes it safe:
+    /// when the room exists (a lost store), `createRoom` is refused with `M_ROOM_IN_USE`
+    /// before creating anything, and the room is found by its alias instead.
     async fn ensure_room(
         &self,
         record: &mut RoomRecord,
         localpart: &str,
         name: &str,
+        avatar: Option<AvatarWant>,
     ) -> Result<(), ActionError> {
         let agent_user = self.ids().agent_user(localpart);
         let created_user = self.hs.register(localpart).await? == crate::matrix::Registered::Created;
-        let alias = self.ids().agent_alias(localpart);
-        if let Some(room) = self.hs.resolve_alias(&alias).await? {
-            tracing::info!(agent = %record.agent_id, %room, "found the agent room by its alias");
-            self.read_room(&room, &agent_user).await?;
-            record.room_id = Some(room);
-        } else {
-            let room = match self
-                .hs
-                .create_room(&agent_user, self.room_request(localpart, name, &agent_user))
-                .await
-            {
-                Ok(room) => room,
-                Err(e) if is_room_in_use(&e) => self.hs.resolve_alias(&alias).await?.ok_or(e)?,
-                Err(e) => return Err(e.into()),
-            };
-            tracing::info!(agent = %record.agent_id, %room, "created the agent room");
-            let state = &self.shared.state;
-            state.expect(&room, &agent_user, Membership::Join);
-            for required in &self.required {
-                state.expect(&room, &required.user, Membership::Invite);
+        if created_user {
+            self.hs.set_display_name(&agent_user, name).await?;
+            record.applied_name = Some(name.to_owned());
+            if let Some(want) = avatar {
+                self.set_avatar(record, &agent_user, want, None, true)
+                    .await?;
             }
-            record.invited_external.extend(
-                self.required
-                    .iter()
-                    .filter(|r| !r.masquerade)
-                    .map(|r| r.user.clone()),
-            );
-            if created_user {
-                self.hs.set_display_name(&agent_user, name).await?;
-                record.applied_name = Some(name.to_owned());
+        }
+        let space = self.shared.state.read(|m| m.agents.space.room_id.clone());
+        let request = self.room_request(localpart, name, &agent_user, space.as_deref());
+        match self.hs.create_room(&agent_user, request).await {
+            Ok(room) => {
+                tracing::info!(agent = %record.agent_id, %room, "created the agent room");
+                let state = &self.shared.state;
+                state.expect(&room, &agent_user, Membership::Join);
+                for required in &self.required {
+                    state.expect(&room, &required.user, Membership::Invite);
+                }
+                record.invited_external.extend(
+                    self.required
+                        .iter()
+                        .filter(|r| !r.masquerade)
+                        .map(|r| r.user.clone()),
+                );
+                record.applied_topic = Some(topic_for(name));
+                record.settings_applied = true;
+                record.space_parent_set = space.is_some();
+                record.history_pending =
+                    self.history.is_some() && self.shared.config.agents.history_import > 0;
+                record.room_id = Some(room);
             }
-            record.settings_applied = true;
-            record.room_id = Some(room);
+            Err(e) if is_room_in_use(&e) => {
+                let alias = self.ids().agent_alias(localpart);
+                let room = self.hs.resolve_alias(&alias).await?.ok_or(e)?;
+                tracing::info!(agent = %record.agent_id, %room, "found the agent room by its alias");
+                self.read_room(&room, &agent_user).await?;
+                record.room_id = Some(room);
+            }
+            Err(e) => return Err(e.into()),
         }
         self.shared.state.save_agent(record.clone()).await?;
+        Ok(())
+    }
+
+    /// Sets `want` as `user`'s avatar, uploading each distinct image once. Unless the user
+    /// was just created, first checks the avatar it has: one roster did not set (`replaces`,
+    /// or none at all) is a person's choice and is left alone for good.
+    async fn set_avatar(
+        &self,
+        record: &mut RoomRecord,
+        user: &UserId,
+        want: AvatarWant,
+        replaces: Option<String>,
+        fresh_user: bool,
+    ) -> Result<(), ActionError> {
+        if !fresh_user {
+            let current = self.hs.avatar_url(user).await?;
+            if current.is_some() && current != replaces {
+                tracing::info!(%user, "the agent's avatar was set by hand; leaving it");
+                self.count_avatar("left_alone");
+                record.avatar_hand_set = true;
+                self.shared.state.save_agent(record.clone()).await?;
+                return Ok(());
+            }
+        }
+        let mxc = self.avatar_mxc(&want).await?;
+        self.hs
+            .set_avatar_url(user, ruma::OwnedMxcUri::from(mxc.as_str()))
+            .await?;
+        self.count_avatar("set");
+        record.avatar = Some(AppliedAvatar { want, mxc });
+        self.shared.state.save_agent(record.clone()).await?;
+        Ok(())
+    }
+
+    /// The `mxc://` of `want`: uploaded once per distinct image (by content hash, or by URL),
+    /// remembered in the store.
+    async fn avatar_mxc(&self, want: &AvatarWant) -> Result<String, ActionError> {
+        let (source, image) = match want {
+            AvatarWant::Image { url } if url.starts_with("mxc://") => return Ok(url.clone()),
+            AvatarWant::Image { url } => (format!("url:{url}"), None),
+            AvatarWant::Generated { look } => {
+                let png = crate::avatar::render(*look);
+                (
+                    format!("sha256:{}", crate::avatar::content_hash(&png)),
+                    Some(png),
+                )
+            }
+        };
+        if let Some(known) = self.shared.state.upload(&source).await? {
+            self.count_avatar("reused");
+            return Ok(known.mxc);
+        }
+        let (bytes, content_type) = match image {
+            Some(png) => (png, "image/png"),
+            None => {
+                let AvatarWant::Image { url } = want else {
+                    unreachable!("only images are fetched")
+                };
+                return Err(MatrixError::Request {
+                    endpoint: "upload",
+                    message: format!(
+                        "agents.avatar {url}: fetching an http(s) image for agents is not supported yet; use an mxc:// URI"
+                    ),
+                }
+                .into());
+            }
+        };
+        let mxc = self
+            .hs
+            .upload(
+                &self.ids().bot,
+                content_type,
+                Some("avatar.png".into()),
+                bytes,
+            )
+            .await?
+            .to_string();
+        self.shared
+            .state
+            .record_upload(
+                &source,
+                Upload {
+                    mxc: mxc.clone(),
+                    uploaded_ms: crate::clock::now_ms(),
+                },
+            )
+            .await?;
+        self.count_avatar("uploaded");
+        Ok(mxc)
+    }
+
+    /// Posts the agent's last messages into the room roster created, once. Each message's
+    /// transaction id is its source id, so a retry or a restart posts nothing twice. A source
+    /// error leaves the room without history and shows in status; it never blocks the room.
+    async fn import_history(
+        &self,
+        record: &mut RoomRecord,
+        room: &RoomId,
+        agent_user: &UserId,
+    ) -> Result<(), ActionError> {
+        let limit = self.shared.config.agents.history_import;
+        let fetched = match &self.history {
+            Some(source) => source.history(&record.agent_id, limit).await,
+            None => Ok(None),
+        };
+        let (outcome, posted, detail) = match fetched {
+            Ok(None) => (
+                "done",
+                0,
+                Some("the agent source keeps no history".to_owned()),
+            ),
+            Ok(Some(messages)) => {
+                let mut posted = 0;
+                for message in &messages {
+                    let (txn, content) = history_content(message);
+                    self.hs
+                        .send_message(agent_user, room, &txn, content, message.at_ms)
+                        .await?;
+                    posted += 1;
+                }
+                ("done", posted, None)
+            }
+            Err(error) => {
+                tracing::warn!(agent = %record.agent_id, %room, %error, "cannot read the agent's history; the room starts empty");
+                ("failed", 0, Some(error))
+            }
+        };
+        self.shared
+            .metrics
+            .history_imports
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.shared
+            .state
+            .record_history_import(
+                room.to_owned(),
+                HistoryImport {
+                    agent_id: record.agent_id.clone(),
+                    outcome: outcome.into(),
+                    posted,
+                    detail,
+                    at_ms: crate::clock::now_ms(),
+                },
+            )
+            .await?;
+        record.history_pending = false;
+        self.shared.state.save_agent(record.clone()).await?;
+        if outcome == "done" {
+            tracing::info!(agent = %record.agent_id, %room, posted, "imported the agent's history");
+        }
         Ok(())
     }
 
@@ -424,14 +736,21 @@ impl Agents {
         localpart: &str,
         name: &str,
         agent_user: &UserId,
+        space: Option<&RoomId>,
     ) -> create_room::v3::Request {
         let mut request = create_room::v3::Request::new();
         request.room_alias_name = Some(localpart.to_owned());
         request.name = Some(name.to_owned());
-        request.topic = Some(format!("Letta agent {name}"));
+        request.topic = Some(topic_for(name));
         request.preset = Some(create_room::v3::RoomPreset::PrivateChat);
         request.invite = self.required.iter().map(|r| r.user.clone()).collect();
-        request.initial_state = vec![
+        if let Some(space) = space {
+            let via = vec![self.ids().server_name.clone()];
+            request
+                .initial_state
+                .push(InitialStateEvent::new(space.to_owned(), space_parent(via)).to_raw_any());
+        }
+        request.initial_state.extend([
             InitialStateEvent::with_empty_state_key(RoomHistoryVisibilityEventContent::new(
                 HistoryVisibility::Shared,
             ))
@@ -440,7 +759,7 @@ impl Agents {
                 GuestAccess::Forbidden,
             ))
             .to_raw_any(),
-        ];
+        ]);
         let mut users = serde_json::Map::new();
         if self.list_creator_power {
             users.insert(agent_user.to_string(), 100.into());
@@ -480,39 +799,72 @@ impl Agents {
         Ok(changes.len())
     }
 
-    /// Reads every managed room (or those of `only`) and schedules the ones that drifted.
-    /// Returns (rooms read, drift found).
-    pub async fn sweep(&self, only: Option<&BTreeSet<String>>) -> (usize, usize) {
-        let targets: Vec<(String, OwnedRoomId, OwnedUserId)> = self.shared.state.read(|model| {
+    /// Reads every managed room (or those of `only`; the space with a whole sweep) and
+    /// schedules the ones that drifted. At most `sweep_concurrency` reads at once, so pushed
+    /// repairs keep the rest of the homeserver's permits; with `spread`, the reads are spaced
+    /// over that time instead of going in one burst.
+    pub async fn sweep(
+        &self,
+        only: Option<&BTreeSet<String>>,
+        spread: Option<Duration>,
+    ) -> SweepSummary {
+        let mut targets: Vec<(Key, OwnedRoomId, OwnedUserId)> = self.shared.state.read(|model| {
             model
                 .agents
                 .live_records(only)
                 .filter_map(|r| {
                     Some((
-                        r.agent_id.clone(),
+                        Key::agent(&r.agent_id),
                         r.room_id.clone()?,
                         self.ids().agent_user(&r.localpart),
                     ))
                 })
                 .collect()
         });
-        let mut drift = 0;
-        for (agent_id, room, agent_user) in &targets {
-            match self.read_room(room, agent_user).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    drift += n;
-                    self.shared.queue.schedule(agent_id);
-                }
-                Err(e) => {
-                    // Unknown state: forget the cached room so the next run starts afresh.
-                    tracing::warn!(agent = %agent_id, %room, error = %e, "cannot read room; invalidating it");
-                    self.shared.state.forget_room(room);
-                    self.shared.queue.schedule(agent_id);
-                }
+        if only.is_none()
+            && let Some(space) = self.shared.state.read(|m| m.agents.space.room_id.clone())
+        {
+            targets.push((Key::Space, space, self.ids().bot.clone()));
+        }
+        let gap = spread
+            .map(|total| total / targets.len().max(1) as u32)
+            .unwrap_or_default();
+        let concurrency = (self.shared.config.homeserver.max_concurrent_requests / 2).max(1);
+        let reads: Vec<_> = targets
+            .iter()
+            .enumerate()
+            .map(|(n, (key, room, reader))| self.sweep_one(key, room, reader, gap * n as u32))
+            .collect();
+        let changes: Vec<usize> = futures::stream::iter(reads)
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        SweepSummary {
+            rooms_read: targets.len(),
+            rooms_drifted: changes.iter().filter(|c| **c > 0).count(),
+            changes: changes.iter().sum(),
+        }
+    }
+
+    /// One sweep read, after `delay`: schedules the room when it drifted or cannot be read.
+    async fn sweep_one(&self, key: &Key, room: &RoomId, reader: &UserId, delay: Duration) -> usize {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match self.read_room(room, reader).await {
+            Ok(0) => 0,
+            Ok(changes) => {
+                self.shared.queue.schedule(key);
+                changes
+            }
+            Err(e) => {
+                // Unknown state: forget the room so the next run reads it afresh.
+                tracing::warn!(key = %key, %room, error = %e, "cannot read room; invalidating it");
+                self.shared.state.forget_room(room);
+                self.shared.queue.schedule(key);
+                0
             }
         }
-        (targets.len(), drift)
     }
 
     fn count_cache(&self, agent_id: &str, hits: u32, misses: u32) {
@@ -534,6 +886,14 @@ impl Agents {
                 .get_or_create(&ResultLabels { result: "miss" })
                 .inc_by(misses.into());
         }
+    }
+
+    fn count_avatar(&self, outcome: &'static str) {
+        self.shared
+            .metrics
+            .avatars
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     pub fn count_action(&self, kind: &'static str, outcome: &'static str) {
@@ -577,6 +937,52 @@ impl Agents {
     }
 }
 
+/// The canonical `m.space.parent` an agent room carries.
+fn space_parent(via: Vec<ruma::OwnedServerName>) -> SpaceParentEventContent {
+    let mut parent = SpaceParentEventContent::new(via);
+    parent.canonical = true;
+    parent
+}
+
+/// A history message's transaction id (from its source id, so it is posted once) and
+/// content: plain text, bounded, marked as imported history, without any relation.
+fn history_content(message: &HistoryMessage) -> (String, serde_json::Value) {
+    let role = match message.role {
+        HistoryRole::User => "user",
+        HistoryRole::Assistant => "assistant",
+    };
+    let mut text: String = message
+        .text
+        .trim()
+        .chars()
+        .take(MAX_HISTORY_CHARS)
+        .collect();
+    if message.text.trim().chars().count() > MAX_HISTORY_CHARS {
+        text.push('…');
+    }
+    let body = match message.role {
+        HistoryRole::User => format!("User: {text}"),
+        HistoryRole::Assistant => text,
+    };
+    let txn: String = format!("letta-history-{}-{role}", message.id)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let content = serde_json::json!({
+        "msgtype": "m.text",
+        "body": body,
+        "m.letta_historical": true,
+        "m.letta_role": role,
+    });
+    (txn, content)
+}
+
 fn is_room_in_use(error: &MatrixError) -> bool {
     matches!(error.kind(), Some(ruma::api::error::ErrorKind::RoomInUse))
 }
@@ -599,21 +1005,59 @@ mod tests {
     const AGENT: &str = "@agent_1:ex.org";
     const ALIAS: &str = "#agent_1:ex.org";
 
+    /// An agent source whose history the test sets (`None`: an agents file).
+    struct Source {
+        history: std::sync::Mutex<Result<Option<Vec<HistoryMessage>>, String>>,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ListAgents for Source {
+        fn describe(&self) -> String {
+            "test source".into()
+        }
+        fn list(&self) -> futures::future::BoxFuture<'_, Result<Vec<Agent>, String>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn history(
+            &self,
+            _agent_id: &str,
+            _limit: u32,
+        ) -> futures::future::BoxFuture<'_, Result<Option<Vec<HistoryMessage>>, String>> {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = self.history.lock().unwrap().clone();
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn said(id: &str, role: HistoryRole, text: &str, at_ms: u64) -> HistoryMessage {
+        HistoryMessage {
+            id: id.into(),
+            role,
+            text: text.into(),
+            at_ms: Some(at_ms),
+        }
+    }
+
     struct Fixture {
         hs: FakeHomeserver,
         shared: Arc<Shared>,
         agents: Agents,
+        source: Arc<Source>,
     }
 
     /// roster's parts over a fake homeserver where `@admin` exists, with agent `agent-1`
-    /// ("One") desired.
+    /// ("One") desired; avatars off and no history unless `extra` says otherwise.
     async fn fixture() -> Fixture {
+        fixture_with("agents: {avatar: none, history_import: 0}").await
+    }
+
+    async fn fixture_with(extra: &str) -> Fixture {
         let placeholder = shared(Config::from_yaml("homeserver: {server_name: ex.org}").unwrap());
         let as_token = placeholder.registration.as_token.clone();
         let hs = FakeHomeserver::start(&as_token, "ex.org", "letta").await;
         hs.world().users.insert(ADMIN.into(), Default::default());
         let config = Config::from_yaml(&format!(
-            "homeserver: {{server_name: ex.org, url: '{}'}}",
+            "homeserver: {{server_name: ex.org, url: '{}'}}\n{extra}",
             hs.url
         ))
         .unwrap();
@@ -625,7 +1069,17 @@ mod tests {
             Secret::new(as_token),
             shared.metrics.clone(),
         );
-        let agents = Agents::new(shared.clone(), client, "12", None);
+        let source = Arc::new(Source {
+            history: std::sync::Mutex::new(Ok(None)),
+            asked: Default::default(),
+        });
+        let agents = Agents::new(
+            shared.clone(),
+            client,
+            "12",
+            None,
+            Some(source.clone() as Arc<dyn ListAgents>),
+        );
         let agent = Agent {
             id: "agent-1".into(),
             name: "One".into(),
@@ -635,7 +1089,12 @@ mod tests {
             .observe_listing(vec![agent], 0, 1_000)
             .await
             .unwrap();
-        Fixture { hs, shared, agents }
+        Fixture {
+            hs,
+            shared,
+            agents,
+            source,
+        }
     }
 
     impl Fixture {
@@ -828,6 +1287,15 @@ mod tests {
             .record_read(room.clone(), joined, asked)
             .await
             .unwrap();
+        let space = f
+            .shared
+            .state
+            .read(|m| m.agents.space.room_id.clone())
+            .unwrap();
+        f.agents
+            .read_room(&space, &ruma::UserId::parse(BOT).unwrap())
+            .await
+            .unwrap();
         f.hs.world()
             .rooms
             .get_mut(room.as_str())
@@ -840,7 +1308,12 @@ mod tests {
             Some("leave"),
             "without a push or a read, the model does not know"
         );
-        assert_eq!(f.agents.sweep(None).await, (1, 1));
+        let swept = f.agents.sweep(None, None).await;
+        assert_eq!(
+            (swept.rooms_read, swept.rooms_drifted),
+            (2, 1),
+            "the room and the space"
+        );
         assert_eq!(
             f.shared.queue.counts().0,
             1,
@@ -864,6 +1337,217 @@ mod tests {
         f.shared.state.forget_room(&room);
         assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
         assert_eq!(f.hs.world().count("joined_members"), reads + 1);
+    }
+
+    /// People see the space: the required members are joined to it, and a kick from it is
+    /// repaired from the pushed event like in an agent room.
+    #[tokio::test]
+    async fn should_keep_the_required_members_in_the_space() {
+        let f = fixture().await;
+        let space = f.space().await;
+        assert_eq!(f.agents.reconcile(&Key::Space).await, Outcome::Done(()));
+        let members = f.hs.world().rooms[space.as_str()].members.clone();
+        assert_eq!(members.get(BOT).map(String::as_str), Some("join"));
+        assert_eq!(members.get(ADMIN).map(String::as_str), Some("join"));
+        let before = f.hs.world().requests.len();
+        assert_eq!(f.agents.reconcile(&Key::Space).await, Outcome::Done(()));
+        assert_eq!(
+            f.hs.world().requests.len(),
+            before,
+            "converged: nothing sent"
+        );
+
+        f.hs.world()
+            .rooms
+            .get_mut(space.as_str())
+            .unwrap()
+            .members
+            .insert(ADMIN.into(), "leave".into());
+        let kicked = crate::model::MemberEvent {
+            room_id: space.clone(),
+            user_id: ruma::UserId::parse(ADMIN).unwrap(),
+            sender: ruma::UserId::parse(BOT).unwrap(),
+            membership: Membership::Leave,
+            displayname: None,
+            avatar_url: None,
+            event_id: "$kick".try_into().unwrap(),
+            origin_server_ts: 1,
+        };
+        f.shared
+            .state
+            .record_transaction("t1".into(), 1, vec![kicked])
+            .await
+            .unwrap();
+        assert_eq!(f.agents.reconcile(&Key::Space).await, Outcome::Done(()));
+        assert_eq!(
+            f.hs.world().rooms[space.as_str()].membership(ADMIN),
+            Some("join")
+        );
+    }
+
+    #[tokio::test]
+    async fn should_follow_a_rename_with_the_topic() {
+        let f = fixture().await;
+        f.space().await;
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        let room = f.record().room_id.unwrap();
+        let topic = |f: &Fixture| {
+            f.hs.world().rooms[room.as_str()].state[&("m.room.topic".to_string(), String::new())]
+                ["topic"]
+                .clone()
+        };
+        assert_eq!(topic(&f), "Letta agent One");
+        let renamed = Agent {
+            id: "agent-1".into(),
+            name: "Two".into(),
+        };
+        f.shared
+            .state
+            .observe_listing(vec![renamed], 1, 1_000)
+            .await
+            .unwrap();
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        assert_eq!(topic(&f), "Letta agent Two");
+        assert_eq!(f.record().applied_topic.as_deref(), Some("Letta agent Two"));
+    }
+
+    /// Generated avatars: uploaded once per distinct picture, set before the room exists,
+    /// changed on a rename only when the letter changes, and a hand-set one left alone.
+    #[tokio::test]
+    async fn should_give_agents_generated_avatars_and_respect_hand_set_ones() {
+        let f = fixture_with("agents: {history_import: 0}").await;
+        f.space().await;
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        let first = f.hs.world().users[AGENT].avatar_url.clone().unwrap();
+        assert_eq!(f.hs.world().uploads.len(), 1);
+        let png = f.hs.world().uploads[0].clone();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG was uploaded");
+        assert_eq!(f.hs.world().count("/avatar_url"), 1, "set once, not read");
+
+        let rename = |name: &str| Agent {
+            id: "agent-1".into(),
+            name: name.into(),
+        };
+        // Same first letter: the same picture, nothing sent for the avatar.
+        f.shared
+            .state
+            .observe_listing(vec![rename("Orion")], 1, 1_000)
+            .await
+            .unwrap();
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        assert_eq!(f.hs.world().count("/avatar_url"), 1);
+        // Another letter: one new upload, checked then set.
+        f.shared
+            .state
+            .observe_listing(vec![rename("Zed")], 2, 1_000)
+            .await
+            .unwrap();
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        assert_eq!(f.hs.world().uploads.len(), 2);
+        let second = f.hs.world().users[AGENT].avatar_url.clone().unwrap();
+        assert_ne!(first, second);
+        // Back to "O": that picture was uploaded before and is reused.
+        f.shared
+            .state
+            .observe_listing(vec![rename("Omega")], 3, 1_000)
+            .await
+            .unwrap();
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        assert_eq!(f.hs.world().uploads.len(), 2, "reused");
+        assert_eq!(
+            f.hs.world().users[AGENT].avatar_url.as_deref(),
+            Some(first.as_str())
+        );
+        // A person sets one by hand: roster never touches it again.
+        f.hs.world().users.get_mut(AGENT).unwrap().avatar_url = Some("mxc://ex.org/mine".into());
+        f.shared
+            .state
+            .observe_listing(vec![rename("Zeta")], 4, 1_000)
+            .await
+            .unwrap();
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        assert_eq!(
+            f.hs.world().users[AGENT].avatar_url.as_deref(),
+            Some("mxc://ex.org/mine")
+        );
+        assert!(f.record().avatar_hand_set);
+    }
+
+    #[tokio::test]
+    async fn should_set_no_avatar_when_avatars_are_off() {
+        let f = fixture().await;
+        f.space().await;
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        assert_eq!(f.hs.world().users[AGENT].avatar_url, None);
+        assert!(f.hs.world().uploads.is_empty());
+    }
+
+    /// History: posted once, in order, as the agent, marked historical, with the source's
+    /// timestamps; a retry posts nothing twice; other roles never reach the room.
+    #[tokio::test]
+    async fn should_import_history_once_into_a_room_it_created() {
+        let f = fixture_with("agents: {avatar: none, history_import: 15}").await;
+        *f.source.history.lock().unwrap() = Ok(Some(vec![
+            said("message-1", HistoryRole::User, "hello", 1_000),
+            said("message-2", HistoryRole::Assistant, "hi there", 2_000),
+        ]));
+        f.space().await;
+        // The first post fails once: the retry must not post the first message twice.
+        f.hs.fail(
+            "/send/m.room.message/letta-history-message-2",
+            502,
+            "M_UNKNOWN",
+            "busy",
+            1,
+        );
+        assert!(matches!(
+            f.agents.reconcile_agent("agent-1").await,
+            Outcome::Retry { .. }
+        ));
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        let room = f.record().room_id.unwrap();
+        let messages = f.hs.world().rooms[room.as_str()].messages.clone();
+        let bodies: Vec<_> = messages
+            .iter()
+            .map(|(sender, content, ts, _)| {
+                assert_eq!(sender, AGENT);
+                assert_eq!(content["m.letta_historical"], true);
+                assert!(content.get("m.relates_to").is_none());
+                (content["body"].as_str().unwrap().to_owned(), *ts)
+            })
+            .collect();
+        assert_eq!(
+            bodies,
+            vec![
+                ("User: hello".to_owned(), Some(1_000)),
+                ("hi there".to_owned(), Some(2_000))
+            ]
+        );
+        assert!(!f.record().history_pending);
+        let import = f.shared.state.history_import(&room).unwrap();
+        assert_eq!((import.outcome.as_str(), import.posted), ("done", 2));
+        // Runs once: later runs do not ask again.
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        assert_eq!(f.source.asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn should_leave_the_room_empty_and_say_so_when_the_source_fails() {
+        let f = fixture_with("agents: {avatar: none, history_import: 15}").await;
+        *f.source.history.lock().unwrap() = Err("Letta is down".into());
+        f.space().await;
+        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        let room = f.record().room_id.unwrap();
+        assert!(f.hs.world().rooms[room.as_str()].messages.is_empty());
+        let failed = f.shared.state.failed_history_imports();
+        assert_eq!(failed[&room].detail.as_deref(), Some("Letta is down"));
+        for user in [AGENT, BOT, ADMIN] {
+            assert_eq!(
+                f.hs.world().rooms[room.as_str()].membership(user),
+                Some("join"),
+                "provisioning went on"
+            );
+        }
     }
 
     #[tokio::test]

@@ -25,16 +25,14 @@ use crate::clock::now_ms;
 use crate::lifecycle::effects::IdentityEffects;
 use crate::matrix::{Homeserver, Registered};
 use crate::metrics::{ActionLabels, OutcomeLabels, TriggerLabels};
-use crate::model::agents::Agent;
+use crate::model::agents::{Agent, HistoryMessage};
 use crate::retry::{Backoff, Outcome, until_ok};
 use crate::state::{SourceStatus, SyncSummary};
+use queue::Key;
 
 /// An agent whose runs failed this many times in a row is reported and left alone until
 /// the next sweep, manual sync or pushed change.
 pub const MAX_ATTEMPTS: u32 = 5;
-
-/// Agent rooms reconciled at once; each run is sequential within its room.
-const WORKERS: usize = 4;
 
 /// A source of desired agents (Letta, a file).
 pub trait ListAgents: Send + Sync {
@@ -42,6 +40,13 @@ pub trait ListAgents: Send + Sync {
     fn describe(&self) -> String;
     /// A complete listing, or an error: never a partial or guessed one.
     fn list(&self) -> BoxFuture<'_, Result<Vec<Agent>, String>>;
+    /// The agent's last `limit` user and assistant messages, oldest first; `None` when the
+    /// source keeps no history (an agents file).
+    fn history(
+        &self,
+        agent_id: &str,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Option<Vec<HistoryMessage>>, String>>;
 }
 
 /// Why a sync was asked for (the `trigger` label of `roster_sync_runs_total`).
@@ -241,6 +246,7 @@ async fn provision(
         homeserver,
         &room_version,
         effects,
+        Some(source.clone()),
     ));
     let Some(space) = until_ok(
         &shutdown,
@@ -260,8 +266,13 @@ async fn provision(
         }
     }
 
+    // Bring an existing space in line now (its members are read, then kept).
+    shared.queue.schedule(&Key::Space);
+
     let tasks = tokio_util::task::TaskTracker::new();
-    for _ in 0..WORKERS {
+    // As many runs at once as the homeserver takes requests: each run is sequential, and
+    // the client's permits bound what reaches the homeserver.
+    for _ in 0..shared.config.homeserver.max_concurrent_requests.max(1) {
         tasks.spawn(work(shared.clone(), agents.clone(), shutdown.clone()));
     }
     tasks.spawn(poll_source(
@@ -289,7 +300,7 @@ async fn work(shared: Arc<Shared>, agents: Arc<agents::Agents>, shutdown: Cancel
         };
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => { shared.queue.done(&key); return }
-            outcome = agents.reconcile_agent(&key) => outcome,
+            outcome = agents.reconcile(&key) => outcome,
         };
         shared.queue.done(&key);
         settle(&shared, &key, &outcome);
@@ -298,19 +309,20 @@ async fn work(shared: Arc<Shared>, agents: Arc<agents::Agents>, shutdown: Cancel
 
 /// Applies the error policy to a run's outcome: reschedules the key, or reports it in
 /// status (`failed`) and `roster_actions_total{outcome="gave_up"}`.
-pub fn settle(shared: &Shared, key: &str, outcome: &Outcome) -> Next {
+pub fn settle(shared: &Shared, key: &Key, outcome: &Outcome) -> Next {
+    let name = key.to_string();
     let next = shared.state.status(|status| {
-        let failures = status.attempts.entry(key.to_owned()).or_default();
+        let failures = status.attempts.entry(name.clone()).or_default();
         let next = error_policy(failures, outcome, Backoff::DEFAULT);
         if *failures == 0 {
-            status.attempts.remove(key);
+            status.attempts.remove(&name);
         }
         match &next {
             Next::Idle => {
-                status.failed.remove(key);
+                status.failed.remove(&name);
             }
             Next::GiveUp(reason) => {
-                status.failed.insert(key.to_owned(), reason.clone());
+                status.failed.insert(name.clone(), reason.clone());
             }
             Next::RetryIn(_) => {}
         }
@@ -371,7 +383,7 @@ async fn list_and_observe(shared: &Shared, source: &dyn ListAgents) -> Option<St
             match shared.state.observe_listing(agents, now, grace).await {
                 Ok(outcome) => {
                     for id in outcome.changed.iter().chain(&outcome.expired) {
-                        shared.queue.schedule(id);
+                        shared.queue.schedule(&Key::agent(id));
                     }
                     if !outcome.expired.is_empty() {
                         tracing::info!(agents = ?outcome.expired, "agents absent past the grace period; removing");
@@ -470,14 +482,19 @@ async fn run_sync(
         s.failed
             .retain(|id, _| only.is_some_and(|o| !o.contains(id)));
     });
-    let (rooms_read, drift) = agents.sweep(only).await;
-    let keys: Vec<String> = shared.state.read(|model| {
+    // The periodic sweep spreads its reads over half the interval; the others read now.
+    let spread = (trigger == "interval").then(|| shared.config.sync.interval / 2);
+    let swept = agents.sweep(only, spread).await;
+    let mut keys: Vec<Key> = shared.state.read(|model| {
         model
             .agents
             .live_records(only)
-            .map(|r| r.agent_id.clone())
+            .map(|r| Key::agent(&r.agent_id))
             .collect()
     });
+    if only.is_none() {
+        keys.push(Key::Space);
+    }
     for key in &keys {
         shared.queue.schedule(key);
     }
@@ -486,9 +503,9 @@ async fn run_sync(
         trigger: trigger.to_owned(),
         started_at_ms,
         duration_ms: started.elapsed().as_millis() as u64,
-        agents: keys.len(),
-        rooms_read,
-        drift,
+        agents: keys.iter().filter(|k| matches!(k, Key::Agent(_))).count(),
+        rooms_read: swept.rooms_read,
+        drift: swept.rooms_drifted,
         actions: status.actions_ok - actions_before,
         failed: status.failed.len(),
         source_error,
@@ -501,7 +518,8 @@ async fn run_sync(
         trigger,
         agents = summary.agents,
         rooms_read = summary.rooms_read,
-        rooms_drifted = drift,
+        rooms_drifted = swept.rooms_drifted,
+        drift_changes = swept.changes,
         actions = summary.actions,
         failed = summary.failed,
         duration_ms = summary.duration_ms,
@@ -555,13 +573,13 @@ mod tests {
         let refused = Outcome::Refused("homeserver refused create_room: HTTP 403".into());
         for _ in 1..MAX_ATTEMPTS {
             assert!(matches!(
-                settle(&shared, "agent-1", &refused),
+                settle(&shared, &Key::agent("agent-1"), &refused),
                 Next::RetryIn(_)
             ));
             assert!(shared.state.status(|s| s.failed.is_empty()));
         }
         assert!(matches!(
-            settle(&shared, "agent-1", &refused),
+            settle(&shared, &Key::agent("agent-1"), &refused),
             Next::GiveUp(_)
         ));
         let failed = shared.state.status(|s| s.failed.clone());
@@ -575,7 +593,10 @@ mod tests {
             })
             .get();
         assert_eq!(gave_up, 1);
-        assert_eq!(settle(&shared, "agent-1", &Outcome::Done(())), Next::Idle);
+        assert_eq!(
+            settle(&shared, &Key::agent("agent-1"), &Outcome::Done(())),
+            Next::Idle
+        );
         assert!(shared.state.status(|s| s.failed.is_empty()));
     }
 

@@ -5,38 +5,72 @@
 //! pushed events for one room becomes one run.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-#[derive(Default)]
-pub struct WorkQueue {
-    state: Mutex<State>,
+/// What the reconciler works on: one agent's room, or the space.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    Agent(String),
+    Space,
+}
+
+impl Key {
+    pub fn agent(id: &str) -> Key {
+        Key::Agent(id.to_owned())
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Agent(id) => f.write_str(id),
+            Key::Space => f.write_str("(space)"),
+        }
+    }
+}
+
+pub struct WorkQueue<K = Key> {
+    state: Mutex<State<K>>,
     changed: Notify,
 }
 
-#[derive(Default)]
-struct State {
-    due: HashMap<String, Instant>,
-    running: HashSet<String>,
+struct State<K> {
+    due: HashMap<K, Instant>,
+    running: HashSet<K>,
 }
 
-impl WorkQueue {
+impl<K> Default for WorkQueue<K> {
+    fn default() -> Self {
+        WorkQueue {
+            state: Mutex::new(State {
+                due: HashMap::new(),
+                running: HashSet::new(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash> WorkQueue<K> {
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State<K>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks for `key` to run at `at`, or earlier if it is already due earlier.
-    pub fn schedule_at(&self, key: &str, at: Instant) {
+    pub fn schedule_at(&self, key: &K, at: Instant) {
         {
             let mut state = self.state();
-            let due = state.due.entry(key.to_owned()).or_insert(at);
+            let due = state.due.entry(key.clone()).or_insert(at);
             if at < *due {
                 *due = at;
             }
@@ -44,16 +78,16 @@ impl WorkQueue {
         self.changed.notify_waiters();
     }
 
-    pub fn schedule(&self, key: &str) {
+    pub fn schedule(&self, key: &K) {
         self.schedule_at(key, Instant::now());
     }
 
-    pub fn schedule_in(&self, key: &str, delay: Duration) {
+    pub fn schedule_in(&self, key: &K, delay: Duration) {
         self.schedule_at(key, Instant::now() + delay);
     }
 
     /// Waits for the next due key that is not running, and marks it running.
-    pub async fn next(&self) -> String {
+    pub async fn next(&self) -> K {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -90,7 +124,7 @@ impl WorkQueue {
     }
 
     /// Marks `key` finished; a reschedule that arrived meanwhile can now run.
-    pub fn done(&self, key: &str) {
+    pub fn done(&self, key: &K) {
         self.state().running.remove(key);
         self.changed.notify_waiters();
     }
@@ -102,7 +136,7 @@ impl WorkQueue {
     }
 
     /// Whether none of `keys` is due by now or running.
-    pub fn settled(&self, keys: &[String]) -> bool {
+    pub fn settled(&self, keys: &[K]) -> bool {
         let state = self.state();
         let now = Instant::now();
         keys.iter().all(|key| {
@@ -111,7 +145,7 @@ impl WorkQueue {
     }
 
     /// Waits until `settled(keys)`.
-    pub async fn wait_settled(&self, keys: &[String]) {
+    pub async fn wait_settled(&self, keys: &[K]) {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -134,10 +168,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn should_hand_out_each_key_once_earliest_first() {
-        let queue = WorkQueue::new();
-        queue.schedule_in("b", Duration::from_secs(2));
-        queue.schedule_in("a", Duration::from_secs(1));
-        queue.schedule_in("a", Duration::from_secs(5)); // later: the earlier deadline stays
+        let queue = WorkQueue::<&str>::new();
+        queue.schedule_in(&"b", Duration::from_secs(2));
+        queue.schedule_in(&"a", Duration::from_secs(1));
+        queue.schedule_in(&"a", Duration::from_secs(5)); // later: the earlier deadline stays
         assert_eq!(queue.next().await, "a");
         assert_eq!(queue.next().await, "b");
         assert_eq!(queue.counts(), (0, 2));
@@ -145,11 +179,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn should_never_run_a_key_twice_at_once() {
-        let queue = std::sync::Arc::new(WorkQueue::new());
-        queue.schedule("a");
+        let queue = std::sync::Arc::new(WorkQueue::<&str>::new());
+        queue.schedule(&"a");
         assert_eq!(queue.next().await, "a");
-        queue.schedule("a"); // rescheduled while running
-        queue.schedule("b");
+        queue.schedule(&"a"); // rescheduled while running
+        queue.schedule(&"b");
         assert_eq!(queue.next().await, "b");
         let waiter = {
             let queue = queue.clone();
@@ -160,20 +194,20 @@ mod tests {
             !waiter.is_finished(),
             "a must wait for its running instance"
         );
-        queue.done("a");
+        queue.done(&"a");
         assert_eq!(waiter.await.unwrap(), "a");
     }
 
     #[tokio::test(start_paused = true)]
     async fn should_report_settled_keys() {
-        let queue = WorkQueue::new();
-        let keys = vec!["a".to_string()];
-        queue.schedule("a");
+        let queue = WorkQueue::<&str>::new();
+        let keys = vec!["a"];
+        queue.schedule(&"a");
         assert!(!queue.settled(&keys));
         assert_eq!(queue.next().await, "a");
         assert!(!queue.settled(&keys));
-        queue.done("a");
-        queue.schedule_in("a", Duration::from_secs(60)); // a retry later does not block
+        queue.done(&"a");
+        queue.schedule_in(&"a", Duration::from_secs(60)); // a retry later does not block
         assert!(queue.settled(&keys));
     }
 }
