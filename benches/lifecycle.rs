@@ -116,7 +116,7 @@ async fn in_process() -> Vec<Row> {
     // (lifecycle.max_in_flight_users default).
     let homeserver = Homeserver::new(
         &fake.url,
-        roster::config::Secret::new(as_token),
+        roster::matrix::Tokens::single(roster::config::Secret::new(as_token)),
         Duration::from_secs(10),
         64,
         metrics,

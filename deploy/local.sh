@@ -38,9 +38,11 @@ YAML
   )
   printf -- '- {id: agent-demo-1, name: Demo agent}\n' >"$state/agents.yaml"
 fi
+# Two registrations: the pushed one and the acting-only one (url: null).
 [[ -f $state/registration.yaml ]] || "$roster" registration -c "$state/config.yaml"
 [[ -f $state/synapse/homeserver.yaml ]] || deploy/peers/synapse.sh init "$state/synapse" \
-  --port 8008 --metrics-port 9008 --registration "$state/registration.yaml" --server-name localhost
+  --port 8008 --metrics-port 9008 --server-name localhost \
+  --registration "$state/registration.yaml" --registration "$state/registration-acting.yaml"
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -63,6 +65,7 @@ fi
 echo "Synapse http://127.0.0.1:8008 (server name localhost); roster admin http://127.0.0.1:9010"
 echo "logs: $state/*.log; roster's admin token: in $state/config.yaml; @admin's: $state/admin.token"
 echo "try: $CARGO_TARGET_DIR/release/roster status -c $state/config.yaml; Ctrl-C stops everything"
+"$roster" check-config -c "$state/config.yaml"
 "$roster" serve -c "$state/config.yaml" &
 pids+=($!)
 wait "${pids[-1]}"

@@ -60,7 +60,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::matrix::Homeserver;
 use crate::metrics::Metrics;
 use crate::reconcile::{SyncRequest, Trigger};
@@ -77,6 +77,8 @@ pub const SYNC_QUEUE: usize = 64;
 /// Why `serve` could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("{problem}{}", if *more > 0 { format!(" (and {more} more: run `roster check-config`)") } else { String::new() })]
+    Check { problem: String, more: usize },
     #[error(transparent)]
     Registration(#[from] registration::RegistrationError),
     #[error(transparent)]
@@ -168,14 +170,20 @@ impl Shared {
 
 /// Runs `serve` until `shutdown` is cancelled or a listener fails.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    let registration = registration::read(&config.appservice.registration, &config)?;
+    let checked = commands::check_config::check(&config);
+    if let Some(problem) = checked.problems.first() {
+        return Err(RunError::Check {
+            problem: problem.clone(),
+            more: checked.problems.len() - 1,
+        });
+    }
+    let registrations = registration::read(&config)?;
     let state = State::open(Store::open(&config.store.path)?, config.ids().clone())?;
     let metrics = Arc::new(Metrics::new());
-    let homeserver = Homeserver::from_config(
-        &config,
-        Secret::new(registration.as_token.clone()),
-        metrics.clone(),
-    );
+    let homeserver = Homeserver::from_config(&config, &registrations, metrics.clone());
+    if registrations.acting.is_none() {
+        tracing::warn!("roster runs with {}", registrations.describe());
+    }
     let bind = |key: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -188,7 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         .map(|s| Arc::new(s) as Arc<dyn reconcile::ListAgents>);
     let shared = Arc::new(Shared::new(
         config,
-        registration,
+        registrations.pushed,
         state,
         metrics,
         sync_requests,

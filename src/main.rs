@@ -49,11 +49,12 @@ struct AdminArg {
 enum Command {
     /// Run the appservice: homeserver listener, admin listener, reconciler, lifecycle.
     Serve(ConfigArg),
-    /// Write an appservice registration with fresh tokens for the homeserver to load.
+    /// Write the appservice registrations (pushed and acting-only) with fresh tokens.
     Registration {
         #[command(flatten)]
         config: ConfigArg,
-        /// Where to write it; defaults to appservice.registration from the config.
+        /// Where to write the pushed one (the acting one goes beside it, `-acting` before
+        /// the extension); defaults to appservice.registration from the config.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
         /// Replace an existing file (the homeserver must then load the new tokens).
@@ -74,6 +75,8 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Check the config, the registrations and the files roster uses; start nothing.
+    CheckConfig(ConfigArg),
     /// Dry run: read the source and the homeserver, print the actions a sync would take.
     Plan {
         #[command(flatten)]
@@ -185,13 +188,43 @@ async fn real_main() -> anyhow::Result<()> {
             output,
             force,
         } => {
-            let config = load_config(&config)?;
-            let path = output.unwrap_or_else(|| config.appservice.registration.clone());
-            let registration = roster::registration::generate(&config)?;
-            roster::registration::write(&path, &registration, force)?;
+            let mut config = load_config(&config)?;
+            if let Some(output) = output
+                && output != config.appservice.registration
+            {
+                eprintln!(
+                    "warning: -o {} is not appservice.registration ({}), which serve reads: set appservice.registration to it (or ROSTER_APPSERVICE__REGISTRATION)",
+                    output.display(),
+                    config.appservice.registration.display()
+                );
+                config.appservice.registration = output;
+                config.appservice.acting_registration = None;
+            }
+            let pushed = config.appservice.registration.clone();
+            let acting = config.appservice.acting_registration_path();
+            let pair = roster::registration::generate(&config)?;
+            roster::registration::write_pair(&pushed, &acting, &pair, force)?;
             eprintln!(
-                "wrote {} (mode 0600); add it to the homeserver's app_service_config_files",
-                path.display()
+                "wrote {} (pushed) and {} (acting-only, url: null), mode 0600; add both to the homeserver's app_service_config_files",
+                pushed.display(),
+                acting.display()
+            );
+        }
+        Command::CheckConfig(arg) => {
+            let config = load_config(&arg)?;
+            let report = roster::commands::check_config::check(&config);
+            if !report.problems.is_empty() {
+                for problem in &report.problems {
+                    eprintln!("{problem}");
+                }
+                anyhow::bail!(
+                    "{} problem(s) in the configuration; fix them and run check-config again",
+                    report.problems.len()
+                );
+            }
+            println!(
+                "ok: the config is valid; roster is registered with {}",
+                report.registered_as.unwrap_or("its registration")
             );
         }
         Command::Sync {

@@ -41,6 +41,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Config, Flavor, Secret};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
+use crate::registration::{Registrations, acts_with_acting_token};
 use crate::retry::Retryable;
 
 /// A failed homeserver call, classified so callers can decide to retry, skip or report.
@@ -232,6 +233,69 @@ pub enum Registered {
     AlreadyExists,
 }
 
+/// Which appservice token a request carries: the pushed registration's, or the acting-only
+/// registration's for the users it covers (people's accounts, identity users).
+#[derive(Clone)]
+pub struct Tokens {
+    pushed: Secret,
+    acting: Option<Acting>,
+}
+
+#[derive(Clone)]
+struct Acting {
+    token: Secret,
+    server_name: ruma::OwnedServerName,
+    /// Whether a localpart on `server_name` belongs to the acting registration.
+    covers: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl Tokens {
+    /// One registration for everything (a legacy single registration, tests).
+    pub fn single(token: Secret) -> Tokens {
+        Tokens {
+            pushed: token,
+            acting: None,
+        }
+    }
+
+    /// A pushed and an acting registration: localparts on `server_name` that `covers`
+    /// accepts use `acting`.
+    pub fn pair(
+        pushed: Secret,
+        acting: Secret,
+        server_name: ruma::OwnedServerName,
+        covers: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Tokens {
+        Tokens {
+            pushed,
+            acting: Some(Acting {
+                token: acting,
+                server_name,
+                covers: Arc::new(covers),
+            }),
+        }
+    }
+
+    fn for_user(&self, user: Option<&UserId>) -> &Secret {
+        match (&self.acting, user) {
+            (Some(acting), Some(user))
+                if user.server_name() == acting.server_name
+                    && (acting.covers)(user.localpart()) =>
+            {
+                &acting.token
+            }
+            _ => &self.pushed,
+        }
+    }
+
+    fn for_localpart(&self, localpart: &str) -> &Secret {
+        match &self.acting {
+            Some(acting) if (acting.covers)(localpart) => &acting.token,
+            _ => &self.pushed,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Homeserver {
     inner: Arc<Inner>,
@@ -240,7 +304,7 @@ pub struct Homeserver {
 struct Inner {
     http: reqwest::Client,
     base_url: String,
-    as_token: Secret,
+    tokens: Tokens,
     /// The Matrix versions whose paths roster uses: all endpoints it calls are stable
     /// since 1.7 (the appservice ping), so no `/versions` round trip is needed.
     versions: SupportedVersions,
@@ -255,7 +319,7 @@ struct Inner {
 impl Homeserver {
     pub fn new(
         base_url: &str,
-        as_token: Secret,
+        tokens: Tokens,
         timeout: Duration,
         max_concurrent: usize,
         metrics: Arc<Metrics>,
@@ -283,7 +347,7 @@ impl Homeserver {
             inner: Arc::new(Inner {
                 http,
                 base_url: base_url.trim_end_matches('/').to_owned(),
-                as_token,
+                tokens,
                 versions,
                 permits: Semaphore::new(max_concurrent.max(1)),
                 timeout,
@@ -293,11 +357,32 @@ impl Homeserver {
         }
     }
 
-    /// The client `config` describes, acting with `as_token` (from the registration).
-    pub fn from_config(config: &Config, as_token: Secret, metrics: Arc<Metrics>) -> Homeserver {
+    /// The client `config` describes, acting with the tokens of `registrations`.
+    pub fn from_config(
+        config: &Config,
+        registrations: &Registrations,
+        metrics: Arc<Metrics>,
+    ) -> Homeserver {
+        let pushed = Secret::new(registrations.pushed.as_token.clone());
+        let tokens = match &registrations.acting {
+            Some(acting) => {
+                let server = config.ids().server_name.clone();
+                let covering = config.clone();
+                Tokens::pair(
+                    pushed,
+                    Secret::new(acting.as_token.clone()),
+                    server.clone(),
+                    move |localpart| {
+                        ruma::UserId::parse_with_server_name(localpart, &server)
+                            .is_ok_and(|user| acts_with_acting_token(&covering, &user))
+                    },
+                )
+            }
+            None => Tokens::single(pushed),
+        };
         Homeserver::new(
             &config.homeserver.url,
-            as_token,
+            tokens,
             config.homeserver.request_timeout,
             config.homeserver.max_concurrent_requests,
             metrics,
@@ -328,6 +413,24 @@ impl Homeserver {
         R::PathBuilder: PathInput,
         R::EndpointError: ErrorBody,
     {
+        let token = self.inner.tokens.for_user(as_user);
+        self.send_with(endpoint, request, as_user, token).await
+    }
+
+    /// `send` with an explicit token.
+    async fn send_with<R>(
+        &self,
+        endpoint: &'static str,
+        request: R,
+        as_user: Option<&UserId>,
+        token: &Secret,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+        R::PathBuilder: PathInput,
+        R::EndpointError: ErrorBody,
+    {
         let inner = &self.inner;
         let identity = match as_user {
             Some(user) => AppserviceUserIdentity::new(user),
@@ -336,7 +439,7 @@ impl Homeserver {
         let http_request = request
             .try_into_http_request_with_identity::<Vec<u8>>(
                 &inner.base_url,
-                SendAccessToken::Appservice(inner.as_token.expose()),
+                SendAccessToken::Appservice(token.expose()),
                 identity,
                 R::PathBuilder::input(&inner.versions),
             )
@@ -425,14 +528,16 @@ impl Homeserver {
             .expect("status and headers came from a valid response"))
     }
 
-    /// Registers `localpart` as an appservice user; no device, no access token.
+    /// Registers `localpart` as an appservice user (with the token of the registration
+    /// whose namespace holds it); no device, no access token.
     pub async fn register(&self, localpart: &str) -> Result<Registered, MatrixError> {
         let mut request = register::v3::Request::new();
         request.username = Some(localpart.to_owned());
         request.login_type = Some(LoginType::ApplicationService);
         request.inhibit_login = true;
         request.kind = RegistrationKind::User;
-        match self.send("register", request, None).await {
+        let token = self.inner.tokens.for_localpart(localpart).clone();
+        match self.send_with("register", request, None, &token).await {
             Ok(_) => Ok(Registered::Created),
             Err(e) if matches!(e.kind(), Some(ErrorKind::UserInUse)) => {
                 Ok(Registered::AlreadyExists)
@@ -657,8 +762,9 @@ impl Homeserver {
             .user_id)
     }
 
-    /// Asks the homeserver to ping roster back; Synapse then also flushes the transactions
-    /// it queued while roster was away.
+    /// Asks the homeserver to ping roster back (the pushed registration; the acting one has
+    /// no URL, and tuwunel answers `UrlNotSet` for it); Synapse then also flushes the
+    /// transactions it queued while roster was away.
     pub async fn ping(&self, appservice_id: &str) -> Result<Duration, MatrixError> {
         let request = request_ping::v1::Request::new(appservice_id.to_owned());
         Ok(self.send("appservice_ping", request, None).await?.duration)

@@ -160,7 +160,9 @@ impl FakeHomeserver {
 /// A `Shared` for `config` (validated) over an in-memory store, with the registration roster
 /// would generate; the sync channel's receiver is dropped.
 pub fn shared(config: Config) -> Arc<Shared> {
-    let registration = crate::registration::generate(&config).expect("a registration");
+    let registration = crate::registration::generate(&config)
+        .expect("a registration")
+        .pushed;
     let state = RosterState::open(
         Store::in_memory().expect("an in-memory store"),
         config.ids().clone(),
@@ -173,6 +175,53 @@ pub fn shared(config: Config) -> Arc<Shared> {
         Arc::new(Metrics::new()),
         tokio::sync::mpsc::channel(8).0,
     ))
+}
+
+/// A fake homeserver for `ex.org` (bot `@letta`) and a `Shared` whose config points at it,
+/// with `extra` YAML appended to the config (e.g. `agents: {avatar: none}`).
+pub async fn stack(extra: &str) -> (FakeHomeserver, Arc<Shared>) {
+    stack_with("", extra).await
+}
+
+/// `stack`, with `homeserver` fields added to the homeserver section (e.g.
+/// `flavor: synapse`).
+pub async fn stack_with(homeserver: &str, extra: &str) -> (FakeHomeserver, Arc<Shared>) {
+    let registration = crate::registration::generate(
+        &Config::from_yaml("homeserver: {server_name: ex.org}").expect("a config"),
+    )
+    .expect("a registration")
+    .pushed;
+    let hs = FakeHomeserver::start(&registration.as_token, "ex.org", "letta").await;
+    let config = Config::from_yaml(&format!(
+        "homeserver: {{server_name: ex.org, url: '{}', {homeserver}}}\n{extra}",
+        hs.url
+    ))
+    .expect("a config");
+    let state = RosterState::open(
+        Store::in_memory().expect("an in-memory store"),
+        config.ids().clone(),
+    )
+    .expect("a state");
+    let shared = Arc::new(Shared::new(
+        config,
+        registration,
+        state,
+        Arc::new(Metrics::new()),
+        tokio::sync::mpsc::channel(8).0,
+    ));
+    (hs, shared)
+}
+
+/// The homeserver client of `shared`: its configured URL, its registration's token.
+pub fn client(shared: &Shared) -> crate::matrix::Homeserver {
+    crate::matrix::Homeserver::from_config(
+        &shared.config,
+        &crate::registration::Registrations {
+            pushed: shared.registration.clone(),
+            acting: None,
+        },
+        shared.metrics.clone(),
+    )
 }
 
 fn error(status: StatusCode, errcode: &str, message: &str) -> Response {

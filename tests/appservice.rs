@@ -301,7 +301,7 @@ async fn masquerading_loop_on_real_synapse_with_zero_logins() {
     // roster's homeserver client, with the as_token only.
     let hs = Homeserver::new(
         &synapse.url(),
-        Secret::new(roster.as_token.clone()),
+        roster::matrix::Tokens::single(Secret::new(roster.as_token.clone())),
         Duration::from_secs(30),
         4,
         std::sync::Arc::new(Metrics::new()),

@@ -2,9 +2,11 @@
 # Synapse homeserver for tests, bound to 127.0.0.1 only.
 #   synapse.sh install
 #       venv in $ROSTER_CACHE/synapse-venv with matrix-synapse 1.163.x (no-op when installed)
-#   synapse.sh init DIR --port P --metrics-port M --registration FILE [--server-name NAME]
-#       write DIR/homeserver.yaml (sqlite, client API on P, metrics on M, appservice FILE,
-#       generous rate limits), DIR/log.config, DIR/shared_secret and the signing key
+#   synapse.sh init DIR --port P --metrics-port M --registration FILE... [--server-name NAME]
+#       [--rate-limits generous|tight]
+#       write DIR/homeserver.yaml (sqlite, client API on P, metrics on M, the appservice
+#       FILEs (--registration may repeat), rate limits generous by default), DIR/log.config,
+#       DIR/shared_secret and the signing key
 #   synapse.sh run DIR
 #       exec the homeserver in the foreground (this PID is the server's; SIGTERM stops it)
 #   synapse.sh admin-token DIR USER
@@ -37,25 +39,28 @@ cmd_install() {
   mark_installed synapse "$PIN"
 }
 
+# rate_limits generous|tight: generous for tests of function; tight (a few actions per
+# second per user) for tests that rate limiting is honoured.
 rate_limits() {
-  local key
+  local key limit='{per_second: 1000, burst_count: 1000}'
+  [[ $1 == tight ]] && limit='{per_second: 2, burst_count: 3}'
   for key in rc_message rc_registration rc_registration_token_validity rc_admin_redaction \
     rc_joins_per_room rc_key_requests rc_3pid_validation rc_third_party_invite rc_media_create \
     rc_delayed_event_mgmt rc_room_creation rc_reports rc_user_directory rc_profile; do
-    echo "$key: {per_second: 1000, burst_count: 1000}"
+    echo "$key: $limit"
   done
-  cat <<'YAML'
+  cat <<YAML
 rc_login:
   address: {per_second: 1000, burst_count: 1000}
   account: {per_second: 1000, burst_count: 1000}
   failed_attempts: {per_second: 1000, burst_count: 1000}
 rc_joins:
-  local: {per_second: 1000, burst_count: 1000}
-  remote: {per_second: 1000, burst_count: 1000}
+  local: $limit
+  remote: $limit
 rc_invites:
-  per_room: {per_second: 1000, burst_count: 1000}
-  per_user: {per_second: 1000, burst_count: 1000}
-  per_issuer: {per_second: 1000, burst_count: 1000}
+  per_room: $limit
+  per_user: $limit
+  per_issuer: $limit
 rc_presence:
   per_user: {per_second: 1000, burst_count: 1000}
 YAML
@@ -63,24 +68,28 @@ YAML
 
 cmd_init() {
   [[ $# -ge 1 ]] || usage
-  local dir=$1 port='' metrics='' reg='' name=roster.test
+  local dir=$1 port='' metrics='' name=roster.test limits=generous reg regs=() files=''
   shift
   while [[ $# -gt 0 ]]; do
     case $1 in
       --port) port=${2:-} ;;
       --metrics-port) metrics=${2:-} ;;
-      --registration) reg=${2:-} ;;
+      --registration) regs+=("${2:-}") ;;
       --server-name) name=${2:-} ;;
+      --rate-limits) limits=${2:-} ;;
       *) usage ;;
     esac
     shift $(($# > 1 ? 2 : 1))
   done
-  [[ -n $port && -n $metrics && -n $reg ]] || usage
-  [[ -f $reg ]] || die "no registration file: $reg"
+  [[ -n $port && -n $metrics && ${#regs[@]} -gt 0 ]] || usage
+  [[ $limits =~ ^(generous|tight)$ ]] || usage
+  for reg in "${regs[@]}"; do
+    [[ -f $reg ]] || die "no registration file: $reg"
+    files+="${files:+, }\"$(realpath "$reg")\""
+  done
   [[ -x $VENV/bin/python ]] || die "not installed: run '$0 install' first"
   mkdir -p "$dir/media"
   dir=$(realpath "$dir")
-  reg=$(realpath "$reg")
   umask 077   # every file below holds a secret or sits next to them
   local secret
   secret=$(rand_hex)
@@ -124,9 +133,9 @@ form_secret: "$(rand_hex)"
 trusted_key_servers: []
 suppress_key_server_warning: true
 enable_registration: false
-app_service_config_files: ["$reg"]
+app_service_config_files: [$files]
 YAML
-    rate_limits
+    rate_limits "$limits"
   } >"$dir/homeserver.yaml"
   "$VENV/bin/python" -m synapse.app.homeserver -c "$dir/homeserver.yaml" --generate-keys >/dev/null
 }

@@ -300,10 +300,8 @@ pub fn truncated(mut letter: DeadLetter, keep: usize) -> DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Secret};
     use crate::lifecycle::decode;
-    use crate::matrix::Homeserver;
-    use crate::testing::{FakeHomeserver, shared};
+    use crate::testing::FakeHomeserver;
     use std::sync::Mutex;
 
     fn message(payload: Vec<u8>) -> Message {
@@ -349,20 +347,8 @@ mod tests {
     }
 
     async fn fixture(matrix: bool) -> Fixture {
-        let placeholder = shared(Config::from_yaml("homeserver: {server_name: ex.org}").unwrap());
-        let as_token = placeholder.registration.as_token.clone();
-        let hs = FakeHomeserver::start(&as_token, "ex.org", "letta").await;
-        let config = Config::from_yaml(&format!(
-            "homeserver: {{server_name: ex.org, url: '{}', flavor: synapse}}",
-            hs.url
-        ))
-        .unwrap();
-        let shared = shared(config);
-        let client = Homeserver::from_config(
-            &shared.config,
-            Secret::new(as_token),
-            shared.metrics.clone(),
-        );
+        let (hs, shared) = crate::testing::stack_with("flavor: synapse", "").await;
+        let client = crate::testing::client(&shared);
         let effects = if matrix {
             let shutdown = tokio_util::sync::CancellationToken::new();
             Some(Arc::new(

@@ -995,9 +995,8 @@ fn room_version_has_implicit_creators(version: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Secret};
     use crate::model::agents::Agent;
-    use crate::testing::{FakeHomeserver, shared};
+    use crate::testing::FakeHomeserver;
     use std::time::Duration;
 
     const ADMIN: &str = "@admin:ex.org";
@@ -1052,23 +1051,9 @@ mod tests {
     }
 
     async fn fixture_with(extra: &str) -> Fixture {
-        let placeholder = shared(Config::from_yaml("homeserver: {server_name: ex.org}").unwrap());
-        let as_token = placeholder.registration.as_token.clone();
-        let hs = FakeHomeserver::start(&as_token, "ex.org", "letta").await;
+        let (hs, shared) = crate::testing::stack(extra).await;
         hs.world().users.insert(ADMIN.into(), Default::default());
-        let config = Config::from_yaml(&format!(
-            "homeserver: {{server_name: ex.org, url: '{}'}}\n{extra}",
-            hs.url
-        ))
-        .unwrap();
-        let mut shared = Arc::try_unwrap(shared(config)).ok().expect("one owner");
-        shared.registration = placeholder.registration.clone();
-        let shared = Arc::new(shared);
-        let client = Homeserver::from_config(
-            &shared.config,
-            Secret::new(as_token),
-            shared.metrics.clone(),
-        );
+        let client = crate::testing::client(&shared);
         let source = Arc::new(Source {
             history: std::sync::Mutex::new(Ok(None)),
             asked: Default::default(),
