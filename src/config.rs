@@ -76,7 +76,7 @@ impl fmt::Display for Origin {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub homeserver: HomeserverConfig,
@@ -100,7 +100,7 @@ pub enum Flavor {
     Tuwunel,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HomeserverConfig {
     #[serde(deserialize_with = "string_like")]
@@ -112,7 +112,7 @@ pub struct HomeserverConfig {
     #[serde(deserialize_with = "optional_secret")]
     pub admin_token: Option<Secret>,
     /// Upper bound on any single homeserver request.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub request_timeout: Duration,
     /// Requests in flight to the homeserver at once, across all work.
     pub max_concurrent_requests: usize,
@@ -131,7 +131,7 @@ impl Default for HomeserverConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppserviceConfig {
     /// The appservice id written into a generated registration.
@@ -149,7 +149,7 @@ pub struct AppserviceConfig {
     /// Largest transaction body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: usize,
     /// Transaction ids older than this are forgotten.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub txn_retention: Duration,
     /// At most this many transaction ids are remembered.
     pub txn_max_ids: usize,
@@ -199,7 +199,7 @@ impl AppserviceConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
@@ -216,7 +216,7 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub path: PathBuf,
@@ -230,7 +230,7 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentsConfig {
     #[serde(deserialize_with = "optional_string_like")]
@@ -238,11 +238,11 @@ pub struct AgentsConfig {
     #[serde(deserialize_with = "optional_secret")]
     pub letta_token: Option<Secret>,
     pub file: Option<PathBuf>,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub poll_interval: Duration,
     /// Full user ids; `@admin:<server_name>` when not configured.
     pub required_members: Option<Vec<String>>,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub removal_grace: Duration,
     /// Deactivate the user of an agent removed past the grace period.
     pub deactivate_removed: bool,
@@ -267,6 +267,16 @@ pub enum AvatarSetting {
     None,
     /// One image for every agent: an `mxc://` URI, or an `https://` URL fetched once.
     Image(String),
+}
+
+impl Serialize for AvatarSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AvatarSetting::Generated => s.serialize_str("generated"),
+            AvatarSetting::None => s.serialize_str("none"),
+            AvatarSetting::Image(url) => s.serialize_str(url),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for AvatarSetting {
@@ -306,10 +316,10 @@ impl Default for AgentsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub interval: Duration,
 }
 
@@ -321,7 +331,7 @@ impl Default for SyncConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LifecycleConfig {
     pub enabled: bool,
@@ -340,7 +350,7 @@ pub struct LifecycleConfig {
     /// Largest avatar fetched from an `http(s)://` URL, in bytes.
     pub avatar_max_bytes: usize,
     /// Upper bound on fetching one avatar.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub avatar_fetch_timeout: Duration,
     /// Users whose events are applied at once; one user's events are applied in order.
     pub max_in_flight_users: usize,
@@ -349,7 +359,7 @@ pub struct LifecycleConfig {
     /// Where a consumer group with no committed offsets starts.
     pub start_from: StartFrom,
     /// An `http(s)` avatar URL already uploaded is reused (not fetched again) this long.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub avatar_cache_ttl: Duration,
     /// Extra librdkafka properties (e.g. `security.protocol`, `session.timeout.ms`).
     #[serde(deserialize_with = "string_map")]
@@ -457,6 +467,13 @@ impl Secret {
 
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+/// Shown (in an example or a dump of the config) as a placeholder, never as the value.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<secret>")
     }
 }
 
@@ -845,6 +862,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .checked_mul(seconds_per_unit)
         .map(Duration::from_secs)
         .ok_or_else(expected)
+}
+
+/// A duration the way an operator writes it: `2h`, `10m`, `90s`, `250ms`.
+fn show_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    let text = match (d.as_secs(), d.subsec_millis()) {
+        (0, ms) => format!("{ms}ms"),
+        (secs, 0) if secs % 3600 == 0 => format!("{}h", secs / 3600),
+        (secs, 0) if secs % 60 == 0 => format!("{}m", secs / 60),
+        (secs, 0) => format!("{secs}s"),
+        _ => format!("{}ms", d.as_millis()),
+    };
+    s.serialize_str(&text)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -1265,6 +1294,43 @@ lifecycle:
         assert_eq!(
             config.agents.letta_url.as_deref(),
             Some("http://legacy:8283")
+        );
+    }
+
+    /// The sections and keys of a config, as `section.key`.
+    fn keys(value: &Value) -> std::collections::BTreeSet<String> {
+        let mut keys = std::collections::BTreeSet::new();
+        for (section, fields) in value.as_mapping().unwrap() {
+            for (key, _) in fields.as_mapping().unwrap() {
+                keys.insert(format!(
+                    "{}.{}",
+                    section.as_str().unwrap(),
+                    key.as_str().unwrap()
+                ));
+            }
+        }
+        keys
+    }
+
+    /// config.example.yaml holds every key at its default: a key added to the config
+    /// without its line in the example, or a default that changed, fails here.
+    #[test]
+    fn should_document_every_key_and_its_default_in_the_example() {
+        let text = include_str!("../config.example.yaml");
+        let example = Config::from_yaml(text).expect("the example loads");
+        let written: Value = serde_yaml::from_str(text).unwrap();
+        let example_tree = serde_yaml::to_value(&example).unwrap();
+        let defaults = Config::from_yaml("homeserver: {server_name: example.org}").unwrap();
+        let default_tree = serde_yaml::to_value(&defaults).unwrap();
+        assert_eq!(
+            keys(&written),
+            keys(&default_tree),
+            "config.example.yaml and the config's keys differ"
+        );
+        assert_eq!(example_tree, default_tree, "the example shows the defaults");
+        assert_eq!(
+            example.ids().required_members,
+            vec!["@letta:example.org", "@admin:example.org"]
         );
     }
 

@@ -631,4 +631,25 @@ mod tests {
             "{problems:?}"
         );
     }
+
+    /// The top-level example registrations have exactly the shape `roster registration`
+    /// writes for config.example.yaml (only the tokens are placeholders).
+    #[test]
+    fn should_match_the_example_registrations() {
+        let config =
+            Config::from_yaml(include_str!("../config.example.yaml")).expect("the example loads");
+        let mut generated = generate(&config).unwrap();
+        let parse = |text: &str| serde_yaml::from_str::<Registration>(text).unwrap();
+        let pushed = parse(include_str!("../registration.yaml"));
+        let acting = parse(include_str!("../registration-acting.yaml"));
+        generated.pushed.as_token = pushed.as_token.clone();
+        generated.pushed.hs_token = pushed.hs_token.clone();
+        let silent = generated.acting.as_mut().unwrap();
+        silent.as_token = acting.as_token.clone();
+        silent.hs_token = acting.hs_token.clone();
+        let yaml = |r: &Registration| serde_yaml::to_string(r).unwrap();
+        assert_eq!(yaml(&pushed), yaml(&generated.pushed));
+        assert_eq!(yaml(&acting), yaml(generated.acting.as_ref().unwrap()));
+        assert!(check(&config, &Registrations { pushed, acting: Some(acting) }).is_empty());
+    }
 }
