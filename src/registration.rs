@@ -650,6 +650,15 @@ mod tests {
         let yaml = |r: &Registration| serde_yaml::to_string(r).unwrap();
         assert_eq!(yaml(&pushed), yaml(&generated.pushed));
         assert_eq!(yaml(&acting), yaml(generated.acting.as_ref().unwrap()));
-        assert!(check(&config, &Registrations { pushed, acting: Some(acting) }).is_empty());
+        assert!(
+            check(
+                &config,
+                &Registrations {
+                    pushed,
+                    acting: Some(acting)
+                }
+            )
+            .is_empty()
+        );
     }
 }

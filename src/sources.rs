@@ -635,6 +635,10 @@ impl crate::reconcile::ListAgents for AgentSource {
         self.to_string()
     }
 
+    fn keeps_history(&self) -> bool {
+        matches!(self.kind, Kind::Letta(_))
+    }
+
     fn history(
         &self,
         agent_id: &str,

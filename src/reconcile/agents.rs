@@ -564,8 +564,8 @@ impl Agents {
                 record.applied_topic = Some(topic_for(name));
                 record.settings_applied = true;
                 record.space_parent_set = space.is_some();
-                record.history_pending =
-                    self.history.is_some() && self.shared.config.agents.history_import > 0;
+                record.history_pending = self.history.as_ref().is_some_and(|h| h.keeps_history())
+                    && self.shared.config.agents.history_import > 0;
                 record.room_id = Some(room);
             }
             Err(e) if is_room_in_use(&e) => {
@@ -1013,6 +1013,9 @@ mod tests {
     impl ListAgents for Source {
         fn describe(&self) -> String {
             "test source".into()
+        }
+        fn keeps_history(&self) -> bool {
+            true
         }
         fn list(&self) -> futures::future::BoxFuture<'_, Result<Vec<Agent>, String>> {
             Box::pin(async { Ok(Vec::new()) })

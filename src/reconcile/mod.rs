@@ -40,6 +40,8 @@ pub trait ListAgents: Send + Sync {
     fn describe(&self) -> String;
     /// A complete listing, or an error: never a partial or guessed one.
     fn list(&self) -> BoxFuture<'_, Result<Vec<Agent>, String>>;
+    /// Whether the source keeps agents' history (Letta does, an agents file does not).
+    fn keeps_history(&self) -> bool;
     /// The agent's last `limit` user and assistant messages, oldest first; `None` when the
     /// source keeps no history (an agents file).
     fn history(
