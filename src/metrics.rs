@@ -446,4 +446,37 @@ mod tests {
         m.count_homeserver_request();
         assert_eq!(m.homeserver_requests_sent(), 2);
     }
+
+    /// Every metric the Grafana dashboard and the alert rules use is one roster exports
+    /// (the families above are exactly what `/metrics` exports once touched).
+    #[test]
+    fn should_export_every_metric_the_dashboard_and_alerts_use() {
+        let used = [
+            include_str!("../deploy/grafana/roster.json"),
+            include_str!("../deploy/prometheus/alerts.yaml"),
+        ];
+        let mut names = std::collections::BTreeSet::new();
+        for text in used {
+            let mut rest = text;
+            while let Some(at) = rest.find("roster_") {
+                let tail = &rest[at..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()))
+                    .unwrap_or(tail.len());
+                names.insert(tail[..end].to_owned());
+                rest = &tail[end..];
+            }
+        }
+        assert!(names.len() > 10, "found the names: {names:?}");
+        for name in &names {
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            assert!(
+                FAMILIES.contains(&family),
+                "{name} is used by the dashboard or the alerts but roster exports no {family}"
+            );
+        }
+    }
 }
