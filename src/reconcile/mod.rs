@@ -259,6 +259,7 @@ async fn provision(
             _ = tokio::time::sleep(backoff.max) => {}
         }
     }
+    shared.state.status(|s| s.space = Some(space.clone()));
 
     let tasks = tokio_util::task::TaskTracker::new();
     for _ in 0..WORKERS {
