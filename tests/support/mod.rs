@@ -6,9 +6,13 @@
 
 #![allow(dead_code)]
 
+pub mod identity;
+pub mod tuwunel;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -25,6 +29,11 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A homeserver address where nothing listens (tests that act as the homeserver themselves).
+pub fn nowhere() -> String {
+    format!("http://127.0.0.1:{}", free_port())
 }
 
 /// A scratch directory kept (and printed) when the test panics.
@@ -121,6 +130,9 @@ pub struct Synapse {
     pub port: u16,
     pub metrics_port: u16,
     http: reqwest::Client,
+    /// Failed logins this harness made since Synapse last started (its counters restart
+    /// with it): the only logins Synapse may count.
+    failed_logins: AtomicU64,
 }
 
 impl Synapse {
@@ -150,6 +162,7 @@ impl Synapse {
             port,
             metrics_port,
             http: reqwest::Client::new(),
+            failed_logins: AtomicU64::new(0),
         };
         synapse.spawn().await;
         synapse
@@ -165,6 +178,7 @@ impl Synapse {
             .spawn()
             .expect("start synapse");
         self.child = Some(child);
+        self.failed_logins.store(0, Ordering::SeqCst);
         let url = format!("{}/_matrix/client/versions", self.url());
         let http = self.http.clone();
         eventually(Duration::from_secs(60), "synapse to answer", || {
@@ -234,10 +248,17 @@ impl Synapse {
         )
     }
 
-    /// One failed login moves the counter: proves the zero-login checks could fail.
-    pub async fn assert_login_counter_is_live(&self) {
-        let before = self.login_count().await;
-        let (status, _) = self
+    /// Asserts that Synapse counted no login since it (re)started other than the failed ones
+    /// this harness made, then makes one more failed login and sees it counted: the counter
+    /// is live, so the zero could have failed.
+    pub async fn assert_no_logins(&self) {
+        let made = self.failed_logins.load(Ordering::SeqCst);
+        assert_eq!(
+            self.login_count().await,
+            made,
+            "Synapse counted logins other than the {made} failed ones the test made"
+        );
+        let (status, body) = self
             .call(
                 reqwest::Method::POST,
                 "/_matrix/client/v3/login",
@@ -245,8 +266,20 @@ impl Synapse {
                 Some(json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "nobody" }, "password": "x" })),
             )
             .await;
-        assert_eq!(status, 403);
-        assert_eq!(self.login_count().await, before + 1);
+        assert_eq!(status, 403, "a login with a wrong password fails: {body}");
+        let made = self.failed_logins.fetch_add(1, Ordering::SeqCst) + 1;
+        eventually(
+            Duration::from_secs(10),
+            "Synapse to count the test's failed login",
+            || async { (self.login_count().await == made).then_some(()) },
+        )
+        .await;
+    }
+
+    /// One failed login moves the counter: proves the zero-login checks could fail.
+    /// (Superseded by `assert_no_logins`, which every zero-login check uses.)
+    pub async fn assert_login_counter_is_live(&self) {
+        self.assert_no_logins().await;
     }
 
     /// Synapse's count of requests it received, by servlet name.
@@ -712,6 +745,217 @@ impl Roster {
     pub fn client(&self) -> &reqwest::Client {
         &self.http
     }
+
+    /// Pushes raw `body` to `path_and_query` (a legacy path, an `access_token` parameter,
+    /// bytes that are not UTF-8), with `bearer` as the `Authorization` token if given.
+    pub async fn push_to(
+        &self,
+        path_and_query: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .put(self.appservice_url(path_and_query))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("roster answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// An admin-listener call with `token` (none: no `Authorization` header); returns the
+    /// status and the JSON body (`Null` when the body is not JSON).
+    pub async fn admin_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, self.admin_url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .expect("roster's admin listener answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET /admin/v1/status` (the typed status report, as JSON).
+    pub async fn status(&self) -> Value {
+        let (status, body) = self
+            .admin_call(
+                reqwest::Method::GET,
+                "/admin/v1/status",
+                Some(&self.admin_token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "status: {body}");
+        body
+    }
+
+    /// `roster_transactions_total{outcome}`.
+    pub async fn transactions(&self, outcome: &str) -> u64 {
+        self.metric(
+            "roster_transactions_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        )
+        .await
+    }
+
+    /// `roster_member_transitions_total{transition}`.
+    pub async fn transitions(&self, transition: &str) -> u64 {
+        self.metric(
+            "roster_member_transitions_total",
+            &[&format!("transition=\"{transition}\"")],
+        )
+        .await
+    }
+
+    /// `roster_homeserver_requests_total`, of one endpoint or (`None`) all of them.
+    pub async fn homeserver_requests(&self, endpoint: Option<&str>) -> u64 {
+        match endpoint {
+            Some(endpoint) => {
+                self.metric(
+                    "roster_homeserver_requests_total",
+                    &[&format!("endpoint=\"{endpoint}\"")],
+                )
+                .await
+            }
+            None => self.metric("roster_homeserver_requests_total", &[]).await,
+        }
+    }
+
+    /// `roster_lifecycle_events_total{type,outcome}`.
+    pub async fn lifecycle_events(&self, event: &str, outcome: &str) -> u64 {
+        self.metric(
+            "roster_lifecycle_events_total",
+            &[
+                &format!("type=\"{event}\""),
+                &format!("outcome=\"{outcome}\""),
+            ],
+        )
+        .await
+    }
+
+    /// Waits until roster's start-up ping succeeded: the homeserver reached roster's
+    /// `/_matrix/app/v1/ping` (`/ready` does not wait for it).
+    pub async fn wait_pinged(&self) {
+        eventually(
+            Duration::from_secs(120),
+            "the homeserver to answer roster's start-up ping",
+            || async {
+                let ok = self
+                    .metric("roster_homeserver_pings_total", &["outcome=\"ok\""])
+                    .await;
+                let status = self.status().await;
+                (ok >= 1 && status["ping"]["last_ok_at_ms"].is_u64()).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Waits until roster reports `rooms` agent rooms for as many agents, nothing pending,
+    /// nothing running and a finished sync; returns that status.
+    pub async fn wait_converged(&self, rooms: usize) -> Value {
+        eventually(
+            Duration::from_secs(300),
+            &format!("{rooms} rooms converged"),
+            || async {
+                let status = self.status().await;
+                let done = status["rooms"] == rooms
+                    && status["agents"] == rooms
+                    && status["pending"] == 0
+                    && status["running"] == 0
+                    && status["last_sync"].is_object();
+                done.then_some(status)
+            },
+        )
+        .await
+    }
+
+    /// Removes `admin.token` from the config (the admin API is then off); takes effect at
+    /// the next start.
+    pub fn without_admin_token(&mut self) {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let line = format!("  token: {}\n", self.admin_token);
+        assert!(config.contains(&line), "the harness wrote admin.token");
+        std::fs::write(&self.config, config.replace(&line, "")).unwrap();
+    }
+
+    /// Every log this roster wrote (one per start), in order.
+    pub fn logs(&self) -> Vec<(PathBuf, String)> {
+        (1..=self.starts)
+            .map(|n| {
+                let path = self.dir.join(format!("roster-{n}.log"));
+                let text = std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+                (path, text)
+            })
+            .collect()
+    }
+
+    /// No log roster wrote holds the as_token, the hs_token, the admin token or any of
+    /// `extra` (other credentials the test gave it). Each log must show roster started, so
+    /// an empty or missing log cannot pass for a clean one.
+    pub fn assert_no_secrets_in_logs(&self, extra: &[&str]) {
+        let logs = self.logs();
+        assert!(!logs.is_empty(), "roster was never started");
+        let mut secrets = vec![
+            ("as_token", self.as_token.as_str()),
+            ("hs_token", self.hs_token.as_str()),
+            ("admin token", self.admin_token.as_str()),
+        ];
+        secrets.extend(extra.iter().map(|s| ("a credential the test passed", *s)));
+        for (path, text) in &logs {
+            assert!(
+                text.contains("roster starting"),
+                "{} does not look like a roster log",
+                path.display()
+            );
+            for (what, secret) in &secrets {
+                assert!(!secret.is_empty(), "an empty {what} proves nothing");
+                assert!(
+                    !text.contains(secret),
+                    "{} holds the {what}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Waits until neither roster nor Synapse count a new request for 3 s in a row (the
+/// effects of earlier actions have settled); returns both counters then.
+pub async fn wait_quiet(roster: &Roster, synapse: &Synapse) -> (u64, u64) {
+    eventually(
+        Duration::from_secs(180),
+        "roster's and Synapse's request counters to stop moving",
+        || async {
+            let before = (
+                roster.homeserver_requests(None).await,
+                synapse.requests_received_total().await,
+            );
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let after = (
+                roster.homeserver_requests(None).await,
+                synapse.requests_received_total().await,
+            );
+            (before == after).then_some(after)
+        },
+    )
+    .await
 }
 
 impl Drop for Roster {
@@ -816,11 +1060,12 @@ impl Tansu {
     }
 
     /// The `lifecycle:` section for roster: this broker, the group join speed-ups the
-    /// peers README asks for in tests.
+    /// peers README asks for in tests, and `earliest` (the memory storage's high watermark
+    /// is wrong, so `latest` would be too).
     pub fn lifecycle_yaml(&self, topic: &str, group: &str, extra: &str) -> String {
         format!(
             "lifecycle:\n  enabled: true\n  brokers: {}\n  topic: {topic}\n  group_id: {group}\n  \
-             kafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500, auto.offset.reset: earliest}}\n{extra}",
+             start_from: earliest\n  kafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500}}\n{extra}",
             self.brokers()
         )
     }
@@ -857,6 +1102,45 @@ impl Tansu {
             .await
             .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
         (delivery.partition, delivery.offset)
+    }
+
+    /// Produces `body` (JSON) to `topic` with an `event_type` header, keyed by `key`.
+    pub async fn produce_event(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        event_type: &str,
+        body: &Value,
+    ) -> (i32, i64) {
+        let payload = serde_json::to_vec(body).unwrap();
+        self.produce(topic, None, key, &[("event_type", event_type)], &payload)
+            .await
+    }
+
+    /// Per partition, the offset after the last message of `produced` (-1: none there).
+    /// The memory storage's high watermark is wrong, so tests count what they produced.
+    pub fn ends(&self, produced: &[(i32, i64)]) -> Vec<i64> {
+        (0..self.partitions)
+            .map(|p| {
+                produced
+                    .iter()
+                    .filter(|(q, _)| *q == p)
+                    .map(|(_, o)| o + 1)
+                    .max()
+                    .unwrap_or(-1)
+            })
+            .collect()
+    }
+
+    /// Waits until `group` committed every message of `produced` on `topic`, and no more.
+    pub async fn wait_committed(&self, group: &str, topic: &str, produced: &[(i32, i64)]) {
+        let expected = self.ends(produced);
+        eventually(
+            Duration::from_secs(60),
+            &format!("committed offsets to reach {expected:?}"),
+            || async { (self.committed(group, topic) == expected).then_some(()) },
+        )
+        .await;
     }
 
     /// The group's committed position per partition (-1: nothing committed).
