@@ -276,12 +276,6 @@ impl Synapse {
         .await;
     }
 
-    /// One failed login moves the counter: proves the zero-login checks could fail.
-    /// (Superseded by `assert_no_logins`, which every zero-login check uses.)
-    pub async fn assert_login_counter_is_live(&self) {
-        self.assert_no_logins().await;
-    }
-
     /// Synapse's count of requests it received, by servlet name.
     pub async fn requests_received(&self, servlet: &str) -> u64 {
         sum_samples(
