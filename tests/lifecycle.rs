@@ -886,14 +886,14 @@ async fn kafka_disabled_starts_no_consumer() {
         },
     )
     .await;
+    let log = std::fs::read_to_string(roster.dir.join("roster-1.log")).unwrap();
+    assert!(!log.contains("lifecycle consumer started"), "{log}");
     let (ok, _, stderr) = roster.cli(&["replay", "--partition", "0", "--offset", "0"]);
     assert!(!ok);
     assert!(
         stderr.contains("not running") && stderr.contains("KAFKA_ENABLED"),
         "{stderr}"
     );
-    let log = std::fs::read_to_string(roster.dir.join("roster-1.log")).unwrap();
-    assert!(!log.contains("lifecycle consumer started"), "{log}");
     roster.stop();
 
     // The control: the same config with KAFKA_ENABLED=true starts the consumer at once.
