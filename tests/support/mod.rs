@@ -123,6 +123,47 @@ where
     }
 }
 
+/// The registration files `roster registration` wrote for `registration`: the file itself,
+/// then any `<stem>-*.yaml` beside it (an acting-only registration, `registration-acting.yaml`,
+/// where roster writes one), sorted.
+pub fn registration_files(registration: &Path) -> Vec<PathBuf> {
+    let stem = registration
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("a registration file name");
+    let prefix = format!("{stem}-");
+    let mut siblings: Vec<PathBuf> = std::fs::read_dir(registration.parent().unwrap())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".yaml"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    siblings.sort();
+    let mut files = vec![registration.to_owned()];
+    files.extend(siblings);
+    files
+}
+
+/// The `as_token` and `hs_token` of every registration file of `registration`.
+fn registration_tokens(registration: &Path) -> Vec<String> {
+    registration_files(registration)
+        .iter()
+        .flat_map(|file| {
+            let reg: Value = serde_yaml::from_str(&std::fs::read_to_string(file).unwrap())
+                .unwrap_or_else(|e| panic!("{} is not YAML: {e}", file.display()));
+            ["as_token", "hs_token"]
+                .into_iter()
+                .filter_map(move |key| reg[key].as_str().map(str::to_owned))
+        })
+        .collect()
+}
+
 /// A real Synapse, installed and started by `deploy/peers/synapse.sh`.
 pub struct Synapse {
     child: Option<Child>,
@@ -136,26 +177,28 @@ pub struct Synapse {
 }
 
 impl Synapse {
-    /// Starts Synapse on `port` with the appservice `registration`.
+    /// Starts Synapse on `port` with the appservice `registration` and the registrations
+    /// roster wrote beside it (see [`registration_files`]).
     pub async fn start(dir: &Path, port: u16, registration: &Path) -> Synapse {
         run_script("synapse.sh", &["install"]);
         let metrics_port = free_port();
         let dir = dir.join("synapse");
-        run_script(
-            "synapse.sh",
-            &[
-                "init",
-                dir.to_str().unwrap(),
-                "--port",
-                &port.to_string(),
-                "--metrics-port",
-                &metrics_port.to_string(),
-                "--registration",
-                registration.to_str().unwrap(),
-                "--server-name",
-                SERVER_NAME,
-            ],
-        );
+        let (port_arg, metrics_arg) = (port.to_string(), metrics_port.to_string());
+        let mut args = vec![
+            "init",
+            dir.to_str().unwrap(),
+            "--port",
+            &port_arg,
+            "--metrics-port",
+            &metrics_arg,
+            "--server-name",
+            SERVER_NAME,
+        ];
+        let registrations = registration_files(registration);
+        for file in &registrations {
+            args.extend(["--registration", file.to_str().unwrap()]);
+        }
+        run_script("synapse.sh", &args);
         let mut synapse = Synapse {
             child: None,
             dir,
@@ -500,6 +543,9 @@ pub struct Roster {
     pub admin_token: String,
     pub hs_token: String,
     pub as_token: String,
+    /// Every token of every registration file (the acting-only one's too): none may be
+    /// logged.
+    registration_tokens: Vec<String>,
     extra_env: Vec<(String, String)>,
     starts: u32,
     http: reqwest::Client,
@@ -536,6 +582,7 @@ impl Roster {
         assert!(status.success(), "roster registration failed");
         let reg: Value = serde_yaml::from_str(&std::fs::read_to_string(&registration).unwrap())
             .expect("registration is YAML");
+        let registration_tokens = registration_tokens(&registration);
         Roster {
             child: None,
             dir,
@@ -546,10 +593,30 @@ impl Roster {
             admin_token,
             hs_token: reg["hs_token"].as_str().unwrap().to_owned(),
             as_token: reg["as_token"].as_str().unwrap().to_owned(),
+            registration_tokens,
             extra_env: Vec::new(),
             starts: 0,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Takes `other`'s registration files (so both are one appservice) in place of its own.
+    pub fn use_registrations_of(&mut self, other: &Roster) {
+        let dir = self.registration.parent().unwrap().to_owned();
+        for file in registration_files(&self.registration) {
+            std::fs::remove_file(file).unwrap();
+        }
+        for file in registration_files(&other.registration) {
+            let target = if file == other.registration {
+                self.registration.clone()
+            } else {
+                dir.join(file.file_name().unwrap())
+            };
+            std::fs::copy(&file, target).unwrap();
+        }
+        self.as_token = other.as_token.clone();
+        self.hs_token = other.hs_token.clone();
+        self.registration_tokens = other.registration_tokens.clone();
     }
 
     pub fn env(&mut self, key: &str, value: &str) {
@@ -900,8 +967,8 @@ impl Roster {
             .collect()
     }
 
-    /// No log roster wrote holds the as_token, the hs_token, the admin token or any of
-    /// `extra` (other credentials the test gave it). Each log must show roster started, so
+    /// No log roster wrote holds the as_token, the hs_token, the admin token, a token of any
+    /// registration file or any of `extra` (other credentials the test gave it). Each log must show roster started, so
     /// an empty or missing log cannot pass for a clean one.
     pub fn assert_no_secrets_in_logs(&self, extra: &[&str]) {
         let logs = self.logs();
@@ -911,6 +978,11 @@ impl Roster {
             ("hs_token", self.hs_token.as_str()),
             ("admin token", self.admin_token.as_str()),
         ];
+        secrets.extend(
+            self.registration_tokens
+                .iter()
+                .map(|t| ("registration token", t.as_str())),
+        );
         secrets.extend(extra.iter().map(|s| ("a credential the test passed", *s)));
         for (path, text) in &logs {
             assert!(
