@@ -933,7 +933,7 @@ async fn tuwunel_standin_leaves_and_clears_as_the_user_then_deactivates_with_the
         &tansu.lifecycle_yaml(TOPIC, GROUP, ""),
     );
     let admin_token = "standin-admin-token";
-    let (url, standin) = tuwunel::start(&roster.as_token, admin_token).await;
+    let (url, standin) = tuwunel::start(&roster.as_tokens(), admin_token).await;
     roster.env("MATRIX_HOMESERVER_URL", &url);
     roster.env("ROSTER_HOMESERVER__URL", &url);
     roster.env("MATRIX_ADMIN_TOKEN", admin_token);
@@ -1074,7 +1074,7 @@ async fn tuwunel_standin_without_an_admin_token_stops_start_up_with_a_clear_erro
         &nowhere(),
         &tansu.lifecycle_yaml(TOPIC, GROUP, ""),
     );
-    let (url, _standin) = tuwunel::start(&roster.as_token, "unused").await;
+    let (url, _standin) = tuwunel::start(&roster.as_tokens(), "unused").await;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
         .args(["serve", "-c"])
         .arg(&roster.config)
@@ -1151,6 +1151,9 @@ async fn partitions_handed_between_two_rosters_lose_nothing() {
         &stack.tansu.lifecycle_yaml(TOPIC, GROUP, ""),
     );
     second.use_registrations_of(&stack.roster);
+    // One appservice, one URL for the homeserver to push to (as behind one Service): the
+    // registration's, which is the first's listener.
+    second.env("ROSTER_APPSERVICE__URL", &stack.roster.appservice_url(""));
     let mut produced = batch(&stack.tansu, 0, 30).await;
     let mut first = stack.roster;
     first.start().await;

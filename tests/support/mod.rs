@@ -600,6 +600,19 @@ impl Roster {
         }
     }
 
+    /// The `as_token` of every registration file (where roster writes an acting-only
+    /// registration, it acts as its users with that file's token).
+    pub fn as_tokens(&self) -> Vec<String> {
+        registration_files(&self.registration)
+            .iter()
+            .filter_map(|file| {
+                let reg: Value =
+                    serde_yaml::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+                reg["as_token"].as_str().map(str::to_owned)
+            })
+            .collect()
+    }
+
     /// Takes `other`'s registration files (so both are one appservice) in place of its own.
     pub fn use_registrations_of(&mut self, other: &Roster) {
         let dir = self.registration.parent().unwrap().to_owned();

@@ -32,7 +32,8 @@ pub struct User {
 
 #[derive(Default)]
 pub struct Tuwunel {
-    pub as_token: String,
+    /// The appservice tokens it accepts (one per registration).
+    pub as_tokens: Vec<String>,
     pub admin_token: String,
     pub users: HashMap<String, User>,
     /// Room id -> joined users.
@@ -91,7 +92,7 @@ fn sender(
     headers: &HeaderMap,
     query: &HashMap<String, String>,
 ) -> Result<String, Refusal> {
-    if bearer(headers).as_deref() != Some(state.as_token.as_str()) {
+    if !bearer(headers).is_some_and(|t| state.as_tokens.contains(&t)) {
         return Err((
             StatusCode::UNAUTHORIZED,
             "M_UNKNOWN_TOKEN",
@@ -118,11 +119,11 @@ fn sender(
 
 type Q = Query<HashMap<String, String>>;
 
-/// Starts the stand-in for an appservice with `as_token`; `admin_token` is a server
-/// admin's. `@letta` exists. Returns its base URL and its state.
-pub async fn start(as_token: &str, admin_token: &str) -> (String, Shared) {
+/// Starts the stand-in for an appservice with `as_tokens` (those of all its registrations);
+/// `admin_token` is a server admin's. `@letta` exists. Returns its base URL and its state.
+pub async fn start(as_tokens: &[String], admin_token: &str) -> (String, Shared) {
     let mut state = Tuwunel {
-        as_token: as_token.to_owned(),
+        as_tokens: as_tokens.to_vec(),
         admin_token: admin_token.to_owned(),
         ..Tuwunel::default()
     };
@@ -178,7 +179,7 @@ async fn register(
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
     let mut s = s.lock().unwrap();
-    if bearer(&headers).as_deref() != Some(s.as_token.as_str()) {
+    if !bearer(&headers).is_some_and(|t| s.as_tokens.contains(&t)) {
         return matrix_error(
             StatusCode::UNAUTHORIZED,
             "M_UNKNOWN_TOKEN",
