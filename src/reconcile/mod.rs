@@ -267,6 +267,7 @@ async fn provision(
             _ = tokio::time::sleep(backoff.max) => {}
         }
     }
+    shared.state.status(|s| s.space = Some(space.clone()));
 
     // Bring an existing space in line now (its members are read, then kept).
     shared.queue.schedule(&Key::Space);

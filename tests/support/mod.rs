@@ -6,9 +6,13 @@
 
 #![allow(dead_code)]
 
+pub mod identity;
+pub mod tuwunel;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -25,6 +29,11 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A homeserver address where nothing listens (tests that act as the homeserver themselves).
+pub fn nowhere() -> String {
+    format!("http://127.0.0.1:{}", free_port())
 }
 
 /// A scratch directory kept (and printed) when the test panics.
@@ -114,6 +123,47 @@ where
     }
 }
 
+/// The registration files `roster registration` wrote for `registration`: the file itself,
+/// then any `<stem>-*.yaml` beside it (an acting-only registration, `registration-acting.yaml`,
+/// where roster writes one), sorted.
+pub fn registration_files(registration: &Path) -> Vec<PathBuf> {
+    let stem = registration
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("a registration file name");
+    let prefix = format!("{stem}-");
+    let mut siblings: Vec<PathBuf> = std::fs::read_dir(registration.parent().unwrap())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".yaml"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    siblings.sort();
+    let mut files = vec![registration.to_owned()];
+    files.extend(siblings);
+    files
+}
+
+/// The `as_token` and `hs_token` of every registration file of `registration`.
+fn registration_tokens(registration: &Path) -> Vec<String> {
+    registration_files(registration)
+        .iter()
+        .flat_map(|file| {
+            let reg: Value = serde_yaml::from_str(&std::fs::read_to_string(file).unwrap())
+                .unwrap_or_else(|e| panic!("{} is not YAML: {e}", file.display()));
+            ["as_token", "hs_token"]
+                .into_iter()
+                .filter_map(move |key| reg[key].as_str().map(str::to_owned))
+        })
+        .collect()
+}
+
 /// A real Synapse, installed and started by `deploy/peers/synapse.sh`.
 pub struct Synapse {
     child: Option<Child>,
@@ -121,35 +171,41 @@ pub struct Synapse {
     pub port: u16,
     pub metrics_port: u16,
     http: reqwest::Client,
+    /// Failed logins this harness made since Synapse last started (its counters restart
+    /// with it): the only logins Synapse may count.
+    failed_logins: AtomicU64,
 }
 
 impl Synapse {
-    /// Starts Synapse on `port` with the appservice `registration`.
+    /// Starts Synapse on `port` with the appservice `registration` and the registrations
+    /// roster wrote beside it (see [`registration_files`]).
     pub async fn start(dir: &Path, port: u16, registration: &Path) -> Synapse {
         run_script("synapse.sh", &["install"]);
         let metrics_port = free_port();
         let dir = dir.join("synapse");
-        run_script(
-            "synapse.sh",
-            &[
-                "init",
-                dir.to_str().unwrap(),
-                "--port",
-                &port.to_string(),
-                "--metrics-port",
-                &metrics_port.to_string(),
-                "--registration",
-                registration.to_str().unwrap(),
-                "--server-name",
-                SERVER_NAME,
-            ],
-        );
+        let (port_arg, metrics_arg) = (port.to_string(), metrics_port.to_string());
+        let mut args = vec![
+            "init",
+            dir.to_str().unwrap(),
+            "--port",
+            &port_arg,
+            "--metrics-port",
+            &metrics_arg,
+            "--server-name",
+            SERVER_NAME,
+        ];
+        let registrations = registration_files(registration);
+        for file in &registrations {
+            args.extend(["--registration", file.to_str().unwrap()]);
+        }
+        run_script("synapse.sh", &args);
         let mut synapse = Synapse {
             child: None,
             dir,
             port,
             metrics_port,
             http: reqwest::Client::new(),
+            failed_logins: AtomicU64::new(0),
         };
         synapse.spawn().await;
         synapse
@@ -165,6 +221,7 @@ impl Synapse {
             .spawn()
             .expect("start synapse");
         self.child = Some(child);
+        self.failed_logins.store(0, Ordering::SeqCst);
         let url = format!("{}/_matrix/client/versions", self.url());
         let http = self.http.clone();
         eventually(Duration::from_secs(60), "synapse to answer", || {
@@ -234,10 +291,17 @@ impl Synapse {
         )
     }
 
-    /// One failed login moves the counter: proves the zero-login checks could fail.
-    pub async fn assert_login_counter_is_live(&self) {
-        let before = self.login_count().await;
-        let (status, _) = self
+    /// Asserts that Synapse counted no login since it (re)started other than the failed ones
+    /// this harness made, then makes one more failed login and sees it counted: the counter
+    /// is live, so the zero could have failed.
+    pub async fn assert_no_logins(&self) {
+        let made = self.failed_logins.load(Ordering::SeqCst);
+        assert_eq!(
+            self.login_count().await,
+            made,
+            "Synapse counted logins other than the {made} failed ones the test made"
+        );
+        let (status, body) = self
             .call(
                 reqwest::Method::POST,
                 "/_matrix/client/v3/login",
@@ -245,8 +309,14 @@ impl Synapse {
                 Some(json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "nobody" }, "password": "x" })),
             )
             .await;
-        assert_eq!(status, 403);
-        assert_eq!(self.login_count().await, before + 1);
+        assert_eq!(status, 403, "a login with a wrong password fails: {body}");
+        let made = self.failed_logins.fetch_add(1, Ordering::SeqCst) + 1;
+        eventually(
+            Duration::from_secs(10),
+            "Synapse to count the test's failed login",
+            || async { (self.login_count().await == made).then_some(()) },
+        )
+        .await;
     }
 
     /// Synapse's count of requests it received, by servlet name.
@@ -473,6 +543,9 @@ pub struct Roster {
     pub admin_token: String,
     pub hs_token: String,
     pub as_token: String,
+    /// Every token of every registration file (the acting-only one's too): none may be
+    /// logged.
+    registration_tokens: Vec<String>,
     extra_env: Vec<(String, String)>,
     starts: u32,
     http: reqwest::Client,
@@ -509,6 +582,7 @@ impl Roster {
         assert!(status.success(), "roster registration failed");
         let reg: Value = serde_yaml::from_str(&std::fs::read_to_string(&registration).unwrap())
             .expect("registration is YAML");
+        let registration_tokens = registration_tokens(&registration);
         Roster {
             child: None,
             dir,
@@ -519,10 +593,43 @@ impl Roster {
             admin_token,
             hs_token: reg["hs_token"].as_str().unwrap().to_owned(),
             as_token: reg["as_token"].as_str().unwrap().to_owned(),
+            registration_tokens,
             extra_env: Vec::new(),
             starts: 0,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// The `as_token` of every registration file (where roster writes an acting-only
+    /// registration, it acts as its users with that file's token).
+    pub fn as_tokens(&self) -> Vec<String> {
+        registration_files(&self.registration)
+            .iter()
+            .filter_map(|file| {
+                let reg: Value =
+                    serde_yaml::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+                reg["as_token"].as_str().map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// Takes `other`'s registration files (so both are one appservice) in place of its own.
+    pub fn use_registrations_of(&mut self, other: &Roster) {
+        let dir = self.registration.parent().unwrap().to_owned();
+        for file in registration_files(&self.registration) {
+            std::fs::remove_file(file).unwrap();
+        }
+        for file in registration_files(&other.registration) {
+            let target = if file == other.registration {
+                self.registration.clone()
+            } else {
+                dir.join(file.file_name().unwrap())
+            };
+            std::fs::copy(&file, target).unwrap();
+        }
+        self.as_token = other.as_token.clone();
+        self.hs_token = other.hs_token.clone();
+        self.registration_tokens = other.registration_tokens.clone();
     }
 
     pub fn env(&mut self, key: &str, value: &str) {
@@ -712,6 +819,222 @@ impl Roster {
     pub fn client(&self) -> &reqwest::Client {
         &self.http
     }
+
+    /// Pushes raw `body` to `path_and_query` (a legacy path, an `access_token` parameter,
+    /// bytes that are not UTF-8), with `bearer` as the `Authorization` token if given.
+    pub async fn push_to(
+        &self,
+        path_and_query: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .put(self.appservice_url(path_and_query))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("roster answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// An admin-listener call with `token` (none: no `Authorization` header); returns the
+    /// status and the JSON body (`Null` when the body is not JSON).
+    pub async fn admin_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.http.request(method, self.admin_url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .expect("roster's admin listener answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET /admin/v1/status` (the typed status report, as JSON).
+    pub async fn status(&self) -> Value {
+        let (status, body) = self
+            .admin_call(
+                reqwest::Method::GET,
+                "/admin/v1/status",
+                Some(&self.admin_token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "status: {body}");
+        body
+    }
+
+    /// `roster_transactions_total{outcome}`.
+    pub async fn transactions(&self, outcome: &str) -> u64 {
+        self.metric(
+            "roster_transactions_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        )
+        .await
+    }
+
+    /// `roster_member_transitions_total{transition}`.
+    pub async fn transitions(&self, transition: &str) -> u64 {
+        self.metric(
+            "roster_member_transitions_total",
+            &[&format!("transition=\"{transition}\"")],
+        )
+        .await
+    }
+
+    /// `roster_homeserver_requests_total`, of one endpoint or (`None`) all of them.
+    pub async fn homeserver_requests(&self, endpoint: Option<&str>) -> u64 {
+        match endpoint {
+            Some(endpoint) => {
+                self.metric(
+                    "roster_homeserver_requests_total",
+                    &[&format!("endpoint=\"{endpoint}\"")],
+                )
+                .await
+            }
+            None => self.metric("roster_homeserver_requests_total", &[]).await,
+        }
+    }
+
+    /// `roster_lifecycle_events_total{type,outcome}`.
+    pub async fn lifecycle_events(&self, event: &str, outcome: &str) -> u64 {
+        self.metric(
+            "roster_lifecycle_events_total",
+            &[
+                &format!("type=\"{event}\""),
+                &format!("outcome=\"{outcome}\""),
+            ],
+        )
+        .await
+    }
+
+    /// Waits until roster's start-up ping succeeded: the homeserver reached roster's
+    /// `/_matrix/app/v1/ping` (`/ready` does not wait for it).
+    pub async fn wait_pinged(&self) {
+        eventually(
+            Duration::from_secs(120),
+            "the homeserver to answer roster's start-up ping",
+            || async {
+                let ok = self
+                    .metric("roster_homeserver_pings_total", &["outcome=\"ok\""])
+                    .await;
+                let status = self.status().await;
+                (ok >= 1 && status["ping"]["last_ok_at_ms"].is_u64()).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Waits until roster reports `rooms` agent rooms for as many agents, nothing pending,
+    /// nothing running and a finished sync; returns that status.
+    pub async fn wait_converged(&self, rooms: usize) -> Value {
+        eventually(
+            Duration::from_secs(300),
+            &format!("{rooms} rooms converged"),
+            || async {
+                let status = self.status().await;
+                let done = status["rooms"] == rooms
+                    && status["agents"] == rooms
+                    && status["pending"] == 0
+                    && status["running"] == 0
+                    && status["last_sync"].is_object();
+                done.then_some(status)
+            },
+        )
+        .await
+    }
+
+    /// Removes `admin.token` from the config (the admin API is then off); takes effect at
+    /// the next start.
+    pub fn without_admin_token(&mut self) {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let line = format!("  token: {}\n", self.admin_token);
+        assert!(config.contains(&line), "the harness wrote admin.token");
+        std::fs::write(&self.config, config.replace(&line, "")).unwrap();
+    }
+
+    /// Every log this roster wrote (one per start), in order.
+    pub fn logs(&self) -> Vec<(PathBuf, String)> {
+        (1..=self.starts)
+            .map(|n| {
+                let path = self.dir.join(format!("roster-{n}.log"));
+                let text = std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+                (path, text)
+            })
+            .collect()
+    }
+
+    /// No log roster wrote holds the as_token, the hs_token, the admin token, a token of any
+    /// registration file or any of `extra` (other credentials the test gave it). Each log must show roster started, so
+    /// an empty or missing log cannot pass for a clean one.
+    pub fn assert_no_secrets_in_logs(&self, extra: &[&str]) {
+        let logs = self.logs();
+        assert!(!logs.is_empty(), "roster was never started");
+        let mut secrets = vec![
+            ("as_token", self.as_token.as_str()),
+            ("hs_token", self.hs_token.as_str()),
+            ("admin token", self.admin_token.as_str()),
+        ];
+        secrets.extend(
+            self.registration_tokens
+                .iter()
+                .map(|t| ("registration token", t.as_str())),
+        );
+        secrets.extend(extra.iter().map(|s| ("a credential the test passed", *s)));
+        for (path, text) in &logs {
+            assert!(
+                text.contains("roster starting"),
+                "{} does not look like a roster log",
+                path.display()
+            );
+            for (what, secret) in &secrets {
+                assert!(!secret.is_empty(), "an empty {what} proves nothing");
+                assert!(
+                    !text.contains(secret),
+                    "{} holds the {what}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Waits until neither roster nor Synapse count a new request for 3 s in a row (the
+/// effects of earlier actions have settled); returns both counters then.
+pub async fn wait_quiet(roster: &Roster, synapse: &Synapse) -> (u64, u64) {
+    eventually(
+        Duration::from_secs(180),
+        "roster's and Synapse's request counters to stop moving",
+        || async {
+            let before = (
+                roster.homeserver_requests(None).await,
+                synapse.requests_received_total().await,
+            );
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let after = (
+                roster.homeserver_requests(None).await,
+                synapse.requests_received_total().await,
+            );
+            (before == after).then_some(after)
+        },
+    )
+    .await
 }
 
 impl Drop for Roster {
@@ -816,11 +1139,12 @@ impl Tansu {
     }
 
     /// The `lifecycle:` section for roster: this broker, the group join speed-ups the
-    /// peers README asks for in tests.
+    /// peers README asks for in tests, and `earliest` (the memory storage's high watermark
+    /// is wrong, so `latest` would be too).
     pub fn lifecycle_yaml(&self, topic: &str, group: &str, extra: &str) -> String {
         format!(
             "lifecycle:\n  enabled: true\n  brokers: {}\n  topic: {topic}\n  group_id: {group}\n  \
-             kafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500, auto.offset.reset: earliest}}\n{extra}",
+             start_from: earliest\n  kafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500}}\n{extra}",
             self.brokers()
         )
     }
@@ -857,6 +1181,45 @@ impl Tansu {
             .await
             .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
         (delivery.partition, delivery.offset)
+    }
+
+    /// Produces `body` (JSON) to `topic` with an `event_type` header, keyed by `key`.
+    pub async fn produce_event(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        event_type: &str,
+        body: &Value,
+    ) -> (i32, i64) {
+        let payload = serde_json::to_vec(body).unwrap();
+        self.produce(topic, None, key, &[("event_type", event_type)], &payload)
+            .await
+    }
+
+    /// Per partition, the offset after the last message of `produced` (-1: none there).
+    /// The memory storage's high watermark is wrong, so tests count what they produced.
+    pub fn ends(&self, produced: &[(i32, i64)]) -> Vec<i64> {
+        (0..self.partitions)
+            .map(|p| {
+                produced
+                    .iter()
+                    .filter(|(q, _)| *q == p)
+                    .map(|(_, o)| o + 1)
+                    .max()
+                    .unwrap_or(-1)
+            })
+            .collect()
+    }
+
+    /// Waits until `group` committed every message of `produced` on `topic`, and no more.
+    pub async fn wait_committed(&self, group: &str, topic: &str, produced: &[(i32, i64)]) {
+        let expected = self.ends(produced);
+        eventually(
+            Duration::from_secs(60),
+            &format!("committed offsets to reach {expected:?}"),
+            || async { (self.committed(group, topic) == expected).then_some(()) },
+        )
+        .await;
     }
 
     /// The group's committed position per partition (-1: nothing committed).
