@@ -407,11 +407,13 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
         rooms_after_provisioning,
         "no new room"
     );
-    // Exactly one alias lookup and one member read per room, plus the space's alias: the
-    // space is found by its alias at start-up (1 lookup); the lost store leaves no room id,
-    // so the start-up sweep reads nothing; each agent's run then finds its room by alias (6
-    // lookups) and reads its members once as the agent, a member (6 reads), before planning.
-    // Nothing reads again: the sweep interval is 10 minutes, and pushes carry the rest.
+    // Exactly one alias lookup and one member read per room, plus the space's: the space is
+    // found by its alias at start-up (1 lookup) and read by the start-up sweep (1 read); the
+    // lost store leaves no agent room id, so the sweep reads no agent room; each agent's run
+    // tries createRoom first, which Synapse refuses with M_ROOM_IN_USE before creating
+    // anything (the alias exists), then finds the room by its alias (6 lookups) and reads its
+    // members once as the agent (6 reads) before planning. Nothing reads again: the sweep
+    // interval is 10 minutes, and pushes carry the rest.
     assert_eq!(
         stack
             .roster
@@ -425,12 +427,24 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
             .roster
             .homeserver_requests(Some("joined_members"))
             .await,
-        6,
+        6 + 1,
         "member reads"
     );
     assert_eq!(
+        stack
+            .roster
+            .metric(
+                "roster_homeserver_requests_total",
+                &["endpoint=\"create_room\"", "status=\"400\""]
+            )
+            .await,
+        6,
+        "one refused createRoom per existing room"
+    );
+    assert_eq!(
         stack.roster.homeserver_requests(Some("create_room")).await,
-        0
+        6,
+        "none created"
     );
     assert_eq!(
         stack

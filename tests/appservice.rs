@@ -571,10 +571,18 @@ async fn masquerading_loop_on_real_synapse_with_zero_logins() {
     let (roster_requests_when_quiet, _) = wait_quiet(&roster, &synapse).await;
     let reads_when_quiet = roster.homeserver_requests(Some("joined_members")).await;
 
-    // roster's homeserver client, with the as_token only, in a room of the test's own.
+    // roster's homeserver client with roster's two tokens (the acting-only registration's
+    // for @admin), in a room of the test's own.
+    let tokens = roster.as_tokens();
+    assert_eq!(tokens.len(), 2, "a pushed and an acting-only registration");
     let hs = Homeserver::new(
         &synapse.url(),
-        roster::matrix::Tokens::single(Secret::new(roster.as_token.clone())),
+        roster::matrix::Tokens::pair(
+            Secret::new(roster.as_token.clone()),
+            Secret::new(tokens.iter().find(|t| **t != roster.as_token).unwrap().clone()),
+            SERVER_NAME.try_into().unwrap(),
+            |localpart| localpart == "admin" || localpart.starts_with("nova-"),
+        ),
         Duration::from_secs(30),
         4,
         std::sync::Arc::new(Metrics::new()),

@@ -269,9 +269,6 @@ async fn provision(
     }
     shared.state.status(|s| s.space = Some(space.clone()));
 
-    // Bring an existing space in line now (its members are read, then kept).
-    shared.queue.schedule(&Key::Space);
-
     let tasks = tokio_util::task::TaskTracker::new();
     // As many runs at once as the homeserver takes requests: each run is sequential, and
     // the client's permits bound what reaches the homeserver.
