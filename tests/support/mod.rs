@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod features;
 pub mod identity;
 pub mod tuwunel;
 
