@@ -424,6 +424,12 @@ impl LettaSource {
     /// messages, oldest first, of every kind (system, reasoning, tool calls); pages further
     /// back with `before=<oldest id>`. Only user and assistant messages with text count;
     /// Letta's own JSON notices posing as user messages (login, heartbeat) are skipped.
+    ///
+    /// Letta counts rows it does not list against N (the tool return stored after every
+    /// assistant message), so pages ask for twice the messages wanted, and a short page
+    /// does not mean the start was reached: pages go back until enough messages are found,
+    /// or a page brings no message not seen before (the start, or a server ignoring
+    /// `before`).
     pub async fn recent_messages(
         &self,
         agent_id: &str,
@@ -439,25 +445,31 @@ impl LettaSource {
             .push(agent_id)
             .push("messages");
         let mut found: Vec<HistoryMessage> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
         let mut before: Option<String> = None;
         for _ in 0..MAX_PAGES {
             let mut url = base.clone();
             {
                 let mut query = url.query_pairs_mut();
-                query.append_pair("limit", &limit.max(1).to_string());
+                query.append_pair("limit", &limit.max(1).saturating_mul(2).to_string());
                 if let Some(before) = &before {
                     query.append_pair("before", before);
                 }
             }
             let page: Vec<LettaMessage> = self.get_json(&url).await?;
-            let full = page.len() >= limit.max(1) as usize;
             before = page.first().map(|m| m.id.clone());
+            let page: Vec<LettaMessage> =
+                page.into_iter().filter(|m| !seen.contains(&m.id)).collect();
+            if page.is_empty() {
+                break;
+            }
+            seen.extend(page.iter().map(|m| m.id.clone()));
             let mut older: Vec<HistoryMessage> =
                 page.into_iter().filter_map(LettaMessage::history).collect();
             older.dedup_by(|a, b| a.id == b.id && a.role == b.role);
             older.append(&mut found);
             found = older;
-            if found.len() >= limit as usize || !full || before.is_none() {
+            if found.len() >= limit as usize {
                 break;
             }
         }
