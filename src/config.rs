@@ -944,12 +944,13 @@ fn optional_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const MINIMAL: &str = "homeserver:\n  server_name: example.org\n";
 
-    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    /// An environment of `pairs`, for tests.
+    pub(crate) fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -335,6 +335,17 @@ async fn prune_transactions(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
+/// An HTTP client for one peer: every request bounded by `timeout`, a connection by at
+/// most 10 s, roster's user agent.
+pub(crate) fn http_client(timeout: std::time::Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(std::time::Duration::from_secs(10)))
+        .user_agent(concat!("roster/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("a TLS backend is compiled in")
+}
+
 /// `error` and its causes on one line (reqwest's own message omits the cause, e.g.
 /// "connection refused").
 pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {

@@ -218,6 +218,26 @@ impl PathInput for SinglePath {
     fn input(_: &SupportedVersions) {}
 }
 
+/// A ruma request roster can send: appservice-authenticated, with a path roster can build
+/// and an error body it can classify.
+pub trait Endpoint:
+    OutgoingRequest<
+        Authentication: for<'a> AuthScheme<Input<'a> = SendAccessToken<'a>>,
+        PathBuilder: PathInput,
+        EndpointError: ErrorBody,
+    >
+{
+}
+
+impl<R> Endpoint for R where
+    R: OutgoingRequest<
+            Authentication: for<'a> AuthScheme<Input<'a> = SendAccessToken<'a>>,
+            PathBuilder: PathInput,
+            EndpointError: ErrorBody,
+        >
+{
+}
+
 /// A member as `joined_members` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinedMember {
@@ -324,12 +344,7 @@ impl Homeserver {
         max_concurrent: usize,
         metrics: Arc<Metrics>,
     ) -> Homeserver {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("roster/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a TLS backend is compiled in");
+        let http = crate::http_client(timeout);
         let versions = SupportedVersions {
             versions: [
                 MatrixVersion::V1_1,
@@ -401,36 +416,24 @@ impl Homeserver {
     }
 
     /// Sends `request` as `as_user` (masquerading), or as the appservice sender.
-    pub async fn send<R>(
+    pub async fn send<R: Endpoint>(
         &self,
         endpoint: &'static str,
         request: R,
         as_user: Option<&UserId>,
-    ) -> Result<R::IncomingResponse, MatrixError>
-    where
-        R: OutgoingRequest,
-        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
-        R::PathBuilder: PathInput,
-        R::EndpointError: ErrorBody,
-    {
+    ) -> Result<R::IncomingResponse, MatrixError> {
         let token = self.inner.tokens.for_user(as_user);
         self.send_with(endpoint, request, as_user, token).await
     }
 
     /// `send` with an explicit token.
-    async fn send_with<R>(
+    async fn send_with<R: Endpoint>(
         &self,
         endpoint: &'static str,
         request: R,
         as_user: Option<&UserId>,
         token: &Secret,
-    ) -> Result<R::IncomingResponse, MatrixError>
-    where
-        R: OutgoingRequest,
-        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
-        R::PathBuilder: PathInput,
-        R::EndpointError: ErrorBody,
-    {
+    ) -> Result<R::IncomingResponse, MatrixError> {
         let inner = &self.inner;
         let identity = match as_user {
             Some(user) => AppserviceUserIdentity::new(user),
@@ -708,6 +711,20 @@ impl Homeserver {
             })?;
         self.send("send_state", request, Some(as_user)).await?;
         Ok(())
+    }
+
+    /// Sets a room-wide state event (empty state key: name, topic, settings) as `as_user`.
+    pub async fn set_room_state<C>(
+        &self,
+        as_user: &UserId,
+        room: &RoomId,
+        content: &C,
+    ) -> Result<(), MatrixError>
+    where
+        C: ruma::events::StateEventContent<StateKey = ruma::events::EmptyStateKey>,
+    {
+        self.send_state(as_user, room, &ruma::events::EmptyStateKey, content)
+            .await
     }
 
     /// Sets a state event from raw JSON content, for contents without a typed form (an

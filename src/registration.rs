@@ -314,23 +314,21 @@ pub fn check(config: &Config, registrations: &Registrations) -> Vec<(PathBuf, St
             }
         }
     }
-    if pushed.sender_localpart != config.appservice.bot_localpart {
-        problem(
-            &pushed_path,
-            format!(
-                "sender_localpart is {:?} but appservice.bot_localpart is {:?}; make them agree",
-                pushed.sender_localpart, config.appservice.bot_localpart
-            ),
-        );
-    }
-    if pushed.id != config.appservice.id {
-        problem(
-            &pushed_path,
-            format!(
-                "id is {:?} but appservice.id is {:?}; make them agree",
-                pushed.id, config.appservice.id
-            ),
-        );
+    for (field, value, key, wanted) in [
+        (
+            "sender_localpart",
+            &pushed.sender_localpart,
+            "appservice.bot_localpart",
+            &config.appservice.bot_localpart,
+        ),
+        ("id", &pushed.id, "appservice.id", &config.appservice.id),
+    ] {
+        if value != wanted {
+            problem(
+                &pushed_path,
+                format!("{field} is {value:?} but {key} is {wanted:?}; make them agree"),
+            );
+        }
     }
     match pushed.url.as_deref() {
         None => problem(
@@ -369,16 +367,19 @@ pub fn check(config: &Config, registrations: &Registrations) -> Vec<(PathBuf, St
             .chain(&registration.namespaces.aliases)
             .any(|n| n.regex == regex)
     };
-    let wanted_pushed = pushed_shape(config);
-    for regex in &wanted_pushed {
-        if !has(pushed, regex) {
-            problem(
-                &pushed_path,
-                format!("the namespaces lack {regex} that the config needs; {regen}"),
-            );
-        }
+    let missing = |registration: &Registration, wanted: Vec<String>| -> Vec<String> {
+        wanted
+            .into_iter()
+            .filter(|r| !has(registration, r))
+            .collect()
+    };
+    for regex in missing(pushed, pushed_shape(config)) {
+        problem(
+            &pushed_path,
+            format!("the namespaces lack {regex} that the config needs; {regen}"),
+        );
     }
-    match &registrations.acting {
+    let (acting_holder, acting_file, where_) = match &registrations.acting {
         Some(acting) => {
             if acting.url.is_some() {
                 problem(
@@ -392,28 +393,23 @@ pub fn check(config: &Config, registrations: &Registrations) -> Vec<(PathBuf, St
                     format!("id and as_token must differ from the pushed registration's; {regen}"),
                 );
             }
-            for regex in legacy_namespaces(config) {
-                if !has(acting, &regex) {
-                    problem(
-                        &acting_path,
-                        format!("the namespaces lack {regex} that the config needs; {regen}"),
-                    );
-                }
-            }
+            (acting, &acting_path, String::new())
         }
-        None => {
-            for regex in legacy_namespaces(config) {
-                if !has(pushed, &regex) {
-                    problem(
-                        &pushed_path,
-                        format!(
-                            "the namespaces lack {regex}, and there is no acting registration at {}; {regen}",
-                            acting_path.display()
-                        ),
-                    );
-                }
-            }
-        }
+        // A legacy single registration holds the acting namespaces too.
+        None => (
+            pushed,
+            &pushed_path,
+            format!(
+                ", and there is no acting registration at {}",
+                acting_path.display()
+            ),
+        ),
+    };
+    for regex in missing(acting_holder, legacy_namespaces(config)) {
+        problem(
+            acting_file,
+            format!("the namespaces lack {regex} that the config needs{where_}; {regen}"),
+        );
     }
     problems
 }

@@ -265,12 +265,7 @@ impl LettaSource {
         if !matches!(list_url.scheme(), "http" | "https") || list_url.query().is_some() {
             return Err(invalid());
         }
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("roster/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a TLS backend is compiled in");
+        let http = crate::http_client(timeout);
         Ok(LettaSource {
             http,
             list_url,

@@ -224,6 +224,29 @@ pub fn client(shared: &Shared) -> crate::matrix::Homeserver {
     )
 }
 
+/// The room `room` when `me` is joined to it, else the refusal Synapse gives.
+fn joined_room<'a>(
+    rooms: &'a mut BTreeMap<String, Room>,
+    room: &str,
+    me: &str,
+) -> Result<&'a mut Room, Box<Response>> {
+    let Some(r) = rooms.get_mut(room) else {
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+            "Unknown room",
+        )));
+    };
+    if r.membership(me) != Some("join") {
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "You are not in the room",
+        )));
+    }
+    Ok(r)
+}
+
 fn error(status: StatusCode, errcode: &str, message: &str) -> Response {
     (
         status,
@@ -419,16 +442,10 @@ async fn answer(
         }
         ("POST", ["_matrix", "client", "v3", "rooms", room, "invite"]) => {
             let target = body["user_id"].as_str().unwrap_or_default().to_owned();
-            let Some(r) = w.rooms.get_mut(*room) else {
-                return error(StatusCode::NOT_FOUND, "M_NOT_FOUND", "Unknown room");
+            let r = match joined_room(&mut w.rooms, room, &me) {
+                Ok(r) => r,
+                Err(refused) => return *refused,
             };
-            if r.membership(&me) != Some("join") {
-                return error(
-                    StatusCode::FORBIDDEN,
-                    "M_FORBIDDEN",
-                    "You are not in the room",
-                );
-            }
             match r.membership(&target) {
                 Some("join") => error(StatusCode::FORBIDDEN, "M_FORBIDDEN", "already in the room"),
                 Some("ban") => error(StatusCode::FORBIDDEN, "M_FORBIDDEN", "user is banned"),
@@ -460,22 +477,17 @@ async fn answer(
             ok(json!({}))
         }
         ("GET", ["_matrix", "client", "v3", "rooms", room, "joined_members"]) => {
-            let Some(r) = w.rooms.get(*room) else {
-                return error(StatusCode::NOT_FOUND, "M_NOT_FOUND", "Unknown room");
+            let users = w.users.clone();
+            let r = match joined_room(&mut w.rooms, room, &me) {
+                Ok(r) => r,
+                Err(refused) => return *refused,
             };
-            if r.membership(&me) != Some("join") {
-                return error(
-                    StatusCode::FORBIDDEN,
-                    "M_FORBIDDEN",
-                    "You are not in the room",
-                );
-            }
             let joined: serde_json::Map<String, Value> = r
                 .members
                 .iter()
                 .filter(|(_, m)| *m == "join")
                 .map(|(u, _)| {
-                    let profile = w.users.get(u).cloned().unwrap_or_default();
+                    let profile = users.get(u).cloned().unwrap_or_default();
                     (
                         u.clone(),
                         json!({ "display_name": profile.displayname, "avatar_url": profile.avatar_url }),
@@ -500,32 +512,20 @@ async fn answer(
             let key = rest.join("/");
             let next = w.next_event + 1;
             w.next_event = next;
-            let Some(r) = w.rooms.get_mut(*room) else {
-                return error(StatusCode::NOT_FOUND, "M_NOT_FOUND", "Unknown room");
+            let r = match joined_room(&mut w.rooms, room, &me) {
+                Ok(r) => r,
+                Err(refused) => return *refused,
             };
-            if r.membership(&me) != Some("join") {
-                return error(
-                    StatusCode::FORBIDDEN,
-                    "M_FORBIDDEN",
-                    "You are not in the room",
-                );
-            }
             r.state.insert((kind.to_string(), key), body);
             ok(json!({ "event_id": format!("$state{next}") }))
         }
         ("PUT", ["_matrix", "client", "v3", "rooms", room, "send", _kind, txn]) => {
             let ts = query(&uri, "ts").and_then(|t| t.parse().ok());
             let txn = txn.to_string();
-            let Some(r) = w.rooms.get_mut(*room) else {
-                return error(StatusCode::NOT_FOUND, "M_NOT_FOUND", "Unknown room");
+            let r = match joined_room(&mut w.rooms, room, &me) {
+                Ok(r) => r,
+                Err(refused) => return *refused,
             };
-            if r.membership(&me) != Some("join") {
-                return error(
-                    StatusCode::FORBIDDEN,
-                    "M_FORBIDDEN",
-                    "You are not in the room",
-                );
-            }
             // A repeated transaction id is the same event (idempotent), as on Synapse.
             if let Some(at) = r
                 .messages

@@ -579,7 +579,13 @@ async fn masquerading_loop_on_real_synapse_with_zero_logins() {
         &synapse.url(),
         roster::matrix::Tokens::pair(
             Secret::new(roster.as_token.clone()),
-            Secret::new(tokens.iter().find(|t| **t != roster.as_token).unwrap().clone()),
+            Secret::new(
+                tokens
+                    .iter()
+                    .find(|t| **t != roster.as_token)
+                    .unwrap()
+                    .clone(),
+            ),
             SERVER_NAME.try_into().unwrap(),
             |localpart| localpart == "admin" || localpart.starts_with("nova-"),
         ),

@@ -20,7 +20,7 @@ use ruma::events::room::name::RoomNameEventContent;
 use ruma::events::room::topic::RoomTopicEventContent;
 use ruma::events::space::child::SpaceChildEventContent;
 use ruma::events::space::parent::SpaceParentEventContent;
-use ruma::events::{EmptyStateKey, InitialStateEvent, StateEventType};
+use ruma::events::{InitialStateEvent, StateEventType};
 use ruma::room::RoomType;
 use ruma::serde::Raw;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
@@ -243,27 +243,36 @@ impl Agents {
         record: &mut SpaceRecord,
         action: Action,
     ) -> Result<(), ActionError> {
-        let state = &self.shared.state;
         match action {
             Action::Invite { room, by, user } => {
-                match self.hs.invite(&by, &room, &user).await {
-                    Ok(()) => state.expect(&room, &user, Membership::Invite),
-                    Err(e) if e.is_forbidden() => {
-                        tracing::debug!(%room, %user, error = %e, "invite refused; trying to join")
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-                if !self.ids().can_act_as(&user) {
+                if self.invite(&room, &by, &user).await? {
                     record.invited_external.insert(user);
-                    state.save_space(record.clone()).await?;
+                    self.shared.state.save_space(record.clone()).await?;
                 }
             }
-            Action::Join { room, user } => {
-                self.hs.join(&user, &room).await?;
-                state.expect(&room, &user, Membership::Join);
-            }
+            Action::Join { room, user } => self.join(&room, &user).await?,
             other => unreachable!("the space plan has only invites and joins: {other:?}"),
         }
+        Ok(())
+    }
+
+    /// Invites `user` as `by`. An invite refused because the model was behind (the user is
+    /// in already) is fine: the join decides. Returns whether roster cannot act as the user,
+    /// who is then invited once and never again (the caller records it).
+    async fn invite(&self, room: &RoomId, by: &UserId, user: &UserId) -> Result<bool, ActionError> {
+        match self.hs.invite(by, room, user).await {
+            Ok(()) => self.shared.state.expect(room, user, Membership::Invite),
+            Err(e) if e.is_forbidden() => {
+                tracing::debug!(%room, %user, error = %e, "invite refused; trying to join")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(!self.ids().can_act_as(user))
+    }
+
+    async fn join(&self, room: &RoomId, user: &UserId) -> Result<(), ActionError> {
+        self.hs.join(user, room).await?;
+        self.shared.state.expect(room, user, Membership::Join);
         Ok(())
     }
 
@@ -386,23 +395,12 @@ impl Agents {
                     .await?
             }
             Action::Invite { room, by, user } => {
-                match self.hs.invite(&by, &room, &user).await {
-                    Ok(()) => state.expect(&room, &user, Membership::Invite),
-                    // Already in the room (the model was behind): the join decides.
-                    Err(e) if e.is_forbidden() => {
-                        tracing::debug!(%room, %user, error = %e, "invite refused; trying to join")
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-                if !self.ids().can_act_as(&user) {
+                if self.invite(&room, &by, &user).await? {
                     record.invited_external.insert(user);
                     state.save_agent(record.clone()).await?;
                 }
             }
-            Action::Join { room, user } => {
-                self.hs.join(&user, &room).await?;
-                state.expect(&room, &user, Membership::Join);
-            }
+            Action::Join { room, user } => self.join(&room, &user).await?,
             Action::Leave { room, user } => {
                 match self.hs.leave(&user, &room).await {
                     Ok(()) => {}
@@ -413,18 +411,16 @@ impl Agents {
             }
             Action::ApplySettings { room, by } => {
                 self.hs
-                    .send_state(
+                    .set_room_state(
                         &by,
                         &room,
-                        &EmptyStateKey,
                         &RoomHistoryVisibilityEventContent::new(HistoryVisibility::Shared),
                     )
                     .await?;
                 self.hs
-                    .send_state(
+                    .set_room_state(
                         &by,
                         &room,
-                        &EmptyStateKey,
                         &RoomGuestAccessEventContent::new(GuestAccess::Forbidden),
                     )
                     .await?;
@@ -433,12 +429,7 @@ impl Agents {
             }
             Action::SetName { room, user, name } => {
                 self.hs
-                    .send_state(
-                        &user,
-                        &room,
-                        &EmptyStateKey,
-                        &RoomNameEventContent::new(name.clone()),
-                    )
+                    .set_room_state(&user, &room, &RoomNameEventContent::new(name.clone()))
                     .await?;
                 self.hs.set_display_name(&user, &name).await?;
                 record.applied_name = Some(name);
@@ -446,12 +437,7 @@ impl Agents {
             }
             Action::SetTopic { room, by, topic } => {
                 self.hs
-                    .send_state(
-                        &by,
-                        &room,
-                        &EmptyStateKey,
-                        &RoomTopicEventContent::new(topic.clone()),
-                    )
+                    .set_room_state(&by, &room, &RoomTopicEventContent::new(topic.clone()))
                     .await?;
                 record.applied_topic = Some(topic);
                 state.save_agent(record.clone()).await?;
@@ -1053,6 +1039,15 @@ mod tests {
         fixture_with("agents: {avatar: none, history_import: 0}").await
     }
 
+    /// `fixture()` with agent-1's room provisioned, and that room.
+    async fn provisioned() -> (Fixture, OwnedRoomId) {
+        let f = fixture().await;
+        f.space().await;
+        f.converge().await;
+        let room = f.record().room_id.unwrap();
+        (f, room)
+    }
+
     async fn fixture_with(extra: &str) -> Fixture {
         let (hs, shared) = crate::testing::stack(extra).await;
         hs.world().users.insert(ADMIN.into(), Default::default());
@@ -1092,6 +1087,62 @@ mod tests {
             space
         }
 
+        /// `user`'s membership in `room` changes on the homeserver (by `sender`), and the
+        /// homeserver pushes it.
+        async fn pushed(&self, room: &RoomId, user: &str, sender: &str, membership: Membership) {
+            self.hs
+                .world()
+                .rooms
+                .get_mut(room.as_str())
+                .unwrap()
+                .members
+                .insert(user.into(), membership.as_str().into());
+            let n = self.hs.world().requests.len() as u64;
+            let event = crate::model::MemberEvent {
+                room_id: room.to_owned(),
+                user_id: ruma::UserId::parse(user).unwrap(),
+                sender: ruma::UserId::parse(sender).unwrap(),
+                membership,
+                displayname: None,
+                avatar_url: None,
+                event_id: format!("$pushed{n}").try_into().unwrap(),
+                origin_server_ts: n,
+            };
+            self.shared
+                .state
+                .record_transaction(format!("t{n}"), n, vec![event])
+                .await
+                .unwrap();
+        }
+
+        /// The source lists agent-1 as `name` now (`at_ms`).
+        async fn list_as(&self, name: &str, at_ms: u64) {
+            let agent = Agent {
+                id: "agent-1".into(),
+                name: name.into(),
+            };
+            self.shared
+                .state
+                .observe_listing(vec![agent], at_ms, 1_000)
+                .await
+                .unwrap();
+        }
+
+        /// Runs agent-1's reconciler and expects it done.
+        async fn converge(&self) {
+            assert_eq!(
+                self.agents.reconcile_agent("agent-1").await,
+                Outcome::Done(())
+            );
+        }
+
+        /// `user`'s membership in `room` on the homeserver.
+        fn membership(&self, room: &RoomId, user: &str) -> Option<String> {
+            self.hs.world().rooms[room.as_str()]
+                .membership(user)
+                .map(str::to_owned)
+        }
+
         fn record(&self) -> RoomRecord {
             self.shared
                 .state
@@ -1103,7 +1154,7 @@ mod tests {
     async fn should_provision_an_agent_room_and_record_it() {
         let f = fixture().await;
         let space = f.space().await;
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         let room_id = {
             let w = f.hs.world();
             let room_id = w.aliases[ALIAS].clone();
@@ -1132,7 +1183,7 @@ mod tests {
         assert!(record.space_linked && record.settings_applied);
         // Converged: another run sends nothing.
         let before = f.hs.world().requests.len();
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         assert_eq!(f.hs.world().requests.len(), before);
     }
 
@@ -1167,7 +1218,7 @@ mod tests {
             Outcome::Refused(reason) if reason.contains("403")
         ));
         assert_eq!(f.hs.world().rooms.len(), 1, "only the space");
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
     }
 
     /// The homeserver did it but the store refused: the run says retry, nothing is
@@ -1176,16 +1227,8 @@ mod tests {
     async fn should_retry_an_action_the_store_could_not_record() {
         let f = fixture().await;
         f.space().await;
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
-        let renamed = Agent {
-            id: "agent-1".into(),
-            name: "Two".into(),
-        };
-        f.shared
-            .state
-            .observe_listing(vec![renamed], 1, 1_000)
-            .await
-            .unwrap();
+        f.converge().await;
+        f.list_as("Two", 1).await;
         f.shared.state.fail_writes(true);
         let outcome = f.agents.reconcile_agent("agent-1").await;
         assert!(
@@ -1199,7 +1242,7 @@ mod tests {
             "the homeserver has it"
         );
         f.shared.state.fail_writes(false);
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         assert_eq!(f.record().applied_name.as_deref(), Some("Two"));
     }
 
@@ -1207,46 +1250,16 @@ mod tests {
     /// banned one is reported, never touched.
     #[tokio::test]
     async fn should_repair_a_kick_and_leave_a_ban_alone() {
-        let f = fixture().await;
-        f.space().await;
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
-        let room = f.record().room_id.unwrap();
-        let kick = |user: &str, membership: &str, n: u64| crate::model::MemberEvent {
-            room_id: room.clone(),
-            user_id: ruma::UserId::parse(user).unwrap(),
-            sender: ruma::UserId::parse(AGENT).unwrap(),
-            membership: crate::model::Membership::parse(membership).unwrap(),
-            displayname: None,
-            avatar_url: None,
-            event_id: format!("$kick{n}").try_into().unwrap(),
-            origin_server_ts: n,
-        };
-        f.hs.world()
-            .rooms
-            .get_mut(room.as_str())
-            .unwrap()
-            .members
-            .insert(ADMIN.into(), "leave".into());
-        f.shared
-            .state
-            .record_transaction("t1".into(), 1, vec![kick(ADMIN, "leave", 1)])
-            .await
-            .unwrap();
+        let (f, room) = provisioned().await;
+        f.pushed(&room, ADMIN, AGENT, Membership::Leave).await;
         let reads = f.hs.world().count("joined_members");
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
-        assert_eq!(
-            f.hs.world().rooms[room.as_str()].membership(ADMIN),
-            Some("join")
-        );
+        f.converge().await;
+        assert_eq!(f.membership(&room, ADMIN).as_deref(), Some("join"));
         assert_eq!(f.hs.world().count("joined_members"), reads, "no read");
 
-        f.shared
-            .state
-            .record_transaction("t2".into(), 2, vec![kick(BOT, "ban", 2)])
-            .await
-            .unwrap();
+        f.pushed(&room, BOT, AGENT, Membership::Ban).await;
         let before = f.hs.world().requests.len();
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         assert_eq!(f.hs.world().requests.len(), before, "a ban is not fought");
         let blocked = f.shared.state.status(|s| s.blocked.clone());
         assert_eq!(blocked["agent-1"], vec![format!("{BOT} (banned)")]);
@@ -1256,10 +1269,7 @@ mod tests {
     /// reads it, schedules the room, and the next run repairs it.
     #[tokio::test]
     async fn should_find_drift_in_a_sweep_and_repair_it() {
-        let f = fixture().await;
-        f.space().await;
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
-        let room = f.record().room_id.unwrap();
+        let (f, room) = provisioned().await;
         // The model shows @admin joined (its join was expected, then read or pushed).
         let asked = f.shared.state.read(|m| m.last_seq());
         let joined = read_joined(
@@ -1290,7 +1300,7 @@ mod tests {
             .unwrap()
             .members
             .insert(ADMIN.into(), "leave".into());
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         assert_eq!(
             f.hs.world().rooms[room.as_str()].membership(ADMIN),
             Some("leave"),
@@ -1307,23 +1317,17 @@ mod tests {
             1,
             "the drifted room is scheduled"
         );
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
-        assert_eq!(
-            f.hs.world().rooms[room.as_str()].membership(ADMIN),
-            Some("join")
-        );
+        f.converge().await;
+        assert_eq!(f.membership(&room, ADMIN).as_deref(), Some("join"));
     }
 
     /// `invalidate` forgets a room; the next run reads it before deciding anything.
     #[tokio::test]
     async fn should_read_an_invalidated_room_before_acting() {
-        let f = fixture().await;
-        f.space().await;
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
-        let room = f.record().room_id.unwrap();
+        let (f, room) = provisioned().await;
         let reads = f.hs.world().count("joined_members");
         f.shared.state.forget_room(&room);
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         assert_eq!(f.hs.world().count("joined_members"), reads + 1);
     }
 
@@ -1345,27 +1349,7 @@ mod tests {
             "converged: nothing sent"
         );
 
-        f.hs.world()
-            .rooms
-            .get_mut(space.as_str())
-            .unwrap()
-            .members
-            .insert(ADMIN.into(), "leave".into());
-        let kicked = crate::model::MemberEvent {
-            room_id: space.clone(),
-            user_id: ruma::UserId::parse(ADMIN).unwrap(),
-            sender: ruma::UserId::parse(BOT).unwrap(),
-            membership: Membership::Leave,
-            displayname: None,
-            avatar_url: None,
-            event_id: "$kick".try_into().unwrap(),
-            origin_server_ts: 1,
-        };
-        f.shared
-            .state
-            .record_transaction("t1".into(), 1, vec![kicked])
-            .await
-            .unwrap();
+        f.pushed(&space, ADMIN, BOT, Membership::Leave).await;
         assert_eq!(f.agents.reconcile(&Key::Space).await, Outcome::Done(()));
         assert_eq!(
             f.hs.world().rooms[space.as_str()].membership(ADMIN),
@@ -1375,26 +1359,15 @@ mod tests {
 
     #[tokio::test]
     async fn should_follow_a_rename_with_the_topic() {
-        let f = fixture().await;
-        f.space().await;
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
-        let room = f.record().room_id.unwrap();
+        let (f, room) = provisioned().await;
         let topic = |f: &Fixture| {
             f.hs.world().rooms[room.as_str()].state[&("m.room.topic".to_string(), String::new())]
                 ["topic"]
                 .clone()
         };
         assert_eq!(topic(&f), "Letta agent One");
-        let renamed = Agent {
-            id: "agent-1".into(),
-            name: "Two".into(),
-        };
-        f.shared
-            .state
-            .observe_listing(vec![renamed], 1, 1_000)
-            .await
-            .unwrap();
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.list_as("Two", 1).await;
+        f.converge().await;
         assert_eq!(topic(&f), "Letta agent Two");
         assert_eq!(f.record().applied_topic.as_deref(), Some("Letta agent Two"));
     }
@@ -1405,42 +1378,26 @@ mod tests {
     async fn should_give_agents_generated_avatars_and_respect_hand_set_ones() {
         let f = fixture_with("agents: {history_import: 0}").await;
         f.space().await;
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         let first = f.hs.world().users[AGENT].avatar_url.clone().unwrap();
         assert_eq!(f.hs.world().uploads.len(), 1);
         let png = f.hs.world().uploads[0].clone();
         assert!(png.starts_with(b"\x89PNG"), "a PNG was uploaded");
         assert_eq!(f.hs.world().count("/avatar_url"), 1, "set once, not read");
 
-        let rename = |name: &str| Agent {
-            id: "agent-1".into(),
-            name: name.into(),
-        };
         // Same first letter: the same picture, nothing sent for the avatar.
-        f.shared
-            .state
-            .observe_listing(vec![rename("Orion")], 1, 1_000)
-            .await
-            .unwrap();
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.list_as("Orion", 1).await;
+        f.converge().await;
         assert_eq!(f.hs.world().count("/avatar_url"), 1);
         // Another letter: one new upload, checked then set.
-        f.shared
-            .state
-            .observe_listing(vec![rename("Zed")], 2, 1_000)
-            .await
-            .unwrap();
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.list_as("Zed", 2).await;
+        f.converge().await;
         assert_eq!(f.hs.world().uploads.len(), 2);
         let second = f.hs.world().users[AGENT].avatar_url.clone().unwrap();
         assert_ne!(first, second);
         // Back to "O": that picture was uploaded before and is reused.
-        f.shared
-            .state
-            .observe_listing(vec![rename("Omega")], 3, 1_000)
-            .await
-            .unwrap();
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.list_as("Omega", 3).await;
+        f.converge().await;
         assert_eq!(f.hs.world().uploads.len(), 2, "reused");
         assert_eq!(
             f.hs.world().users[AGENT].avatar_url.as_deref(),
@@ -1448,12 +1405,8 @@ mod tests {
         );
         // A person sets one by hand: roster never touches it again.
         f.hs.world().users.get_mut(AGENT).unwrap().avatar_url = Some("mxc://ex.org/mine".into());
-        f.shared
-            .state
-            .observe_listing(vec![rename("Zeta")], 4, 1_000)
-            .await
-            .unwrap();
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.list_as("Zeta", 4).await;
+        f.converge().await;
         assert_eq!(
             f.hs.world().users[AGENT].avatar_url.as_deref(),
             Some("mxc://ex.org/mine")
@@ -1465,7 +1418,7 @@ mod tests {
     async fn should_set_no_avatar_when_avatars_are_off() {
         let f = fixture().await;
         f.space().await;
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         assert_eq!(f.hs.world().users[AGENT].avatar_url, None);
         assert!(f.hs.world().uploads.is_empty());
     }
@@ -1492,7 +1445,7 @@ mod tests {
             f.agents.reconcile_agent("agent-1").await,
             Outcome::Retry { .. }
         ));
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         let room = f.record().room_id.unwrap();
         let messages = f.hs.world().rooms[room.as_str()].messages.clone();
         let bodies: Vec<_> = messages
@@ -1515,7 +1468,7 @@ mod tests {
         let import = f.shared.state.history_import(&room).unwrap();
         assert_eq!((import.outcome.as_str(), import.posted), ("done", 2));
         // Runs once: later runs do not ask again.
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         assert_eq!(f.source.asked.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
@@ -1524,7 +1477,7 @@ mod tests {
         let f = fixture_with("agents: {avatar: none, history_import: 15}").await;
         *f.source.history.lock().unwrap() = Err("Letta is down".into());
         f.space().await;
-        assert_eq!(f.agents.reconcile_agent("agent-1").await, Outcome::Done(()));
+        f.converge().await;
         let room = f.record().room_id.unwrap();
         assert!(f.hs.world().rooms[room.as_str()].messages.is_empty());
         let failed = f.shared.state.failed_history_imports();
