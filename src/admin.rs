@@ -125,6 +125,8 @@ pub struct StatusReport {
     pub transactions_remembered: u64,
     /// Homeserver requests sent since start-up.
     pub homeserver_requests: u64,
+    /// History imports that failed, by room: the rooms started empty.
+    pub history_import_failures: std::collections::BTreeMap<String, crate::store::HistoryImport>,
 }
 
 impl StatusReport {
@@ -177,6 +179,12 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         lifecycle_lag_messages: shared.metrics.lifecycle_lag.get(),
         transactions_remembered,
         homeserver_requests: shared.metrics.homeserver_requests_sent(),
+        history_import_failures: shared
+            .state
+            .failed_history_imports()
+            .into_iter()
+            .map(|(room, import)| (room.to_string(), import))
+            .collect(),
     })
     .into_response()
 }

@@ -256,6 +256,13 @@ pub fn render_status(s: &StatusReport, now_ms: u64) -> String {
     for (agent, reason) in &r.failed {
         out += &format!("failed {agent}: {reason}\n");
     }
+    for (room, import) in &s.history_import_failures {
+        out += &format!(
+            "history import failed for {} in {room}: {}\n",
+            import.agent_id,
+            import.detail.as_deref().unwrap_or("no reason given")
+        );
+    }
     for (agent, members) in &r.blocked {
         out += &format!("blocked {agent}: {}\n", members.join(", "));
     }

@@ -394,7 +394,7 @@ impl State {
     pub fn failed_history_imports(&self) -> BTreeMap<OwnedRoomId, HistoryImport> {
         self.history()
             .iter()
-            .filter(|(_, i)| i.outcome != "done")
+            .filter(|(_, i)| i.outcome == "failed")
             .map(|(r, i)| (r.clone(), i.clone()))
             .collect()
     }
@@ -674,6 +674,7 @@ mod tests {
             agent_id: "agent-1".into(),
             outcome: "done".into(),
             posted: 2,
+            last_posted: None,
             detail: None,
             at_ms: 1,
         };

@@ -151,12 +151,13 @@ CREATE TABLE uploads (
     uploaded_ms INTEGER NOT NULL
 );
 CREATE TABLE history_imports (
-    room_id  TEXT PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    outcome  TEXT NOT NULL,
-    posted   INTEGER NOT NULL,
-    detail   TEXT,
-    at_ms    INTEGER NOT NULL
+    room_id     TEXT PRIMARY KEY,
+    agent_id    TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    posted      INTEGER NOT NULL,
+    last_posted TEXT,
+    detail      TEXT,
+    at_ms       INTEGER NOT NULL
 );
 ";
 
@@ -183,9 +184,13 @@ pub struct Upload {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HistoryImport {
     pub agent_id: String,
-    /// `done` or `failed`.
+    /// `started` (under way, or interrupted), `done` or `failed`.
     pub outcome: String,
     pub posted: u32,
+    /// The last message posted (its source id and role), so an interrupted import goes on
+    /// after it instead of posting from the start.
+    #[serde(default)]
+    pub last_posted: Option<String>,
     pub detail: Option<String>,
     pub at_ms: u64,
 }
@@ -526,7 +531,7 @@ impl Store {
     pub fn history_imports(&self) -> Result<Vec<(ruma::OwnedRoomId, HistoryImport)>, StoreError> {
         let conn = self.conn();
         let mut query = conn.prepare(
-            "SELECT room_id, agent_id, outcome, posted, detail, at_ms FROM history_imports",
+            "SELECT room_id, agent_id, outcome, posted, last_posted, detail, at_ms FROM history_imports",
         )?;
         let rows = query.query_map([], |r| {
             Ok((
@@ -535,8 +540,9 @@ impl Store {
                     agent_id: r.get(1)?,
                     outcome: r.get(2)?,
                     posted: r.get::<_, i64>(3)? as u32,
-                    detail: r.get(4)?,
-                    at_ms: r.get::<_, i64>(5)? as u64,
+                    last_posted: r.get(4)?,
+                    detail: r.get(5)?,
+                    at_ms: r.get::<_, i64>(6)? as u64,
                 },
             ))
         })?;
@@ -556,15 +562,17 @@ impl Store {
         import: &HistoryImport,
     ) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO history_imports (room_id, agent_id, outcome, posted, detail, at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO history_imports (room_id, agent_id, outcome, posted, last_posted, detail, at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (room_id) DO UPDATE SET outcome = excluded.outcome,
-               posted = excluded.posted, detail = excluded.detail, at_ms = excluded.at_ms",
+               posted = excluded.posted, last_posted = excluded.last_posted,
+               detail = excluded.detail, at_ms = excluded.at_ms",
             params![
                 room.as_str(),
                 import.agent_id,
                 import.outcome,
                 import.posted as i64,
+                import.last_posted,
                 import.detail,
                 import.at_ms as i64
             ],
@@ -794,6 +802,7 @@ mod tests {
             agent_id: "agent-1".into(),
             outcome: "done".into(),
             posted: 3,
+            last_posted: Some("message-3-assistant".into()),
             detail: None,
             at_ms: 9,
         };

@@ -13,7 +13,7 @@ use crate::matrix::MatrixError;
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::model::agents::{Action, PlanInput, RoomRecord, plan_agent};
-use crate::reconcile::agents::{read_joined, required_members};
+use crate::reconcile::agents::{avatar_for, read_joined, required_members};
 use crate::sources::{AgentSource, SourceError};
 use crate::store::Store;
 
@@ -86,6 +86,7 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
             let changes = model.observe_joined(room, &joined, model.last_seq());
             model.commit(changes);
         }
+        let avatar = avatar_for(&config.agents.avatar, agent);
         let plan = plan_agent(&PlanInput {
             agent,
             agent_user: &agent_user,
@@ -93,7 +94,7 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
             record: &record,
             required: &required,
             space: space.as_deref(),
-            avatar: None,
+            avatar: avatar.as_ref(),
             model: &model,
         });
         plans.push(AgentPlan {

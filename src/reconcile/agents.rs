@@ -101,6 +101,17 @@ pub async fn read_joined(
         .collect())
 }
 
+/// The picture `agent` should have under `setting` (`agents.avatar`).
+pub fn avatar_for(setting: &AvatarSetting, agent: &Agent) -> Option<AvatarWant> {
+    match setting {
+        AvatarSetting::Generated => Some(AvatarWant::Generated {
+            look: crate::avatar::look(&agent.id, &agent.name),
+        }),
+        AvatarSetting::None => None,
+        AvatarSetting::Image(url) => Some(AvatarWant::Image { url: url.clone() }),
+    }
+}
+
 /// The members every agent room needs, and which of them roster can act as.
 pub fn required_members(ids: &Identities) -> Vec<RequiredMember> {
     ids.required_members
@@ -149,15 +160,8 @@ impl Agents {
         }
     }
 
-    /// The picture `agent` should have, from `agents.avatar`.
     fn avatar_for(&self, agent: &Agent) -> Option<AvatarWant> {
-        match &self.shared.config.agents.avatar {
-            AvatarSetting::Generated => Some(AvatarWant::Generated {
-                look: crate::avatar::look(&agent.id, &agent.name),
-            }),
-            AvatarSetting::None => None,
-            AvatarSetting::Image(url) => Some(AvatarWant::Image { url: url.clone() }),
-        }
+        avatar_for(&self.shared.config.agents.avatar, agent)
     }
 
     fn ids(&self) -> &Identities {
@@ -656,8 +660,10 @@ impl Agents {
     }
 
     /// Posts the agent's last messages into the room roster created, once. Each message's
-    /// transaction id is its source id, so a retry or a restart posts nothing twice. A source
-    /// error leaves the room without history and shows in status; it never blocks the room.
+    /// transaction id is its source id, and progress is recorded after every message, so a
+    /// retry or a restart goes on after the last one posted and posts nothing twice. A
+    /// source error leaves the room without history and shows in status; it never blocks
+    /// the room.
     async fn import_history(
         &self,
         record: &mut RoomRecord,
@@ -669,49 +675,70 @@ impl Agents {
             Some(source) => source.history(&record.agent_id, limit).await,
             None => Ok(None),
         };
-        let (outcome, posted, detail) = match fetched {
-            Ok(None) => (
-                "done",
-                0,
-                Some("the agent source keeps no history".to_owned()),
-            ),
+        let earlier = self
+            .shared
+            .state
+            .history_import(room)
+            .filter(|i| i.outcome == "started");
+        let mut progress = HistoryImport {
+            agent_id: record.agent_id.clone(),
+            outcome: "done".into(),
+            posted: earlier.as_ref().map_or(0, |i| i.posted),
+            last_posted: earlier.and_then(|i| i.last_posted),
+            detail: None,
+            at_ms: crate::clock::now_ms(),
+        };
+        match fetched {
+            Ok(None) => progress.detail = Some("the agent source keeps no history".into()),
             Ok(Some(messages)) => {
-                let mut posted = 0;
-                for message in &messages {
+                // Go on after the last message an interrupted import posted.
+                let start = progress
+                    .last_posted
+                    .as_ref()
+                    .and_then(|last| messages.iter().position(|m| &history_key(m) == last))
+                    .map_or(0, |at| at + 1);
+                for message in &messages[start..] {
                     let (txn, content) = history_content(message);
                     self.hs
                         .send_message(agent_user, room, &txn, content, message.at_ms)
                         .await?;
-                    posted += 1;
+                    progress.posted += 1;
+                    progress.last_posted = Some(history_key(message));
+                    progress.outcome = "started".into();
+                    self.shared
+                        .state
+                        .record_history_import(room.to_owned(), progress.clone())
+                        .await?;
                 }
-                ("done", posted, None)
+                progress.outcome = "done".into();
             }
             Err(error) => {
                 tracing::warn!(agent = %record.agent_id, %room, %error, "cannot read the agent's history; the room starts empty");
-                ("failed", 0, Some(error))
+                progress.outcome = "failed".into();
+                progress.detail = Some(error);
             }
-        };
+        }
         self.shared
             .metrics
             .history_imports
-            .get_or_create(&OutcomeLabels { outcome })
+            .get_or_create(&OutcomeLabels {
+                outcome: if progress.outcome == "done" {
+                    "done"
+                } else {
+                    "failed"
+                },
+            })
             .inc();
+        progress.at_ms = crate::clock::now_ms();
+        let posted = progress.posted;
+        let done = progress.outcome == "done";
         self.shared
             .state
-            .record_history_import(
-                room.to_owned(),
-                HistoryImport {
-                    agent_id: record.agent_id.clone(),
-                    outcome: outcome.into(),
-                    posted,
-                    detail,
-                    at_ms: crate::clock::now_ms(),
-                },
-            )
+            .record_history_import(room.to_owned(), progress)
             .await?;
         record.history_pending = false;
         self.shared.state.save_agent(record.clone()).await?;
-        if outcome == "done" {
+        if done {
             tracing::info!(agent = %record.agent_id, %room, posted, "imported the agent's history");
         }
         Ok(())
@@ -930,6 +957,16 @@ fn space_parent(via: Vec<ruma::OwnedServerName>) -> SpaceParentEventContent {
     parent
 }
 
+/// Which message of a history this is: its source id and role (Letta lists a reasoning and
+/// an assistant message under one id).
+fn history_key(message: &HistoryMessage) -> String {
+    let role = match message.role {
+        HistoryRole::User => "user",
+        HistoryRole::Assistant => "assistant",
+    };
+    format!("{}-{role}", message.id)
+}
+
 /// A history message's transaction id (from its source id, so it is posted once) and
 /// content: plain text, bounded, marked as imported history, without any relation.
 fn history_content(message: &HistoryMessage) -> (String, serde_json::Value) {
@@ -950,7 +987,7 @@ fn history_content(message: &HistoryMessage) -> (String, serde_json::Value) {
         HistoryRole::User => format!("User: {text}"),
         HistoryRole::Assistant => text,
     };
-    let txn: String = format!("letta-history-{}-{role}", message.id)
+    let txn: String = format!("letta-history-{}", history_key(message))
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "-_.".contains(c) {
@@ -1465,6 +1502,11 @@ mod tests {
             ]
         );
         assert!(!f.record().history_pending);
+        assert_eq!(
+            f.hs.world().count("/send/m.room.message/"),
+            3,
+            "the retry went on after the first message: it posted the second only"
+        );
         let import = f.shared.state.history_import(&room).unwrap();
         assert_eq!((import.outcome.as_str(), import.posted), ("done", 2));
         // Runs once: later runs do not ask again.
