@@ -241,7 +241,14 @@ async fn a_rename_updates_name_display_name_and_topic_and_plan_shows_it_first() 
             && a["room"] == room.as_str()),
         "plan shows the new name: {renamed:?}"
     );
-    assert_eq!(kinds(renamed).len(), 2, "only the rename: {renamed:?}");
+    // Orion -> Vega: another first letter, so the generated picture changes too.
+    assert!(
+        renamed.iter().any(|a| a["action"] == "set_avatar"
+            && a["want"]["look"]["glyph"] == "V"
+            && a["replaces"].is_string()),
+        "plan shows the new picture replacing roster's: {renamed:?}"
+    );
+    assert_eq!(kinds(renamed).len(), 3, "only the rename: {renamed:?}");
     assert!(plan[after[1].0].is_empty(), "{plan:?}");
     let (ok, text, stderr) = stack.roster.cli(&["plan"]);
     assert!(ok, "{stderr}");
@@ -593,15 +600,17 @@ async fn history_from_a_real_letta_appears_once_in_order_even_across_a_sigkill()
             "no relation: {message}"
         );
     }
+    // roster recorded the two answered posts: the restart went on after the second, and
+    // posted the third (forwarded, never answered) again under the same transaction id.
     let sends = proxy.sends();
     assert_eq!(
         sends.len(),
-        3 + IMPORT,
-        "the first three were posted again: {sends:?}"
+        3 + (IMPORT - 2),
+        "only the unanswered third was posted again: {sends:?}"
     );
-    assert_eq!(sends[..3], sends[3..6], "with the same transaction ids");
+    assert_eq!(sends[2], sends[3], "with the same transaction id");
     assert_eq!(
-        sends[3..]
+        sends
             .iter()
             .collect::<std::collections::BTreeSet<_>>()
             .len(),
@@ -614,7 +623,7 @@ async fn history_from_a_real_letta_appears_once_in_order_even_across_a_sigkill()
     roster.start().await;
     roster.wait_converged(1).await;
     assert_eq!(roster.metric("roster_history_imports_total", &[]).await, 0);
-    assert_eq!(proxy.sends().len(), 3 + IMPORT);
+    assert_eq!(proxy.sends().len(), 3 + (IMPORT - 2));
     assert_eq!(seen.messages(&room).await.len(), IMPORT);
     synapse.assert_no_logins().await;
     roster.assert_no_secrets_in_logs(&[&admin_token]);
