@@ -119,7 +119,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) {
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(ping_until_ok(
+    tasks.spawn(keep_pinging(
         shared.clone(),
         homeserver.clone(),
         shutdown.clone(),
@@ -141,12 +141,15 @@ pub async fn start(
     tasks.wait().await;
 }
 
-/// Asks the homeserver to ping roster back until it does; reported in status and in
-/// `roster_homeserver_ping_ok`. Readiness never waits for it: a Kubernetes Service routes
-/// the homeserver's first request only to a ready pod.
-async fn ping_until_ok(shared: Arc<Shared>, homeserver: Homeserver, shutdown: CancellationToken) {
+/// Asks the homeserver to ping roster back, until it does and then again every
+/// `sync.interval`, so `roster_homeserver_ping_ok` and the last success keep telling whether
+/// the homeserver can still push (an alert watches their age). Readiness never waits for
+/// it: a Kubernetes Service routes the homeserver's first request only to a ready pod.
+async fn keep_pinging(shared: Arc<Shared>, homeserver: Homeserver, shutdown: CancellationToken) {
     let appservice_id = shared.registration.id.clone();
+    let every = shared.config.sync.interval;
     let mut failures = 0;
+    let mut reached = false;
     loop {
         let pinged = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -161,7 +164,7 @@ async fn ping_until_ok(shared: Arc<Shared>, homeserver: Homeserver, shutdown: Ca
             .homeserver_pings
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
-        match pinged {
+        let wait = match pinged {
             Ok(round_trip) => {
                 shared.metrics.homeserver_ping_ok.set(1);
                 shared
@@ -173,11 +176,16 @@ async fn ping_until_ok(shared: Arc<Shared>, homeserver: Homeserver, shutdown: Ca
                     s.ping.round_trip_ms = Some(round_trip.as_millis() as u64);
                     s.ping.last_error = None;
                 });
-                tracing::info!(
-                    round_trip_ms = round_trip.as_millis() as u64,
-                    "the homeserver reaches roster"
-                );
-                return;
+                let round_trip_ms = round_trip.as_millis() as u64;
+                // Said once when it starts working; the periodic confirmations are noise.
+                if !reached || failures > 0 {
+                    tracing::info!(round_trip_ms, "the homeserver reaches roster");
+                } else {
+                    tracing::debug!(round_trip_ms, "the homeserver still reaches roster");
+                }
+                reached = true;
+                failures = 0;
+                every
             }
             Err(error) => {
                 failures += 1;
@@ -192,11 +200,12 @@ async fn ping_until_ok(shared: Arc<Shared>, homeserver: Homeserver, shutdown: Ca
                 shared
                     .state
                     .status(|s| s.ping.last_error = Some(error.to_string()));
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
+                wait
             }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
