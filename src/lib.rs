@@ -33,6 +33,7 @@ pub mod avatar;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod fetch;
 pub mod http;
 pub mod ids;
 pub mod lifecycle;

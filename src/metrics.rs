@@ -121,7 +121,7 @@ pub struct Metrics {
     /// Agent listings asked of the agent source, by source and outcome.
     pub source_polls: Family<SourceLabels, Counter>,
     /// Agent avatars, by outcome: uploaded, reused (an image uploaded before), set,
-    /// left_alone (a person set one by hand).
+    /// left_alone (a person set one by hand), fetch_failed (an https agents.avatar).
     pub avatars: Family<OutcomeLabels, Counter>,
     /// History imports into new agent rooms, by outcome (done, failed).
     pub history_imports: Family<OutcomeLabels, Counter>,
@@ -266,7 +266,7 @@ impl Metrics {
         );
         registry.register(
             "avatars",
-            "Agent avatars, by outcome: uploaded, reused, set, left_alone (set by hand)",
+            "Agent avatars, by outcome: uploaded, reused, set, left_alone (set by hand), fetch_failed",
             m.avatars.clone(),
         );
         registry.register(

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
@@ -27,6 +27,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
 use crate::Shared;
 use crate::config::AvatarSetting;
+use crate::fetch::{AvatarFetcher, redact_url};
 use crate::ids::Identities;
 use crate::lifecycle::effects::IdentityEffects;
 use crate::matrix::{Homeserver, MatrixError};
@@ -135,7 +136,15 @@ pub struct Agents {
     /// Room versions before 12 need the creator listed at power 100 in a power-level
     /// override; version 12 forbids listing creators (they rank above every level).
     list_creator_power: bool,
+    /// Fetches an `https://` `agents.avatar` (with the lifecycle avatar bounds).
+    images: AvatarFetcher,
+    /// When fetching that image last failed: no agent tries again for a while, so a sweep
+    /// does not wait out one timeout per agent.
+    image_failed_at: std::sync::Mutex<Option<Instant>>,
 }
+
+/// How long after a failed `agents.avatar` fetch no agent fetches it again.
+const IMAGE_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The longest history message posted; longer ones are cut with an ellipsis.
 const MAX_HISTORY_CHARS: usize = 4000;
@@ -150,6 +159,8 @@ impl Agents {
     ) -> Agents {
         let required = required_members(shared.config.ids());
         let list_creator_power = !room_version_has_implicit_creators(default_room_version);
+        let lifecycle = &shared.config.lifecycle;
+        let images = AvatarFetcher::new(lifecycle.avatar_fetch_timeout, lifecycle.avatar_max_bytes);
         Agents {
             shared,
             hs,
@@ -157,6 +168,8 @@ impl Agents {
             effects,
             history,
             list_creator_power,
+            images,
+            image_failed_at: std::sync::Mutex::new(None),
         }
     }
 
@@ -592,7 +605,9 @@ impl Agents {
                 return Ok(());
             }
         }
-        let mxc = self.avatar_mxc(&want).await?;
+        let Some(mxc) = self.avatar_mxc(&want).await? else {
+            return Ok(());
+        };
         self.hs
             .set_avatar_url(user, ruma::OwnedMxcUri::from(mxc.as_str()))
             .await?;
@@ -603,10 +618,11 @@ impl Agents {
     }
 
     /// The `mxc://` of `want`: uploaded once per distinct image (by content hash, or by URL),
-    /// remembered in the store.
-    async fn avatar_mxc(&self, want: &AvatarWant) -> Result<String, ActionError> {
+    /// remembered in the store. None when an `https://` image cannot be fetched now: the
+    /// agent goes without an avatar until a later run can (it never blocks the room).
+    async fn avatar_mxc(&self, want: &AvatarWant) -> Result<Option<String>, ActionError> {
         let (source, image) = match want {
-            AvatarWant::Image { url } if url.starts_with("mxc://") => return Ok(url.clone()),
+            AvatarWant::Image { url } if url.starts_with("mxc://") => return Ok(Some(url.clone())),
             AvatarWant::Image { url } => (format!("url:{url}"), None),
             AvatarWant::Generated { look } => {
                 let png = crate::avatar::render(*look);
@@ -618,31 +634,27 @@ impl Agents {
         };
         if let Some(known) = self.shared.state.upload(&source).await? {
             self.count_avatar("reused");
-            return Ok(known.mxc);
+            return Ok(Some(known.mxc));
         }
-        let (bytes, content_type) = match image {
-            Some(png) => (png, "image/png"),
+        let (bytes, content_type, filename) = match image {
+            Some(png) => (png, "image/png", "avatar.png".to_owned()),
             None => {
                 let AvatarWant::Image { url } = want else {
                     unreachable!("only images are fetched")
                 };
-                return Err(MatrixError::Request {
-                    endpoint: "upload",
-                    message: format!(
-                        "agents.avatar {url}: fetching an http(s) image for agents is not supported yet; use an mxc:// URI"
+                match self.fetch_image(url).await {
+                    Some(image) => (
+                        image.bytes,
+                        image.content_type,
+                        image.filename.unwrap_or_else(|| "avatar".to_owned()),
                     ),
+                    None => return Ok(None),
                 }
-                .into());
             }
         };
         let mxc = self
             .hs
-            .upload(
-                &self.ids().bot,
-                content_type,
-                Some("avatar.png".into()),
-                bytes,
-            )
+            .upload(&self.ids().bot, content_type, Some(filename), bytes)
             .await?
             .to_string();
         self.shared
@@ -656,7 +668,33 @@ impl Agents {
             )
             .await?;
         self.count_avatar("uploaded");
-        Ok(mxc)
+        Ok(Some(mxc))
+    }
+
+    /// Fetches the `https://` image of `agents.avatar`; a failure is logged and counted
+    /// once per quiet period, and none is retried before it has passed.
+    async fn fetch_image(&self, url: &str) -> Option<crate::fetch::Avatar> {
+        let recently_failed = self
+            .image_failed_at
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < IMAGE_RETRY_AFTER);
+        if recently_failed {
+            return None;
+        }
+        match self.images.fetch(url).await {
+            Ok(image) => Some(image),
+            Err(error) => {
+                *self.image_failed_at.lock().unwrap() = Some(Instant::now());
+                self.count_avatar("fetch_failed");
+                tracing::warn!(
+                    url = %redact_url(url),
+                    %error,
+                    "cannot fetch agents.avatar; agents go without it and roster tries again in a minute"
+                );
+                None
+            }
+        }
     }
 
     /// Posts the agent's last messages into the room roster created, once. Each message's
@@ -1449,6 +1487,58 @@ mod tests {
             Some("mxc://ex.org/mine")
         );
         assert!(f.record().avatar_hand_set);
+    }
+
+    /// `agents.avatar: https://...`: fetched once and uploaded once for every agent; an
+    /// answer that is not an image leaves the agents without one, and the room is made.
+    #[tokio::test]
+    async fn should_fetch_an_image_avatar_once_and_never_block_the_room_on_it() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let fetches = Arc::new(AtomicU64::new(0));
+        let served = fetches.clone();
+        let png = crate::avatar::render(crate::avatar::look("agent-x", "X"));
+        let app = axum::Router::new()
+            .route(
+                "/agent.png",
+                axum::routing::get(move || {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    let png = png.clone();
+                    async move { ([("content-type", "image/png")], png) }
+                }),
+            )
+            .route(
+                "/page.html",
+                axum::routing::get(|| async { ([("content-type", "text/html")], "<html>") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let f = fixture_with(&format!(
+            "agents: {{avatar: 'http://{at}/agent.png', history_import: 0}}"
+        ))
+        .await;
+        f.space().await;
+        f.converge().await;
+        let set = f.hs.world().users[AGENT].avatar_url.clone();
+        assert!(set.is_some(), "the agent got the configured image");
+        assert_eq!(f.hs.world().uploads.len(), 1);
+        assert!(f.hs.world().uploads[0].starts_with(b"\x89PNG"));
+        // Another run, a rename: the URL is known, nothing is fetched or uploaded again.
+        f.list_as("Renamed", 1).await;
+        f.converge().await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "fetched once");
+        assert_eq!(f.hs.world().uploads.len(), 1, "uploaded once");
+
+        let g = fixture_with(&format!(
+            "agents: {{avatar: 'http://{at}/page.html', history_import: 0}}"
+        ))
+        .await;
+        g.space().await;
+        g.converge().await;
+        assert!(g.record().room_id.is_some(), "the room is made regardless");
+        assert_eq!(g.hs.world().users[AGENT].avatar_url, None);
+        assert!(g.hs.world().uploads.is_empty());
     }
 
     #[tokio::test]
