@@ -62,9 +62,16 @@ if [[ ! -f $state/admin.token ]]; then
   (umask 077; deploy/peers/synapse.sh admin-token "$state/synapse" admin >"$state/admin.token")
 fi
 
-echo "Synapse http://127.0.0.1:8008 (server name localhost); roster admin http://127.0.0.1:9010"
-echo "logs: $state/*.log; roster's admin token: in $state/config.yaml; @admin's: $state/admin.token"
-echo "try: $CARGO_TARGET_DIR/release/roster status -c $state/config.yaml; Ctrl-C stops everything"
+cat <<BANNER
+Synapse  http://127.0.0.1:8008 (server name localhost); its log: $state/synapse/homeserver.log
+broker   127.0.0.1:9092 (tansu, in memory: topics and offsets are gone after Ctrl-C)
+roster   appservice 127.0.0.1:9009, admin http://127.0.0.1:9010; its log is this terminal
+tokens   roster's admin token: in $state/config.yaml; @admin's: $state/admin.token
+try      $roster status -c $state/config.yaml
+         $roster plan -c $state/config.yaml
+         edit $state/agents.yaml, then: kill -HUP \$(pgrep -f 'roster serve')  (re-reads it)
+Ctrl-C stops everything; delete $state to start over.
+BANNER
 "$roster" check-config -c "$state/config.yaml"
 "$roster" serve -c "$state/config.yaml" &
 pids+=($!)

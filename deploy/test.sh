@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs roster's whole test suite: installs the peers it needs (Synapse, tansu, Letta; cached
 # under ~/.cache/roster), checks formatting and lints, then runs unit and integration tests
-# against the real peers on 127.0.0.1. Exits non-zero when anything fails.
+# against the real peers on 127.0.0.1, after linting the deployment artifacts in deploy/.
+# Exits non-zero when anything fails.
 #   deploy/test.sh [extra cargo test arguments]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,6 +15,9 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "peers"
 deploy/peers/all.sh install synapse tansu letta
+
+step "deployment artifacts"
+deploy/check-artifacts.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

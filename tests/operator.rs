@@ -504,3 +504,57 @@ async fn ready_before_synapse_can_reach_roster_and_the_ping_is_retried_until_it_
     roster.assert_no_secrets_in_logs(&[]);
     drop(scratch);
 }
+
+/// The configs shipped in deploy/ (the Kubernetes ConfigMap's `config.yaml` and the compose
+/// one) pass `check-config` with registrations `roster registration` wrote for them: only
+/// the paths that live in a Secret, volume or state directory are pointed at a scratch
+/// directory, through the same environment overrides an operator would use.
+#[test]
+fn the_deployment_configs_pass_check_config() {
+    let configmap: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo_root().join("deploy/k8s/configmap.yaml")).unwrap(),
+    )
+    .unwrap();
+    let k8s = configmap["data"]["config.yaml"]
+        .as_str()
+        .expect("the ConfigMap carries config.yaml")
+        .to_owned();
+    let compose = std::fs::read_to_string(repo_root().join("deploy/compose/config.yaml")).unwrap();
+    let agents_file = repo_root().join("deploy/compose/agents.yaml");
+
+    for (name, text) in [("k8s", k8s), ("compose", compose)] {
+        let scratch = Scratch::new(&format!("deploy-{name}"));
+        let dir = scratch.path();
+        let config = dir.join("config.yaml");
+        std::fs::write(&config, text).unwrap();
+        let registration = dir.join("registration/registration.yaml");
+        let acting = dir.join("registration/registration-acting.yaml");
+        let store = dir.join("state/roster.db");
+        let env = [
+            ("ROSTER_APPSERVICE__REGISTRATION", path_str(&registration)),
+            ("ROSTER_APPSERVICE__ACTING_REGISTRATION", path_str(&acting)),
+            ("ROSTER_STORE__PATH", path_str(&store)),
+            ("ROSTER_AGENTS__FILE", path_str(&agents_file)),
+        ];
+        let env: Vec<_> = if name == "compose" {
+            env.to_vec()
+        } else {
+            env[..3].to_vec()
+        };
+        std::fs::create_dir_all(registration.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+        let (ok, stdout, stderr) = run(&["registration", "-c", path_str(&config)], &env);
+        assert!(ok, "{name}: registration failed: {stdout}{stderr}");
+        assert!(registration.exists() && acting.exists(), "{name}: {stderr}");
+
+        let (ok, stdout, stderr) = run(&["check-config", "-c", path_str(&config)], &env);
+        assert!(
+            ok,
+            "{name}: check-config refused the shipped config: {stdout}{stderr}"
+        );
+        assert!(
+            stdout.contains("a pushed and an acting-only registration"),
+            "{name}: check-config should say both registrations are in use: {stdout}"
+        );
+    }
+}
