@@ -1,7 +1,7 @@
 //! Identity lifecycle events from a real Kafka-protocol broker (tansu) into a real Synapse,
-//! by masquerading only: every accepted message shape, dead letters, SIGKILL mid-batch,
-//! Synapse away, replay; and the tuwunel path against a stand-in that emulates tuwunel
-//! (`support::tuwunel`).
+//! by masquerading only: every accepted message shape (legacy-shaped ones too), dead letters,
+//! SIGKILL mid-batch, Synapse away, replay, only what changed is sent, `start_from`; and the
+//! tuwunel path against a stand-in that emulates tuwunel (`support::tuwunel`).
 
 mod support;
 
@@ -121,13 +121,14 @@ async fn avatar_server() -> String {
 async fn every_event_shape_has_its_effect_on_synapse() {
     let stack = Stack::new("lifecycle-shapes", "").await;
     let avatars = avatar_server().await;
-    let (alice, bob, carol, dora, eve, ghost) = (
+    let (alice, bob, carol, dora, eve, ghost, frank) = (
         uuid(1, 1),
         uuid(1, 2),
         uuid(1, 3),
         uuid(1, 4),
         uuid(1, 5),
         uuid(1, 6),
+        uuid(1, 7),
     );
     // A user that exists before any event (made by an admin, not by roster).
     let _ = stack.synapse.admin_token(&format!("nova-{dora}"));
@@ -214,6 +215,26 @@ async fn every_event_shape_has_its_effect_on_synapse() {
             )
             .await,
     );
+    // Legacy-shaped (identity-service versions before event_type): no type anywhere, the
+    // envelope's data alone says created, then profile updated.
+    produced.push(
+        stack
+            .produce(
+                Some(&frank),
+                None,
+                &envelope(None, created(&frank, "frank")),
+            )
+            .await,
+    );
+    produced.push(
+        stack
+            .produce(
+                Some(&frank),
+                None,
+                &envelope(None, profile(&frank, "frank", Some("Frank F."), None)),
+            )
+            .await,
+    );
     // An unknown type: skipped and counted.
     produced.push(
         stack
@@ -291,6 +312,11 @@ async fn every_event_shape_has_its_effect_on_synapse() {
             display_name(u) == Some("Eve")
         })
         .await;
+    stack
+        .wait_user(&nova(&frank), "legacy-shaped events applied", |u| {
+            display_name(u) == Some("Frank F.")
+        })
+        .await;
     let carol_user = stack
         .wait_user(&nova(&carol), "soft-deleted user deactivated", |u| {
             u["deactivated"] == json!(true)
@@ -321,8 +347,21 @@ async fn every_event_shape_has_its_effect_on_synapse() {
     );
     stack.wait_committed(&produced).await;
 
-    assert_eq!(stack.events("created", "applied").await, 3);
-    assert_eq!(stack.events("profile_updated", "applied").await, 4);
+    assert_eq!(stack.events("created", "applied").await, 4);
+    assert_eq!(stack.events("profile_updated", "applied").await, 5);
+    for kind in ["created", "profile_updated"] {
+        assert_eq!(
+            stack
+                .roster
+                .metric(
+                    "roster_lifecycle_legacy_shaped_total",
+                    &[&format!("type=\"{kind}\"")]
+                )
+                .await,
+            1,
+            "{kind}"
+        );
+    }
     assert_eq!(stack.events("deleted", "applied").await, 2);
     assert_eq!(stack.events("deleted", "missing_user").await, 1);
     assert_eq!(stack.events("unknown", "skipped").await, 1);
