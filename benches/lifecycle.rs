@@ -5,7 +5,12 @@
 //!    stand-in that answers at once (so roster alone is measured): in process, and end to
 //!    end through a real tansu broker and the `roster` binary;
 //! 2. produce -> effect latency on a real Synapse at 100 events/s, where "effect" is the
-//!    moment roster logged the event applied, i.e. Synapse had answered the last request.
+//!    moment roster logged the event applied, i.e. Synapse had answered the last request;
+//! 3. no-op updates: 10,000 profile updates for 500 users where only `follower_count`
+//!    changes, after one real update each (name and an `http` avatar): the homeserver
+//!    requests and avatar fetches they cost, remembering what was applied and uploaded, and
+//!    with that memory off (as roster was before). `cargo bench --bench lifecycle -- noop`
+//!    prints this table alone.
 //!
 //! Needs the peers of the integration tests (installed by deploy/peers/*.sh on demand).
 //! Bounded: every phase has a fixed event count and a deadline; all traffic is on 127.0.0.1.
@@ -150,7 +155,10 @@ async fn in_process() -> Vec<Row> {
                     });
                     let outcome = effects.apply(&plan).await;
                     assert!(
-                        matches!(outcome, Outcome::Done(Applied::Taken(_))),
+                        matches!(
+                            outcome,
+                            Outcome::Done(Applied::Taken(_) | Applied::Unchanged)
+                        ),
                         "{outcome:?}"
                     );
                 }
@@ -375,13 +383,190 @@ async fn latency_on_synapse() -> Vec<Latency> {
     results
 }
 
+const NOOP_USERS: usize = 500;
+const NOOP_UPDATES: usize = 10_000;
+const NOOP_PICTURES: usize = 50;
+
+struct NoopRow {
+    stage: String,
+    updates: usize,
+    requests: u64,
+    fetches: usize,
+    seconds: f64,
+}
+
+/// Serves a PNG at any path on 127.0.0.1 and counts the requests.
+async fn picture_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0";
+    let fetched = Arc::new(AtomicUsize::new(0));
+    let counter = fetched.clone();
+    let app = axum::Router::new().route(
+        "/{name}",
+        axum::routing::get(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { ([("content-type", "image/png")], PNG) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), fetched)
+}
+
+/// Applies `updates` (user index, payload) in process, one user at a time in order, 16
+/// users at once; returns how long it took.
+async fn apply_updates(
+    shared: &Arc<roster::Shared>,
+    effects: &Arc<IdentityEffects>,
+    updates: Vec<(usize, Vec<u8>)>,
+    event_type: &'static str,
+) -> f64 {
+    let options = PlanOptions {
+        create_missing_users: true,
+    };
+    let mut per_user: std::collections::BTreeMap<usize, Vec<Vec<u8>>> = Default::default();
+    for (user, payload) in updates {
+        per_user.entry(user).or_default().push(payload);
+    }
+    let started = Instant::now();
+    futures::stream::iter(per_user.into_values())
+        .for_each_concurrent(16, |chain| async move {
+            for payload in chain {
+                let Ok(decoded) = decode(Some(event_type.as_bytes()), Some(&payload)) else {
+                    panic!("bench events decode");
+                };
+                let event = decoded.event().expect("an identity event");
+                let plan = shared.state.read(|m| {
+                    m.identities
+                        .plan(event, &shared.config.ids().server_name, options)
+                });
+                let outcome = effects.apply(&plan).await;
+                assert!(
+                    matches!(
+                        outcome,
+                        Outcome::Done(Applied::Taken(_) | Applied::Unchanged)
+                    ),
+                    "{outcome:?}"
+                );
+            }
+        })
+        .await;
+    started.elapsed().as_secs_f64()
+}
+
+/// One real update per user, then `NOOP_UPDATES` that change only `follower_count`, on a
+/// fresh stand-in homeserver; `remember: false` turns off what roster remembers.
+async fn noop_updates(remember: bool) -> Vec<NoopRow> {
+    use std::sync::atomic::Ordering;
+    let placeholder = roster::testing::shared(
+        Config::from_yaml("homeserver: {server_name: bench.test}").unwrap(),
+    );
+    let as_token = placeholder.registration.as_token.clone();
+    let fake = FakeHomeserver::start(&as_token, "bench.test", "letta").await;
+    let config = Config::from_yaml(&format!(
+        "homeserver: {{server_name: bench.test, url: '{}', flavor: synapse, max_concurrent_requests: 64}}",
+        fake.url
+    ))
+    .unwrap();
+    let shared = roster::testing::shared(config);
+    let homeserver = Homeserver::new(
+        &fake.url,
+        roster::matrix::Tokens::single(roster::config::Secret::new(as_token)),
+        Duration::from_secs(10),
+        64,
+        shared.metrics.clone(),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let effects = IdentityEffects::start(shared.clone(), homeserver, &shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    let effects = Arc::new(if remember {
+        effects
+    } else {
+        effects.without_memory()
+    });
+    let (pictures, fetched) = picture_server().await;
+    let created = (0..NOOP_USERS)
+        .map(|n| {
+            let body = json!({ "user_id": uuid(n), "username": format!("user{n}") });
+            (n, serde_json::to_vec(&body).unwrap())
+        })
+        .collect();
+    apply_updates(&shared, &effects, created, "UserCreatedEvent").await;
+    let update = |n: usize, followers: usize| {
+        let body = json!({ "user_id": uuid(n), "username": format!("user{n}"),
+            "display_name": format!("User {n}"), "bio": "hi",
+            "avatar_url": format!("{pictures}/pic{}.png", n % NOOP_PICTURES),
+            "is_verified": false, "follower_count": followers, "updated_at": "t" });
+        (n, serde_json::to_vec(&body).unwrap())
+    };
+    let memory = if remember {
+        "remembering what was applied"
+    } else {
+        "memory off (as before)"
+    };
+    let mut rows = Vec::new();
+    for (stage, updates) in [
+        (
+            format!(
+                "one real update per user (name + http avatar, {NOOP_PICTURES} pictures), {memory}"
+            ),
+            (0..NOOP_USERS).map(|n| update(n, 0)).collect::<Vec<_>>(),
+        ),
+        (
+            format!("{NOOP_UPDATES} follower_count-only updates, {memory}"),
+            (0..NOOP_UPDATES)
+                .map(|i| update(i % NOOP_USERS, i + 1))
+                .collect(),
+        ),
+    ] {
+        let (requests, fetches) = (
+            shared.metrics.homeserver_requests_sent(),
+            fetched.load(Ordering::SeqCst),
+        );
+        let count = updates.len();
+        let seconds = apply_updates(&shared, &effects, updates, "UserProfileUpdatedEvent").await;
+        rows.push(NoopRow {
+            stage,
+            updates: count,
+            requests: shared.metrics.homeserver_requests_sent() - requests,
+            fetches: fetched.load(Ordering::SeqCst) - fetches,
+            seconds,
+        });
+    }
+    rows
+}
+
+fn print_noop(rows: &[NoopRow]) {
+    println!();
+    println!(
+        "| lifecycle no-op updates ({NOOP_USERS} users, stand-in HS, in process) | updates | homeserver requests | avatar fetches | seconds |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for row in rows {
+        println!(
+            "| {} | {} | {} | {} | {:.2} |",
+            row.stage, row.updates, row.requests, row.fetches, row.seconds
+        );
+    }
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    let only_noop = std::env::args().any(|a| a == "noop");
     runtime.block_on(async {
+        let mut noop = noop_updates(true).await;
+        noop.extend(noop_updates(false).await);
+        if only_noop {
+            print_noop(&noop);
+            return;
+        }
         let mut rows = in_process().await;
         rows.push(end_to_end().await);
         let latency = latency_on_synapse().await;
@@ -408,5 +593,6 @@ fn main() {
                 l.target_rate, l.events, l.rate, l.sustained, l.p50, l.p99, l.max
             );
         }
+        print_noop(&noop);
     });
 }

@@ -3,8 +3,9 @@
 #   deploy/bench.sh [provision [N] | lifecycle]
 #     provision: N agents (default 200) from cold on a real Synapse; wall time and
 #                homeserver requests per agent
-#     lifecycle: lifecycle events/s (decode -> model -> actions, stand-in homeserver) and
-#                produce -> effect latency on a real Synapse at 100 events/s
+#     lifecycle: lifecycle events/s (decode -> model -> actions, stand-in homeserver),
+#                produce -> effect latency on a real Synapse at 100 events/s, and the
+#                homeserver requests of no-op profile updates (`lifecycle noop`: that alone)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/roster/target}

@@ -62,6 +62,11 @@ pub struct LifecycleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    pub r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     /// `letta` or `file`.
     pub source: &'static str,
@@ -110,6 +115,9 @@ pub struct Metrics {
     pub actions: Family<ActionLabels, Counter>,
     /// Lifecycle events handled, by type and outcome.
     pub lifecycle_events: Family<LifecycleLabels, Counter>,
+    /// Lifecycle events without any type, recognised by their shape (identity-service
+    /// versions before `event_type`), by the type recognised.
+    pub lifecycle_legacy_shaped: Family<TypeLabels, Counter>,
     /// Lifecycle messages behind the end of the topic, summed over partitions (a count of
     /// messages, not a time).
     pub lifecycle_lag: Gauge,
@@ -156,6 +164,7 @@ impl Metrics {
             sync_duration_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             actions: Family::default(),
             lifecycle_events: Family::default(),
+            lifecycle_legacy_shaped: Family::default(),
             lifecycle_lag: Gauge::default(),
             lifecycle_stalled_seconds: Family::default(),
             dead_letters: Counter::default(),
@@ -243,6 +252,11 @@ impl Metrics {
             "lifecycle_events",
             "Lifecycle events handled, by type and outcome",
             m.lifecycle_events.clone(),
+        );
+        registry.register(
+            "lifecycle_legacy_shaped",
+            "Lifecycle events without any type, recognised by their shape, by the type recognised",
+            m.lifecycle_legacy_shaped.clone(),
         );
         registry.register(
             "lifecycle_lag",
@@ -344,6 +358,7 @@ mod tests {
         "roster_sync_duration_seconds",
         "roster_actions",
         "roster_lifecycle_events",
+        "roster_lifecycle_legacy_shaped",
         "roster_lifecycle_lag",
         "roster_lifecycle_stalled_seconds",
         "roster_dead_letters",
@@ -412,6 +427,9 @@ mod tests {
         m.lifecycle_stalled_seconds
             .get_or_create(&PartitionLabels { partition: 0 })
             .set(3);
+        m.lifecycle_legacy_shaped
+            .get_or_create(&TypeLabels { r#type: "deleted" })
+            .inc();
         m.source_polls
             .get_or_create(&SourceLabels {
                 source: "letta",

@@ -163,15 +163,7 @@ CREATE TABLE history_imports (
 
 const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
 
-/// What roster last applied to an identity user's profile.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AppliedProfile {
-    pub displayname: Option<String>,
-    /// The avatar the event named (an `mxc://` or `http(s)://` URL).
-    pub avatar_source: Option<String>,
-    /// The `mxc://` URI set for it.
-    pub avatar_mxc: Option<String>,
-}
+pub use crate::model::identity::AppliedProfile;
 
 /// Media roster uploaded, by where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

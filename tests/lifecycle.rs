@@ -1,11 +1,13 @@
 //! Identity lifecycle events from a real Kafka-protocol broker (tansu) into a real Synapse,
-//! by masquerading only: every accepted message shape, dead letters, SIGKILL mid-batch,
-//! Synapse away, replay; and the tuwunel path against a stand-in that emulates tuwunel
-//! (`support::tuwunel`).
+//! by masquerading only: every accepted message shape (legacy-shaped ones too), dead letters,
+//! SIGKILL mid-batch, Synapse away, replay, only what changed is sent, `start_from`; and the
+//! tuwunel path against a stand-in that emulates tuwunel (`support::tuwunel`).
 
 mod support;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -119,13 +121,14 @@ async fn avatar_server() -> String {
 async fn every_event_shape_has_its_effect_on_synapse() {
     let stack = Stack::new("lifecycle-shapes", "").await;
     let avatars = avatar_server().await;
-    let (alice, bob, carol, dora, eve, ghost) = (
+    let (alice, bob, carol, dora, eve, ghost, frank) = (
         uuid(1, 1),
         uuid(1, 2),
         uuid(1, 3),
         uuid(1, 4),
         uuid(1, 5),
         uuid(1, 6),
+        uuid(1, 7),
     );
     // A user that exists before any event (made by an admin, not by roster).
     let _ = stack.synapse.admin_token(&format!("nova-{dora}"));
@@ -212,6 +215,26 @@ async fn every_event_shape_has_its_effect_on_synapse() {
             )
             .await,
     );
+    // Legacy-shaped (identity-service versions before event_type): no type anywhere, the
+    // envelope's data alone says created, then profile updated.
+    produced.push(
+        stack
+            .produce(
+                Some(&frank),
+                None,
+                &envelope(None, created(&frank, "frank")),
+            )
+            .await,
+    );
+    produced.push(
+        stack
+            .produce(
+                Some(&frank),
+                None,
+                &envelope(None, profile(&frank, "frank", Some("Frank F."), None)),
+            )
+            .await,
+    );
     // An unknown type: skipped and counted.
     produced.push(
         stack
@@ -289,6 +312,11 @@ async fn every_event_shape_has_its_effect_on_synapse() {
             display_name(u) == Some("Eve")
         })
         .await;
+    stack
+        .wait_user(&nova(&frank), "legacy-shaped events applied", |u| {
+            display_name(u) == Some("Frank F.")
+        })
+        .await;
     let carol_user = stack
         .wait_user(&nova(&carol), "soft-deleted user deactivated", |u| {
             u["deactivated"] == json!(true)
@@ -319,8 +347,21 @@ async fn every_event_shape_has_its_effect_on_synapse() {
     );
     stack.wait_committed(&produced).await;
 
-    assert_eq!(stack.events("created", "applied").await, 3);
-    assert_eq!(stack.events("profile_updated", "applied").await, 4);
+    assert_eq!(stack.events("created", "applied").await, 4);
+    assert_eq!(stack.events("profile_updated", "applied").await, 5);
+    for kind in ["created", "profile_updated"] {
+        assert_eq!(
+            stack
+                .roster
+                .metric(
+                    "roster_lifecycle_legacy_shaped_total",
+                    &[&format!("type=\"{kind}\"")]
+                )
+                .await,
+            1,
+            "{kind}"
+        );
+    }
     assert_eq!(stack.events("deleted", "applied").await, 2);
     assert_eq!(stack.events("deleted", "missing_user").await, 1);
     assert_eq!(stack.events("unknown", "skipped").await, 1);
@@ -1210,4 +1251,316 @@ async fn partitions_handed_between_two_rosters_lose_nothing() {
     stack.synapse.assert_no_logins().await;
     stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
     second.assert_no_secrets_in_logs(&[&stack.admin]);
+}
+
+/// Serves the test PNG at any path on 127.0.0.1 and counts the requests it answered.
+async fn counting_avatar_server() -> (String, Arc<AtomicUsize>) {
+    let fetched = Arc::new(AtomicUsize::new(0));
+    let counter = fetched.clone();
+    let app = Router::new().route(
+        "/{name}",
+        get(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { ([("content-type", "image/png")], PNG) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), fetched)
+}
+
+/// The profile writes and uploads roster made, by roster's count and by Synapse's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Writes {
+    /// Synapse: requests to its profile field servlet (display name and avatar alike).
+    synapse_profile: u64,
+    /// Synapse: media uploads.
+    synapse_uploads: u64,
+    names: u64,
+    avatars: u64,
+    uploads: u64,
+}
+
+impl Writes {
+    async fn now(stack: &Stack) -> Writes {
+        Writes {
+            synapse_profile: stack
+                .synapse
+                .requests_received("ProfileFieldRestServlet")
+                .await,
+            synapse_uploads: stack.synapse.requests_received("UploadServlet").await,
+            names: stack
+                .roster
+                .homeserver_requests(Some("set_display_name"))
+                .await,
+            avatars: stack
+                .roster
+                .homeserver_requests(Some("set_avatar_url"))
+                .await,
+            uploads: stack.roster.homeserver_requests(Some("upload")).await,
+        }
+    }
+
+    /// What was sent since `before`, as (names, avatars, uploads), after checking that
+    /// Synapse counted the same requests roster did.
+    fn since(self, before: Writes) -> (u64, u64, u64) {
+        let (names, avatars, uploads) = (
+            self.names - before.names,
+            self.avatars - before.avatars,
+            self.uploads - before.uploads,
+        );
+        assert_eq!(
+            self.synapse_profile - before.synapse_profile,
+            names + avatars,
+            "Synapse's profile requests and roster's agree: {before:?} -> {self:?}"
+        );
+        assert_eq!(
+            self.synapse_uploads - before.synapse_uploads,
+            uploads,
+            "Synapse's uploads and roster's agree: {before:?} -> {self:?}"
+        );
+        (names, avatars, uploads)
+    }
+}
+
+/// Issue 10: nothing changed, nothing is sent. Profile updates that change only what roster
+/// does not apply (follower counts) send Synapse nothing, before and after a restart; a
+/// change sends exactly its part; an avatar URL is fetched and uploaded once.
+#[tokio::test]
+async fn profile_updates_send_the_homeserver_only_what_changed() {
+    let mut stack = Stack::new("lifecycle-unchanged", "").await;
+    let (avatars, fetched) = counting_avatar_server().await;
+    let (pic1, pic2) = (format!("{avatars}/one.png"), format!("{avatars}/two.png"));
+    let (alice, bob, carol) = (uuid(9, 1), uuid(9, 2), uuid(9, 3));
+    let update = |id: &str, name: &str, avatar: &str, followers: u32| {
+        let mut body = profile(id, "u", Some(name), Some(avatar));
+        body["follower_count"] = json!(followers);
+        body
+    };
+    stack.roster.start().await;
+    let mut produced = vec![
+        stack
+            .produce(None, Some("UserCreatedEvent"), &created(&alice, "alice"))
+            .await,
+        stack
+            .produce(None, Some("UserCreatedEvent"), &created(&bob, "bob"))
+            .await,
+        stack
+            .produce(
+                None,
+                Some("UserProfileUpdatedEvent"),
+                &update(&alice, "Alice", &pic1, 0),
+            )
+            .await,
+    ];
+    let first = stack
+        .wait_user(&nova(&alice), "named, with an avatar", |u| {
+            display_name(u) == Some("Alice") && u["avatar_url"].as_str().is_some()
+        })
+        .await;
+    let mxc1 = first["avatar_url"].as_str().unwrap().to_owned();
+    stack.wait_committed(&produced).await;
+    assert_eq!(fetched.load(Ordering::SeqCst), 1);
+
+    // Unchanged: 20 updates where only the follower count moves send nothing at all, by
+    // Synapse's count of every request it received and by roster's.
+    let (roster_before, synapse_before) = wait_quiet(&stack.roster, &stack.synapse).await;
+    let applied_before = stack.events("profile_updated", "applied").await;
+    for followers in 1..=20 {
+        produced.push(
+            stack
+                .produce(
+                    None,
+                    Some("UserProfileUpdatedEvent"),
+                    &update(&alice, "Alice", &pic1, followers),
+                )
+                .await,
+        );
+    }
+    stack.wait_committed(&produced).await;
+    let unchanged = stack.events("profile_updated", "unchanged").await;
+    let superseded = stack.events("profile_updated", "superseded").await;
+    eprintln!("20 follower-count updates: {unchanged} unchanged, {superseded} superseded");
+    assert!(unchanged >= 1, "the newest one at least was checked");
+    assert_eq!(unchanged + superseded, 20);
+    assert_eq!(
+        stack.events("profile_updated", "applied").await,
+        applied_before
+    );
+    assert_eq!(stack.roster.homeserver_requests(None).await, roster_before);
+    assert_eq!(
+        stack.synapse.requests_received_total().await,
+        synapse_before
+    );
+    assert_eq!(fetched.load(Ordering::SeqCst), 1, "nothing fetched either");
+
+    // A new name alone: one display-name request, no avatar request, no upload.
+    let before = Writes::now(&stack).await;
+    produced.push(
+        stack
+            .produce(
+                None,
+                Some("UserProfileUpdatedEvent"),
+                &update(&alice, "Alice A.", &pic1, 21),
+            )
+            .await,
+    );
+    stack.wait_committed(&produced).await;
+    assert_eq!(Writes::now(&stack).await.since(before), (1, 0, 0));
+    let user = stack.user(&nova(&alice)).await.unwrap();
+    assert_eq!(display_name(&user), Some("Alice A."));
+    assert_eq!(user["avatar_url"].as_str(), Some(mxc1.as_str()));
+
+    // A new avatar alone: fetched and uploaded once, set once, the name left alone.
+    let before = Writes::now(&stack).await;
+    produced.push(
+        stack
+            .produce(
+                None,
+                Some("UserProfileUpdatedEvent"),
+                &update(&alice, "Alice A.", &pic2, 22),
+            )
+            .await,
+    );
+    stack.wait_committed(&produced).await;
+    assert_eq!(Writes::now(&stack).await.since(before), (0, 1, 1));
+    assert_eq!(fetched.load(Ordering::SeqCst), 2);
+    let user = stack.user(&nova(&alice)).await.unwrap();
+    let mxc2 = user["avatar_url"].as_str().unwrap().to_owned();
+    assert_ne!(mxc2, mxc1);
+
+    // A repeated avatar URL (another user names the first picture) is not fetched or
+    // uploaded again: its mxc:// is reused.
+    let before = Writes::now(&stack).await;
+    produced.push(
+        stack
+            .produce(
+                None,
+                Some("UserProfileUpdatedEvent"),
+                &update(&bob, "Bob", &pic1, 0),
+            )
+            .await,
+    );
+    stack.wait_committed(&produced).await;
+    let bob_user = stack
+        .wait_user(&nova(&bob), "renamed, with the reused avatar", |u| {
+            display_name(u) == Some("Bob")
+        })
+        .await;
+    assert_eq!(bob_user["avatar_url"].as_str(), Some(mxc1.as_str()));
+    assert_eq!(Writes::now(&stack).await.since(before), (1, 1, 0));
+    assert_eq!(
+        fetched.load(Ordering::SeqCst),
+        2,
+        "the picture was not fetched again"
+    );
+
+    // After a restart the store decides: an unchanged update still sends nothing.
+    stack.roster.stop();
+    stack.roster.start().await;
+    stack.roster.wait_ready().await;
+    let (roster_before, synapse_before) = wait_quiet(&stack.roster, &stack.synapse).await;
+    for (id, name, pic) in [(&alice, "Alice A.", &pic2), (&bob, "Bob", &pic1)] {
+        produced.push(
+            stack
+                .produce(
+                    None,
+                    Some("UserProfileUpdatedEvent"),
+                    &update(id, name, pic, 99),
+                )
+                .await,
+        );
+    }
+    stack.wait_committed(&produced).await;
+    assert_eq!(stack.events("profile_updated", "unchanged").await, 2);
+    assert_eq!(stack.events("profile_updated", "applied").await, 0);
+    assert_eq!(stack.roster.homeserver_requests(None).await, roster_before);
+    assert_eq!(
+        stack.synapse.requests_received_total().await,
+        synapse_before
+    );
+    assert_eq!(fetched.load(Ordering::SeqCst), 2);
+
+    // And a created user whose next update names its username again: nothing sent for it.
+    let before = Writes::now(&stack).await;
+    produced.push(
+        stack
+            .produce(None, Some("UserCreatedEvent"), &created(&carol, "carol"))
+            .await,
+    );
+    produced.push(
+        stack
+            .produce(
+                None,
+                Some("UserProfileUpdatedEvent"),
+                &profile(&carol, "carol", None, None),
+            )
+            .await,
+    );
+    stack.wait_committed(&produced).await;
+    assert_eq!(Writes::now(&stack).await.since(before), (1, 0, 0));
+    assert_eq!(stack.events("profile_updated", "unchanged").await, 3);
+    stack.synapse.assert_no_logins().await;
+    stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
+}
+
+/// Issue 9: a consumer group with no committed offsets starts where `lifecycle.start_from`
+/// says: `latest` skips the events the topic still retains, `earliest` (the default)
+/// applies them.
+#[tokio::test]
+async fn start_from_latest_skips_retained_events_and_earliest_applies_them() {
+    let mut stack = Stack::new("lifecycle-start-from", "").await;
+    let (retained, fresh) = (uuid(10, 1), uuid(10, 2));
+    stack
+        .produce(None, Some("UserCreatedEvent"), &created(&retained, "old"))
+        .await;
+
+    stack.roster.env("ROSTER_LIFECYCLE__START_FROM", "latest");
+    stack.roster.env("KAFKA_CONSUMER_GROUP_ID", "roster-latest");
+    stack.roster.start().await;
+    // A new event is applied once the group has its position: produce one until it is (an
+    // event produced before the position was taken is skipped too, as `latest` says).
+    let mut attempt = 0;
+    eventually(
+        Duration::from_secs(90),
+        "an event produced after start to be applied",
+        || {
+            attempt += 1;
+            let name = format!("new-{attempt}");
+            let stack = &stack;
+            let fresh = &fresh;
+            async move {
+                stack
+                    .produce(None, Some("UserCreatedEvent"), &created(fresh, &name))
+                    .await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                stack.user(&nova(fresh)).await.map(|_| ())
+            }
+        },
+    )
+    .await;
+    // The retained event was produced before the group existed: with `latest` its user is
+    // never created, though a later event of another user was applied.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        stack.user(&nova(&retained)).await.is_none(),
+        "start_from: latest applied a retained event"
+    );
+    assert!(stack.events("created", "applied").await >= 1);
+
+    // The same topic, a new group starting from the earliest retained event: applied.
+    stack.roster.stop();
+    stack.roster.clear_env();
+    stack
+        .roster
+        .env("KAFKA_CONSUMER_GROUP_ID", "roster-earliest");
+    stack.roster.start().await;
+    stack
+        .wait_user(&nova(&retained), "the retained event applied", |u| {
+            display_name(u) == Some("old")
+        })
+        .await;
+    stack.synapse.assert_no_logins().await;
+    stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
 }

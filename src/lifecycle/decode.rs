@@ -6,6 +6,10 @@
 //! Both spellings of every type are accepted. Only the fields roster uses are required;
 //! everything else is ignored, so producers may add fields. Pure: no I/O. Error messages
 //! never quote payload values (they travel to logs and dead-letter headers).
+//!
+//! Events from identity-service versions that predate `event_type` carry no type at all;
+//! they are recognised by the fields their data holds, as the consumer roster replaces did
+//! ([`legacy_kind`]), and decoded as [`Decoded::LegacyShaped`] so they can be counted.
 
 use serde_json::{Map, Value};
 
@@ -18,8 +22,20 @@ pub const TYPE_HEADER: &str = "event_type";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decoded {
     Event(IdentityEvent),
+    /// An event without any type, recognised by its shape ([`legacy_kind`]).
+    LegacyShaped(IdentityEvent),
     /// A type roster does not handle: skipped and counted, never dead-lettered.
     Unknown(String),
+}
+
+impl Decoded {
+    /// The identity event, whichever way its type was found.
+    pub fn event(&self) -> Option<&IdentityEvent> {
+        match self {
+            Decoded::Event(event) | Decoded::LegacyShaped(event) => Some(event),
+            Decoded::Unknown(_) => None,
+        }
+    }
 }
 
 /// Why a message cannot be decoded; the text is the dead-letter `reason`.
@@ -35,7 +51,9 @@ pub enum DecodeError {
     HeaderNotText,
     #[error("the event_type field is not a string")]
     TypeNotText,
-    #[error("no event type: neither an event_type header nor an event_type field")]
+    #[error(
+        "no event type: neither an event_type header nor an event_type field, and the data has none of the legacy shapes"
+    )]
     NoType,
     #[error("{kind} event lacks {field}")]
     Missing {
@@ -105,13 +123,15 @@ pub fn decode(type_header: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Deco
         _ => &top,
     };
     let type_name = match header_type {
-        Some(t) => t,
-        None => type_field(&top)?
-            .or(type_field(data)?)
-            .ok_or(DecodeError::NoType)?,
+        Some(t) => Some(t),
+        None => type_field(&top)?.or(type_field(data)?),
     };
-    let Some(kind) = Kind::parse(&type_name) else {
-        return Ok(Decoded::Unknown(type_name));
+    let (kind, legacy) = match type_name {
+        Some(name) => match Kind::parse(&name) {
+            Some(kind) => (kind, false),
+            None => return Ok(Decoded::Unknown(name)),
+        },
+        None => (legacy_kind(data).ok_or(DecodeError::NoType)?, true),
     };
     let fields = Fields {
         kind: kind.label(),
@@ -151,7 +171,27 @@ pub fn decode(type_header: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Deco
             },
         },
     };
-    Ok(Decoded::Event(event))
+    Ok(if legacy {
+        Decoded::LegacyShaped(event)
+    } else {
+        Decoded::Event(event)
+    })
+}
+
+/// The type of an event that names none, by the fields its data holds (checked in this
+/// order): `deleted_at` + `soft_delete`: deleted; `username` + `updated_at` + `display_name`:
+/// profile updated; `user_id` + `email` + `username` + `created_at`: created.
+fn legacy_kind(data: &Map<String, Value>) -> Option<Kind> {
+    let has = |fields: &[&str]| fields.iter().all(|f| data.contains_key(*f));
+    if has(&["deleted_at", "soft_delete"]) {
+        Some(Kind::Deleted)
+    } else if has(&["username", "updated_at", "display_name"]) {
+        Some(Kind::ProfileUpdated)
+    } else if has(&["user_id", "email", "username", "created_at"]) {
+        Some(Kind::Created)
+    } else {
+        None
+    }
 }
 
 fn type_field(object: &Map<String, Value>) -> Result<Option<String>, DecodeError> {
@@ -451,5 +491,102 @@ mod tests {
                 "no payload values in reasons"
             );
         }
+    }
+
+    #[test]
+    fn should_recognise_legacy_events_without_a_type_by_their_shape() {
+        let deleted =
+            json!({ "user_id": UUID, "deleted_at": "2024-01-01T00:00:00Z", "soft_delete": false });
+        let updated = json!({ "user_id": UUID, "username": "alice", "display_name": "Alice",
+            "avatar_url": null, "follower_count": 7, "updated_at": "2024-01-01T00:00:00Z" });
+        let created = json!({ "user_id": UUID, "email": "a@example.org", "username": "alice",
+            "created_at": "2024-01-01T00:00:00Z" });
+        let cases = [
+            (
+                deleted,
+                IdentityEvent::Deleted {
+                    id: id(),
+                    soft_delete: false,
+                },
+            ),
+            (
+                updated,
+                IdentityEvent::ProfileUpdated {
+                    id: id(),
+                    username: Some("alice".into()),
+                    display_name: Some("Alice".into()),
+                    avatar_url: None,
+                },
+            ),
+            (
+                created,
+                IdentityEvent::Created {
+                    id: id(),
+                    username: "alice".into(),
+                },
+            ),
+        ];
+        for (data, want) in cases {
+            // In the envelope (data only, no type anywhere) and bare.
+            for body in [envelope(None, data.clone()), data.clone()] {
+                assert_eq!(
+                    decode(None, Some(&bytes(&body))),
+                    Ok(Decoded::LegacyShaped(want.clone())),
+                    "{body}"
+                );
+            }
+            // A type, when there is one, decides, and the event is not legacy-shaped.
+            let spelling = match want {
+                IdentityEvent::Created { .. } => "UserCreatedEvent",
+                IdentityEvent::ProfileUpdated { .. } => "UserProfileUpdatedEvent",
+                IdentityEvent::Deleted { .. } => "UserDeletedEvent",
+            };
+            let typed = decode(Some(spelling.as_bytes()), Some(&bytes(&data)));
+            assert_eq!(typed, Ok(Decoded::Event(want.clone())));
+            assert_eq!(typed.unwrap().event(), Some(&want));
+        }
+    }
+
+    #[test]
+    fn should_check_legacy_shapes_in_the_old_consumers_order_and_require_every_field() {
+        // Deletion first: a deleted user's data may still carry its profile fields.
+        let both = json!({ "user_id": UUID, "deleted_at": "x", "soft_delete": true,
+            "username": "a", "updated_at": "x", "display_name": "A" });
+        assert!(matches!(
+            decode(None, Some(&bytes(&envelope(None, both)))),
+            Ok(Decoded::LegacyShaped(IdentityEvent::Deleted { .. }))
+        ));
+        // A profile update also carrying created_at and email is still an update.
+        let update = json!({ "user_id": UUID, "email": "a@x", "created_at": "x",
+            "username": "a", "updated_at": "x", "display_name": null });
+        assert!(matches!(
+            decode(None, Some(&bytes(&update))),
+            Ok(Decoded::LegacyShaped(IdentityEvent::ProfileUpdated { .. }))
+        ));
+        // One field short of every shape: no type, dead-lettered as before.
+        for partial in [
+            json!({ "user_id": UUID, "deleted_at": "x" }),
+            json!({ "user_id": UUID, "soft_delete": true }),
+            json!({ "user_id": UUID, "username": "a", "display_name": "A" }),
+            json!({ "user_id": UUID, "username": "a", "updated_at": "x" }),
+            json!({ "user_id": UUID, "email": "a@x", "username": "a" }),
+            json!({ "email": "a@x", "username": "a", "created_at": "x" }),
+        ] {
+            assert_eq!(
+                decode(None, Some(&bytes(&envelope(None, partial.clone())))),
+                Err(DecodeError::NoType),
+                "{partial}"
+            );
+        }
+        // A recognised shape still needs the fields roster uses.
+        let bad_id = json!({ "user_id": "nope", "deleted_at": "x", "soft_delete": true });
+        assert_eq!(
+            decode(None, Some(&bytes(&bad_id))),
+            Err(DecodeError::Invalid {
+                kind: "deleted",
+                field: "user_id",
+                expected: "a UUID"
+            })
+        );
     }
 }

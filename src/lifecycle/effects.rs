@@ -8,8 +8,15 @@
 //! for tuwunel deactivation. A deactivation is recorded through `state` before the outcome
 //! is reported, so drift repair never re-invites a deactivated user. No token, payload or
 //! e-mail is ever logged.
+//!
+//! Nothing changed, nothing is sent: a profile part (display name, avatar) equal to what
+//! roster last applied (`state.applied_profile`: the store decides, a cache spares the reads)
+//! is not sent again, and an `http(s)` avatar uploaded within `lifecycle.avatar_cache_ttl`
+//! is set by its `mxc://` without fetching or uploading it again. What was applied is
+//! recorded only after the homeserver accepted it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ruma::{OwnedMxcUri, UserId};
 use tokio_util::sync::CancellationToken;
@@ -19,8 +26,12 @@ use crate::clock::now_ms;
 use crate::config::Flavor;
 use crate::fetch::{AvatarFetcher, redact_url};
 use crate::matrix::{Homeserver, MatrixError};
-use crate::model::identity::{AvatarSource, Effect, Plan};
+use crate::model::identity::{AppliedProfile, AvatarSource, Effect, Plan};
 use crate::retry::{Backoff, Outcome, until_ok};
+use crate::store::Upload;
+
+/// Avatar URLs whose upload is kept in memory in front of the store.
+const UPLOAD_CACHE: u64 = 10_000;
 
 /// What a plan that is done came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,8 +39,19 @@ pub enum Applied {
     /// The effects are in place; `taken` names them for the log (a failed avatar fetch
     /// shows as `avatar_fetch_failed`, not as a set avatar).
     Taken(Vec<&'static str>),
+    /// Every profile part equals what roster applied before: nothing was sent.
+    Unchanged,
     /// The user does not exist and the plan may not create it: counted, not retried.
     MissingUser,
+}
+
+/// What one attempt set, to be recorded once the homeserver accepted all of it.
+#[derive(Default)]
+struct Taken {
+    labels: Vec<&'static str>,
+    name: Option<String>,
+    /// The avatar's source URL and the `mxc://` set for it.
+    avatar: Option<(String, String)>,
 }
 
 /// Why identity effects cannot be taken at all; stops start-up.
@@ -69,6 +91,13 @@ pub struct IdentityEffects {
     homeserver: Homeserver,
     flavor: Flavor,
     avatars: AvatarFetcher,
+    /// Uploads of avatar URLs, in front of the store's `uploads` (entries older than
+    /// `avatar_ttl` are stale whichever holds them).
+    uploads: moka::sync::Cache<String, Upload>,
+    avatar_ttl: Duration,
+    /// Compare with what was applied and uploaded before sending (off only to measure what
+    /// remembering saves).
+    remember: bool,
 }
 
 impl IdentityEffects {
@@ -106,11 +135,19 @@ impl IdentityEffects {
             config.lifecycle.avatar_fetch_timeout,
             config.lifecycle.avatar_max_bytes,
         );
+        let avatar_ttl = config.lifecycle.avatar_cache_ttl;
+        let uploads = moka::sync::Cache::builder()
+            .max_capacity(UPLOAD_CACHE)
+            .time_to_live(avatar_ttl.max(Duration::from_secs(1)))
+            .build();
         Ok(Some(IdentityEffects {
             shared,
             homeserver,
             flavor,
             avatars,
+            uploads,
+            avatar_ttl,
+            remember: true,
         }))
     }
 
@@ -118,16 +155,56 @@ impl IdentityEffects {
         self.flavor
     }
 
-    /// Applies `plan`: every effect in order; a user found missing is registered first when
-    /// the plan allows it, then the effects are taken again from the start.
+    /// Sends every profile part, changed or not, and fetches and uploads every avatar URL
+    /// again, as roster did before it remembered them: only for measuring what remembering
+    /// saves.
+    pub fn without_memory(mut self) -> IdentityEffects {
+        self.remember = false;
+        self
+    }
+
+    /// Applies what `plan` changes: the profile parts roster already applied are dropped
+    /// first; when none is left, nothing is sent ([`Applied::Unchanged`]).
     pub async fn apply(&self, plan: &Plan) -> Outcome<Applied> {
+        self.apply_with(plan, self.remember).await
+    }
+
+    /// Applies all of `plan`, whatever roster applied before (a replay: the operator asks
+    /// for the event again, e.g. after someone changed the profile behind roster's back).
+    pub async fn reapply(&self, plan: &Plan) -> Outcome<Applied> {
+        self.apply_with(plan, false).await
+    }
+
+    /// Every effect in order; a user found missing is registered first when the plan allows
+    /// it, then the effects are taken again from the start. Once all were accepted, the
+    /// profile parts set are recorded.
+    async fn apply_with(&self, plan: &Plan, skip_unchanged: bool) -> Outcome<Applied> {
         if plan.skip.is_some() || plan.effects.is_empty() {
             return Outcome::Done(Applied::Taken(Vec::new()));
         }
+        let before = match self.shared.state.applied_profile(&plan.user).await {
+            Ok(before) => before,
+            Err(e) => {
+                return Outcome::Retry {
+                    reason: format!("cannot read what was applied to the profile: {e}"),
+                    retry_after: None,
+                };
+            }
+        };
+        let narrowed;
+        let plan = if skip_unchanged {
+            narrowed = plan.without_applied(&before);
+            if narrowed.effects.is_empty() {
+                return Outcome::Done(Applied::Unchanged);
+            }
+            &narrowed
+        } else {
+            plan
+        };
         let mut registered = false;
         loop {
             let error = match self.attempt(plan).await {
-                Ok(taken) => return Outcome::Done(Applied::Taken(taken)),
+                Ok(taken) => return self.remember(plan, &before, taken).await,
                 Err(StepError::Missing) => return Outcome::Done(Applied::MissingUser),
                 Err(StepError::Store(reason)) => {
                     return Outcome::Retry {
@@ -159,10 +236,39 @@ impl IdentityEffects {
         }
     }
 
-    async fn attempt(&self, plan: &Plan) -> Result<Vec<&'static str>, StepError> {
+    /// Records the profile parts the homeserver accepted (store first, then the cache), so
+    /// the next update that names them sends nothing; a failed write is retried.
+    async fn remember(
+        &self,
+        plan: &Plan,
+        before: &AppliedProfile,
+        taken: Taken,
+    ) -> Outcome<Applied> {
+        let avatar = taken.avatar.as_ref().map(|(s, m)| (s.as_str(), m.as_str()));
+        let after = before.with(taken.name.as_deref(), avatar);
+        if after != *before
+            && let Err(e) = self
+                .shared
+                .state
+                .record_applied_profile(plan.user.clone(), after, now_ms())
+                .await
+        {
+            return Outcome::Retry {
+                reason: format!("applied, but cannot record the profile: {e}"),
+                retry_after: None,
+            };
+        }
+        Outcome::Done(Applied::Taken(taken.labels))
+    }
+
+    async fn attempt(&self, plan: &Plan) -> Result<Taken, StepError> {
         let user: &UserId = &plan.user;
-        let mut taken = Vec::with_capacity(plan.effects.len());
+        let mut taken = Taken {
+            labels: Vec::with_capacity(plan.effects.len()),
+            ..Taken::default()
+        };
         for effect in &plan.effects {
+            let mut label = effect.label();
             match effect {
                 Effect::Register => {
                     self.homeserver
@@ -172,40 +278,92 @@ impl IdentityEffects {
                 }
                 Effect::SetDisplayName(name) => {
                     self.homeserver.set_display_name(user, name).await?;
+                    taken.name = Some(name.clone());
                 }
                 Effect::SetAvatar(AvatarSource::Mxc(uri)) => {
-                    let uri = OwnedMxcUri::from(uri.as_str());
-                    self.homeserver.set_avatar_url(user, uri).await?;
+                    let mxc = OwnedMxcUri::from(uri.as_str());
+                    self.homeserver.set_avatar_url(user, mxc).await?;
+                    taken.avatar = Some((uri.clone(), uri.clone()));
                 }
                 Effect::SetAvatar(AvatarSource::Fetch(url)) => {
-                    let avatar = match self.avatars.fetch(url).await {
-                        Ok(avatar) => avatar,
-                        Err(error) => {
+                    let (mxc, reused) = match self.uploaded(user, url).await? {
+                        Some(mxc) => mxc,
+                        None => {
                             // The old avatar stays; the rest of the event still applies.
-                            tracing::warn!(
-                                user = %user,
-                                avatar = %redact_url(url),
-                                error = %error,
-                                "cannot fetch the avatar; keeping the old one"
-                            );
-                            taken.push("avatar_fetch_failed");
+                            taken.labels.push("avatar_fetch_failed");
                             continue;
                         }
                     };
-                    let uri = self
-                        .homeserver
-                        .upload(user, avatar.content_type, avatar.filename, avatar.bytes)
+                    self.homeserver
+                        .set_avatar_url(user, OwnedMxcUri::from(mxc.as_str()))
                         .await?;
-                    self.homeserver.set_avatar_url(user, uri).await?;
+                    if reused {
+                        label = "avatar_reused";
+                    }
+                    taken.avatar = Some((url.clone(), mxc));
                 }
                 Effect::Deactivate { erase } => {
                     self.deactivate(user, *erase).await?;
                     self.learn_deactivated(user).await?;
                 }
             }
-            taken.push(effect.label());
+            taken.labels.push(label);
         }
         Ok(taken)
+    }
+
+    /// The `mxc://` of the image at `url` and whether it was reused: uploaded before within
+    /// `lifecycle.avatar_cache_ttl`, else fetched and uploaded as `user` now (and recorded).
+    /// `None` when it cannot be fetched or is no image (logged).
+    async fn uploaded(
+        &self,
+        user: &UserId,
+        url: &str,
+    ) -> Result<Option<(String, bool)>, StepError> {
+        let source = format!("url:{url}");
+        let fresh = |upload: &Upload| {
+            Duration::from_millis(now_ms().saturating_sub(upload.uploaded_ms)) < self.avatar_ttl
+        };
+        let known =
+            match self.uploads.get(&source) {
+                _ if !self.remember => None,
+                Some(cached) => Some(cached),
+                None => self.shared.state.upload(&source).await.map_err(|e| {
+                    StepError::Store(format!("cannot read the avatar uploads: {e}"))
+                })?,
+            };
+        if let Some(upload) = known.filter(|u| fresh(u)) {
+            self.uploads.insert(source, upload.clone());
+            return Ok(Some((upload.mxc, true)));
+        }
+        let avatar = match self.avatars.fetch(url).await {
+            Ok(avatar) => avatar,
+            Err(error) => {
+                tracing::warn!(
+                    user = %user,
+                    avatar = %redact_url(url),
+                    error = %error,
+                    "cannot fetch the avatar; keeping the old one"
+                );
+                return Ok(None);
+            }
+        };
+        let mxc = self
+            .homeserver
+            .upload(user, avatar.content_type, avatar.filename, avatar.bytes)
+            .await?
+            .to_string();
+        let upload = Upload {
+            mxc: mxc.clone(),
+            uploaded_ms: now_ms(),
+        };
+        self.shared
+            .state
+            .record_upload(&source, upload.clone())
+            .await
+            .map_err(|e| StepError::Store(format!("uploaded, but cannot record it: {e}")))?;
+        self.uploads.insert(source, upload);
+        Ok(Some((mxc, false)))
     }
 
     async fn deactivate(&self, user: &UserId, erase: bool) -> Result<(), StepError> {
@@ -263,7 +421,6 @@ impl IdentityEffects {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn should_retry_transient_errors_and_dead_letter_permanent_ones() {

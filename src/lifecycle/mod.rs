@@ -11,6 +11,11 @@
 //!   skipped on purpose, or written to the dead-letter topic ([`offsets`]).
 //! - One user's events (the message key, else the user id) are applied one at a time in
 //!   arrival order; different users go side by side, at most `max_in_flight_users` ([`queue`]).
+//!   Of a user's profile updates waiting together, only the newest is applied when it sets
+//!   every part the older ones set ([`Job::supersedes`]); the older ones are done unapplied.
+//!   A creation or a deletion is never skipped that way, and nothing moves past one.
+//! - A profile part equal to what roster last applied is not sent again ([`effects`]),
+//!   except for an event consumed again by `replay`, which is applied in full.
 //! - While the homeserver (or the dead-letter topic) is unreachable, the message is retried
 //!   with backoff and its partition is paused: nothing after it is committed or skipped, and
 //!   at most `max_buffered_events` messages are held; beyond that every partition pauses.
@@ -110,9 +115,9 @@ impl Message {
         if let Some(key) = self.key.as_deref().filter(|k| !k.is_empty()) {
             return format!("k:{}", String::from_utf8_lossy(key));
         }
-        match decoded {
-            Ok(Decoded::Event(event)) => format!("u:{}", event.id()),
-            _ => format!("m:{}:{}", self.partition, self.offset),
+        match decoded.as_ref().ok().and_then(Decoded::event) {
+            Some(event) => format!("u:{}", event.id()),
+            None => format!("m:{}:{}", self.partition, self.offset),
         }
     }
 }
@@ -123,6 +128,27 @@ pub struct Job {
     /// The partition's generation when it arrived (see `offsets`).
     pub generation: u64,
     pub decoded: Result<Decoded, DecodeError>,
+    /// Consumed again by a replay: applied in full, even what roster applied before.
+    pub replayed: bool,
+}
+
+impl Job {
+    /// Whether applying `self` makes applying `older` (a job of the same key, waiting before
+    /// it) pointless: the same partition and generation, a later offset, and an event that
+    /// supersedes the older one's (`IdentityEvent::supersedes`: profile updates only).
+    pub fn supersedes(&self, older: &Job) -> bool {
+        let (Ok(newer_decoded), Ok(older_decoded)) = (&self.decoded, &older.decoded) else {
+            return false;
+        };
+        let (Some(newer_event), Some(older_event)) = (newer_decoded.event(), older_decoded.event())
+        else {
+            return false;
+        };
+        self.message.partition == older.message.partition
+            && self.generation == older.generation
+            && self.message.offset > older.message.offset
+            && newer_event.supersedes(older_event)
+    }
 }
 
 /// A replay that took effect.
@@ -309,4 +335,81 @@ pub async fn run(
     );
     pipeline.run(commands, stalls, shutdown).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const UUID: &str = "6f1b2c3d-aaaa-4bbb-8ccc-0123456789ab";
+
+    fn job(partition: i32, offset: i64, event_type: &str, data: serde_json::Value) -> Job {
+        let message = Message {
+            partition,
+            offset,
+            key: Some(UUID.as_bytes().to_vec()),
+            payload: Some(serde_json::to_vec(&data).unwrap()),
+            headers: vec![(
+                decode::TYPE_HEADER.into(),
+                Some(event_type.as_bytes().to_vec()),
+            )],
+        };
+        Job {
+            decoded: message.decode(),
+            message,
+            generation: 1,
+            replayed: false,
+        }
+    }
+
+    fn update(offset: i64, name: &str) -> Job {
+        job(
+            0,
+            offset,
+            "UserProfileUpdatedEvent",
+            json!({ "user_id": UUID, "username": "u", "display_name": name, "follower_count": offset }),
+        )
+    }
+
+    #[test]
+    fn should_supersede_only_an_older_update_of_the_same_partition_and_generation() {
+        assert!(update(5, "B").supersedes(&update(4, "A")));
+        assert!(
+            !update(4, "A").supersedes(&update(5, "B")),
+            "older never wins"
+        );
+        let mut elsewhere = update(9, "B");
+        elsewhere.message.partition = 1;
+        assert!(
+            !elsewhere.supersedes(&update(4, "A")),
+            "offsets of two partitions"
+        );
+        let mut reassigned = update(9, "B");
+        reassigned.generation = 2;
+        assert!(!reassigned.supersedes(&update(4, "A")));
+    }
+
+    #[test]
+    fn should_never_supersede_a_creation_a_deletion_or_an_undecodable_message() {
+        let created = job(
+            0,
+            1,
+            "UserCreatedEvent",
+            json!({ "user_id": UUID, "username": "u" }),
+        );
+        let deleted = job(
+            0,
+            2,
+            "UserDeletedEvent",
+            json!({ "user_id": UUID, "soft_delete": true }),
+        );
+        let broken = job(0, 3, "UserProfileUpdatedEvent", json!({ "user_id": UUID }));
+        assert!(broken.decoded.is_err());
+        for older in [&created, &deleted, &broken] {
+            assert!(!update(10, "B").supersedes(older));
+        }
+        assert!(!deleted.supersedes(&update(0, "A")));
+        assert!(!broken.supersedes(&update(0, "A")));
+    }
 }

@@ -23,6 +23,9 @@ struct Partition {
     stalled: BTreeMap<i64, (u64, String)>,
     /// Whether the consumer has paused fetching it.
     paused: bool,
+    /// After a replay: one past the newest offset received before it. Offsets below it are
+    /// replayed (the operator asks for them again), the rest are news.
+    replay_until: Option<i64>,
 }
 
 impl Partition {
@@ -139,14 +142,24 @@ impl Offsets {
         self.generations += 1;
         let generation = self.generations;
         let p = self.partitions.get_mut(&partition)?;
+        let replay_until = p.next.max(p.replay_until);
         *p = Partition {
             generation,
             next: Some(offset),
             committed: None,
             paused: p.paused,
+            replay_until,
             ..Partition::default()
         };
         Some(generation)
+    }
+
+    /// Whether `offset` was received before and is consumed again because of a replay.
+    pub fn is_replayed(&self, partition: i32, offset: i64) -> bool {
+        self.partitions
+            .get(&partition)
+            .and_then(|p| p.replay_until)
+            .is_some_and(|until| offset < until)
     }
 
     /// Positions that moved since they were last committed; marks them committed.
@@ -298,5 +311,11 @@ mod tests {
         assert_eq!(o.take_commits(), vec![(0, 7)], "retried");
         assert_eq!(o.received(0, 7), Some(replay));
         assert_eq!(o.rewind(5, 0), None);
+        assert!(
+            o.is_replayed(0, 7) && o.is_replayed(0, 40),
+            "received before the replay"
+        );
+        assert!(!o.is_replayed(0, 41), "never received: news");
+        assert!(!o.is_replayed(1, 0), "another partition");
     }
 }

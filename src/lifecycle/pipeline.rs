@@ -1,6 +1,7 @@
 //! Moves lifecycle messages from the consumer through the worker to commits: receives,
-//! orders per user, runs at most `max_in_flight` jobs, pauses partitions that wait or when
-//! the buffer is full, commits what is done, shows stalls, and answers replays.
+//! orders per user, coalesces a user's waiting profile updates, runs at most `max_in_flight`
+//! jobs, pauses partitions that wait or when the buffer is full, commits what is done, shows
+//! stalls, and answers replays.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -132,21 +133,34 @@ impl Pipeline {
         };
         let decoded = message.decode();
         let key = message.ordering_key(&decoded);
-        self.queue.push(
-            key,
-            Job {
-                message,
-                generation,
-                decoded,
-            },
-        );
+        let replayed = self
+            .offsets()
+            .is_replayed(message.partition, message.offset);
+        let job = Job {
+            message,
+            generation,
+            decoded,
+            replayed,
+        };
+        self.worker.received(&job);
+        self.queue.push(key, job);
     }
 
     fn start_jobs(&mut self) {
         while self.running.len() < self.max_in_flight {
-            let Some((key, job)) = self.queue.pop() else {
+            let Some((key, mut job, superseded)) = self.queue.pop_coalesced(Job::supersedes) else {
                 break;
             };
+            for older in superseded {
+                // A replayed update asks for the profile in full; the newer one carries that.
+                job.replayed |= older.replayed;
+                self.worker.superseded(&older, &job);
+                self.offsets().done(
+                    older.message.partition,
+                    older.generation,
+                    older.message.offset,
+                );
+            }
             let (partition, offset, generation) =
                 (job.message.partition, job.message.offset, job.generation);
             let abort = self.tasks.spawn(self.worker.clone().work(job));

@@ -2,7 +2,8 @@
 //! dead-letter. The pipeline runs many jobs (one per user at a time) through one worker.
 //!
 //! The decision, for each outcome:
-//! - applied, skipped on purpose, unknown type, missing user: done;
+//! - applied, unchanged (nothing to send), skipped on purpose, unknown type, missing user,
+//!   superseded by a newer update of the same user (never run): done;
 //! - undecodable, or refused for good by the homeserver (a 4xx other than rate limiting,
 //!   413 included): dead-lettered, then done;
 //! - the homeserver (or the dead-letter topic) away, overloaded or rate limiting: retried
@@ -22,7 +23,7 @@ use super::effects::{Applied, IdentityEffects};
 use super::{Job, Message};
 use crate::Shared;
 use crate::lifecycle::decode::Decoded;
-use crate::metrics::LifecycleLabels;
+use crate::metrics::{LifecycleLabels, TypeLabels};
 use crate::model::identity::PlanOptions;
 use crate::retry::{Backoff, Outcome};
 
@@ -100,6 +101,36 @@ impl Worker {
             .inc();
     }
 
+    /// Counts what arrives: legacy-shaped events (no type, recognised by their fields).
+    pub fn received(&self, job: &Job) {
+        if let Ok(Decoded::LegacyShaped(event)) = &job.decoded {
+            self.shared
+                .metrics
+                .lifecycle_legacy_shaped
+                .get_or_create(&TypeLabels {
+                    r#type: event.kind(),
+                })
+                .inc();
+        }
+    }
+
+    /// Counts and logs a job that is done without running: `newer` sets all it would set.
+    pub fn superseded(&self, job: &Job, newer: &Job) {
+        let kind = job
+            .decoded
+            .as_ref()
+            .ok()
+            .and_then(Decoded::event)
+            .map_or("unknown", |e| e.kind());
+        self.count(kind, "superseded");
+        tracing::debug!(
+            partition = job.message.partition,
+            offset = job.message.offset,
+            by_offset = newer.message.offset,
+            "lifecycle event superseded by a newer one of the same user; not applied"
+        );
+    }
+
     /// Runs `job` until it is done, retrying with backoff.
     pub async fn work(self: Arc<Self>, job: Job) {
         let mut last_reason = None;
@@ -153,7 +184,7 @@ impl Worker {
                 );
                 return Step::Done;
             }
-            Ok(Decoded::Event(event)) => event,
+            Ok(Decoded::Event(event) | Decoded::LegacyShaped(event)) => event,
         };
         let kind = event.kind();
         let server = &self.shared.config.ids().server_name;
@@ -176,7 +207,23 @@ impl Worker {
             );
             return Step::Done;
         };
-        match effects.apply(&plan).await {
+        let outcome = if job.replayed {
+            effects.reapply(&plan).await
+        } else {
+            effects.apply(&plan).await
+        };
+        match outcome {
+            Outcome::Done(Applied::Unchanged) => {
+                self.count(kind, "unchanged");
+                tracing::debug!(
+                    user = %plan.user,
+                    event = kind,
+                    partition = message.partition,
+                    offset = message.offset,
+                    "lifecycle event changes nothing roster applied before; nothing sent"
+                );
+                Step::Done
+            }
             Outcome::Done(Applied::Taken(taken)) => {
                 self.count(kind, "applied");
                 tracing::info!(
@@ -385,6 +432,7 @@ mod tests {
             decoded: message.decode(),
             message,
             generation: 1,
+            replayed: false,
         }
     }
 
@@ -420,6 +468,7 @@ mod tests {
             message: message(b"{not json".to_vec()),
             generation: 1,
             decoded: message(b"{not json".to_vec()).decode(),
+            replayed: false,
         };
         assert_eq!(f.worker.attempt(&garbage).await, Step::Done);
         assert_eq!(f.worker.attempt(&created()).await, Step::Done);
@@ -507,6 +556,7 @@ mod tests {
             message: message(b"[]".to_vec()),
             generation: 1,
             decoded: message(b"[]".to_vec()).decode(),
+            replayed: false,
         };
         assert!(matches!(
             f.worker.attempt(&garbage).await,
@@ -520,6 +570,274 @@ mod tests {
         let f = fixture(false).await;
         assert_eq!(f.worker.attempt(&created()).await, Step::Done);
         assert!(f.hs.world().requests.is_empty());
+    }
+
+    fn events(f: &Fixture, kind: &'static str, outcome: &'static str) -> u64 {
+        f.worker
+            .shared
+            .metrics
+            .lifecycle_events
+            .get_or_create(&LifecycleLabels {
+                r#type: kind,
+                outcome,
+            })
+            .get()
+    }
+
+    fn profile_job(name: &str, avatar: Option<&str>, followers: u32) -> Job {
+        job(
+            "UserProfileUpdatedEvent",
+            serde_json::json!({ "user_id": UUID, "username": "alice", "display_name": name,
+                "avatar_url": avatar, "follower_count": followers }),
+        )
+    }
+
+    /// Serves a PNG at `/a.png` and `/b.png` on 127.0.0.1; counts the requests.
+    async fn avatar_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let fetched = Arc::new(AtomicUsize::new(0));
+        let counter = fetched.clone();
+        let png: &'static [u8] = b"\x89PNG\r\n\x1a\n0000";
+        let app = axum::Router::new().route(
+            "/{name}",
+            axum::routing::get(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async move { ([("content-type", "image/png")], png) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), fetched)
+    }
+
+    #[tokio::test]
+    async fn should_send_nothing_for_an_update_that_changes_nothing() {
+        let f = fixture(true).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        let after_create = f.hs.world().requests.len();
+        // The created user's name is its username: an update naming it again is a no-op.
+        let same = job(
+            "UserProfileUpdatedEvent",
+            serde_json::json!({ "user_id": UUID, "username": "alice", "follower_count": 1 }),
+        );
+        assert_eq!(f.worker.attempt(&same).await, Step::Done);
+        assert_eq!(f.hs.world().requests.len(), after_create, "nothing sent");
+        assert_eq!(events(&f, "profile_updated", "unchanged"), 1);
+
+        let mxc = "mxc://ex.org/pic";
+        assert_eq!(
+            f.worker.attempt(&profile_job("A", Some(mxc), 2)).await,
+            Step::Done
+        );
+        let applied = f.hs.world().requests.len();
+        assert_eq!(applied - after_create, 2, "name and avatar");
+        for followers in 3..10 {
+            assert_eq!(
+                f.worker
+                    .attempt(&profile_job("A", Some(mxc), followers))
+                    .await,
+                Step::Done
+            );
+        }
+        assert_eq!(
+            f.hs.world().requests.len(),
+            applied,
+            "follower counts send nothing"
+        );
+        assert_eq!(events(&f, "profile_updated", "unchanged"), 8);
+        assert_eq!(events(&f, "profile_updated", "applied"), 1);
+    }
+
+    #[tokio::test]
+    async fn should_send_exactly_the_parts_that_changed() {
+        let f = fixture(true).await;
+        assert_eq!(
+            f.worker
+                .attempt(&profile_job("A", Some("mxc://ex.org/a"), 0))
+                .await,
+            Step::Done
+        );
+        let before = f.hs.world().requests.len();
+        assert_eq!(
+            f.worker
+                .attempt(&profile_job("B", Some("mxc://ex.org/a"), 0))
+                .await,
+            Step::Done
+        );
+        {
+            let world = f.hs.world();
+            let sent: Vec<&str> = world.requests[before..]
+                .iter()
+                .map(|r| r.path.as_str())
+                .collect();
+            assert_eq!(sent.len(), 1, "{sent:?}");
+            assert!(sent[0].ends_with("/displayname"), "{sent:?}");
+        }
+        let before = f.hs.world().requests.len();
+        assert_eq!(
+            f.worker
+                .attempt(&profile_job("B", Some("mxc://ex.org/b"), 0))
+                .await,
+            Step::Done
+        );
+        let world = f.hs.world();
+        let sent: Vec<&str> = world.requests[before..]
+            .iter()
+            .map(|r| r.path.as_str())
+            .collect();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert!(sent[0].ends_with("/avatar_url"), "{sent:?}");
+        assert_eq!(world.users[USER].displayname.as_deref(), Some("B"));
+        assert_eq!(
+            world.users[USER].avatar_url.as_deref(),
+            Some("mxc://ex.org/b")
+        );
+    }
+
+    #[tokio::test]
+    async fn should_record_nothing_the_homeserver_did_not_accept() {
+        let f = fixture(true).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        f.hs.fail("/displayname", 502, "M_UNKNOWN", "bad gateway", 1);
+        assert!(matches!(
+            f.worker.attempt(&profile_job("B", None, 0)).await,
+            Step::Retry { .. }
+        ));
+        let user = ruma::UserId::parse(USER).unwrap();
+        let applied = f.worker.shared.state.applied_profile(&user).await.unwrap();
+        assert_eq!(
+            applied.displayname.as_deref(),
+            Some("alice"),
+            "B was refused"
+        );
+        // So the retry sends it.
+        let before = f.hs.world().count("/displayname");
+        assert_eq!(
+            f.worker.attempt(&profile_job("B", None, 0)).await,
+            Step::Done
+        );
+        assert_eq!(f.hs.world().count("/displayname"), before + 1);
+        let applied = f.worker.shared.state.applied_profile(&user).await.unwrap();
+        assert_eq!(applied.displayname.as_deref(), Some("B"));
+    }
+
+    #[tokio::test]
+    async fn should_apply_a_replayed_event_in_full() {
+        let f = fixture(true).await;
+        assert_eq!(
+            f.worker.attempt(&profile_job("A", None, 0)).await,
+            Step::Done
+        );
+        let before = f.hs.world().count("/displayname");
+        let mut replayed = profile_job("A", None, 0);
+        replayed.replayed = true;
+        assert_eq!(f.worker.attempt(&replayed).await, Step::Done);
+        assert_eq!(f.hs.world().count("/displayname"), before + 1);
+        assert_eq!(events(&f, "profile_updated", "unchanged"), 0);
+    }
+
+    #[tokio::test]
+    async fn should_upload_an_avatar_url_once_within_its_ttl_and_again_after() {
+        use std::sync::atomic::Ordering;
+        let f = fixture(true).await;
+        let (server, fetched) = avatar_server().await;
+        let url = format!("{server}/a.png");
+        assert_eq!(
+            f.worker.attempt(&profile_job("A", Some(&url), 0)).await,
+            Step::Done
+        );
+        assert_eq!(
+            (fetched.load(Ordering::SeqCst), f.hs.world().uploads.len()),
+            (1, 1)
+        );
+        let mxc = f.hs.world().users[USER].avatar_url.clone().unwrap();
+
+        // Another user names the same URL: its upload is reused, nothing fetched.
+        let other = "00000000-0000-4000-8000-0000000000b2";
+        let other_job = job(
+            "UserProfileUpdatedEvent",
+            serde_json::json!({ "user_id": other, "username": "bob", "avatar_url": url }),
+        );
+        assert_eq!(f.worker.attempt(&other_job).await, Step::Done);
+        assert_eq!(
+            (fetched.load(Ordering::SeqCst), f.hs.world().uploads.len()),
+            (1, 1)
+        );
+        let other_user = format!("@nova-{other}:ex.org");
+        assert_eq!(
+            f.hs.world().users[&other_user].avatar_url.as_deref(),
+            Some(mxc.as_str())
+        );
+
+        // An upload older than lifecycle.avatar_cache_ttl (24 h) is fetched and uploaded again.
+        let stale = crate::store::Upload {
+            mxc: mxc.clone(),
+            uploaded_ms: crate::clock::now_ms() - 25 * 3600 * 1000,
+        };
+        let url_b = format!("{server}/b.png");
+        f.worker
+            .shared
+            .state
+            .record_upload(&format!("url:{url_b}"), stale)
+            .await
+            .unwrap();
+        assert_eq!(
+            f.worker.attempt(&profile_job("A", Some(&url_b), 0)).await,
+            Step::Done
+        );
+        assert_eq!(
+            (fetched.load(Ordering::SeqCst), f.hs.world().uploads.len()),
+            (2, 2)
+        );
+        assert_ne!(
+            f.hs.world().users[USER].avatar_url.as_deref(),
+            Some(mxc.as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn should_count_legacy_shaped_events_by_type() {
+        let f = fixture(true).await;
+        let legacy = |data: serde_json::Value| {
+            let message =
+                message(serde_json::to_vec(&serde_json::json!({ "data": data })).unwrap());
+            Job {
+                decoded: message.decode(),
+                message,
+                generation: 1,
+                replayed: false,
+            }
+        };
+        let legacy_created = legacy(
+            serde_json::json!({ "user_id": UUID, "email": "a@x", "username": "alice", "created_at": "t" }),
+        );
+        let legacy_deleted =
+            legacy(serde_json::json!({ "user_id": UUID, "deleted_at": "t", "soft_delete": true }));
+        let typed = created();
+        for job in [&legacy_created, &legacy_deleted, &typed] {
+            f.worker.received(job);
+        }
+        let count = |kind| {
+            f.worker
+                .shared
+                .metrics
+                .lifecycle_legacy_shaped
+                .get_or_create(&TypeLabels { r#type: kind })
+                .get()
+        };
+        assert_eq!(
+            (count("created"), count("deleted"), count("profile_updated")),
+            (1, 1, 0)
+        );
+        // And they apply like typed ones.
+        assert_eq!(f.worker.attempt(&legacy_created).await, Step::Done);
+        assert_eq!(
+            f.hs.world().users[USER].displayname.as_deref(),
+            Some("alice")
+        );
+        assert_eq!(f.worker.attempt(&legacy_deleted).await, Step::Done);
+        assert!(f.hs.world().users[USER].deactivated);
     }
 
     #[test]

@@ -3,8 +3,14 @@
 //!
 //! Pure like the rest of `model`: the lifecycle consumer decodes events into
 //! [`IdentityEvent`]s, [`Identities::plan`] turns one into a [`Plan`], and the lifecycle's
-//! identity effects execute it and report back through `state` (`record_deactivated`). A deactivated user is never invited,
-//! rejoined, re-created or given a new profile.
+//! identity effects execute it and report back through `state` (`record_deactivated`,
+//! `record_applied_profile`). A deactivated user is never invited, rejoined, re-created or
+//! given a new profile.
+//!
+//! Two rules keep the homeserver from hearing the same thing twice: [`Plan::without_applied`]
+//! drops the profile parts roster already applied (nothing changed, nothing is sent), and
+//! [`IdentityEvent::supersedes`] says when a queued profile update need not be applied at
+//! all because a newer one of the same user sets everything it sets.
 
 use std::collections::HashSet;
 
@@ -49,6 +55,72 @@ impl IdentityEvent {
             IdentityEvent::Deleted { .. } => "deleted",
         }
     }
+
+    /// Whether applying `self` makes applying `older` (an earlier event of the same user)
+    /// pointless: both are profile updates and `self` sets every part `older` sets, so the
+    /// homeserver ends the same either way. Creations and deletions are never superseded,
+    /// and supersede nothing (a soft delete keeps the profile the updates before it set).
+    pub fn supersedes(&self, older: &IdentityEvent) -> bool {
+        let (Some(newer_parts), Some(older_parts)) = (self.profile_parts(), older.profile_parts())
+        else {
+            return false;
+        };
+        self.id() == older.id()
+            && (older_parts.name.is_none() || newer_parts.name.is_some())
+            && (older_parts.avatar.is_none() || newer_parts.avatar.is_some())
+    }
+
+    /// The profile a profile update asks for (`None` for other events).
+    fn profile_parts(&self) -> Option<ProfileParts<'_>> {
+        let IdentityEvent::ProfileUpdated {
+            username,
+            display_name,
+            avatar_url,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let name = non_empty(display_name.as_ref()).or(non_empty(username.as_ref()));
+        let (avatar, ignored) = match avatar_url.as_deref().map(str::trim) {
+            None | Some("") => (None, None),
+            Some(url) if url.starts_with("mxc://") => {
+                if is_valid_mxc(url) {
+                    (Some(AvatarSource::Mxc(url.to_owned())), None)
+                } else {
+                    (None, Some("avatar_url is not a valid mxc:// URI"))
+                }
+            }
+            Some(url) if has_scheme(url, "http://") || has_scheme(url, "https://") => {
+                (Some(AvatarSource::Fetch(url.to_owned())), None)
+            }
+            Some(_) => (None, Some("avatar_url with an unsupported scheme")),
+        };
+        Some(ProfileParts {
+            name,
+            avatar,
+            ignored,
+        })
+    }
+}
+
+/// The display name and avatar a profile update asks for.
+struct ProfileParts<'a> {
+    name: Option<&'a str>,
+    avatar: Option<AvatarSource>,
+    /// Why the avatar was ignored, if it was.
+    ignored: Option<&'static str>,
+}
+
+/// What roster last applied to an identity user's profile (kept in the store, so an unchanged
+/// update sends nothing, also after a restart).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppliedProfile {
+    pub displayname: Option<String>,
+    /// The avatar the event named (an `mxc://` or `http(s)://` URL).
+    pub avatar_source: Option<String>,
+    /// The `mxc://` URI set for it.
+    pub avatar_mxc: Option<String>,
 }
 
 /// Where a new avatar comes from.
@@ -58,6 +130,15 @@ pub enum AvatarSource {
     Mxc(String),
     /// Fetched (bounded), checked to be an image, uploaded as the user, then set.
     Fetch(String),
+}
+
+impl AvatarSource {
+    /// The URL the event named.
+    pub fn url(&self) -> &str {
+        match self {
+            AvatarSource::Mxc(url) | AvatarSource::Fetch(url) => url,
+        }
+    }
 }
 
 /// One step on the homeserver, in the order a plan lists them.
@@ -135,6 +216,39 @@ impl Plan {
         let labels: Vec<&str> = self.effects.iter().map(Effect::label).collect();
         labels.join("+")
     }
+
+    /// The plan without the profile parts `applied` already shows: a display name equal to
+    /// the one applied, an avatar from the same source as the one applied (its `mxc://`
+    /// known). Registration and deactivation are kept: they are not profile parts. A plan
+    /// left with no effects sends nothing.
+    pub fn without_applied(&self, applied: &AppliedProfile) -> Plan {
+        let mut plan = self.clone();
+        plan.effects.retain(|effect| match effect {
+            Effect::SetDisplayName(name) => applied.displayname.as_deref() != Some(name),
+            Effect::SetAvatar(source) => {
+                applied.avatar_mxc.is_none()
+                    || applied.avatar_source.as_deref() != Some(source.url())
+            }
+            Effect::Register | Effect::Deactivate { .. } => true,
+        });
+        plan
+    }
+}
+
+impl AppliedProfile {
+    /// What roster has applied once `name` (if set) and the avatar `(source, mxc)` (if set)
+    /// were accepted: the parts not set stay as they were.
+    pub fn with(&self, name: Option<&str>, avatar: Option<(&str, &str)>) -> AppliedProfile {
+        let mut next = self.clone();
+        if let Some(name) = name {
+            next.displayname = Some(name.to_owned());
+        }
+        if let Some((source, mxc)) = avatar {
+            next.avatar_source = Some(source.to_owned());
+            next.avatar_mxc = Some(mxc.to_owned());
+        }
+        next
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -180,33 +294,18 @@ impl Identities {
                     plan.effects.push(Effect::SetDisplayName(name.to_owned()));
                 }
             }
-            IdentityEvent::ProfileUpdated {
-                username,
-                display_name,
-                avatar_url,
-                ..
-            } => {
+            IdentityEvent::ProfileUpdated { .. } => {
                 plan.create_if_missing = options.create_missing_users;
-                let name = non_empty(display_name.as_ref()).or(non_empty(username.as_ref()));
-                if let Some(name) = name {
+                let parts = event
+                    .profile_parts()
+                    .expect("a profile update has profile parts");
+                if let Some(name) = parts.name {
                     plan.effects.push(Effect::SetDisplayName(name.to_owned()));
                 }
-                match avatar_url.as_deref().map(str::trim) {
-                    None | Some("") => {}
-                    Some(url) if url.starts_with("mxc://") => {
-                        if is_valid_mxc(url) {
-                            plan.effects
-                                .push(Effect::SetAvatar(AvatarSource::Mxc(url.to_owned())));
-                        } else {
-                            plan.ignored.push("avatar_url is not a valid mxc:// URI");
-                        }
-                    }
-                    Some(url) if has_scheme(url, "http://") || has_scheme(url, "https://") => {
-                        plan.effects
-                            .push(Effect::SetAvatar(AvatarSource::Fetch(url.to_owned())));
-                    }
-                    Some(_) => plan.ignored.push("avatar_url with an unsupported scheme"),
+                if let Some(avatar) = parts.avatar {
+                    plan.effects.push(Effect::SetAvatar(avatar));
                 }
+                plan.ignored.extend(parts.ignored);
                 if plan.effects.is_empty() {
                     plan.skip = Some(Skip::NothingToDo);
                 }
@@ -415,5 +514,151 @@ mod tests {
             },
         );
         assert_eq!(delete.effects, vec![Effect::Deactivate { erase: true }]);
+    }
+
+    fn applied(name: Option<&str>, source: Option<&str>, mxc: Option<&str>) -> AppliedProfile {
+        AppliedProfile {
+            displayname: name.map(Into::into),
+            avatar_source: source.map(Into::into),
+            avatar_mxc: mxc.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn should_send_nothing_when_name_and_avatar_equal_what_was_applied() {
+        let ids = Identities::default();
+        let url = "https://cdn.example/a.png";
+        let was = applied(Some("Alice"), Some(url), Some("mxc://ex.org/a"));
+        // Only follower_count or bio changed: the event names the same name and avatar.
+        let same = plan(&ids, &profile(Some("Alice"), Some("alice"), Some(url)));
+        assert!(same.without_applied(&was).effects.is_empty());
+        // The name falls back to the username, which is what was applied.
+        let by_username = plan(&ids, &profile(None, Some("Alice"), Some(url)));
+        assert!(by_username.without_applied(&was).effects.is_empty());
+        // No avatar in the event leaves the avatar alone: nothing to send either.
+        let no_avatar = plan(&ids, &profile(Some("Alice"), None, None));
+        assert!(no_avatar.without_applied(&was).effects.is_empty());
+    }
+
+    #[test]
+    fn should_send_exactly_the_parts_that_changed() {
+        let ids = Identities::default();
+        let url = "https://cdn.example/a.png";
+        let was = applied(Some("Alice"), Some(url), Some("mxc://ex.org/a"));
+        let renamed = plan(&ids, &profile(Some("Alice B."), None, Some(url)));
+        assert_eq!(
+            renamed.without_applied(&was).effects,
+            vec![Effect::SetDisplayName("Alice B.".into())]
+        );
+        let new_avatar = plan(&ids, &profile(Some("Alice"), None, Some("mxc://ex.org/b")));
+        assert_eq!(
+            new_avatar.without_applied(&was).effects,
+            vec![Effect::SetAvatar(AvatarSource::Mxc(
+                "mxc://ex.org/b".into()
+            ))]
+        );
+        let both = plan(
+            &ids,
+            &profile(Some("B"), None, Some("https://cdn.example/b.png")),
+        );
+        assert_eq!(both.without_applied(&was).effects.len(), 2);
+        // Nothing known (a new user, or a store that lost it): everything is sent.
+        assert_eq!(
+            both.without_applied(&AppliedProfile::default()).effects,
+            both.effects
+        );
+        // An avatar source whose mxc:// is unknown (never set) is set again.
+        let half = applied(Some("Alice"), Some(url), None);
+        let same = plan(&ids, &profile(Some("Alice"), None, Some(url)));
+        assert_eq!(
+            same.without_applied(&half).effects,
+            vec![Effect::SetAvatar(AvatarSource::Fetch(url.into()))]
+        );
+    }
+
+    #[test]
+    fn should_keep_registration_and_deactivation_whatever_was_applied() {
+        let ids = Identities::default();
+        let was = applied(Some("alice"), None, None);
+        let created = IdentityEvent::Created {
+            id: id(),
+            username: "alice".into(),
+        };
+        assert_eq!(
+            plan(&ids, &created).without_applied(&was).effects,
+            vec![Effect::Register]
+        );
+        let deleted = IdentityEvent::Deleted {
+            id: id(),
+            soft_delete: false,
+        };
+        assert_eq!(
+            plan(&ids, &deleted).without_applied(&was).effects,
+            vec![Effect::Deactivate { erase: true }]
+        );
+    }
+
+    #[test]
+    fn should_remember_only_the_parts_that_were_set() {
+        let was = applied(Some("A"), Some("mxc://ex.org/a"), Some("mxc://ex.org/a"));
+        assert_eq!(
+            was.with(Some("B"), None),
+            applied(Some("B"), Some("mxc://ex.org/a"), Some("mxc://ex.org/a"))
+        );
+        assert_eq!(
+            was.with(None, Some(("https://x/b.png", "mxc://ex.org/b"))),
+            applied(Some("A"), Some("https://x/b.png"), Some("mxc://ex.org/b"))
+        );
+        assert_eq!(was.with(None, None), was);
+    }
+
+    #[test]
+    fn should_supersede_an_update_only_by_a_newer_one_that_sets_every_part_it_sets() {
+        let full = profile(Some("B"), None, Some("mxc://ex.org/b"));
+        let name_only = profile(Some("A"), None, None);
+        let avatar_too = profile(Some("A"), None, Some("mxc://ex.org/a"));
+        assert!(full.supersedes(&name_only));
+        assert!(full.supersedes(&avatar_too));
+        assert!(name_only.supersedes(&profile(Some("Z"), None, None)));
+        // The older one's avatar would be lost: both must be applied.
+        assert!(!name_only.supersedes(&avatar_too));
+        // An avatar roster ignores (bad scheme) sets nothing, so it covers nothing.
+        let bad_avatar = profile(Some("C"), None, Some("ftp://x/a.png"));
+        assert!(!bad_avatar.supersedes(&avatar_too));
+        assert!(bad_avatar.supersedes(&name_only));
+        // Another user's update supersedes nothing.
+        let other = IdentityEvent::ProfileUpdated {
+            id: IdentityId::parse("00000000-0000-4000-8000-000000000001").unwrap(),
+            username: None,
+            display_name: Some("B".into()),
+            avatar_url: Some("mxc://ex.org/b".into()),
+        };
+        assert!(!other.supersedes(&name_only));
+    }
+
+    #[test]
+    fn should_never_supersede_or_be_superseded_by_a_creation_or_a_deletion() {
+        let update = profile(Some("B"), Some("b"), Some("mxc://ex.org/b"));
+        let created = IdentityEvent::Created {
+            id: id(),
+            username: "a".into(),
+        };
+        for soft_delete in [true, false] {
+            let deleted = IdentityEvent::Deleted {
+                id: id(),
+                soft_delete,
+            };
+            assert!(!update.supersedes(&deleted), "a deletion is never dropped");
+            assert!(
+                !deleted.supersedes(&update),
+                "a soft delete keeps the profile"
+            );
+            assert!(!deleted.supersedes(&deleted.clone()));
+        }
+        assert!(
+            !update.supersedes(&created),
+            "a created user is registered first"
+        );
+        assert!(!created.supersedes(&update));
     }
 }
