@@ -35,11 +35,12 @@ fn localpart(agent_id: &str) -> String {
 }
 
 struct Stack {
-    scratch: Scratch,
     synapse: Synapse,
     roster: Roster,
     admin_token: String,
     agents_file: std::path::PathBuf,
+    /// Last: dropped after the processes, so their logs are still there to scan.
+    scratch: Scratch,
 }
 
 impl Stack {

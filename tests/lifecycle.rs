@@ -24,11 +24,12 @@ const PARTITIONS: i32 = 3;
 
 /// Synapse + tansu + a configured (not started) roster consuming `TOPIC`.
 struct Stack {
-    scratch: Scratch,
     tansu: Tansu,
     synapse: Synapse,
     roster: Roster,
     admin: String,
+    /// Last: dropped after the processes, so their logs are still there to scan.
+    scratch: Scratch,
 }
 
 impl Stack {

@@ -15,12 +15,13 @@ use support::features::*;
 use support::*;
 
 struct Stack {
-    scratch: Scratch,
     synapse: Synapse,
     roster: Roster,
     /// `@admin`'s own access token (a person's account, and the server's admin).
     admin_token: String,
     agents_file: std::path::PathBuf,
+    /// Last: dropped after the processes, so their logs are still there to scan.
+    scratch: Scratch,
 }
 
 impl Stack {

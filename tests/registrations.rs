@@ -15,10 +15,11 @@ use support::*;
 const AGENT_ID: &str = "agent-sr01-e2e";
 
 struct Stack {
-    scratch: Scratch,
     synapse: Synapse,
     roster: Roster,
     admin_token: String,
+    /// Last: dropped after the processes, so their logs are still there to scan.
+    scratch: Scratch,
 }
 
 impl Stack {
