@@ -579,6 +579,19 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the file holds, an answer and never a panic (the fuzz target's property).
+        #[test]
+        fn should_answer_anything_without_panicking(
+            text in "(agent_id|room_id|matrix_user_id|removed_at|[a-z!:@\\-]{0,6}|,|\"|\"\"|\r|\n|\\{|\\[|\\]|\\}|:| ){0,40}",
+            noise in ".{0,40}",
+        ) {
+            let _ = parse_mappings(&text);
+            let _ = parse_mappings(&noise);
+            let _ = parse_mappings(&format!("{text}{noise}"));
+        }
+    }
+
     #[test]
     fn should_accept_an_empty_export() {
         assert!(parse("[]").is_empty());
