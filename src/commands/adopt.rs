@@ -185,10 +185,7 @@ fn parse_csv(text: &str) -> Result<Vec<Mapping>, String> {
     let wanted = [Some(agent), Some(room), user, removed];
     let keep = |i: usize| wanted.contains(&Some(i));
     let mut mappings = Vec::new();
-    loop {
-        let Some((line, mut fields)) = reader.record(&keep)? else {
-            break;
-        };
+    while let Some((line, mut fields)) = reader.record(&keep)? {
         if fields.len() != names.len() {
             return Err(format!(
                 "line {line} has {} fields, the header {}",
