@@ -1,7 +1,8 @@
 //! Kafka security and compression against the real broker: tansu behind a TLS terminator
 //! (stunnel with a CA made for the test) that it advertises as its only address, roster
 //! consuming through it with `lifecycle.kafka: {security.protocol: ssl, ssl.ca.location}`;
-//! a plaintext roster at that port; zstd-compressed batches.
+//! a plaintext roster at that port, and a TLS one that does not trust the test CA, each
+//! failing with a clear error; zstd-compressed batches.
 
 mod support;
 
@@ -73,18 +74,17 @@ async fn an_event_consumed_over_tls_from_the_real_broker_is_applied() {
     roster.assert_no_secrets_in_logs(&[]);
 }
 
-#[tokio::test]
-async fn a_plaintext_client_at_the_tls_port_fails_with_a_clear_error_in_log_and_status() {
-    let scratch = Scratch::new("tls-plaintext");
-    let tansu = Tansu::start_behind_tls(scratch.path(), 1, &[TOPIC, DLQ]).await;
-    let id = uuid(0x7150, 2);
-    let at = tansu
-        .produce_event(TOPIC, Some(&id), "UserCreatedEvent", &created(&id, "never"))
-        .await;
-    // The operator's mistake: the TLS listener's address, no security.protocol.
+/// Starts roster consuming from `tansu` with `kafka_extra` librdkafka properties and no
+/// homeserver (`MATRIX_ENABLED=false`: the consumer starts at once); returns it and the broker
+/// error its status shows.
+async fn start_failing_consumer(
+    scratch: &Scratch,
+    tansu: &Tansu,
+    kafka_extra: &str,
+) -> (Roster, String) {
     let lifecycle = format!(
         "lifecycle:\n  enabled: true\n  brokers: {}\n  topic: {TOPIC}\n  group_id: {GROUP}\n  \
-         kafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500}}\n",
+         kafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500{kafka_extra}}}\n",
         tansu.brokers()
     );
     let mut roster = Roster::configure(scratch.path(), &nowhere(), &lifecycle);
@@ -101,6 +101,39 @@ async fn a_plaintext_client_at_the_tls_port_fails_with_a_clear_error_in_log_and_
         },
     )
     .await;
+    (roster, error)
+}
+
+/// TLS without the broker's CA: the system store (probed, as roster does by default) does
+/// not trust the test CA, so the handshake fails and says so: certificates are verified.
+#[tokio::test]
+async fn a_tls_client_that_does_not_trust_the_brokers_ca_fails_with_a_clear_error() {
+    let scratch = Scratch::new("tls-untrusted");
+    let tansu = Tansu::start_behind_tls(scratch.path(), 1, &[TOPIC, DLQ]).await;
+    let (roster, error) =
+        start_failing_consumer(&scratch, &tansu, ", security.protocol: ssl").await;
+    assert!(
+        error.contains(&tansu.brokers()) && error.contains("certificate verify failed"),
+        "the failure names the broker and the refused certificate: {error}"
+    );
+    assert!(
+        error.contains("ssl.ca.location"),
+        "roster names the key to fix: {error}"
+    );
+    assert_eq!(roster.metric("roster_lifecycle_events_total", &[]).await, 0);
+    roster.assert_no_secrets_in_logs(&[]);
+}
+
+#[tokio::test]
+async fn a_plaintext_client_at_the_tls_port_fails_with_a_clear_error_in_log_and_status() {
+    let scratch = Scratch::new("tls-plaintext");
+    let tansu = Tansu::start_behind_tls(scratch.path(), 1, &[TOPIC, DLQ]).await;
+    let id = uuid(0x7150, 2);
+    let at = tansu
+        .produce_event(TOPIC, Some(&id), "UserCreatedEvent", &created(&id, "never"))
+        .await;
+    // The operator's mistake: the TLS listener's address, no security.protocol.
+    let (roster, error) = start_failing_consumer(&scratch, &tansu, "").await;
     // stunnel hangs up on the plaintext ApiVersion request: librdkafka says which broker and
     // when, roster says what that usually means and which key to fix.
     assert!(
