@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs roster's whole test suite: installs the peers it needs (Synapse, tansu, Letta; cached
-# under ~/.cache/roster), checks formatting and lints, then runs unit and integration tests
-# against the real peers on 127.0.0.1, after linting the deployment artifacts in deploy/.
-# Exits non-zero when anything fails.
+# Runs roster's whole test suite: installs the peers it needs (Synapse, tansu, Letta cached
+# under ~/.cache/roster; stunnel, the TLS terminator, from Debian's packages), lints the
+# deployment artifacts in deploy/, checks formatting and lints, then runs unit and
+# integration tests against the real peers on 127.0.0.1. Exits non-zero when anything fails.
 #   deploy/test.sh [extra cargo test arguments]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,7 +14,7 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 step() { printf '\n== %s\n' "$*"; }
 
 step "peers"
-deploy/peers/all.sh install synapse tansu letta
+deploy/peers/all.sh install synapse tansu letta stunnel
 
 step "deployment artifacts"
 deploy/check-artifacts.sh

@@ -244,6 +244,13 @@ pub fn render_status(s: &StatusReport, now_ms: u64) -> String {
         s.memberships,
         s.lifecycle_lag_messages
     );
+    if let Some(error) = &r.lifecycle_broker_error {
+        out += &format!(
+            "lifecycle broker error {}: {}\n",
+            ago(Some(error.at_ms), now_ms),
+            error.message
+        );
+    }
     for stall in &r.lifecycle_stalled {
         out += &format!(
             "lifecycle partition {} stalled at offset {} for {}s: {}\n",

@@ -70,6 +70,16 @@ pub struct Status {
     pub pinged_by_homeserver_at_ms: Option<u64>,
     /// Lifecycle partitions that cannot move past a message.
     pub lifecycle_stalled: Vec<StalledPartition>,
+    /// The Kafka client's last error (unreachable broker, TLS, SASL) since partitions were
+    /// last assigned.
+    pub lifecycle_broker_error: Option<BrokerError>,
+}
+
+/// A Kafka client error, as librdkafka reported it, with what to check.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokerError {
+    pub message: String,
+    pub at_ms: u64,
 }
 
 /// A lifecycle partition waiting on one message.

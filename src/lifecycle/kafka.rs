@@ -11,9 +11,14 @@ use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
 use super::offsets::Offsets;
+use crate::Shared;
 use crate::config::{LifecycleConfig, StartFrom};
-use crate::metrics::Metrics;
+use crate::state::BrokerError;
 
 /// Properties shared by the consumer and the producer; `lifecycle.kafka` is applied last
 /// (security settings, timeouts), except the keys roster must set itself (checked by config).
@@ -28,6 +33,20 @@ fn base(lifecycle: &LifecycleConfig) -> ClientConfig {
 fn with_extra(mut config: ClientConfig, lifecycle: &LifecycleConfig) -> ClientConfig {
     for (key, value) in &lifecycle.kafka {
         config.set(key, value);
+    }
+    // librdkafka's OpenSSL is built into roster (rdkafka `ssl-vendored`): its compiled-in
+    // certificate directory is not the system's, so without a CA of its own it would trust
+    // nothing. `probe` makes it look in the usual system locations (Debian's
+    // /etc/ssl/certs among them).
+    let tls = lifecycle
+        .kafka
+        .get("security.protocol")
+        .is_some_and(|p| p.eq_ignore_ascii_case("ssl") || p.eq_ignore_ascii_case("sasl_ssl"));
+    let own_ca = ["ssl.ca.location", "ssl.ca.pem"]
+        .iter()
+        .any(|k| lifecycle.kafka.contains_key(*k));
+    if tls && !own_ca {
+        config.set("ssl.ca.location", "probe");
     }
     config
 }
@@ -61,14 +80,26 @@ pub fn producer_config(lifecycle: &LifecycleConfig) -> ClientConfig {
     with_extra(config, lifecycle)
 }
 
-/// Rebalance, commit and statistics callbacks.
+/// Rebalance, commit, log, error and statistics callbacks.
 pub struct Context {
     pub topic: String,
     pub offsets: Arc<Mutex<Offsets>>,
-    pub metrics: Arc<Metrics>,
+    pub shared: Arc<Shared>,
+    /// librdkafka's last broker connection failure (its `FAIL` log line): the cause behind
+    /// an "all brokers are down" error.
+    last_failure: Mutex<Option<String>>,
 }
 
 impl Context {
+    pub fn new(topic: String, offsets: Arc<Mutex<Offsets>>, shared: Arc<Shared>) -> Context {
+        Context {
+            topic,
+            offsets,
+            shared,
+            last_failure: Mutex::new(None),
+        }
+    }
+
     fn offsets(&self) -> std::sync::MutexGuard<'_, Offsets> {
         self.offsets.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -82,8 +113,76 @@ impl ClientContext for Context {
             .get(&self.topic)
             .map(|t| t.partitions.values().map(|p| p.consumer_lag.max(0)).sum())
             .unwrap_or(0);
-        self.metrics.lifecycle_lag.set(lag);
+        self.shared.metrics.lifecycle_lag.set(lag);
     }
+
+    /// As rdkafka's default (target `librdkafka`), and remembers connection failures.
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        use RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+            Warning => tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}"),
+            Notice | Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+            Debug => tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}"),
+        }
+        if facility == "FAIL" {
+            // "[thrd:HOST:PORT/bootstrap]: HOST:PORT/bootstrap: ...": the thread is said twice.
+            let failure = message
+                .strip_prefix("[thrd:")
+                .and_then(|rest| rest.split_once("]: "))
+                .map_or(message, |(_, failure)| failure);
+            *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.to_owned());
+        }
+    }
+
+    /// librdkafka's client-wide errors (brokers unreachable, TLS or SASL failures): logged
+    /// and shown in status until partitions are assigned again. librdkafka retries by itself.
+    fn error(&self, error: KafkaError, reason: &str) {
+        let last_failure = self
+            .last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let message = broker_error_message(&error, reason, last_failure.as_deref());
+        tracing::error!(brokers = %self.shared.config.lifecycle.brokers, "{message}");
+        self.shared.state.status(|s| {
+            s.lifecycle_broker_error = Some(BrokerError {
+                message,
+                at_ms: crate::clock::now_ms(),
+            })
+        });
+    }
+}
+
+/// librdkafka's error and reason, the connection failure behind them, and which keys to
+/// check. A broker that hangs up on the first request (ApiVersion) or a failed handshake
+/// mostly means the client and the listener disagree about TLS.
+fn broker_error_message(error: &KafkaError, reason: &str, last_failure: Option<&str>) -> String {
+    let cause = last_failure
+        .filter(|_| {
+            matches!(
+                error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::AllBrokersDown)
+            )
+        })
+        .map(|f| format!("; last failure: {f}"))
+        .unwrap_or_default();
+    let text = format!("{reason}{cause}").to_ascii_lowercase();
+    let hint = if text.contains("sasl") || text.contains("authentication") {
+        "check lifecycle.kafka sasl.mechanism, sasl.username and sasl.password"
+    } else if ["ssl", "tls", "certificate", "handshake", "apiversion"]
+        .iter()
+        .any(|w| text.contains(w))
+    {
+        "the broker hung up during the handshake or its first request: check lifecycle.kafka security.protocol (ssl or sasl_ssl for a TLS listener, plaintext otherwise) and ssl.ca.location"
+    } else {
+        "check lifecycle.brokers and lifecycle.kafka security.protocol"
+    };
+    format!("Kafka: {error}: {reason}{cause}; {hint}")
 }
 
 impl ConsumerContext for Context {
@@ -126,6 +225,10 @@ impl ConsumerContext for Context {
                         assigned.push(element.partition());
                     }
                 }
+                // Partitions arrive only from a reachable, authenticated broker.
+                self.shared
+                    .state
+                    .status(|s| s.lifecycle_broker_error = None);
                 // A pause may survive a revoke and re-assign; start every new one fetching.
                 if let Err(e) = consumer.resume(list) {
                     tracing::warn!(error = %e, "cannot resume assigned lifecycle partitions");
@@ -185,5 +288,91 @@ mod tests {
             assert_eq!(client.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
             assert_eq!(client.get("ssl.ca.location"), Some("/ca.pem"));
         }
+    }
+
+    #[test]
+    fn should_probe_the_system_ca_store_for_tls_without_a_ca_of_its_own() {
+        for protocol in ["ssl", "SASL_SSL"] {
+            let config = lifecycle(&format!("{{kafka: {{security.protocol: {protocol}}}}}"));
+            for client in [consumer_config(&config), producer_config(&config)] {
+                assert_eq!(client.get("ssl.ca.location"), Some("probe"), "{protocol}");
+            }
+        }
+        let inline = lifecycle("{kafka: {security.protocol: ssl, ssl.ca.pem: PEM}}");
+        assert_eq!(consumer_config(&inline).get("ssl.ca.location"), None);
+        let plain = lifecycle("{kafka: {security.protocol: plaintext}}");
+        assert_eq!(consumer_config(&plain).get("ssl.ca.location"), None);
+    }
+
+    /// librdkafka refuses, at client creation, a protocol or mechanism it was built without
+    /// ("OpenSSL not available at build time", "libzstd not available at build time").
+    #[test]
+    fn should_build_clients_for_tls_sasl_and_zstd() {
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::producer::BaseProducer;
+        for kafka in [
+            "{security.protocol: ssl}",
+            "{security.protocol: sasl_ssl, sasl.mechanism: PLAIN, sasl.username: u, sasl.password: p}",
+            "{security.protocol: sasl_ssl, sasl.mechanism: SCRAM-SHA-256, sasl.username: u, sasl.password: p}",
+            "{security.protocol: sasl_ssl, sasl.mechanism: SCRAM-SHA-512, sasl.username: u, sasl.password: p}",
+            "{compression.type: zstd}",
+        ] {
+            let config = lifecycle(&format!("{{brokers: '127.0.0.1:1', kafka: {kafka}}}"));
+            if let Err(e) = consumer_config(&config).create::<BaseConsumer>() {
+                panic!("consumer with {kafka}: {e}");
+            }
+            if let Err(e) = producer_config(&config).create::<BaseProducer>() {
+                panic!("producer with {kafka}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn should_name_the_cause_and_the_keys_to_check_for_each_kind_of_broker_error() {
+        let down = KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        let plaintext_at_tls = broker_error_message(
+            &down,
+            "1/1 brokers are down",
+            Some(
+                "127.0.0.1:9093/bootstrap: Disconnected: connection reset by peer (after 8ms in state APIVERSION_QUERY)",
+            ),
+        );
+        assert!(
+            plaintext_at_tls.contains("last failure: 127.0.0.1:9093/bootstrap: Disconnected"),
+            "{plaintext_at_tls}"
+        );
+        assert!(
+            plaintext_at_tls.contains("security.protocol (ssl or sasl_ssl for a TLS listener"),
+            "{plaintext_at_tls}"
+        );
+        let tls_at_plaintext = broker_error_message(
+            &KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "127.0.0.1:9092/bootstrap: SSL handshake failed: ssl/record/ssl3_record.c:354: error:0A00010B:SSL routines::wrong version number",
+            Some("unrelated"),
+        );
+        assert!(
+            !tls_at_plaintext.contains("unrelated"),
+            "{tls_at_plaintext}"
+        );
+        assert!(
+            tls_at_plaintext.contains("plaintext otherwise"),
+            "{tls_at_plaintext}"
+        );
+        let auth = KafkaError::Global(RDKafkaErrorCode::Authentication);
+        let sasl = broker_error_message(
+            &auth,
+            "SASL authentication error: Authentication failed",
+            None,
+        );
+        assert!(sasl.contains("sasl.username and sasl.password"), "{sasl}");
+        let refused = broker_error_message(
+            &down,
+            "1/1 brokers are down",
+            Some(
+                "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused (after 0ms in state CONNECT)",
+            ),
+        );
+        assert!(refused.contains("Connection refused"), "{refused}");
+        assert!(refused.contains("check lifecycle.brokers"), "{refused}");
     }
 }

@@ -282,11 +282,7 @@ pub async fn run(
         source,
     };
     let offsets = Arc::new(Mutex::new(offsets::Offsets::default()));
-    let context = kafka::Context {
-        topic: topic.clone(),
-        offsets: offsets.clone(),
-        metrics: shared.metrics.clone(),
-    };
+    let context = kafka::Context::new(topic.clone(), offsets.clone(), shared.clone());
     let consumer: pipeline::Kafka = kafka::consumer_config(&lifecycle)
         .create_with_context(context)
         .map_err(|e| client_error("consumer", e))?;

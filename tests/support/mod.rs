@@ -1084,7 +1084,38 @@ pub struct Tansu {
     child: Option<Child>,
     pub port: u16,
     pub partitions: i32,
+    /// The TLS terminator every client goes through, when started behind one.
+    pub tls: Option<TlsFront>,
     producer: rdkafka::producer::FutureProducer,
+}
+
+/// stunnel (`deploy/peers/stunnel.sh`) terminating TLS for the broker, with a CA made for
+/// the test: the broker advertises this port, so every client must speak TLS to it.
+pub struct TlsFront {
+    child: Option<Child>,
+    pub port: u16,
+    /// The test CA's certificate (PEM), for `ssl.ca.location`.
+    pub ca: PathBuf,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child, Duration::from_secs(5));
+        }
+    }
+}
+
+/// A librdkafka client config for `brokers`, over TLS trusting `ca` when given.
+fn kafka_client(brokers: &str, ca: Option<&Path>) -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    if let Some(ca) = ca {
+        config
+            .set("security.protocol", "ssl")
+            .set("ssl.ca.location", ca.to_str().unwrap());
+    }
+    config
 }
 
 /// What a test consumer read from a topic.
@@ -1109,11 +1140,26 @@ impl Record {
 
 impl Tansu {
     pub async fn start(dir: &Path, partitions: i32, topics: &[&str]) -> Tansu {
+        Tansu::launch(dir, partitions, topics, false).await
+    }
+
+    /// The broker reachable only through a TLS terminator with a test CA: it advertises the
+    /// terminator's port, so roster and the test's own clients must all speak TLS.
+    pub async fn start_behind_tls(dir: &Path, partitions: i32, topics: &[&str]) -> Tansu {
+        Tansu::launch(dir, partitions, topics, true).await
+    }
+
+    async fn launch(dir: &Path, partitions: i32, topics: &[&str], tls: bool) -> Tansu {
         run_script("tansu.sh", &["install"]);
         let port = free_port();
+        let tls_port = tls.then(free_port);
+        let mut run = vec!["run".to_owned(), "--port".into(), port.to_string()];
+        if let Some(tls_port) = tls_port {
+            run.extend(["--advertised-port".into(), tls_port.to_string()]);
+        }
         let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
         let child = Command::new(peer_script("tansu.sh"))
-            .args(["run", "--port", &port.to_string()])
+            .args(&run)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -1134,8 +1180,12 @@ impl Tansu {
         args.extend(topics.iter().map(|t| t.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run_script("tansu.sh", &args);
-        let producer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", format!("127.0.0.1:{port}"))
+        let tls = match tls_port {
+            Some(tls_port) => Some(TlsFront::start(dir, tls_port, port).await),
+            None => None,
+        };
+        let brokers = format!("127.0.0.1:{}", tls.as_ref().map_or(port, |t| t.port));
+        let producer = kafka_client(&brokers, tls.as_ref().map(|t| t.ca.as_path()))
             .set("message.timeout.ms", "10000")
             .create()
             .expect("a producer for the test broker");
@@ -1143,21 +1193,37 @@ impl Tansu {
             child: Some(child),
             port,
             partitions,
+            tls,
             producer,
         }
     }
 
+    /// Where clients connect: the TLS terminator when there is one.
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!(
+            "127.0.0.1:{}",
+            self.tls.as_ref().map_or(self.port, |t| t.port)
+        )
+    }
+
+    /// A client config for this broker (TLS with the test CA when behind the terminator).
+    pub fn client(&self) -> rdkafka::ClientConfig {
+        kafka_client(&self.brokers(), self.tls.as_ref().map(|t| t.ca.as_path()))
     }
 
     /// The `lifecycle:` section for roster: this broker, the group join speed-ups the
     /// peers README asks for in tests, and `earliest` (the memory storage's high watermark
     /// is wrong, so `latest` would be too).
     pub fn lifecycle_yaml(&self, topic: &str, group: &str, extra: &str) -> String {
+        let tls = self.tls.as_ref().map_or(String::new(), |t| {
+            format!(
+                ", security.protocol: ssl, ssl.ca.location: {}",
+                t.ca.display()
+            )
+        });
         format!(
             "lifecycle:\n  enabled: true\n  brokers: {}\n  topic: {topic}\n  group_id: {group}\n  \
-             start_from: earliest\n  kafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500}}\n{extra}",
+             start_from: earliest\n  kafka: {{session.timeout.ms: 6000, heartbeat.interval.ms: 500{tls}}}\n{extra}",
             self.brokers()
         )
     }
@@ -1240,8 +1306,8 @@ impl Tansu {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
         // Not subscribed: reads the group's offsets without joining it.
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
+        let consumer: BaseConsumer = self
+            .client()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .create()
@@ -1269,8 +1335,8 @@ impl Tansu {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::Headers;
         use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
+        let consumer: BaseConsumer = self
+            .client()
             .set("group.id", format!("reader-{}", uuid_like()))
             .set("enable.auto.commit", "false")
             .create()
@@ -1304,6 +1370,40 @@ impl Tansu {
             }
         }
         records
+    }
+}
+
+impl TlsFront {
+    /// Makes a test CA and a certificate for 127.0.0.1 in `dir/tls`, then terminates TLS on
+    /// `port` for the plaintext broker on `broker_port`.
+    async fn start(dir: &Path, port: u16, broker_port: u16) -> TlsFront {
+        run_script("stunnel.sh", &["install"]);
+        let certs = dir.join("tls");
+        run_script("stunnel.sh", &["certs", certs.to_str().unwrap()]);
+        let log = std::fs::File::create(dir.join("stunnel.log")).unwrap();
+        let child = Command::new(peer_script("stunnel.sh"))
+            .args(["run", "--port", &port.to_string()])
+            .args(["--connect", &broker_port.to_string()])
+            .args(["--certs", certs.to_str().unwrap()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start stunnel");
+        eventually(
+            Duration::from_secs(20),
+            "stunnel to listen",
+            || async move {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        TlsFront {
+            child: Some(child),
+            port,
+            ca: certs.join("ca.pem"),
+        }
     }
 }
 
