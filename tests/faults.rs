@@ -10,7 +10,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -328,11 +328,26 @@ async fn frozen_synapse_and_broker_stall_nothing_and_roster_converges_after() {
     eprintln!("status with Synapse frozen during provisioning: {during}");
     assert_homeserver_trouble_shown(&during);
     stack.synapse.thaw();
+    let thawed = Instant::now();
+    // Every agent gave up during the freeze, so nothing but roster's own probe of the
+    // homeserver can start the work again before the next sweep (sync.interval, 10 min).
+    eventually(
+        Duration::from_secs(60),
+        "the homeserver seen back",
+        || async {
+            let status = stack.roster.status().await;
+            status["homeserver"]["last_error"].is_null().then_some(())
+        },
+    )
+    .await;
+    let seen_back = thawed.elapsed();
     let took = stack
         .converged(agents.len(), Duration::from_secs(180))
         .await;
     eprintln!(
-        "FAULT synapse frozen {FREEZE:?} during provisioning: converged {took:?} after SIGCONT"
+        "FAULT synapse frozen {FREEZE:?} during provisioning: seen back {seen_back:?}, all {} agents provisioned {:?} after SIGCONT",
+        agents.len(),
+        seen_back + took
     );
     stack.assert_agents_provisioned_once(&agents).await;
     assert_homeserver_fine(&stack.roster.status().await);
@@ -378,6 +393,8 @@ async fn frozen_synapse_and_broker_stall_nothing_and_roster_converges_after() {
     .await;
     stack.synapse.freeze();
     produced.extend(burst(USERS / 2, USERS).await);
+    // What was applied before the freeze is committed within a commit interval (250 ms).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let committed_at_freeze = stack.tansu().committed(GROUP, TOPIC);
     let during = keeps_answering_for(&stack.roster, FREEZE).await;
     eprintln!("status with Synapse frozen during a lifecycle burst: {during}");
@@ -730,10 +747,10 @@ async fn assert_in_model(roster: &Roster, acked: &[usize]) {
     }
 }
 
-/// Kills roster [`KILLS`] times at seeded random points during a burst of renames. Every
-/// user ends with its last name, each rename shows exactly once on Synapse (a room the
-/// users are in records every display name change as a member event), and every offset is
-/// committed.
+/// Kills roster [`KILLS`] times at seeded random points, each during a wave of renames.
+/// Every user ends with its last name, no rename shows on Synapse again after a newer one
+/// or twice (a room the users are in records display name changes as member events), and
+/// every offset is committed.
 #[tokio::test]
 async fn sigkill_during_a_lifecycle_burst_applies_each_rename_once() {
     let mut stack = Stack::new("faults-kill-lifecycle", &[], true, false).await;
@@ -868,25 +885,44 @@ async fn sigkill_during_a_lifecycle_burst_applies_each_rename_once() {
                 );
         }
     }
-    let mut repeated = HashSet::new();
+    // Synapse folds renames that follow each other quickly into one member event, so a
+    // name may be missing; but none may come back after a newer one, nor show twice.
+    let mut out_of_order = Vec::new();
+    let mut folded = 0;
     for (n, id) in ids.iter().enumerate() {
-        let want: Vec<String> = (0..=RENAMES).map(|r| format!("user-{n}-v{r}")).collect();
         let got = names.get(&nova(id)).cloned().unwrap_or_default();
-        if got != want {
-            repeated.insert(nova(id));
-            eprintln!("{}: {got:?}", nova(id));
+        let versions: Vec<u32> = got
+            .iter()
+            .map(|name| {
+                name.strip_prefix(&format!("user-{n}-v"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{}: unexpected name {name:?}", nova(id)))
+            })
+            .collect();
+        let increasing = versions.windows(2).all(|w| w[0] < w[1]);
+        if !increasing || versions.first() != Some(&0) || versions.last() != Some(&RENAMES) {
+            out_of_order.push(format!("{}: {got:?}", nova(id)));
         }
+        folded += (RENAMES as usize + 1).saturating_sub(versions.len());
         let user = stack
             .synapse
             .admin_user(&stack.admin, &nova(id))
             .await
             .unwrap();
-        assert_eq!(user["displayname"], want.last().unwrap().as_str());
+        assert_eq!(user["displayname"], format!("user-{n}-v{RENAMES}"));
     }
+    let applied_last = stack
+        .roster
+        .lifecycle_events("profile_updated", "applied")
+        .await;
+    eprintln!(
+        "renames applied {} times for {} produced (re-applied after a kill: the uncommitted tail); {folded} folded by Synapse",
+        applied_by_killed + applied_last,
+        USERS * RENAMES
+    );
     assert!(
-        repeated.is_empty(),
-        "{} users saw a rename applied twice or out of order",
-        repeated.len()
+        out_of_order.is_empty(),
+        "a rename was applied again after a newer one: {out_of_order:#?}"
     );
     let status = answers(&stack.roster).await;
     assert!(
