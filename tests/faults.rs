@@ -465,6 +465,7 @@ async fn frozen_synapse_and_broker_stall_nothing_and_roster_converges_after() {
             )
             .await,
     ];
+    let produced_after = thawed.elapsed();
     more.extend(produced.iter().copied());
     eventually(Duration::from_secs(120), "the late user", || async {
         let found = stack.synapse.admin_user(&stack.admin, &nova(&late)).await?;
@@ -473,7 +474,7 @@ async fn frozen_synapse_and_broker_stall_nothing_and_roster_converges_after() {
     .await;
     stack.tansu().wait_committed(GROUP, TOPIC, &more).await;
     eprintln!(
-        "FAULT broker frozen {FREEZE:?}: a new event applied and committed {:?} after SIGCONT",
+        "FAULT broker frozen {FREEZE:?}: a new event applied and committed {:?} after SIGCONT (the test's own producer needed {produced_after:?} of it)",
         thawed.elapsed()
     );
     stack.converged(agents.len(), Duration::from_secs(60)).await;
