@@ -866,6 +866,37 @@ async fn sigkill_during_a_lifecycle_burst_applies_each_rename_once() {
     );
     stack.tansu().wait_committed(GROUP, TOPIC, &produced).await;
 
+    // Synapse carries a new display name into the user's rooms after answering the rename:
+    // wait until the room's state shows every last name.
+    eventually(
+        Duration::from_secs(120),
+        "the last names in the witness room",
+        || async {
+            let state = stack
+                .admin_get(&format!("/_synapse/admin/v1/rooms/{room}/state"))
+                .await;
+            let shown: BTreeMap<&str, &str> = state["state"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["type"] == "m.room.member")
+                .filter_map(|e| {
+                    Some((
+                        e["state_key"].as_str()?,
+                        e["content"]["displayname"].as_str()?,
+                    ))
+                })
+                .collect();
+            ids.iter()
+                .enumerate()
+                .all(|(n, id)| {
+                    shown.get(nova(id).as_str()) == Some(&format!("user-{n}-v{RENAMES}").as_str())
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
     // Each user's display names in the witness room, in order.
     let messages = stack
         .admin_get(&format!(
@@ -886,12 +917,19 @@ async fn sigkill_during_a_lifecycle_burst_applies_each_rename_once() {
                 );
         }
     }
-    // Synapse folds renames that follow each other quickly into one member event, so a
-    // name may be missing; but none may come back after a newer one, nor show twice.
+    // Synapse 1.163 carries renames into rooms with a background task per rename and
+    // cancels the older one when a newer rename comes: a name may be missing, and a
+    // cancelled task can even leave a member event without a display name (its log says
+    // `update_join_states ... CancelledError`). What must never show is a name coming back
+    // after a newer one, or twice.
     let mut out_of_order = Vec::new();
     let mut folded = 0;
+    let mut unnamed = 0;
     for (n, id) in ids.iter().enumerate() {
-        let got = names.get(&nova(id)).cloned().unwrap_or_default();
+        let mut got = names.get(&nova(id)).cloned().unwrap_or_default();
+        let before = got.len();
+        got.retain(|name| !name.is_empty());
+        unnamed += before - got.len();
         let versions: Vec<u32> = got
             .iter()
             .map(|name| {
@@ -917,8 +955,7 @@ async fn sigkill_during_a_lifecycle_burst_applies_each_rename_once() {
         .lifecycle_events("profile_updated", "applied")
         .await;
     eprintln!(
-        "renames applied {} times for {} produced (re-applied after a kill: the uncommitted tail); {folded} folded by Synapse",
-        applied_by_killed + applied_last,
+        "renames applied: {applied_by_killed} by killed processes (read just before each kill) and {applied_last} by the last one, for {} produced; {folded} folded by Synapse, {unnamed} member events without a name",
         USERS * RENAMES
     );
     assert!(
