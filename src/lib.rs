@@ -181,7 +181,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let registrations = registration::read(&config)?;
     let state = State::open(Store::open(&config.store.path)?, config.ids().clone())?;
     let metrics = Arc::new(Metrics::new());
-    let homeserver = Homeserver::from_config(&config, &registrations, metrics.clone());
+    let health_state = state.clone();
+    let homeserver = Homeserver::from_config(&config, &registrations, metrics.clone())
+        .with_health_report(Arc::new(move |outcome| {
+            health_state.status(|s| s.homeserver.observe(outcome, clock::now_ms()))
+        }));
     if registrations.acting.is_none() {
         tracing::warn!("roster runs with {}", registrations.describe());
     }

@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,7 +38,7 @@ use ruma::api::{
 };
 use ruma::profile::{ProfileFieldName, ProfileFieldValue};
 use ruma::{OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::config::{Config, Flavor, Secret};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
@@ -334,7 +335,18 @@ struct Inner {
     /// Only for what a homeserver offers appservices no other way to do (tuwunel
     /// deactivation); never sent anywhere else.
     admin_token: Option<Secret>,
+    /// Told every request's outcome, for status (see [`Homeserver::with_health_report`]).
+    health: Option<HealthReport>,
+    /// The last request got no answer or a 5xx.
+    failing: AtomicBool,
+    /// Times the homeserver answered again after failing; waiters are woken each time.
+    recoveries: AtomicU64,
+    answered_again: Notify,
 }
+
+/// Receives each request's outcome: `Err` with the reason when the homeserver gave no
+/// answer or a 5xx.
+pub type HealthReport = Arc<dyn Fn(Result<(), String>) + Send + Sync>;
 
 impl Homeserver {
     pub fn new(
@@ -368,6 +380,10 @@ impl Homeserver {
                 timeout,
                 metrics,
                 admin_token: None,
+                health: None,
+                failing: AtomicBool::new(false),
+                recoveries: AtomicU64::new(0),
+                answered_again: Notify::new(),
             }),
         }
     }
@@ -413,6 +429,49 @@ impl Homeserver {
             .expect("with_admin_token is called before the client is shared")
             .admin_token = token;
         self
+    }
+
+    /// Reports every request's outcome to `report` (status shows whether the homeserver
+    /// answers).
+    ///
+    /// Call before the client is cloned, like [`Homeserver::with_admin_token`].
+    pub fn with_health_report(mut self, report: HealthReport) -> Homeserver {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_health_report is called before the client is shared")
+            .health = Some(report);
+        self
+    }
+
+    /// Whether the last request got no answer (timeout, refused connection) or a 5xx.
+    pub fn is_failing(&self) -> bool {
+        self.inner.failing.load(Ordering::SeqCst)
+    }
+
+    /// How many times the homeserver answered again after failing.
+    pub fn recoveries(&self) -> u64 {
+        self.inner.recoveries.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the homeserver answers a request again after failing one.
+    pub async fn answers_again(&self) {
+        self.inner.answered_again.notified().await
+    }
+
+    /// Records a request's outcome: for [`Homeserver::is_failing`], its waiters, and status.
+    fn observe(&self, outcome: Result<(), String>) {
+        let inner = &self.inner;
+        match &outcome {
+            Err(_) => inner.failing.store(true, Ordering::SeqCst),
+            Ok(()) => {
+                if inner.failing.swap(false, Ordering::SeqCst) {
+                    inner.recoveries.fetch_add(1, Ordering::SeqCst);
+                    inner.answered_again.notify_waiters();
+                }
+            }
+        }
+        if let Some(health) = &inner.health {
+            health(outcome);
+        }
     }
 
     /// Sends `request` as `as_user` (masquerading), or as the appservice sender.
@@ -512,20 +571,30 @@ impl Homeserver {
                 .get_or_create(&EndpointLabels { endpoint })
                 .observe(started.elapsed().as_secs_f64());
         };
+        let report = |outcome| self.observe(outcome);
         let response = inner.http.execute(request).await.map_err(|source| {
             count("error".into());
             timed();
-            transport(source)
+            let error = transport(source);
+            report(Err(error.to_string()));
+            error
         })?;
         let status = response.status();
         count(status.as_u16().to_string());
+        report(match status.is_server_error() {
+            true => Err(format!(
+                "homeserver answered {endpoint} with HTTP {}",
+                status.as_u16()
+            )),
+            false => Ok(()),
+        });
         let mut builder = http::Response::builder().status(status);
         if let Some(headers) = builder.headers_mut() {
             *headers = response.headers().clone();
         }
         let body = response.bytes().await.map_err(transport);
         timed();
-        let body = body?;
+        let body = body.inspect_err(|error| report(Err(error.to_string())))?;
         Ok(builder
             .body(body)
             .expect("status and headers came from a valid response"))
@@ -987,6 +1056,41 @@ mod tests {
         assert_eq!(flavor_of("conduwuit"), Some(Flavor::Tuwunel));
         assert_eq!(flavor_of("Dendrite"), None);
         assert_eq!(flavor_of(""), None);
+    }
+
+    #[tokio::test]
+    async fn should_tell_when_the_homeserver_answers_again_after_failing() {
+        let (fake, shared) = crate::testing::stack("").await;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        let hs = crate::testing::client(&shared).with_health_report(Arc::new(move |outcome| {
+            recorded.lock().unwrap().push(outcome.is_ok())
+        }));
+        hs.whoami(None).await.unwrap();
+        assert!(!hs.is_failing());
+        fake.fail("/whoami", 503, "M_UNKNOWN", "down for maintenance", 2);
+        hs.whoami(None).await.unwrap_err();
+        hs.whoami(None).await.unwrap_err();
+        assert!(hs.is_failing());
+        assert_eq!(hs.recoveries(), 0);
+        // A 4xx is an answer: the homeserver is there.
+        let waiter = tokio::spawn({
+            let hs = hs.clone();
+            async move { hs.answers_again().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        fake.fail("/whoami", 403, "M_FORBIDDEN", "no", 1);
+        hs.whoami(None).await.unwrap_err();
+        assert!(!hs.is_failing());
+        assert_eq!(hs.recoveries(), 1);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter is woken")
+            .unwrap();
+        hs.whoami(None).await.unwrap();
+        assert_eq!(hs.recoveries(), 1, "only a failure then an answer counts");
+        assert_eq!(*seen.lock().unwrap(), vec![true, false, false, true, true]);
     }
 
     #[test]

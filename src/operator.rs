@@ -225,6 +225,13 @@ pub fn render_status(s: &StatusReport, now_ms: u64) -> String {
             .map(|e| format!(" (last error: {e})"))
             .unwrap_or_default()
     );
+    if let Some(error) = &r.homeserver.last_error {
+        out += &format!(
+            "homeserver: last error {}: {error} (last answer {})\n",
+            ago(r.homeserver.last_error_at_ms, now_ms),
+            ago(r.homeserver.last_ok_at_ms, now_ms)
+        );
+    }
     if let Some(sync) = &r.last_sync {
         out += &format!("last sync: {}\n", render_summary(sync));
     }

@@ -73,6 +73,9 @@ pub struct Status {
     /// The Kafka client's last error (unreachable broker, TLS, SASL) since partitions were
     /// last assigned.
     pub lifecycle_broker_error: Option<BrokerError>,
+    /// Whether the homeserver answers roster's requests, as the last ones showed.
+    #[serde(default)]
+    pub homeserver: HomeserverStatus,
 }
 
 /// A Kafka client error, as librdkafka reported it, with what to check.
@@ -80,6 +83,31 @@ pub struct Status {
 pub struct BrokerError {
     pub message: String,
     pub at_ms: u64,
+}
+
+/// The homeserver as roster's own requests find it: a request that got no answer (timeout,
+/// refused connection) or a 5xx sets `last_error`; any other answer clears it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HomeserverStatus {
+    pub last_ok_at_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<u64>,
+}
+
+impl HomeserverStatus {
+    /// Records one request's outcome: `Err` with the reason when the homeserver failed it.
+    pub fn observe(&mut self, outcome: Result<(), String>, now_ms: u64) {
+        match outcome {
+            Ok(()) => {
+                self.last_ok_at_ms = Some(now_ms);
+                self.last_error = None;
+            }
+            Err(reason) => {
+                self.last_error = Some(reason);
+                self.last_error_at_ms = Some(now_ms);
+            }
+        }
+    }
 }
 
 /// A lifecycle partition waiting on one message.
@@ -471,6 +499,18 @@ impl State {
 mod tests {
     use super::*;
     use ruma::{owned_room_id, owned_user_id};
+
+    #[test]
+    fn should_show_a_homeserver_error_until_the_next_answer() {
+        let mut hs = HomeserverStatus::default();
+        hs.observe(Ok(()), 1);
+        hs.observe(Err("did not answer".into()), 2);
+        assert_eq!(hs.last_error.as_deref(), Some("did not answer"));
+        assert_eq!((hs.last_ok_at_ms, hs.last_error_at_ms), (Some(1), Some(2)));
+        hs.observe(Ok(()), 3);
+        assert_eq!(hs.last_error, None);
+        assert_eq!((hs.last_ok_at_ms, hs.last_error_at_ms), (Some(3), Some(2)));
+    }
 
     fn event(room: &str, user: &str, n: u64) -> MemberEvent {
         let user = UserId::parse(user).unwrap();

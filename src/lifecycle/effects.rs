@@ -151,6 +151,10 @@ impl IdentityEffects {
         }))
     }
 
+    pub fn homeserver(&self) -> &Homeserver {
+        &self.homeserver
+    }
+
     pub fn flavor(&self) -> Flavor {
         self.flavor
     }

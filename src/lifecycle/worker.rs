@@ -161,7 +161,17 @@ impl Worker {
                 error = %reason,
                 "lifecycle event not applied yet; its partition waits"
             );
-            tokio::time::sleep(wait).await;
+            // A homeserver back from an outage ends the wait at once.
+            let back = async {
+                match &self.effects {
+                    Some(effects) => effects.homeserver().answers_again().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = back => {}
+            }
         }
     }
 

@@ -124,6 +124,11 @@ pub async fn start(
         homeserver.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(reconcile_when_the_homeserver_is_back(
+        shared.clone(),
+        homeserver.clone(),
+        shutdown.clone(),
+    ));
     if let Some(source) = source {
         tasks.spawn(provision(
             shared,
@@ -353,6 +358,55 @@ pub fn settle(shared: &Shared, key: &Key, outcome: &Outcome) -> Next {
         }
     }
     next
+}
+
+/// How often roster asks a homeserver that failed its last request whether it answers.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Reconciles every agent (and the space) as soon as the homeserver answers again after it
+/// failed: runs that gave up during the outage would otherwise wait for the next sweep, and
+/// runs backing off (lifecycle events too) for up to 30 s for their backoff. While it
+/// fails, asks it (`whoami`) every [`PROBE_INTERVAL`]: runs that gave up ask it nothing.
+/// Sends nothing while the homeserver answers.
+async fn reconcile_when_the_homeserver_is_back(
+    shared: Arc<Shared>,
+    homeserver: Homeserver,
+    shutdown: CancellationToken,
+) {
+    let mut seen = homeserver.recoveries();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+        }
+        if homeserver.is_failing() {
+            // The outcome is observed by the client itself (is_failing, recoveries).
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = homeserver.whoami(None) => {}
+            }
+        }
+        let recoveries = homeserver.recoveries();
+        if recoveries == seen {
+            continue;
+        }
+        seen = recoveries;
+        let mut keys: Vec<Key> = shared.state.read(|model| {
+            model
+                .agents
+                .live_records(None)
+                .map(|r| Key::agent(&r.agent_id))
+                .collect()
+        });
+        keys.push(Key::Space);
+        tracing::info!(
+            agents = keys.len() - 1,
+            "the homeserver answers again; reconciling every agent now"
+        );
+        for key in &keys {
+            shared.queue.schedule(key);
+        }
+    }
 }
 
 /// Lists agents every `poll_interval`: a poll of the source, never of the homeserver.

@@ -73,6 +73,8 @@ fn stop(child: &mut Child, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
+    // A frozen process (a fault test's SIGSTOP) acts on SIGTERM only once it runs again.
+    send_signal(child.id(), "CONT");
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -85,6 +87,23 @@ fn stop(child: &mut Child, grace: Duration) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Sends `signal` (`STOP`, `CONT`, `HUP`, ...) to process `pid` with kill(1).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// The id of a running peer process, for fault tests.
+fn running_pid(child: &Option<Child>, what: &str) -> u32 {
+    child
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what} is not running"))
+        .id()
 }
 
 fn peer_script(name: &str) -> PathBuf {
@@ -181,6 +200,17 @@ impl Synapse {
     /// Starts Synapse on `port` with the appservice `registration` and the registrations
     /// roster wrote beside it (see [`registration_files`]).
     pub async fn start(dir: &Path, port: u16, registration: &Path) -> Synapse {
+        Synapse::start_with_rate_limits(dir, port, registration, "generous").await
+    }
+
+    /// [`Synapse::start`] with `synapse.sh`'s `--rate-limits` (`generous` or `tight`: a few
+    /// actions per second per user, for tests that roster honours rate limiting).
+    pub async fn start_with_rate_limits(
+        dir: &Path,
+        port: u16,
+        registration: &Path,
+        rate_limits: &str,
+    ) -> Synapse {
         run_script("synapse.sh", &["install"]);
         let metrics_port = free_port();
         let dir = dir.join("synapse");
@@ -194,6 +224,8 @@ impl Synapse {
             &metrics_arg,
             "--server-name",
             SERVER_NAME,
+            "--rate-limits",
+            rate_limits,
         ];
         let registrations = registration_files(registration);
         for file in &registrations {
@@ -244,6 +276,22 @@ impl Synapse {
     pub async fn restart(&mut self) {
         self.stop();
         self.spawn().await;
+    }
+
+    /// The homeserver's process id.
+    pub fn pid(&self) -> u32 {
+        running_pid(&self.child, "synapse")
+    }
+
+    /// SIGSTOP: the process keeps its sockets but answers nothing (a partition as roster
+    /// sees it: connections open, no reply) until [`Synapse::thaw`].
+    pub fn freeze(&self) {
+        send_signal(self.pid(), "STOP");
+    }
+
+    /// SIGCONT after [`Synapse::freeze`].
+    pub fn thaw(&self) {
+        send_signal(self.pid(), "CONT");
     }
 
     pub fn url(&self) -> String {
@@ -512,6 +560,19 @@ impl Letta {
             stop(&mut child, Duration::from_secs(15));
         }
     }
+
+    pub fn pid(&self) -> u32 {
+        running_pid(&self.child, "letta")
+    }
+
+    /// SIGSTOP until [`Letta::thaw`]: requests to it hang.
+    pub fn freeze(&self) {
+        send_signal(self.pid(), "STOP");
+    }
+
+    pub fn thaw(&self) {
+        send_signal(self.pid(), "CONT");
+    }
 }
 
 impl Drop for Letta {
@@ -703,6 +764,10 @@ impl Roster {
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
+    }
+
+    pub fn pid(&self) -> u32 {
+        running_pid(&self.child, "roster")
     }
 
     /// SIGKILL: no shutdown code runs.
@@ -1209,6 +1274,19 @@ impl Tansu {
     /// A client config for this broker (TLS with the test CA when behind the terminator).
     pub fn client(&self) -> rdkafka::ClientConfig {
         kafka_client(&self.brokers(), self.tls.as_ref().map(|t| t.ca.as_path()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        running_pid(&self.child, "tansu")
+    }
+
+    /// SIGSTOP until [`Tansu::thaw`]: the broker keeps its connections and answers nothing.
+    pub fn freeze(&self) {
+        send_signal(self.pid(), "STOP");
+    }
+
+    pub fn thaw(&self) {
+        send_signal(self.pid(), "CONT");
     }
 
     /// The `lifecycle:` section for roster: this broker, the group join speed-ups the
