@@ -50,12 +50,12 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid YAML: {source}")]
+    #[error("config file {} is not valid YAML: {}", one_line(&.path.display().to_string()), one_line(&.source.to_string()))]
     Yaml {
         path: PathBuf,
         source: serde_yaml::Error,
     },
-    #[error("config key {key}{origin}: {message}")]
+    #[error("config key {}{origin}: {}", one_line(.key), one_line(.message))]
     Invalid {
         key: String,
         origin: Origin,
@@ -70,9 +70,28 @@ pub struct Origin(Option<String>);
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            Some(var) => write!(f, " (from {var})"),
+            Some(var) => write!(f, " (from {})", one_line(var)),
             None => Ok(()),
         }
+    }
+}
+
+/// `text` on one line: an error is one line per problem, even when a key, a value or a
+/// variable name from the file holds a line break.
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains(|c: char| c.is_control()) {
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
     }
 }
 
@@ -949,10 +968,17 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&text).map_err(de::Error::custom)
 }
 
+/// A value as an error shows it: a scalar as written, anything larger by its kind (the
+/// YAML of a mapping would span lines).
 fn scalar_text(value: &Value) -> String {
-    serde_yaml::to_string(value)
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "value".into())
+    match value {
+        Value::Mapping(_) => "a mapping".into(),
+        Value::Sequence(_) => "a list".into(),
+        Value::Tagged(tagged) => format!("a value tagged {}", tagged.tag),
+        scalar => serde_yaml::to_string(scalar)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "value".into()),
+    }
 }
 
 /// Strings may arrive from the environment as YAML numbers or booleans (`LETTA_TOKEN=123`).
@@ -1252,6 +1278,21 @@ lifecycle:
                 &["lifecycle.start_from", "middle", "earliest"],
             ),
             ("[1, 2]", &[], &["top level", "mapping"]),
+            (
+                "homeserver: {server_name: example.org}\nsync: {interval: {a: 1, b: 2}}",
+                &[],
+                &["sync.interval", "a mapping is not a duration"],
+            ),
+            (
+                "homeserver: {server_name: example.org, \"col\\nour\": blue}",
+                &[],
+                &["homeserver", "col\\nour"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {kafka: {\"a\\nb\": [1]}}",
+                &[],
+                &["lifecycle.kafka", "a\\nb: a list is not a string"],
+            ),
         ];
         for (yaml, vars, needles) in cases {
             let err = Config::from_yaml_with_env(yaml, &env(vars))
