@@ -7,8 +7,11 @@ mod checks;
 
 use std::path::{Path, PathBuf};
 
+/// A fuzz target's check: panics when the input breaks a property.
+type Check = fn(&[u8]);
+
 /// Every target with committed inputs, and its check (`fuzz/src/lib.rs`).
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Check)] = &[
     ("appservice_transaction", checks::appservice_transaction),
     ("lifecycle_decode", checks::lifecycle_decode),
     ("config_load", checks::config_load),

@@ -212,7 +212,7 @@ fn winning_override(
                 })
         })
         .map(|(_, value)| value.clone())
-        .last();
+        .next_back();
     roster.or_else(|| env.get(legacy?).cloned())
 }
 
