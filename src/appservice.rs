@@ -324,8 +324,13 @@ fn decode_transaction(
     Ok(decoded)
 }
 
-/// A body with invalid UTF-8: the same JSON without the events that hold invalid bytes, and
+/// A body with invalid UTF-8: the same text without the events that hold invalid bytes, and
 /// how many were dropped. Invalid bytes outside `events` make the body unreadable.
+///
+/// Everything kept is the homeserver's text byte for byte (only the `events` array is
+/// rebuilt from its kept elements), so a kept event decodes exactly as it would in a body
+/// without invalid bytes: no re-serialisation that would merge duplicate keys or act on
+/// serde_json's private `$serde_json::private::RawValue` key.
 fn without_spoiled_events(bytes: &[u8]) -> Result<(String, usize), Rejection> {
     let not_json = |detail: String| {
         Rejection::new(
@@ -344,47 +349,54 @@ fn without_spoiled_events(bytes: &[u8]) -> Result<(String, usize), Rejection> {
             text.push(char::REPLACEMENT_CHARACTER);
         }
     }
-    let top: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| not_json(e.to_string()))?;
     #[derive(serde::Deserialize)]
-    struct Events<'a> {
-        #[serde(borrow, default)]
-        events: Vec<&'a RawValue>,
+    struct Body<'a> {
+        #[serde(borrow)]
+        events: Option<&'a RawValue>,
     }
-    let events: Events<'_> = serde_json::from_str(&text).map_err(|e| not_json(e.to_string()))?;
+    let body: Body<'_> = serde_json::from_str(&text).map_err(|e| not_json(e.to_string()))?;
     let base = text.as_ptr() as usize;
     let span = |raw: &RawValue| {
         let start = raw.get().as_ptr() as usize - base;
         start..start + raw.get().len()
     };
-    let (kept, spoiled): (Vec<&RawValue>, Vec<&RawValue>) = events
-        .events
-        .iter()
+    let Some(array) = body.events else {
+        return Err(not_json(
+            "invalid UTF-8 outside the events; the transaction cannot be read".into(),
+        ));
+    };
+    let elements: Vec<&RawValue> = serde_json::from_str(array.get()).map_err(|e| {
+        Rejection::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::BadJson,
+            format!("transaction events are not a list: {e}"),
+        )
+    })?;
+    // `elements` borrow from `array`, which borrows from `text`: their spans are in `text`.
+    let (kept, spoiled): (Vec<&RawValue>, Vec<&RawValue>) = elements
+        .into_iter()
         .partition(|raw| !spoiled_at.iter().any(|at| span(raw).contains(at)));
-    let in_events: usize = spoiled
+    let in_events = spoiled_at
         .iter()
-        .map(|raw| {
-            spoiled_at
-                .iter()
-                .filter(|at| span(raw).contains(at))
-                .count()
-        })
-        .sum();
+        .filter(|at| spoiled.iter().any(|raw| span(raw).contains(at)))
+        .count();
     if in_events < spoiled_at.len() {
         return Err(not_json(
             "invalid UTF-8 outside the events; the transaction cannot be read".into(),
         ));
     }
-    let mut clean = top;
-    clean.insert(
-        "events".into(),
-        serde_json::Value::Array(
-            kept.iter()
-                .map(|raw| serde_json::from_str(raw.get()).unwrap_or(serde_json::Value::Null))
-                .collect(),
-        ),
-    );
-    let clean = serde_json::to_string(&clean).map_err(|e| not_json(e.to_string()))?;
+    let array_span = span(array);
+    let mut clean = String::with_capacity(text.len());
+    clean.push_str(&text[..array_span.start]);
+    clean.push('[');
+    for (i, raw) in kept.iter().enumerate() {
+        if i > 0 {
+            clean.push(',');
+        }
+        clean.push_str(raw.get());
+    }
+    clean.push(']');
+    clean.push_str(&text[array_span.end..]);
     Ok((clean, spoiled.len()))
 }
 
@@ -515,6 +527,75 @@ mod tests {
         body.extend_from_slice(b"\"}");
         let rejection = decode_transaction(&parts(), &body, "t1").err().unwrap();
         assert_eq!(rejection.into_response().status(), StatusCode::BAD_REQUEST);
+    }
+
+    /// A body whose first event holds invalid UTF-8, followed by `others`.
+    fn spoiled_then(others: &[&str]) -> Vec<u8> {
+        let mut body = b"{\"events\":[".to_vec();
+        let spoiled = member(9, "XX");
+        let (before, after) = spoiled.split_at(spoiled.find("XX").unwrap());
+        body.extend_from_slice(before.as_bytes());
+        body.extend_from_slice(&[0xc3, 0x28]);
+        body.extend_from_slice(&after.as_bytes()[2..]);
+        for other in others {
+            body.push(b',');
+            body.extend_from_slice(other.as_bytes());
+        }
+        body.extend_from_slice(b"]}");
+        body
+    }
+
+    fn decoded_users(body: &[u8]) -> (Vec<String>, usize) {
+        let decoded = decode_transaction(&parts(), body, "t1")
+            .unwrap_or_else(|r| panic!("{:?}", r.into_response().status()));
+        let users = decoded
+            .member_events
+            .iter()
+            .map(|e| e.user_id.to_string())
+            .collect();
+        (users, decoded.undecodable)
+    }
+
+    /// An event that repeats a key is refused by the decoder; an invalid byte elsewhere in
+    /// the transaction must not turn it into a different, accepted event by merging keys.
+    #[test]
+    fn should_decode_kept_events_as_sent_when_another_holds_invalid_utf8() {
+        let repeated = member(1, "x").replace(
+            r#""state_key":"@u1:ex.org""#,
+            r#""state_key":"@u1:ex.org","state_key":"@admin:ex.org""#,
+        );
+        let clean = format!(r#"{{"events":[{repeated}]}}"#);
+        let (users, undecodable) = decoded_users(clean.as_bytes());
+        assert_eq!((users.len(), undecodable), (0, 1), "{users:?}");
+        let (users, undecodable) = decoded_users(&spoiled_then(&[&repeated, &member(2, "ok")]));
+        assert_eq!(users, vec!["@u2:ex.org"]);
+        assert_eq!(undecodable, 2, "the spoiled event and the repeated-key one");
+    }
+
+    /// serde_json reads an object whose first key is `$serde_json::private::RawValue` as the
+    /// JSON inside its string: an event hidden that way must stay an undecodable object.
+    #[test]
+    fn should_not_unwrap_raw_value_keys_when_another_event_holds_invalid_utf8() {
+        let hidden =
+            serde_json::json!({ "$serde_json::private::RawValue": member(1, "x") }).to_string();
+        let clean = format!(r#"{{"events":[{hidden}]}}"#);
+        assert_eq!(decoded_users(clean.as_bytes()), (vec![], 1));
+        assert_eq!(
+            decoded_users(&spoiled_then(&[&hidden, &member(2, "ok")])),
+            (vec!["@u2:ex.org".to_owned()], 2)
+        );
+    }
+
+    #[test]
+    fn should_refuse_invalid_utf8_when_there_are_no_events() {
+        for body in [
+            &b"{\"x\":\"\xff\"}"[..],
+            b"{\"events\":null,\"x\":\"\xff\"}",
+            b"[\"\xff\"]",
+        ] {
+            let rejection = decode_transaction(&parts(), body, "t1").err().unwrap();
+            assert_eq!(rejection.into_response().status(), StatusCode::BAD_REQUEST);
+        }
     }
 
     /// The finding's rule for transactions: a store that cannot write gets the homeserver a

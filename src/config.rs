@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
 pub use crate::ids::Identities;
-use crate::ids::IdsError;
+use crate::ids::{IdPart, IdsError};
 
 /// The validation sweep reads every room; it may never run more often than this.
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(60);
@@ -50,12 +50,12 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid YAML: {source}")]
+    #[error("config file {} is not valid YAML: {}", one_line(&.path.display().to_string()), one_line(&.source.to_string()))]
     Yaml {
         path: PathBuf,
         source: serde_yaml::Error,
     },
-    #[error("config key {key}{origin}: {message}")]
+    #[error("config key {}{origin}: {}", one_line(.key), one_line(.message))]
     Invalid {
         key: String,
         origin: Origin,
@@ -70,9 +70,28 @@ pub struct Origin(Option<String>);
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            Some(var) => write!(f, " (from {var})"),
+            Some(var) => write!(f, " (from {})", one_line(var)),
             None => Ok(()),
         }
+    }
+}
+
+/// `text` on one line: an error is one line per problem, even when a key, a value or a
+/// variable name from the file holds a line break.
+fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains(|c: char| c.is_control()) {
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
     }
 }
 
@@ -331,7 +350,7 @@ impl Default for SyncConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LifecycleConfig {
     pub enabled: bool,
@@ -364,6 +383,55 @@ pub struct LifecycleConfig {
     /// Extra librdkafka properties (e.g. `security.protocol`, `session.timeout.ms`).
     #[serde(deserialize_with = "string_map")]
     pub kafka: BTreeMap<String, String>,
+}
+
+/// Shows the `kafka` property names but none of their values: librdkafka properties carry
+/// credentials under many names (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, `ssl.key.pem`, ...), so none is printed.
+impl fmt::Debug for LifecycleConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so a new field cannot be left out of (or leak through) this impl.
+        let LifecycleConfig {
+            enabled,
+            brokers,
+            topic,
+            group_id,
+            dead_letter_topic,
+            matrix_enabled,
+            create_missing_users,
+            avatar_max_bytes,
+            avatar_fetch_timeout,
+            max_in_flight_users,
+            max_buffered_events,
+            start_from,
+            avatar_cache_ttl,
+            kafka,
+        } = self;
+        struct Redacted<'a>(&'a BTreeMap<String, String>);
+        impl fmt::Debug for Redacted<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_map()
+                    .entries(self.0.keys().map(|k| (k, format_args!("<redacted>"))))
+                    .finish()
+            }
+        }
+        f.debug_struct("LifecycleConfig")
+            .field("enabled", enabled)
+            .field("brokers", brokers)
+            .field("topic", topic)
+            .field("group_id", group_id)
+            .field("dead_letter_topic", dead_letter_topic)
+            .field("matrix_enabled", matrix_enabled)
+            .field("create_missing_users", create_missing_users)
+            .field("avatar_max_bytes", avatar_max_bytes)
+            .field("avatar_fetch_timeout", avatar_fetch_timeout)
+            .field("max_in_flight_users", max_in_flight_users)
+            .field("max_buffered_events", max_buffered_events)
+            .field("start_from", start_from)
+            .field("avatar_cache_ttl", avatar_cache_ttl)
+            .field("kafka", &Redacted(kafka))
+            .finish()
+    }
 }
 
 /// Where a new consumer group starts reading `lifecycle.topic`.
@@ -646,6 +714,10 @@ impl Config {
                 IdsError::BotLocalpart(_) => "appservice.bot_localpart",
                 IdsError::RequiredMember { .. } => "agents.required_members",
                 IdsError::SpaceAlias(_) => "agents.space_alias",
+                IdsError::TooLong { what, .. } => match what {
+                    IdPart::BotLocalpart => "appservice.bot_localpart",
+                    IdPart::SpaceAlias => "agents.space_alias",
+                },
             };
             fail(key, error.to_string())
         })?;
@@ -804,6 +876,11 @@ fn apply_env(
         let entry = tree
             .entry(Value::String(e.section.clone()))
             .or_insert_with(|| Value::Mapping(Mapping::new()));
+        // A tag on a section (`homeserver: !tag {...}`) means nothing to roster, and the
+        // struct is read through it anyway; drop it, or the override below would not land.
+        if let Value::Tagged(tagged) = entry {
+            *entry = std::mem::replace(&mut tagged.value, Value::Null);
+        }
         if entry.is_null() {
             *entry = Value::Mapping(Mapping::new());
         }
@@ -891,10 +968,17 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&text).map_err(de::Error::custom)
 }
 
+/// A value as an error shows it: a scalar as written, anything larger by its kind (the
+/// YAML of a mapping would span lines).
 fn scalar_text(value: &Value) -> String {
-    serde_yaml::to_string(value)
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "value".into())
+    match value {
+        Value::Mapping(_) => "a mapping".into(),
+        Value::Sequence(_) => "a list".into(),
+        Value::Tagged(tagged) => format!("a value tagged {}", tagged.tag),
+        scalar => serde_yaml::to_string(scalar)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "value".into()),
+    }
 }
 
 /// Strings may arrive from the environment as YAML numbers or booleans (`LETTA_TOKEN=123`).
@@ -1194,6 +1278,21 @@ lifecycle:
                 &["lifecycle.start_from", "middle", "earliest"],
             ),
             ("[1, 2]", &[], &["top level", "mapping"]),
+            (
+                "homeserver: {server_name: example.org}\nsync: {interval: {a: 1, b: 2}}",
+                &[],
+                &["sync.interval", "a mapping is not a duration"],
+            ),
+            (
+                "homeserver: {server_name: example.org, \"col\\nour\": blue}",
+                &[],
+                &["homeserver", "col\\nour"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nlifecycle: {kafka: {\"a\\nb\": [1]}}",
+                &[],
+                &["lifecycle.kafka", "a\\nb: a list is not a string"],
+            ),
         ];
         for (yaml, vars, needles) in cases {
             let err = Config::from_yaml_with_env(yaml, &env(vars))
@@ -1337,9 +1436,59 @@ lifecycle:
 
     #[test]
     fn should_not_print_secrets_in_debug() {
-        let config =
-            Config::from_yaml("homeserver: {server_name: example.org, admin_token: hunter2}")
-                .unwrap();
-        assert!(!format!("{config:?}").contains("hunter2"));
+        let vars = env(&[
+            ("ROSTER_ADMIN__TOKEN", "admin-token-value"),
+            ("LETTA_TOKEN", "letta-token-value"),
+            (
+                "ROSTER_LIFECYCLE__KAFKA",
+                "{sasl.password: kafka-password-value, ssl.key.pem: kafka-key-value, security.protocol: sasl_ssl}",
+            ),
+        ]);
+        let config = Config::from_yaml_with_env(
+            "homeserver: {server_name: example.org, admin_token: hunter2}",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(
+            config.lifecycle.kafka["sasl.password"],
+            "kafka-password-value"
+        );
+        let debug = format!("{config:?}");
+        for secret in [
+            "hunter2",
+            "admin-token-value",
+            "letta-token-value",
+            "kafka-password-value",
+            "kafka-key-value",
+        ] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(
+            debug.contains("sasl.password"),
+            "names stay visible: {debug}"
+        );
+    }
+
+    /// A YAML tag on a section is read through by the struct; the environment must still
+    /// override the keys inside it.
+    #[test]
+    fn should_apply_environment_overrides_inside_a_tagged_section() {
+        let vars = env(&[
+            ("ROSTER_HOMESERVER__URL", "http://from-env:8008"),
+            ("LETTA_TOKEN", "from-env"),
+        ]);
+        let text = "homeserver: !section {server_name: example.org, url: 'http://file:8008'}\nagents: !tagged\n  letta_token: from-file\n";
+        let config = Config::from_yaml_with_env(text, &vars).unwrap();
+        assert_eq!(config.homeserver.url, "http://from-env:8008");
+        assert_eq!(
+            config.agents.letta_token.as_ref().map(Secret::expose),
+            Some("from-env")
+        );
+        let config = Config::from_yaml_with_env(
+            "homeserver: !empty\n",
+            &env(&[("MATRIX_SERVER_NAME", "example.org")]),
+        )
+        .unwrap();
+        assert_eq!(config.ids().server_name, "example.org");
     }
 }

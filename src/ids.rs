@@ -28,6 +28,10 @@ pub fn agent_localpart(agent_id: &str) -> Option<String> {
     (!x.is_empty()).then(|| format!("{AGENT_PREFIX}{x}"))
 }
 
+/// The longest user id, room alias or room id Matrix allows, in bytes (sigil and server
+/// included).
+pub const MAX_ID_BYTES: usize = 255;
+
 /// Whether `localpart` fits the spec's grammar for new user ids (ruma also accepts the
 /// historical, wider one).
 pub fn is_user_localpart(localpart: &str) -> bool {
@@ -105,6 +109,39 @@ pub enum IdsError {
         "{0:?} is not usable; expected an alias localpart like letta-agents, outside the agent_ namespace"
     )]
     SpaceAlias(String),
+    #[error(
+        "{id} would be {} bytes, over the {MAX_ID_BYTES} Matrix allows; shorten {what} or the server name",
+        id.len()
+    )]
+    TooLong { what: IdPart, id: String },
+}
+
+/// Which configured name makes an id too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdPart {
+    BotLocalpart,
+    SpaceAlias,
+}
+
+impl fmt::Display for IdPart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IdPart::BotLocalpart => "the bot localpart",
+            IdPart::SpaceAlias => "the space alias",
+        })
+    }
+}
+
+/// Why an agent has no user or room here; the agent is left out, never provisioned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentIdError {
+    #[error("agent id {0:?} has no letter, digit or '_' to make a Matrix user from")]
+    NoLocalpart(String),
+    #[error(
+        "agent id {agent_id:?} makes the user id {user_id}, {} bytes, over the {MAX_ID_BYTES} Matrix allows",
+        user_id.len()
+    )]
+    TooLong { agent_id: String, user_id: String },
 }
 
 /// The server name, the bot, the required members and the space alias as typed ids, derived
@@ -128,6 +165,14 @@ impl Identities {
     ) -> Result<Identities, IdsError> {
         let server_name = OwnedServerName::try_from(server_name)
             .map_err(|_| IdsError::ServerName(server_name.to_owned()))?;
+        let too_long =
+            |what, id: String| (id.len() > MAX_ID_BYTES).then_some(IdsError::TooLong { what, id });
+        if let Some(error) = too_long(
+            IdPart::BotLocalpart,
+            format!("@{bot_localpart}:{server_name}"),
+        ) {
+            return Err(error);
+        }
         let bot = UserId::parse_with_server_name(bot_localpart, &server_name)
             .ok()
             .filter(|_| is_user_localpart(bot_localpart))
@@ -146,6 +191,12 @@ impl Identities {
         if !is_space_alias_localpart(space_alias_localpart) {
             return Err(IdsError::SpaceAlias(space_alias_localpart.to_owned()));
         }
+        if let Some(error) = too_long(
+            IdPart::SpaceAlias,
+            format!("#{space_alias_localpart}:{server_name}"),
+        ) {
+            return Err(error);
+        }
         let space_alias = alias(space_alias_localpart, &server_name);
         Ok(Identities {
             server_name,
@@ -155,13 +206,35 @@ impl Identities {
         })
     }
 
-    /// `@agent_<x>:<server>` for an agent localpart from [`agent_localpart`].
-    pub fn agent_user(&self, localpart: &str) -> OwnedUserId {
-        UserId::parse_with_server_name(localpart, &self.server_name)
-            .expect("agent localparts are valid user localparts")
+    /// The localpart of the agent's user and room alias here ([`agent_localpart`]), or why
+    /// the agent cannot have them: every agent enters roster through this check.
+    pub fn agent_localpart(&self, agent_id: &str) -> Result<String, AgentIdError> {
+        let localpart = agent_localpart(agent_id)
+            .ok_or_else(|| AgentIdError::NoLocalpart(agent_id.to_owned()))?;
+        if !self.fits_agent_localpart(&localpart) {
+            return Err(AgentIdError::TooLong {
+                agent_id: agent_id.to_owned(),
+                user_id: format!("@{localpart}:{}", self.server_name),
+            });
+        }
+        Ok(localpart)
     }
 
-    /// `#agent_<x>:<server>` for an agent localpart from [`agent_localpart`].
+    /// Whether `localpart` (e.g. from a stored record) makes a valid agent user and alias
+    /// here: the grammar, and at most [`MAX_ID_BYTES`] with the sigil and server name.
+    pub fn fits_agent_localpart(&self, localpart: &str) -> bool {
+        // `@` and `#` are one byte each: the user id and the alias are the same length.
+        let id_len = 2 + localpart.len() + self.server_name.as_str().len();
+        is_user_localpart(localpart) && id_len <= MAX_ID_BYTES
+    }
+
+    /// `@agent_<x>:<server>` for a localpart from [`Identities::agent_localpart`].
+    pub fn agent_user(&self, localpart: &str) -> OwnedUserId {
+        UserId::parse_with_server_name(localpart, &self.server_name)
+            .expect("Identities::agent_localpart checked the localpart and the length")
+    }
+
+    /// `#agent_<x>:<server>` for a localpart from [`Identities::agent_localpart`].
     pub fn agent_alias(&self, localpart: &str) -> OwnedRoomAliasId {
         alias(localpart, &self.server_name)
     }
@@ -310,6 +383,80 @@ mod tests {
         assert!(!ids.owns(&owned_user_id!("@admin:ex.org")));
         let acting: Vec<_> = ids.acting_members().collect();
         assert_eq!(acting, vec!["@admin:ex.org"]);
+    }
+
+    /// Matrix ids are at most 255 bytes: a configuration that would build a longer one is
+    /// refused, naming the part to shorten, instead of panicking.
+    #[test]
+    fn should_refuse_a_space_alias_or_bot_that_makes_an_id_over_255_bytes() {
+        let server = format!("{}.org", "s".repeat(200));
+        let long = "l".repeat(60);
+        let error = Identities::new(&server, "letta", None, &long).unwrap_err();
+        assert!(
+            matches!(&error, IdsError::TooLong { what: IdPart::SpaceAlias, id } if id.len() == 266),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("the space alias"), "{error}");
+        let error = Identities::new(&server, &long, None, "s").unwrap_err();
+        assert!(
+            matches!(
+                error,
+                IdsError::TooLong {
+                    what: IdPart::BotLocalpart,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let fits = "l".repeat(255 - 2 - server.len());
+        let ids = Identities::new(&server, &fits, Some(&[]), &fits).unwrap();
+        assert_eq!(ids.space_alias.as_str().len(), 255);
+        assert_eq!(ids.bot.as_str().len(), 255);
+    }
+
+    /// An agent whose id would make a user id over 255 bytes is refused with the reason;
+    /// one that fits gets its user and alias.
+    #[test]
+    fn should_refuse_an_agent_whose_user_id_would_pass_255_bytes() {
+        let ids = Identities::new("ex.org", "letta", None, "letta-agents").unwrap();
+        // "@agent_" + x + ":ex.org" is 14 bytes around x.
+        let fits = format!("agent-{}", "a".repeat(255 - 14));
+        let localpart = ids.agent_localpart(&fits).unwrap();
+        assert_eq!(ids.agent_user(&localpart).as_str().len(), 255);
+        assert_eq!(ids.agent_alias(&localpart).as_str().len(), 255);
+        let too_long = format!("{fits}a");
+        let error = ids.agent_localpart(&too_long).unwrap_err();
+        assert!(matches!(&error, AgentIdError::TooLong { user_id, .. } if user_id.len() == 256));
+        assert!(error.to_string().contains("256 bytes"), "{error}");
+        assert_eq!(
+            ids.agent_localpart("!!!"),
+            Err(AgentIdError::NoLocalpart("!!!".into()))
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the agent id and server, an agent either gets a localpart whose user and
+        /// alias build without panicking, or a reason.
+        #[test]
+        fn should_build_ids_for_every_agent_it_accepts(
+            agent_id in "\\PC{0,300}",
+            server_len in 1usize..240,
+        ) {
+            let server = format!("{}.org", "s".repeat(server_len));
+            let ids = Identities::new(&server, "l", Some(&[]), "s").unwrap();
+            match ids.agent_localpart(&agent_id) {
+                Ok(localpart) => {
+                    proptest::prop_assert!(ids.agent_user(&localpart).as_str().len() <= MAX_ID_BYTES);
+                    proptest::prop_assert!(ids.agent_alias(&localpart).as_str().len() <= MAX_ID_BYTES);
+                }
+                Err(AgentIdError::TooLong { user_id, .. }) => {
+                    proptest::prop_assert!(user_id.len() > MAX_ID_BYTES);
+                }
+                Err(AgentIdError::NoLocalpart(_)) => {
+                    proptest::prop_assert_eq!(agent_localpart(&agent_id), None);
+                }
+            }
+        }
     }
 
     #[test]

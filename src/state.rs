@@ -180,6 +180,16 @@ impl State {
             model.restore(member.room_id, member.user_id, member.state);
         }
         for record in store.room_records()? {
+            // A record whose user id cannot exist on this server (over 255 bytes) would make
+            // every later step fail: leave it out, loudly.
+            if !ids.fits_agent_localpart(&record.localpart) {
+                tracing::warn!(
+                    agent = %record.agent_id,
+                    localpart = %record.localpart,
+                    "ignoring a stored agent room record: its user id would be invalid on this server"
+                );
+                continue;
+            }
             model.agents.restore(record);
         }
         for user in store.deactivated_users()? {
@@ -304,6 +314,17 @@ impl State {
         now_ms: u64,
         grace_ms: u64,
     ) -> Result<ListingOutcome, StateError> {
+        // An agent whose user id cannot exist here is never provisioned; say so each time.
+        let agents: Vec<Agent> = agents
+            .into_iter()
+            .filter(|agent| match self.inner.ids.agent_localpart(&agent.id) {
+                Ok(_) => true,
+                Err(error) => {
+                    tracing::warn!(%error, "skipping agent");
+                    false
+                }
+            })
+            .collect();
         self.write(move |store, model| {
             let mut book = model.agents.clone();
             let outcome = book.observe_listing(&agents, now_ms, grace_ms);
@@ -627,6 +648,40 @@ mod tests {
             state.read(|m| m.agents.space.room_id.clone()),
             Some(owned_room_id!("!space:ex.org"))
         );
+    }
+
+    /// An agent id that would make a user id over 255 bytes never enters the model or the
+    /// store (the reconciler could not build its user); a stored one is ignored on open.
+    #[tokio::test]
+    async fn should_skip_an_agent_whose_user_id_would_pass_255_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = reopen(dir.path());
+        let long = Agent {
+            id: format!("agent-{}", "a".repeat(250)),
+            name: "Long".into(),
+        };
+        let short = Agent {
+            id: "agent-2".into(),
+            name: "Two".into(),
+        };
+        let outcome = state
+            .observe_listing(vec![long.clone(), short], 0, 1000)
+            .await
+            .unwrap();
+        assert_eq!(outcome.changed, vec!["agent-2".to_owned()]);
+        assert!(state.read(|m| !m.agents.records.contains_key(&long.id)));
+        state
+            .save_agent(RoomRecord {
+                agent_id: long.id.clone(),
+                localpart: format!("agent_{}", "a".repeat(250)),
+                ..RoomRecord::default()
+            })
+            .await
+            .unwrap();
+        drop(state);
+        let state = reopen(dir.path());
+        let ids: Vec<String> = state.read(|m| m.agents.records.keys().cloned().collect());
+        assert_eq!(ids, vec!["agent-2".to_owned()]);
     }
 
     /// Every verb: when the store refuses the write, the caller gets the error and neither

@@ -14,7 +14,6 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::ids::agent_localpart;
 use crate::matrix::MatrixError;
 use crate::model::agents::RoomRecord;
 use crate::reconcile::agents::read_joined;
@@ -355,12 +354,14 @@ pub async fn adopt(config: &Config, path: &Path) -> Result<AdoptionReport, Adopt
             ));
             continue;
         };
-        let Some(localpart) = agent_localpart(&mapping.agent_id) else {
-            report.conflicts.push(format!(
-                "{}: no usable localpart in the agent id",
-                mapping.agent_id
-            ));
-            continue;
+        let localpart = match ids.agent_localpart(&mapping.agent_id) {
+            Ok(localpart) => localpart,
+            Err(error) => {
+                report
+                    .conflicts
+                    .push(format!("{}: {error}", mapping.agent_id));
+                continue;
+            }
         };
         let agent_user = ids.agent_user(&localpart);
         if let Some(old) = &mapping.matrix_user_id

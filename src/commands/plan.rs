@@ -8,7 +8,6 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::ids::agent_localpart;
 use crate::matrix::MatrixError;
 use crate::metrics::Metrics;
 use crate::model::Model;
@@ -66,8 +65,12 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
     let mut model = Model::new();
     let mut plans = Vec::new();
     for agent in &listing.agents {
-        let Some(localpart) = agent_localpart(&agent.id) else {
-            continue;
+        let localpart = match ids.agent_localpart(&agent.id) {
+            Ok(localpart) => localpart,
+            Err(error) => {
+                tracing::warn!(%error, "skipping agent");
+                continue;
+            }
         };
         let agent_user = ids.agent_user(&localpart);
         let mut record = records

@@ -210,6 +210,103 @@ impl Offsets {
 mod tests {
     use super::*;
 
+    use proptest::prelude::*;
+
+    /// One step of a consumer's life on partition 0.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Receive the next `n` offsets.
+        Receive(u8),
+        /// Finish the in-flight offset at this index (modulo how many there are).
+        Finish(usize),
+        Commit,
+        /// The commit of everything handed out so far failed.
+        CommitFailed,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (1u8..4).prop_map(Step::Receive),
+            any::<usize>().prop_map(Step::Finish),
+            Just(Step::Commit),
+            Just(Step::CommitFailed),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the order of receipts, completions, commits and failed commits, no
+        /// position handed out to commit passes an offset that is not done.
+        #[test]
+        fn should_never_commit_past_an_unfinished_offset(
+            start in 0i64..1_000_000,
+            steps in proptest::collection::vec(step(), 1..80),
+        ) {
+            let mut o = Offsets::default();
+            o.assign(0);
+            let mut next = start;
+            let mut in_flight: Vec<i64> = Vec::new();
+            let mut generation = None;
+            let mut last_handed: Vec<(i32, i64)> = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Receive(n) => {
+                        for _ in 0..n {
+                            generation = o.received(0, next);
+                            in_flight.push(next);
+                            next += 1;
+                        }
+                    }
+                    Step::Finish(i) if !in_flight.is_empty() => {
+                        let offset = in_flight.remove(i % in_flight.len());
+                        prop_assert!(o.done(0, generation.unwrap(), offset));
+                    }
+                    Step::Finish(_) => {}
+                    Step::Commit => {
+                        last_handed = o.take_commits();
+                        for &(partition, position) in &last_handed {
+                            prop_assert_eq!(partition, 0);
+                            prop_assert!(position <= next);
+                            prop_assert!(
+                                in_flight.iter().all(|&unfinished| unfinished >= position),
+                                "committed {} while {:?} are unfinished", position, in_flight
+                            );
+                        }
+                    }
+                    Step::CommitFailed => o.commit_failed(&last_handed),
+                }
+            }
+        }
+
+        /// However the offsets complete, once all are done the partition is committed one
+        /// past the newest, exactly once more.
+        #[test]
+        fn should_end_committed_past_the_newest_in_any_completion_order(
+            start in 0i64..1_000_000,
+            order in (1usize..60).prop_flat_map(|n| Just((0..n).collect::<Vec<_>>()).prop_shuffle()),
+            commit_every in 1usize..10,
+        ) {
+            let mut o = Offsets::default();
+            o.assign(0);
+            let n = order.len() as i64;
+            let generation = (start..start + n).map(|offset| o.received(0, offset).unwrap()).last().unwrap();
+            let mut committed = None;
+            for (i, index) in order.iter().enumerate() {
+                prop_assert!(o.done(0, generation, start + *index as i64));
+                if i % commit_every == 0 {
+                    for (_, position) in o.take_commits() {
+                        prop_assert!(committed < Some(position), "positions only move forward");
+                        committed = Some(position);
+                    }
+                }
+            }
+            for (_, position) in o.take_commits() {
+                committed = Some(position);
+            }
+            prop_assert_eq!(committed, Some(start + n));
+            prop_assert_eq!(o.take_commits(), vec![]);
+        }
+    }
+
     #[test]
     fn should_commit_only_below_the_oldest_unfinished_offset() {
         let mut o = Offsets::default();

@@ -194,6 +194,9 @@ pub struct Synapse {
     /// Failed logins this harness made since Synapse last started (its counters restart
     /// with it): the only logins Synapse may count.
     failed_logins: AtomicU64,
+    /// The registrations' tokens and every access token `admin_token` handed out: none
+    /// may appear in Synapse's logs (checked on drop).
+    secrets: std::sync::Mutex<Vec<String>>,
 }
 
 impl Synapse {
@@ -239,6 +242,7 @@ impl Synapse {
             metrics_port,
             http: reqwest::Client::new(),
             failed_logins: AtomicU64::new(0),
+            secrets: std::sync::Mutex::new(registration_tokens(registration)),
         };
         synapse.spawn().await;
         synapse
@@ -300,12 +304,14 @@ impl Synapse {
 
     /// Registers an admin user with the shared secret (no `/login`) and returns its token.
     pub fn admin_token(&self, user: &str) -> String {
-        run_script(
+        let token = run_script(
             "synapse.sh",
             &["admin-token", self.dir.to_str().unwrap(), user],
         )
         .trim()
-        .to_owned()
+        .to_owned();
+        self.secrets.lock().unwrap().push(token.clone());
+        token
     }
 
     async fn metrics_text(&self) -> String {
@@ -446,6 +452,34 @@ impl Synapse {
 impl Drop for Synapse {
     fn drop(&mut self) {
         self.stop();
+        // Every test that runs Synapse checks its logs for the tokens in play.
+        if !std::thread::panicking() {
+            let secrets = self.secrets.lock().unwrap().clone();
+            assert_no_secret_in_log_files(&self.dir, &secrets);
+        }
+    }
+}
+
+/// Panics, naming the file, when a `*.log` file under `dir` holds one of `secrets`.
+pub fn assert_no_secret_in_log_files(dir: &Path, secrets: &[String]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            assert_no_secret_in_log_files(&path, secrets);
+        } else if path.extension().is_some_and(|e| e == "log") {
+            let text =
+                String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+            for secret in secrets.iter().filter(|s| !s.is_empty()) {
+                assert!(
+                    !text.contains(secret.as_str()),
+                    "{} holds a token of the test",
+                    path.display()
+                );
+            }
+        }
     }
 }
 
@@ -1050,12 +1084,6 @@ impl Roster {
     /// registration file or any of `extra` (other credentials the test gave it). Each log must show roster started, so
     /// an empty or missing log cannot pass for a clean one.
     pub fn assert_no_secrets_in_logs(&self, extra: &[&str]) {
-        self.scan_logs_for_secrets(extra, true);
-    }
-
-    /// The scan itself; `started` also asks that each log shows roster started (off for
-    /// the scan at drop, where a roster may have been refused at start-up on purpose).
-    fn scan_logs_for_secrets(&self, extra: &[&str], started: bool) {
         let logs = self.logs();
         assert!(!logs.is_empty(), "roster was never started");
         let mut secrets = vec![
@@ -1071,7 +1099,7 @@ impl Roster {
         secrets.extend(extra.iter().map(|s| ("a credential the test passed", *s)));
         for (path, text) in &logs {
             assert!(
-                !started || text.contains("roster starting"),
+                text.contains("roster starting"),
                 "{} does not look like a roster log",
                 path.display()
             );
@@ -1114,9 +1142,15 @@ pub async fn wait_quiet(roster: &Roster, synapse: &Synapse) -> (u64, u64) {
 impl Drop for Roster {
     fn drop(&mut self) {
         self.stop();
-        // A scratch directory dropped before its roster took the logs with it.
-        if self.starts > 0 && self.dir.exists() && !std::thread::panicking() {
-            self.scan_logs_for_secrets(&[], false);
+        // Every test that runs roster checks its logs for the tokens in play.
+        if !std::thread::panicking() {
+            let mut secrets = vec![
+                self.as_token.clone(),
+                self.hs_token.clone(),
+                self.admin_token.clone(),
+            ];
+            secrets.extend(self.registration_tokens.iter().cloned());
+            assert_no_secret_in_log_files(&self.dir, &secrets);
         }
     }
 }
