@@ -50,7 +50,7 @@ async fn main() {
         .unwrap_or(150_000);
     let transactions = events.div_ceil(PER_TXN);
     let scratch = Scratch::new("bench-flood");
-    let provisioned = provision(scratch.path(), AGENTS, "").await;
+    let provisioned = provision(scratch.path(), AGENTS, "", std::time::Duration::ZERO).await;
     let roster = &provisioned.roster;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let bodies: Vec<Vec<u8>> = (0..transactions)

@@ -157,7 +157,7 @@ async fn main() {
     let built = [from_events(memberships), from_store(memberships)];
 
     let scratch = Scratch::new("bench-memory");
-    let provisioned = provision(scratch.path(), ROOMS, "").await;
+    let provisioned = provision(scratch.path(), ROOMS, "", std::time::Duration::ZERO).await;
     let roster = &provisioned.roster;
     let pid = roster.pid().expect("roster runs");
     // Let start-up settle (sweep, listing) before reading memory.

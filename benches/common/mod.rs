@@ -5,17 +5,109 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use roster::testing::FakeHomeserver;
 use serde_json::{Value, json};
 
 use crate::support::*;
 
+/// Sits between roster and the stand-in homeserver: the stand-in knows one appservice
+/// token, so the acting-only registration's token is swapped for the pushed one's; and
+/// `joined_members` reads are held for `read_latency` (as a loaded homeserver takes) and
+/// counted, with the most in flight at once.
+pub struct Proxy {
+    target: String,
+    http: reqwest::Client,
+    /// (acting-only token, pushed token).
+    swap: (String, String),
+    pub read_latency: Duration,
+    in_flight: AtomicU64,
+    pub peak_reads: AtomicU64,
+    pub reads: AtomicU64,
+}
+
+impl Proxy {
+    async fn start(self) -> (Arc<Proxy>, String) {
+        let proxy = Arc::new(self);
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(proxy.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (proxy, url)
+    }
+
+    /// Zeroes the peak and the read count; returns the reads counted so far.
+    pub fn reset(&self) -> u64 {
+        self.peak_reads.store(0, Ordering::SeqCst);
+        self.reads.swap(0, Ordering::SeqCst)
+    }
+}
+
+async fn forward(
+    State(proxy): State<Arc<Proxy>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let read = uri.path().ends_with("/joined_members");
+    if read {
+        let now = proxy.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        proxy.peak_reads.fetch_max(now, Ordering::SeqCst);
+        if !proxy.read_latency.is_zero() {
+            tokio::time::sleep(proxy.read_latency).await;
+        }
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = proxy
+        .http
+        .request(method, format!("{}{path}", proxy.target))
+        .body(body);
+    if let Some(kind) = headers.get("content-type") {
+        request = request.header("content-type", kind);
+    }
+    if let Some(token) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        let (acting, pushed) = &proxy.swap;
+        request = request.bearer_auth(if token == acting { pushed } else { token });
+    }
+    let answer = match request.send().await {
+        Ok(response) => {
+            let status = response.status();
+            let kind = response.headers().get("content-type").cloned();
+            let bytes = response.bytes().await.unwrap_or_default();
+            let mut out = (status, bytes).into_response();
+            if let Some(kind) = kind {
+                out.headers_mut().insert("content-type", kind);
+            }
+            out
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    if read {
+        proxy.in_flight.fetch_sub(1, Ordering::SeqCst);
+        proxy.reads.fetch_add(1, Ordering::SeqCst);
+    }
+    answer
+}
+
 /// roster with `agents` agents provisioned on the stand-in, converged.
 pub struct Provisioned {
     pub roster: Roster,
     pub fake: FakeHomeserver,
+    pub proxy: Arc<Proxy>,
     /// Every agent room, in agent order.
     pub rooms: Vec<String>,
     pub provision_time: Duration,
@@ -23,11 +115,15 @@ pub struct Provisioned {
 
 /// Configures and starts roster against the stand-in homeserver with `agents` agents (no
 /// avatars), at log level info (debug logs every membership change, as production does not),
-/// and waits until every room exists and nothing is pending. `extra_yaml` is appended to the
-/// config. The acting-only registration is removed (the stand-in knows one token), so
-/// `@admin` is a user roster invites rather than acts as: the setup differs from production
-/// only in who joins the rooms.
-pub async fn provision(dir: &Path, agents: usize, extra_yaml: &str) -> Provisioned {
+/// and waits until every room exists, nothing is pending and the start-up sync finished.
+/// `extra_yaml` is appended to the config; roster reaches the stand-in through a [`Proxy`]
+/// holding reads for `read_latency`.
+pub async fn provision(
+    dir: &Path,
+    agents: usize,
+    extra_yaml: &str,
+    read_latency: Duration,
+) -> Provisioned {
     let agents_file = dir.join("agents.yaml");
     let listing: String = (0..agents)
         .map(|i| format!("- {{id: agent-{i:05x}-bench, name: \"Bench agent {i}\"}}\n"))
@@ -42,11 +138,33 @@ pub async fn provision(dir: &Path, agents: usize, extra_yaml: &str) -> Provision
             agents_file.display()
         ),
     );
-    for extra in registration_files(&roster.registration).iter().skip(1) {
-        std::fs::remove_file(extra).unwrap();
-    }
+    let acting = roster
+        .as_tokens()
+        .into_iter()
+        .find(|t| *t != roster.as_token)
+        .expect("roster writes an acting-only registration");
     let fake = FakeHomeserver::start(&roster.as_token, SERVER_NAME, "letta").await;
-    roster.env("ROSTER_HOMESERVER__URL", &fake.url);
+    // @admin exists on a real homeserver before roster starts (it is a person).
+    let registered = reqwest::Client::new()
+        .post(format!("{}/_matrix/client/v3/register", fake.url))
+        .bearer_auth(&roster.as_token)
+        .json(&json!({ "type": "m.login.application_service", "username": "admin" }))
+        .send()
+        .await
+        .expect("the stand-in answers");
+    assert!(registered.status().is_success(), "register @admin on the stand-in");
+    let (proxy, proxy_url) = Proxy {
+        target: fake.url.clone(),
+        http: reqwest::Client::new(),
+        swap: (acting, roster.as_token.clone()),
+        read_latency,
+        in_flight: AtomicU64::new(0),
+        peak_reads: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
+    }
+    .start()
+    .await;
+    roster.env("ROSTER_HOMESERVER__URL", &proxy_url);
     roster.env("ROSTER_LOG", "info");
     let started = Instant::now();
     roster.start().await;
@@ -55,8 +173,11 @@ pub async fn provision(dir: &Path, agents: usize, extra_yaml: &str) -> Provision
         &format!("{agents} agents provisioned on the stand-in"),
         || async {
             let status = roster.status().await;
-            (status["rooms"] == agents && status["pending"] == 0 && status["running"] == 0)
-                .then_some(())
+            (status["rooms"] == agents
+                && status["pending"] == 0
+                && status["running"] == 0
+                && status["last_sync"].is_object())
+            .then_some(())
         },
     )
     .await;
@@ -78,6 +199,7 @@ pub async fn provision(dir: &Path, agents: usize, extra_yaml: &str) -> Provision
     Provisioned {
         roster,
         fake,
+        proxy,
         rooms,
         provision_time,
     }
