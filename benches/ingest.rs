@@ -89,9 +89,11 @@ impl Drop for Peer {
 }
 
 fn cache_dir(var: &str, default: &str) -> PathBuf {
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/roster").join(default))
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap())
+            .join(".cache/roster")
+            .join(default)
+    })
 }
 
 /// The installed version of a Python distribution in `venv` (from its dist-info name).
@@ -101,19 +103,32 @@ fn python_version(venv: &Path, dist: &str) -> String {
         .into_iter()
         .flatten()
         .flatten()
-        .flat_map(|py| std::fs::read_dir(py.path().join("site-packages")).into_iter().flatten().flatten())
+        .flat_map(|py| {
+            std::fs::read_dir(py.path().join("site-packages"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
         .find_map(|entry| {
             let name = entry.file_name().into_string().ok()?;
             let rest = name.strip_prefix(&format!("{dist}-"))?;
             rest.strip_suffix(".dist-info").map(str::to_owned)
         })
-        .unwrap_or_else(|| panic!("{dist} is not installed in {}; run deploy/bench.sh ingest", venv.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{dist} is not installed in {}; run deploy/bench.sh ingest",
+                venv.display()
+            )
+        })
 }
 
 fn node_version(modules: &Path, package: &str) -> String {
     let manifest = modules.join(package).join("package.json");
     let text = std::fs::read_to_string(&manifest).unwrap_or_else(|e| {
-        panic!("{} is not installed ({e}); run deploy/bench.sh ingest", manifest.display())
+        panic!(
+            "{} is not installed ({e}); run deploy/bench.sh ingest",
+            manifest.display()
+        )
     });
     let json: Value = serde_json::from_str(&text).unwrap();
     json["version"].as_str().unwrap().to_owned()
@@ -132,9 +147,11 @@ async fn run_peer(
     patience: Duration,
     durable: &'static str,
 ) -> Row {
-    eventually(Duration::from_secs(120), &format!("{name} to listen"), || async {
-        peer.count(http).await
-    })
+    eventually(
+        Duration::from_secs(120),
+        &format!("{name} to listen"),
+        || async { peer.count(http).await },
+    )
     .await;
     let pid = peer.child.id();
     let idle_rss = proc_memory(pid, "VmRSS");
@@ -149,7 +166,10 @@ async fn run_peer(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let done = started.elapsed();
-    assert!(counted <= expected, "{name} counted {counted} of {expected}: more than it was sent");
+    assert!(
+        counted <= expected,
+        "{name} counted {counted} of {expected}: more than it was sent"
+    );
     Row {
         name,
         counted,
@@ -163,7 +183,9 @@ async fn run_peer(
 
 #[tokio::main]
 async fn main() {
-    let mut numbers = std::env::args().skip(1).filter_map(|a| a.parse::<usize>().ok());
+    let mut numbers = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse::<usize>().ok());
     let transactions = numbers.next().unwrap_or(2_000);
     let per_txn = numbers.next().unwrap_or(50);
     let expected = (transactions * per_txn) as u64;
@@ -207,7 +229,10 @@ async fn main() {
     // Throwaway tokens: the peers talk to nobody but this benchmark.
     let hs_token = format!("hs-{}", uuid_like());
     let as_token = format!("as-{}", uuid_like());
-    let tokens = [("HS_TOKEN", hs_token.as_str()), ("AS_TOKEN", as_token.as_str())];
+    let tokens = [
+        ("HS_TOKEN", hs_token.as_str()),
+        ("AS_TOKEN", as_token.as_str()),
+    ];
 
     let peer = Peer::start(
         &venv.join("bin/python"),

@@ -77,8 +77,10 @@ fn user_id(n: usize) -> OwnedUserId {
 }
 
 fn event_id(n: usize) -> OwnedEventId {
-    OwnedEventId::try_from(format!("$bench{n:08}-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789ab"))
-        .unwrap()
+    OwnedEventId::try_from(format!(
+        "$bench{n:08}-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789ab"
+    ))
+    .unwrap()
 }
 
 struct Built {
@@ -165,11 +167,7 @@ async fn main() {
     let rss_agents = proc_memory(pid, "VmRSS");
     let hwm_agents = proc_memory(pid, "VmHWM");
     let store_agents = store_bytes(roster);
-    let bodies = member_transactions(
-        &provisioned.rooms,
-        memberships.div_ceil(PER_TXN),
-        PER_TXN,
-    );
+    let bodies = member_transactions(&provisioned.rooms, memberships.div_ceil(PER_TXN), PER_TXN);
     let http = reqwest::Client::new();
     let wall = feed(
         &http,

@@ -94,7 +94,7 @@ impl Floor {
         .await;
         if end_state {
             self.call(
-            &mut requests,
+                &mut requests,
                 Method::PUT,
                 &format!("/_matrix/client/v3/profile/{}/displayname", encode(&user)),
                 &self.pushed_token,
@@ -105,18 +105,21 @@ impl Floor {
             let agent_id = format!("agent-{prefix}{i:05x}");
             let png = roster::avatar::render(roster::avatar::look(&agent_id, &name));
             let uploaded = self
-            .call(
-            &mut requests,
-                Method::POST,
-                "/_matrix/media/v3/upload",
-                &self.pushed_token,
-                Some(&user),
-                Body::Png(png),
-            )
-            .await;
-            let mxc = uploaded["content_uri"].as_str().expect("an mxc uri").to_owned();
+                .call(
+                    &mut requests,
+                    Method::POST,
+                    "/_matrix/media/v3/upload",
+                    &self.pushed_token,
+                    Some(&user),
+                    Body::Png(png),
+                )
+                .await;
+            let mxc = uploaded["content_uri"]
+                .as_str()
+                .expect("an mxc uri")
+                .to_owned();
             self.call(
-            &mut requests,
+                &mut requests,
                 Method::PUT,
                 &format!("/_matrix/client/v3/profile/{}/avatar_url", encode(&user)),
                 &self.pushed_token,
@@ -134,29 +137,29 @@ impl Floor {
         }
         let created = self
             .call(
-            &mut requests,
-            Method::POST,
-            "/_matrix/client/v3/createRoom",
-            &self.pushed_token,
-            Some(&user),
-            Body::Json(json!({
-                "room_alias_name": localpart,
-                "name": name,
-                "topic": roster::model::agents::topic_for(&name),
-                "preset": "private_chat",
-                "invite": self.required,
-                "initial_state": [
-                    { "type": "m.space.parent", "state_key": self.space,
-                      "content": { "via": [self.server_name], "canonical": true } },
-                    { "type": "m.room.history_visibility", "state_key": "",
-                      "content": { "history_visibility": "shared" } },
-                    { "type": "m.room.guest_access", "state_key": "",
-                      "content": { "guest_access": "forbidden" } },
-                ],
-                "power_level_content_override": { "users": users },
-            })),
-        )
-        .await;
+                &mut requests,
+                Method::POST,
+                "/_matrix/client/v3/createRoom",
+                &self.pushed_token,
+                Some(&user),
+                Body::Json(json!({
+                    "room_alias_name": localpart,
+                    "name": name,
+                    "topic": roster::model::agents::topic_for(&name),
+                    "preset": "private_chat",
+                    "invite": self.required,
+                    "initial_state": [
+                        { "type": "m.space.parent", "state_key": self.space,
+                          "content": { "via": [self.server_name], "canonical": true } },
+                        { "type": "m.room.history_visibility", "state_key": "",
+                          "content": { "history_visibility": "shared" } },
+                        { "type": "m.room.guest_access", "state_key": "",
+                          "content": { "guest_access": "forbidden" } },
+                    ],
+                    "power_level_content_override": { "users": users },
+                })),
+            )
+            .await;
         let room = created["room_id"].as_str().expect("a room id").to_owned();
         if end_state {
             for member in &self.required {
@@ -166,7 +169,7 @@ impl Floor {
                     &self.acting_token
                 };
                 self.call(
-            &mut requests,
+                    &mut requests,
                     Method::POST,
                     &format!("/_matrix/client/v3/join/{}", encode(&room)),
                     token,
@@ -176,7 +179,7 @@ impl Floor {
                 .await;
             }
             self.call(
-            &mut requests,
+                &mut requests,
                 Method::PUT,
                 &format!(
                     "/_matrix/client/v3/rooms/{}/state/m.space.child/{}",
@@ -266,8 +269,7 @@ async fn main() {
             .json()
             .await
             .ok()?;
-        (status["rooms"] == n && status["pending"] == 0 && status["running"] == 0)
-            .then_some(status)
+        (status["rooms"] == n && status["pending"] == 0 && status["running"] == 0).then_some(status)
     })
     .await;
     let roster_wall = started.elapsed();
@@ -335,9 +337,7 @@ async fn main() {
         "Provisioning {n} agents on Synapse (room version {default_version}), {concurrency} at a time, same run, in this order"
     );
     println!();
-    println!(
-        "| run | agents | wall time | requests | requests/agent | agents/s | roster / this |"
-    );
+    println!("| run | agents | wall time | requests | requests/agent | agents/s | roster / this |");
     println!("|---|---|---|---|---|---|---|");
     for row in &rows {
         println!(
@@ -373,9 +373,6 @@ async fn main() {
         }
     }
     for (endpoint, count) in by_endpoint {
-        println!(
-            "| {endpoint} | {count} | {:.2} |",
-            count as f64 / n as f64
-        );
+        println!("| {endpoint} | {count} | {:.2} |", count as f64 / n as f64);
     }
 }

@@ -152,7 +152,10 @@ pub async fn provision(
         .send()
         .await
         .expect("the stand-in answers");
-    assert!(registered.status().is_success(), "register @admin on the stand-in");
+    assert!(
+        registered.status().is_success(),
+        "register @admin on the stand-in"
+    );
     let (proxy, proxy_url) = Proxy {
         target: fake.url.clone(),
         http: reqwest::Client::new(),
@@ -258,7 +261,10 @@ pub async fn feed(
             .unwrap_or_else(|e| panic!("transaction {i} to {base}: {e}"));
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
-        assert!(status.is_success(), "transaction {i} to {base}: {status} {text}");
+        assert!(
+            status.is_success(),
+            "transaction {i} to {base}: {status} {text}"
+        );
         after_each(i);
     }
     started.elapsed()
