@@ -31,6 +31,10 @@ pub struct Proxy {
     in_flight: AtomicU64,
     pub peak_reads: AtomicU64,
     pub reads: AtomicU64,
+    /// Microseconds reads spent at the proxy and the stand-in, summed.
+    read_micros: AtomicU64,
+    /// When the first read since the last reset arrived and the last one was answered.
+    read_span: std::sync::Mutex<Option<(Instant, Instant)>>,
 }
 
 impl Proxy {
@@ -48,7 +52,23 @@ impl Proxy {
     /// Zeroes the peak and the read count; returns the reads counted so far.
     pub fn reset(&self) -> u64 {
         self.peak_reads.store(0, Ordering::SeqCst);
+        *self.read_span.lock().unwrap() = None;
+        self.read_micros.store(0, Ordering::SeqCst);
         self.reads.swap(0, Ordering::SeqCst)
+    }
+
+    /// The mean time a read spent at the proxy and the stand-in since the last reset.
+    pub fn mean_read(&self) -> Duration {
+        let reads = self.reads.load(Ordering::SeqCst).max(1);
+        Duration::from_micros(self.read_micros.load(Ordering::SeqCst) / reads)
+    }
+
+    /// From the first read's arrival to the last read's answer, since the last reset.
+    pub fn read_span(&self) -> Duration {
+        self.read_span
+            .lock()
+            .unwrap()
+            .map_or(Duration::ZERO, |(first, last)| last - first)
     }
 }
 
@@ -60,6 +80,7 @@ async fn forward(
     body: Bytes,
 ) -> Response {
     let read = uri.path().ends_with("/joined_members");
+    let arrived = Instant::now();
     if read {
         let now = proxy.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         proxy.peak_reads.fetch_max(now, Ordering::SeqCst);
@@ -99,6 +120,12 @@ async fn forward(
     if read {
         proxy.in_flight.fetch_sub(1, Ordering::SeqCst);
         proxy.reads.fetch_add(1, Ordering::SeqCst);
+        proxy
+            .read_micros
+            .fetch_add(arrived.elapsed().as_micros() as u64, Ordering::SeqCst);
+        let mut span = proxy.read_span.lock().unwrap();
+        let first = span.map_or(arrived, |(first, _)| first.min(arrived));
+        *span = Some((first, Instant::now()));
     }
     answer
 }
@@ -164,6 +191,8 @@ pub async fn provision(
         in_flight: AtomicU64::new(0),
         peak_reads: AtomicU64::new(0),
         reads: AtomicU64::new(0),
+        read_micros: AtomicU64::new(0),
+        read_span: std::sync::Mutex::new(None),
     }
     .start()
     .await;
