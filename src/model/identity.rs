@@ -7,10 +7,13 @@
 //! `record_applied_profile`). A deactivated user is never invited, rejoined, re-created or
 //! given a new profile.
 //!
-//! Two rules keep the homeserver from hearing the same thing twice: [`Plan::without_applied`]
-//! drops the profile parts roster already applied (nothing changed, nothing is sent), and
-//! [`IdentityEvent::supersedes`] says when a queued profile update need not be applied at
-//! all because a newer one of the same user sets everything it sets.
+//! Three rules keep the homeserver from hearing the same thing twice: [`Plan::without_applied`]
+//! drops the profile parts roster already applied (nothing changed, nothing is sent),
+//! [`Plan::already_applied`] says when a profile update is a re-delivery of one roster
+//! applied, or of one older than that (e.g. after a SIGKILL, events applied but not
+//! committed come again), and [`IdentityEvent::supersedes`] says when a queued profile
+//! update need not be applied at all because a newer one of the same user sets everything
+//! it sets.
 
 use std::collections::HashSet;
 
@@ -121,6 +124,16 @@ pub struct AppliedProfile {
     pub avatar_source: Option<String>,
     /// The `mxc://` URI set for it.
     pub avatar_mxc: Option<String>,
+    /// Where the event whose profile parts roster last applied sits in the lifecycle topic
+    /// (unknown for profiles recorded before roster remembered it).
+    pub applied_at: Option<EventPosition>,
+}
+
+/// Where a lifecycle event sits in its topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventPosition {
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Where a new avatar comes from.
@@ -199,6 +212,9 @@ pub struct Plan {
     pub effects: Vec<Effect>,
     /// When the user turns out not to exist: register it and carry on (else: report it).
     pub create_if_missing: bool,
+    /// Planned for a profile update (not a creation or a deletion, which are idempotent and
+    /// never suppressed as already applied).
+    pub profile_update: bool,
     pub skip: Option<Skip>,
     /// Parts of the event that were ignored, for the log (e.g. an `ftp://` avatar).
     pub ignored: Vec<&'static str>,
@@ -233,6 +249,21 @@ impl Plan {
         });
         plan
     }
+
+    /// Whether this plan is for a profile update at `at` that roster applied already, or
+    /// that is older than the one it applied last: the update at `applied.applied_at` was
+    /// applied after it (a user's events are applied in offset order; a queued older one
+    /// superseded by it was rightly never applied), so sending it again would set an older
+    /// profile over a newer one for a moment, and send a change twice. A redelivery after
+    /// a crash (applied, not yet committed) is such an update. Only the same partition
+    /// tells: offsets of another (the topic was repartitioned) say nothing about order.
+    /// Creations and deletions are never already applied (they are idempotent).
+    pub fn already_applied(&self, applied: &AppliedProfile, at: EventPosition) -> bool {
+        self.profile_update
+            && applied
+                .applied_at
+                .is_some_and(|last| last.partition == at.partition && at.offset <= last.offset)
+    }
 }
 
 impl AppliedProfile {
@@ -248,6 +279,14 @@ impl AppliedProfile {
             next.avatar_mxc = Some(mxc.to_owned());
         }
         next
+    }
+
+    /// This profile, applied by the event at `at`.
+    pub fn at(self, at: EventPosition) -> AppliedProfile {
+        AppliedProfile {
+            applied_at: Some(at),
+            ..self
+        }
     }
 }
 
@@ -280,6 +319,7 @@ impl Identities {
             user,
             effects: Vec::new(),
             create_if_missing: false,
+            profile_update: matches!(event, IdentityEvent::ProfileUpdated { .. }),
             skip: None,
             ignored: Vec::new(),
         };
@@ -521,6 +561,7 @@ mod tests {
             displayname: name.map(Into::into),
             avatar_source: source.map(Into::into),
             avatar_mxc: mxc.map(Into::into),
+            applied_at: None,
         }
     }
 
@@ -574,6 +615,64 @@ mod tests {
             same.without_applied(&half).effects,
             vec![Effect::SetAvatar(AvatarSource::Fetch(url.into()))]
         );
+    }
+
+    fn at(partition: i32, offset: i64) -> EventPosition {
+        EventPosition { partition, offset }
+    }
+
+    /// The SIGKILL finding: renames A (offset 10) and B (offset 11) were applied, only 10
+    /// was committed; both come again and neither may be sent.
+    #[test]
+    fn should_know_a_redelivered_profile_update_as_already_applied() {
+        let ids = Identities::default();
+        let was = applied(Some("B"), None, None).at(at(0, 11));
+        let a = plan(&ids, &profile(Some("A"), None, None));
+        let b = plan(&ids, &profile(Some("B"), None, None));
+        assert!(
+            a.already_applied(&was, at(0, 10)),
+            "older than the last applied"
+        );
+        assert!(
+            b.already_applied(&was, at(0, 11)),
+            "the last applied itself"
+        );
+        assert!(!a.already_applied(&was, at(0, 12)), "newer: news");
+        // Another partition says nothing about order (the topic was repartitioned).
+        assert!(!a.already_applied(&was, at(1, 3)));
+        // Nothing remembered (a new user, or a profile recorded before positions were).
+        assert!(!a.already_applied(&applied(Some("B"), None, None), at(0, 10)));
+        assert!(!a.already_applied(&AppliedProfile::default(), at(0, 0)));
+    }
+
+    #[test]
+    fn should_never_take_a_creation_or_deletion_as_already_applied() {
+        let ids = Identities::default();
+        let was = applied(Some("alice"), None, None).at(at(0, 11));
+        let created = IdentityEvent::Created {
+            id: id(),
+            username: "alice".into(),
+        };
+        let deleted = IdentityEvent::Deleted {
+            id: id(),
+            soft_delete: true,
+        };
+        for event in [created, deleted] {
+            assert!(
+                !plan(&ids, &event).already_applied(&was, at(0, 5)),
+                "{event:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn should_remember_where_a_profile_was_applied_from() {
+        let was = applied(Some("A"), None, None).at(at(2, 7));
+        let next = was.with(Some("B"), None).at(at(2, 9));
+        assert_eq!(next.displayname.as_deref(), Some("B"));
+        assert_eq!(next.applied_at, Some(at(2, 9)));
+        // Parts not set stay, and so does the position until a new one is given.
+        assert_eq!(was.with(None, None), was);
     }
 
     #[test]
