@@ -14,9 +14,10 @@
 //! is not sent again, and an `http(s)` avatar uploaded within `lifecycle.avatar_cache_ttl`
 //! is set by its `mxc://` without fetching or uploading it again. What was applied is
 //! recorded only after the homeserver accepted it, with where its event sits in the topic:
-//! a profile update redelivered after a crash (applied, not yet committed), or one older than
-//! the last applied, sends nothing at all ([`Applied::AlreadyApplied`]), so no older name is
-//! set over a newer one and no change is sent twice. A replay applies in full.
+//! the profile parts of an event redelivered after a crash (applied, not yet committed), or
+//! of one older than the last applied, are not sent ([`Applied::AlreadyApplied`] when that
+//! leaves nothing), so no older name is set over a newer one and no change is sent twice.
+//! Registration and deactivation are still taken (idempotent). A replay applies in full.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +45,8 @@ pub enum Applied {
     Taken(Vec<&'static str>),
     /// Every profile part equals what roster applied before: nothing was sent.
     Unchanged,
-    /// A profile update roster applied already, or older than the one it applied last
-    /// (same partition): nothing was sent.
+    /// An event whose profile parts roster applied already, or older than the one it applied
+    /// last (same partition), with nothing else to take: nothing was sent.
     AlreadyApplied,
     /// The user does not exist and the plan may not create it: counted, not retried.
     MissingUser,
@@ -173,10 +174,9 @@ impl IdentityEffects {
         self
     }
 
-    /// Applies what `plan` (for the event at `at`) changes: nothing when it is a profile
-    /// update applied already ([`Applied::AlreadyApplied`]); else the profile parts roster
-    /// already applied are dropped first, and when none is left, nothing is sent
-    /// ([`Applied::Unchanged`]).
+    /// Applies what `plan` (for the event at `at`) changes: the profile parts of an event
+    /// applied already are dropped (nothing left: [`Applied::AlreadyApplied`]), then the
+    /// parts equal to what roster applied (nothing left: [`Applied::Unchanged`]).
     pub async fn apply(&self, plan: &Plan, at: EventPosition) -> Outcome<Applied> {
         self.apply_with(plan, at, self.remember).await
     }
@@ -208,12 +208,13 @@ impl IdentityEffects {
                 };
             }
         };
-        if skip_unchanged && plan.already_applied(&before, at) {
-            return Outcome::Done(Applied::AlreadyApplied);
-        }
         let narrowed;
         let plan = if skip_unchanged {
-            narrowed = plan.without_applied(&before);
+            let fresh = plan.without_already_applied(&before, at);
+            if fresh.effects.is_empty() {
+                return Outcome::Done(Applied::AlreadyApplied);
+            }
+            narrowed = fresh.without_applied(&before);
             if narrowed.effects.is_empty() {
                 return Outcome::Done(Applied::Unchanged);
             }

@@ -792,13 +792,16 @@ mod tests {
         assert_eq!(f.hs.world().count("/displayname"), names + 1);
         assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("A"));
 
-        // A creation or a deletion redelivered is applied again (both are idempotent).
+        // A creation redelivered registers again (idempotent) but does not set its username
+        // over the newer name.
         let mut created = created();
         created.message.partition = moved.message.partition;
         created.message.offset = moved.message.offset - 1;
         let registered = f.hs.world().count("/register");
         assert_eq!(f.worker.attempt(&created).await, Step::Done);
         assert_eq!(f.hs.world().count("/register"), registered + 1);
+        assert_eq!(f.hs.world().count("/displayname"), names + 1);
+        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("A"));
     }
 
     #[tokio::test]

@@ -9,9 +9,9 @@
 //!
 //! Three rules keep the homeserver from hearing the same thing twice: [`Plan::without_applied`]
 //! drops the profile parts roster already applied (nothing changed, nothing is sent),
-//! [`Plan::already_applied`] says when a profile update is a re-delivery of one roster
-//! applied, or of one older than that (e.g. after a SIGKILL, events applied but not
-//! committed come again), and [`IdentityEvent::supersedes`] says when a queued profile
+//! [`Plan::without_already_applied`] drops the profile parts of an event roster applied, or
+//! of one older than that (e.g. after a SIGKILL, events applied but not committed come
+//! again), and [`IdentityEvent::supersedes`] says when a queued profile
 //! update need not be applied at all because a newer one of the same user sets everything
 //! it sets.
 
@@ -212,9 +212,6 @@ pub struct Plan {
     pub effects: Vec<Effect>,
     /// When the user turns out not to exist: register it and carry on (else: report it).
     pub create_if_missing: bool,
-    /// Planned for a profile update (not a creation or a deletion, which are idempotent and
-    /// never suppressed as already applied).
-    pub profile_update: bool,
     pub skip: Option<Skip>,
     /// Parts of the event that were ignored, for the log (e.g. an `ftp://` avatar).
     pub ignored: Vec<&'static str>,
@@ -250,19 +247,21 @@ impl Plan {
         plan
     }
 
-    /// Whether this plan is for a profile update at `at` that roster applied already, or
-    /// that is older than the one it applied last: the update at `applied.applied_at` was
-    /// applied after it (a user's events are applied in offset order; a queued older one
-    /// superseded by it was rightly never applied), so sending it again would set an older
-    /// profile over a newer one for a moment, and send a change twice. A redelivery after
-    /// a crash (applied, not yet committed) is such an update. Only the same partition
-    /// tells: offsets of another (the topic was repartitioned) say nothing about order.
-    /// Creations and deletions are never already applied (they are idempotent).
-    pub fn already_applied(&self, applied: &AppliedProfile, at: EventPosition) -> bool {
-        self.profile_update
-            && applied
-                .applied_at
-                .is_some_and(|last| last.partition == at.partition && at.offset <= last.offset)
+    /// The plan for the event at `at` without its profile parts when roster applied them
+    /// already, or applied a newer event's since: the event at `applied.applied_at` came at
+    /// or after it in the same partition and was applied after it (a user's events are
+    /// applied in offset order; an older one superseded by a newer one was rightly never
+    /// applied). Sending them again would set an older profile over a newer one for a
+    /// moment, and send a change twice; a redelivery after a crash (applied, not yet
+    /// committed) is such an event. Registration and deactivation are kept (idempotent).
+    /// Another partition's offsets (the topic was repartitioned) say nothing: all is kept.
+    pub fn without_already_applied(&self, applied: &AppliedProfile, at: EventPosition) -> Plan {
+        let mut plan = self.clone();
+        if applied.covers(at) {
+            plan.effects
+                .retain(|effect| matches!(effect, Effect::Register | Effect::Deactivate { .. }));
+        }
+        plan
     }
 }
 
@@ -279,6 +278,13 @@ impl AppliedProfile {
             next.avatar_mxc = Some(mxc.to_owned());
         }
         next
+    }
+
+    /// Whether the event at `at` is the one that applied this profile, or older than it in
+    /// the same partition.
+    pub fn covers(&self, at: EventPosition) -> bool {
+        self.applied_at
+            .is_some_and(|last| last.partition == at.partition && at.offset <= last.offset)
     }
 
     /// This profile, applied by the event at `at`.
@@ -319,7 +325,6 @@ impl Identities {
             user,
             effects: Vec::new(),
             create_if_missing: false,
-            profile_update: matches!(event, IdentityEvent::ProfileUpdated { .. }),
             skip: None,
             ignored: Vec::new(),
         };
@@ -624,45 +629,55 @@ mod tests {
     /// The SIGKILL finding: renames A (offset 10) and B (offset 11) were applied, only 10
     /// was committed; both come again and neither may be sent.
     #[test]
-    fn should_know_a_redelivered_profile_update_as_already_applied() {
+    fn should_drop_a_redelivered_profile_update() {
         let ids = Identities::default();
         let was = applied(Some("B"), None, None).at(at(0, 11));
-        let a = plan(&ids, &profile(Some("A"), None, None));
+        let a = plan(&ids, &profile(Some("A"), None, Some("mxc://ex.org/a")));
         let b = plan(&ids, &profile(Some("B"), None, None));
+        let dropped = |plan: &Plan, at| plan.without_already_applied(&was, at).effects;
         assert!(
-            a.already_applied(&was, at(0, 10)),
+            dropped(&a, at(0, 10)).is_empty(),
             "older than the last applied"
         );
-        assert!(
-            b.already_applied(&was, at(0, 11)),
-            "the last applied itself"
-        );
-        assert!(!a.already_applied(&was, at(0, 12)), "newer: news");
+        assert!(dropped(&b, at(0, 11)).is_empty(), "the last applied itself");
+        assert_eq!(dropped(&a, at(0, 12)), a.effects, "newer: news");
         // Another partition says nothing about order (the topic was repartitioned).
-        assert!(!a.already_applied(&was, at(1, 3)));
+        assert_eq!(dropped(&a, at(1, 3)), a.effects);
         // Nothing remembered (a new user, or a profile recorded before positions were).
-        assert!(!a.already_applied(&applied(Some("B"), None, None), at(0, 10)));
-        assert!(!a.already_applied(&AppliedProfile::default(), at(0, 0)));
+        for nothing in [applied(Some("B"), None, None), AppliedProfile::default()] {
+            assert_eq!(
+                a.without_already_applied(&nothing, at(0, 0)).effects,
+                a.effects
+            );
+        }
     }
 
+    /// A creation redelivered after renames registers again (harmless) but must not set
+    /// its username over the newer name; a deletion always deactivates.
     #[test]
-    fn should_never_take_a_creation_or_deletion_as_already_applied() {
+    fn should_keep_registration_and_deactivation_of_a_redelivered_event() {
         let ids = Identities::default();
-        let was = applied(Some("alice"), None, None).at(at(0, 11));
+        let was = applied(Some("B"), None, None).at(at(0, 11));
         let created = IdentityEvent::Created {
             id: id(),
             username: "alice".into(),
         };
+        assert_eq!(
+            plan(&ids, &created)
+                .without_already_applied(&was, at(0, 5))
+                .effects,
+            vec![Effect::Register]
+        );
         let deleted = IdentityEvent::Deleted {
             id: id(),
             soft_delete: true,
         };
-        for event in [created, deleted] {
-            assert!(
-                !plan(&ids, &event).already_applied(&was, at(0, 5)),
-                "{event:?}"
-            );
-        }
+        assert_eq!(
+            plan(&ids, &deleted)
+                .without_already_applied(&was, at(0, 5))
+                .effects,
+            vec![Effect::Deactivate { erase: false }]
+        );
     }
 
     #[test]
