@@ -26,7 +26,7 @@ use roster::config::Config;
 use roster::lifecycle::effects::{Applied, IdentityEffects};
 use roster::lifecycle::{Decoded, decode};
 use roster::matrix::Homeserver;
-use roster::model::identity::PlanOptions;
+use roster::model::identity::{EventPosition, PlanOptions};
 use roster::retry::Outcome;
 use roster::testing::FakeHomeserver;
 use serde_json::{Value, json};
@@ -143,7 +143,7 @@ async fn in_process() -> Vec<Row> {
         .for_each_concurrent(16, |chain| {
             let (shared, effects) = (shared.clone(), effects.clone());
             async move {
-                for (header, payload) in chain {
+                for (offset, (header, payload)) in (0..).zip(chain) {
                     let Ok(Decoded::Event(event)) =
                         decode(header.map(str::as_bytes), Some(&payload))
                     else {
@@ -153,7 +153,7 @@ async fn in_process() -> Vec<Row> {
                         m.identities
                             .plan(&event, &shared.config.ids().server_name, options)
                     });
-                    let outcome = effects.apply(&plan).await;
+                    let outcome = effects.apply(&plan, at(offset)).await;
                     assert!(
                         matches!(
                             outcome,
@@ -432,7 +432,7 @@ async fn apply_updates(
     let started = Instant::now();
     futures::stream::iter(per_user.into_values())
         .for_each_concurrent(16, |chain| async move {
-            for payload in chain {
+            for (offset, payload) in (0..).zip(chain) {
                 let Ok(decoded) = decode(Some(event_type.as_bytes()), Some(&payload)) else {
                     panic!("bench events decode");
                 };
@@ -441,7 +441,7 @@ async fn apply_updates(
                     m.identities
                         .plan(event, &shared.config.ids().server_name, options)
                 });
-                let outcome = effects.apply(&plan).await;
+                let outcome = effects.apply(&plan, at(offset)).await;
                 assert!(
                     matches!(
                         outcome,
@@ -453,6 +453,15 @@ async fn apply_updates(
         })
         .await;
     started.elapsed().as_secs_f64()
+}
+
+/// Where a user's `offset`-th event sits: a user's events come in order, as Kafka
+/// delivers them (positions are remembered per user).
+fn at(offset: i64) -> EventPosition {
+    EventPosition {
+        partition: 0,
+        offset,
+    }
 }
 
 /// One real update per user, then `NOOP_UPDATES` that change only `follower_count`, on a

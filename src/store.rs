@@ -18,7 +18,7 @@ use crate::model::agents::RoomRecord;
 use crate::model::{Change, MemberDetail, MemberState, Membership};
 
 /// The schema this binary writes. Every version below it has a migration in `MIGRATIONS`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -161,9 +161,17 @@ CREATE TABLE history_imports (
 );
 ";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
+/// Version 4: where the lifecycle event whose profile parts roster last applied sits
+/// (partition and offset), so a redelivery of it, or of an older one, sends nothing. Unknown
+/// (NULL) for profiles recorded before.
+const V4: &str = "
+ALTER TABLE identity_profiles ADD COLUMN applied_partition INTEGER;
+ALTER TABLE identity_profiles ADD COLUMN applied_offset INTEGER;
+";
 
-pub use crate::model::identity::AppliedProfile;
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+
+pub use crate::model::identity::{AppliedProfile, EventPosition};
 
 /// Media roster uploaded, by where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -459,13 +467,19 @@ impl Store {
         Ok(self
             .conn()
             .query_row(
-                "SELECT displayname, avatar_source, avatar_mxc FROM identity_profiles WHERE user_id = ?1",
+                "SELECT displayname, avatar_source, avatar_mxc, applied_partition, applied_offset
+                 FROM identity_profiles WHERE user_id = ?1",
                 [user.as_str()],
                 |r| {
+                    let partition: Option<i32> = r.get(3)?;
+                    let offset: Option<i64> = r.get(4)?;
                     Ok(AppliedProfile {
                         displayname: r.get(0)?,
                         avatar_source: r.get(1)?,
                         avatar_mxc: r.get(2)?,
+                        applied_at: partition
+                            .zip(offset)
+                            .map(|(partition, offset)| EventPosition { partition, offset }),
                     })
                 },
             )
@@ -479,17 +493,21 @@ impl Store {
         at_ms: u64,
     ) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO identity_profiles (user_id, displayname, avatar_source, avatar_mxc, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO identity_profiles (user_id, displayname, avatar_source, avatar_mxc, updated_ms,
+               applied_partition, applied_offset)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (user_id) DO UPDATE SET displayname = excluded.displayname,
                avatar_source = excluded.avatar_source, avatar_mxc = excluded.avatar_mxc,
-               updated_ms = excluded.updated_ms",
+               updated_ms = excluded.updated_ms, applied_partition = excluded.applied_partition,
+               applied_offset = excluded.applied_offset",
             params![
                 user.as_str(),
                 profile.displayname,
                 profile.avatar_source,
                 profile.avatar_mxc,
-                at_ms as i64
+                at_ms as i64,
+                profile.applied_at.map(|at| at.partition),
+                profile.applied_at.map(|at| at.offset),
             ],
         )?;
         Ok(())
@@ -780,9 +798,19 @@ mod tests {
             displayname: Some("A".into()),
             avatar_source: Some("https://x/a.png".into()),
             avatar_mxc: Some("mxc://example.org/a".into()),
+            applied_at: None,
         };
         store.save_identity_profile(&user, &profile, 1).unwrap();
-        assert_eq!(store.identity_profile(&user).unwrap(), Some(profile));
+        assert_eq!(
+            store.identity_profile(&user).unwrap(),
+            Some(profile.clone())
+        );
+        let moved = profile.at(EventPosition {
+            partition: 3,
+            offset: 12,
+        });
+        store.save_identity_profile(&user, &moved, 2).unwrap();
+        assert_eq!(store.identity_profile(&user).unwrap(), Some(moved));
         let upload = Upload {
             mxc: "mxc://example.org/u".into(),
             uploaded_ms: 5,
@@ -900,6 +928,49 @@ mod tests {
         drop(store);
         // Opening again is a no-op.
         assert_eq!(Store::open(&path).unwrap().members().unwrap().len(), 3);
+    }
+
+    /// A version 3 store keeps its applied profiles; where they were applied from is
+    /// unknown until the next one is recorded.
+    #[test]
+    fn should_migrate_a_version_3_store_keeping_applied_profiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("roster.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in [V1, V2, V3] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute(
+                "INSERT INTO identity_profiles VALUES ('@nova-1:ex.org', 'A', NULL, NULL, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        let user = owned_user_id!("@nova-1:ex.org");
+        let kept = store.identity_profile(&user).unwrap().unwrap();
+        assert_eq!(kept.displayname.as_deref(), Some("A"));
+        assert_eq!(kept.applied_at, None);
+        let at = EventPosition {
+            partition: 0,
+            offset: 11,
+        };
+        store
+            .save_identity_profile(&user, &kept.clone().at(at), 2)
+            .unwrap();
+        drop(store);
+        let reopened = Store::open(&path).unwrap();
+        assert_eq!(
+            reopened
+                .identity_profile(&user)
+                .unwrap()
+                .unwrap()
+                .applied_at,
+            Some(at)
+        );
     }
 
     #[test]

@@ -748,9 +748,13 @@ async fn assert_in_model(roster: &Roster, acked: &[usize]) {
     }
 }
 
+/// Synapse's servlet for `PUT /profile/{user}/displayname` (and `avatar_url`).
+const PROFILE_SERVLET: &str = "ProfileFieldRestServlet";
+
 /// Kills roster [`KILLS`] times at seeded random points, each during a wave of renames.
 /// Every user ends with its last name, no rename shows on Synapse again after a newer one
-/// or twice (a room the users are in records display name changes as member events), and
+/// or twice (a room the users are in records display name changes as member events), no
+/// rename is applied twice across the processes (their logs name each by its offset), and
 /// every offset is committed.
 #[tokio::test]
 async fn sigkill_during_a_lifecycle_burst_applies_each_rename_once() {
@@ -818,6 +822,10 @@ async fn sigkill_during_a_lifecycle_burst_applies_each_rename_once() {
             nova(id)
         );
     }
+
+    // Synapse counts every profile request it receives, across roster's restarts: no avatar
+    // is set here and nothing else asks for profiles, so these are display name changes.
+    let profile_requests_before = stack.synapse.requests_received(PROFILE_SERVLET).await;
 
     // One wave of renames per kill, so that every kill lands in a burst: the wave is
     // produced, this process starts applying it, and is killed at a random point.
@@ -954,9 +962,51 @@ async fn sigkill_during_a_lifecycle_burst_applies_each_rename_once() {
         .roster
         .lifecycle_events("profile_updated", "applied")
         .await;
+    // Every process's log, the killed ones' included, names each rename it applied by its
+    // place in the topic: none may be applied twice. A rename applied before a kill and
+    // redelivered after it shows as applied before instead.
+    let mut applied_at: BTreeMap<(u32, u64), usize> = BTreeMap::new();
+    let mut not_sent_again = 0;
+    for (_, log) in stack.roster.logs() {
+        for line in log.lines() {
+            if line.contains("lifecycle event applied before") {
+                not_sent_again += 1;
+            }
+            if !line.contains("lifecycle event applied user=")
+                || !line.contains("event=\"profile_updated\"")
+            {
+                continue;
+            }
+            let field = |name: &str| -> u64 {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix(name)?.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} in {line}"))
+            };
+            *applied_at
+                .entry((field("partition=") as u32, field("offset=")))
+                .or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = applied_at.iter().filter(|(_, n)| **n > 1).collect();
+    let applied_logged = applied_at.values().sum::<usize>() as u64;
+    // Synapse counts the display name changes it received across roster's restarts; it
+    // also counts those in flight when roster was killed (answered too late to be
+    // recorded, so sent again): at least every logged one, at most those and the renames.
+    let renames_sent =
+        stack.synapse.requests_received(PROFILE_SERVLET).await - profile_requests_before;
     eprintln!(
-        "renames applied: {applied_by_killed} by killed processes (read just before each kill) and {applied_last} by the last one, for {} produced; {folded} folded by Synapse, {unnamed} member events without a name",
+        "renames applied: {applied_by_killed} by killed processes (read just before each kill) and {applied_last} by the last one, {applied_logged} in all by the logs, for {} produced; {not_sent_again} redelivered and not sent again; {renames_sent} display name changes received by Synapse; {folded} folded by Synapse, {unnamed} member events without a name",
         USERS * RENAMES
+    );
+    assert!(twice.is_empty(), "renames applied twice: {twice:?}");
+    assert!(
+        (USERS as u64..=(USERS * RENAMES) as u64).contains(&applied_logged),
+        "{applied_logged} renames applied for {} produced",
+        USERS * RENAMES
+    );
+    assert!(
+        renames_sent >= applied_logged,
+        "Synapse counted {renames_sent}"
     );
     assert!(
         out_of_order.is_empty(),

@@ -13,7 +13,11 @@
 //! roster last applied (`state.applied_profile`: the store decides, a cache spares the reads)
 //! is not sent again, and an `http(s)` avatar uploaded within `lifecycle.avatar_cache_ttl`
 //! is set by its `mxc://` without fetching or uploading it again. What was applied is
-//! recorded only after the homeserver accepted it.
+//! recorded only after the homeserver accepted it, with where its event sits in the topic:
+//! the profile parts of an event redelivered after a crash (applied, not yet committed), or
+//! of one older than the last applied, are not sent ([`Applied::AlreadyApplied`] when that
+//! leaves nothing), so no older name is set over a newer one and no change is sent twice.
+//! Registration and deactivation are still taken (idempotent). A replay applies in full.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +30,7 @@ use crate::clock::now_ms;
 use crate::config::Flavor;
 use crate::fetch::{AvatarFetcher, redact_url};
 use crate::matrix::{Homeserver, MatrixError};
-use crate::model::identity::{AppliedProfile, AvatarSource, Effect, Plan};
+use crate::model::identity::{AppliedProfile, AvatarSource, Effect, EventPosition, Plan};
 use crate::retry::{Backoff, Outcome, until_ok};
 use crate::store::Upload;
 
@@ -41,6 +45,9 @@ pub enum Applied {
     Taken(Vec<&'static str>),
     /// Every profile part equals what roster applied before: nothing was sent.
     Unchanged,
+    /// An event whose profile parts roster applied already, or older than the one it applied
+    /// last (same partition), with nothing else to take: nothing was sent.
+    AlreadyApplied,
     /// The user does not exist and the plan may not create it: counted, not retried.
     MissingUser,
 }
@@ -167,22 +174,28 @@ impl IdentityEffects {
         self
     }
 
-    /// Applies what `plan` changes: the profile parts roster already applied are dropped
-    /// first; when none is left, nothing is sent ([`Applied::Unchanged`]).
-    pub async fn apply(&self, plan: &Plan) -> Outcome<Applied> {
-        self.apply_with(plan, self.remember).await
+    /// Applies what `plan` (for the event at `at`) changes: the profile parts of an event
+    /// applied already are dropped (nothing left: [`Applied::AlreadyApplied`]), then the
+    /// parts equal to what roster applied (nothing left: [`Applied::Unchanged`]).
+    pub async fn apply(&self, plan: &Plan, at: EventPosition) -> Outcome<Applied> {
+        self.apply_with(plan, at, self.remember).await
     }
 
     /// Applies all of `plan`, whatever roster applied before (a replay: the operator asks
     /// for the event again, e.g. after someone changed the profile behind roster's back).
-    pub async fn reapply(&self, plan: &Plan) -> Outcome<Applied> {
-        self.apply_with(plan, false).await
+    pub async fn reapply(&self, plan: &Plan, at: EventPosition) -> Outcome<Applied> {
+        self.apply_with(plan, at, false).await
     }
 
     /// Every effect in order; a user found missing is registered first when the plan allows
     /// it, then the effects are taken again from the start. Once all were accepted, the
-    /// profile parts set are recorded.
-    async fn apply_with(&self, plan: &Plan, skip_unchanged: bool) -> Outcome<Applied> {
+    /// profile parts set are recorded, with `at`.
+    async fn apply_with(
+        &self,
+        plan: &Plan,
+        at: EventPosition,
+        skip_unchanged: bool,
+    ) -> Outcome<Applied> {
         if plan.skip.is_some() || plan.effects.is_empty() {
             return Outcome::Done(Applied::Taken(Vec::new()));
         }
@@ -197,7 +210,11 @@ impl IdentityEffects {
         };
         let narrowed;
         let plan = if skip_unchanged {
-            narrowed = plan.without_applied(&before);
+            let fresh = plan.without_already_applied(&before, at);
+            if fresh.effects.is_empty() {
+                return Outcome::Done(Applied::AlreadyApplied);
+            }
+            narrowed = fresh.without_applied(&before);
             if narrowed.effects.is_empty() {
                 return Outcome::Done(Applied::Unchanged);
             }
@@ -208,7 +225,7 @@ impl IdentityEffects {
         let mut registered = false;
         loop {
             let error = match self.attempt(plan).await {
-                Ok(taken) => return self.remember(plan, &before, taken).await,
+                Ok(taken) => return self.remember(plan, at, &before, taken).await,
                 Err(StepError::Missing) => return Outcome::Done(Applied::MissingUser),
                 Err(StepError::Store(reason)) => {
                     return Outcome::Retry {
@@ -240,11 +257,13 @@ impl IdentityEffects {
         }
     }
 
-    /// Records the profile parts the homeserver accepted (store first, then the cache), so
-    /// the next update that names them sends nothing; a failed write is retried.
+    /// Records the profile parts the homeserver accepted and where their event sits (store
+    /// first, then the cache), so the next update that names them, and a redelivery of
+    /// this one, send nothing; a failed write is retried. Nothing new set, nothing written.
     async fn remember(
         &self,
         plan: &Plan,
+        at: EventPosition,
         before: &AppliedProfile,
         taken: Taken,
     ) -> Outcome<Applied> {
@@ -254,7 +273,7 @@ impl IdentityEffects {
             && let Err(e) = self
                 .shared
                 .state
-                .record_applied_profile(plan.user.clone(), after, now_ms())
+                .record_applied_profile(plan.user.clone(), after.at(at), now_ms())
                 .await
         {
             return Outcome::Retry {

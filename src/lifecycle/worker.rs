@@ -2,8 +2,10 @@
 //! dead-letter. The pipeline runs many jobs (one per user at a time) through one worker.
 //!
 //! The decision, for each outcome:
-//! - applied, unchanged (nothing to send), skipped on purpose, unknown type, missing user,
-//!   superseded by a newer update of the same user (never run): done;
+//! - applied, unchanged (nothing to send), already applied (a profile update redelivered,
+//!   e.g. after a crash, or older than the last applied: nothing sent), skipped on purpose,
+//!   unknown type, missing user, superseded by a newer update of the same user (never run):
+//!   done;
 //! - undecodable, or refused for good by the homeserver (a 4xx other than rate limiting,
 //!   413 included): dead-lettered, then done;
 //! - the homeserver (or the dead-letter topic) away, overloaded or rate limiting: retried
@@ -24,7 +26,7 @@ use super::{Job, Message};
 use crate::Shared;
 use crate::lifecycle::decode::Decoded;
 use crate::metrics::{LifecycleLabels, TypeLabels};
-use crate::model::identity::PlanOptions;
+use crate::model::identity::{EventPosition, PlanOptions};
 use crate::retry::{Backoff, Outcome};
 
 /// Dead-letter header that says why the message is there.
@@ -217,12 +219,27 @@ impl Worker {
             );
             return Step::Done;
         };
+        let at = EventPosition {
+            partition: message.partition,
+            offset: message.offset,
+        };
         let outcome = if job.replayed {
-            effects.reapply(&plan).await
+            effects.reapply(&plan, at).await
         } else {
-            effects.apply(&plan).await
+            effects.apply(&plan, at).await
         };
         match outcome {
+            Outcome::Done(Applied::AlreadyApplied) => {
+                self.count(kind, "already_applied");
+                tracing::info!(
+                    user = %plan.user,
+                    event = kind,
+                    partition = message.partition,
+                    offset = message.offset,
+                    "lifecycle event applied before (or older than the last applied); nothing sent"
+                );
+                Step::Done
+            }
             Outcome::Done(Applied::Unchanged) => {
                 self.count(kind, "unchanged");
                 tracing::debug!(
@@ -432,8 +449,12 @@ mod tests {
         Fixture { hs, sink, worker }
     }
 
+    /// Offsets as the topic hands them out: every job is newer than the ones before.
+    static NEXT_OFFSET: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(100);
+
     fn job(event_type: &str, payload: serde_json::Value) -> Job {
         let mut message = message(serde_json::to_vec(&payload).unwrap());
+        message.offset = NEXT_OFFSET.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         message.headers.push((
             decode::TYPE_HEADER.into(),
             Some(event_type.as_bytes().to_vec()),
@@ -732,6 +753,57 @@ mod tests {
         assert_eq!(applied.displayname.as_deref(), Some("B"));
     }
 
+    /// The SIGKILL finding: renames A then B were applied, only A's offset was committed;
+    /// after the restart both come again. Neither is sent: A would set an older name over
+    /// B for a moment, and both would send a change twice.
+    #[tokio::test]
+    async fn should_send_nothing_for_profile_updates_redelivered_after_a_crash() {
+        let f = fixture(true).await;
+        let (a, b) = (profile_job("A", None, 0), profile_job("B", None, 0));
+        assert!(a.message.offset < b.message.offset);
+        for job in [&a, &b] {
+            assert_eq!(f.worker.attempt(job).await, Step::Done);
+        }
+        let user = ruma::UserId::parse(USER).unwrap();
+        let applied = f.worker.shared.state.applied_profile(&user).await.unwrap();
+        assert_eq!(
+            applied.applied_at,
+            Some(EventPosition {
+                partition: b.message.partition,
+                offset: b.message.offset
+            })
+        );
+        let sent = f.hs.world().requests.len();
+        // Redelivered from the committed offset: A, then B, as they came the first time.
+        for job in [&a, &b] {
+            assert_eq!(f.worker.attempt(job).await, Step::Done);
+        }
+        assert_eq!(f.hs.world().requests.len(), sent, "nothing sent again");
+        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("B"));
+        assert_eq!(events(&f, "profile_updated", "already_applied"), 2);
+        assert_eq!(events(&f, "profile_updated", "applied"), 2);
+
+        // The same offset on another partition (the topic was repartitioned) is news.
+        let mut moved = profile_job("A", None, 0);
+        moved.message.partition = b.message.partition + 1;
+        moved.message.offset = a.message.offset;
+        let names = f.hs.world().count("/displayname");
+        assert_eq!(f.worker.attempt(&moved).await, Step::Done);
+        assert_eq!(f.hs.world().count("/displayname"), names + 1);
+        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("A"));
+
+        // A creation redelivered registers again (idempotent) but does not set its username
+        // over the newer name.
+        let mut created = created();
+        created.message.partition = moved.message.partition;
+        created.message.offset = moved.message.offset - 1;
+        let registered = f.hs.world().count("/register");
+        assert_eq!(f.worker.attempt(&created).await, Step::Done);
+        assert_eq!(f.hs.world().count("/register"), registered + 1);
+        assert_eq!(f.hs.world().count("/displayname"), names + 1);
+        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("A"));
+    }
+
     #[tokio::test]
     async fn should_apply_a_replayed_event_in_full() {
         let f = fixture(true).await;
@@ -745,6 +817,13 @@ mod tests {
         assert_eq!(f.worker.attempt(&replayed).await, Step::Done);
         assert_eq!(f.hs.world().count("/displayname"), before + 1);
         assert_eq!(events(&f, "profile_updated", "unchanged"), 0);
+        // Also from an offset already applied (a replay of an event applied before).
+        let mut again = profile_job("A", None, 0);
+        again.message.offset = replayed.message.offset - 1;
+        again.replayed = true;
+        assert_eq!(f.worker.attempt(&again).await, Step::Done);
+        assert_eq!(f.hs.world().count("/displayname"), before + 2);
+        assert_eq!(events(&f, "profile_updated", "already_applied"), 0);
     }
 
     #[tokio::test]

@@ -7,10 +7,13 @@
 //! `record_applied_profile`). A deactivated user is never invited, rejoined, re-created or
 //! given a new profile.
 //!
-//! Two rules keep the homeserver from hearing the same thing twice: [`Plan::without_applied`]
-//! drops the profile parts roster already applied (nothing changed, nothing is sent), and
-//! [`IdentityEvent::supersedes`] says when a queued profile update need not be applied at
-//! all because a newer one of the same user sets everything it sets.
+//! Three rules keep the homeserver from hearing the same thing twice: [`Plan::without_applied`]
+//! drops the profile parts roster already applied (nothing changed, nothing is sent),
+//! [`Plan::without_already_applied`] drops the profile parts of an event roster applied, or
+//! of one older than that (e.g. after a SIGKILL, events applied but not committed come
+//! again), and [`IdentityEvent::supersedes`] says when a queued profile
+//! update need not be applied at all because a newer one of the same user sets everything
+//! it sets.
 
 use std::collections::HashSet;
 
@@ -121,6 +124,16 @@ pub struct AppliedProfile {
     pub avatar_source: Option<String>,
     /// The `mxc://` URI set for it.
     pub avatar_mxc: Option<String>,
+    /// Where the event whose profile parts roster last applied sits in the lifecycle topic
+    /// (unknown for profiles recorded before roster remembered it).
+    pub applied_at: Option<EventPosition>,
+}
+
+/// Where a lifecycle event sits in its topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventPosition {
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Where a new avatar comes from.
@@ -233,6 +246,23 @@ impl Plan {
         });
         plan
     }
+
+    /// The plan for the event at `at` without its profile parts when roster applied them
+    /// already, or applied a newer event's since: the event at `applied.applied_at` came at
+    /// or after it in the same partition and was applied after it (a user's events are
+    /// applied in offset order; an older one superseded by a newer one was rightly never
+    /// applied). Sending them again would set an older profile over a newer one for a
+    /// moment, and send a change twice; a redelivery after a crash (applied, not yet
+    /// committed) is such an event. Registration and deactivation are kept (idempotent).
+    /// Another partition's offsets (the topic was repartitioned) say nothing: all is kept.
+    pub fn without_already_applied(&self, applied: &AppliedProfile, at: EventPosition) -> Plan {
+        let mut plan = self.clone();
+        if applied.covers(at) {
+            plan.effects
+                .retain(|effect| matches!(effect, Effect::Register | Effect::Deactivate { .. }));
+        }
+        plan
+    }
 }
 
 impl AppliedProfile {
@@ -248,6 +278,21 @@ impl AppliedProfile {
             next.avatar_mxc = Some(mxc.to_owned());
         }
         next
+    }
+
+    /// Whether the event at `at` is the one that applied this profile, or older than it in
+    /// the same partition.
+    pub fn covers(&self, at: EventPosition) -> bool {
+        self.applied_at
+            .is_some_and(|last| last.partition == at.partition && at.offset <= last.offset)
+    }
+
+    /// This profile, applied by the event at `at`.
+    pub fn at(self, at: EventPosition) -> AppliedProfile {
+        AppliedProfile {
+            applied_at: Some(at),
+            ..self
+        }
     }
 }
 
@@ -521,6 +566,7 @@ mod tests {
             displayname: name.map(Into::into),
             avatar_source: source.map(Into::into),
             avatar_mxc: mxc.map(Into::into),
+            applied_at: None,
         }
     }
 
@@ -574,6 +620,74 @@ mod tests {
             same.without_applied(&half).effects,
             vec![Effect::SetAvatar(AvatarSource::Fetch(url.into()))]
         );
+    }
+
+    fn at(partition: i32, offset: i64) -> EventPosition {
+        EventPosition { partition, offset }
+    }
+
+    /// The SIGKILL finding: renames A (offset 10) and B (offset 11) were applied, only 10
+    /// was committed; both come again and neither may be sent.
+    #[test]
+    fn should_drop_a_redelivered_profile_update() {
+        let ids = Identities::default();
+        let was = applied(Some("B"), None, None).at(at(0, 11));
+        let a = plan(&ids, &profile(Some("A"), None, Some("mxc://ex.org/a")));
+        let b = plan(&ids, &profile(Some("B"), None, None));
+        let dropped = |plan: &Plan, at| plan.without_already_applied(&was, at).effects;
+        assert!(
+            dropped(&a, at(0, 10)).is_empty(),
+            "older than the last applied"
+        );
+        assert!(dropped(&b, at(0, 11)).is_empty(), "the last applied itself");
+        assert_eq!(dropped(&a, at(0, 12)), a.effects, "newer: news");
+        // Another partition says nothing about order (the topic was repartitioned).
+        assert_eq!(dropped(&a, at(1, 3)), a.effects);
+        // Nothing remembered (a new user, or a profile recorded before positions were).
+        for nothing in [applied(Some("B"), None, None), AppliedProfile::default()] {
+            assert_eq!(
+                a.without_already_applied(&nothing, at(0, 0)).effects,
+                a.effects
+            );
+        }
+    }
+
+    /// A creation redelivered after renames registers again (harmless) but must not set
+    /// its username over the newer name; a deletion always deactivates.
+    #[test]
+    fn should_keep_registration_and_deactivation_of_a_redelivered_event() {
+        let ids = Identities::default();
+        let was = applied(Some("B"), None, None).at(at(0, 11));
+        let created = IdentityEvent::Created {
+            id: id(),
+            username: "alice".into(),
+        };
+        assert_eq!(
+            plan(&ids, &created)
+                .without_already_applied(&was, at(0, 5))
+                .effects,
+            vec![Effect::Register]
+        );
+        let deleted = IdentityEvent::Deleted {
+            id: id(),
+            soft_delete: true,
+        };
+        assert_eq!(
+            plan(&ids, &deleted)
+                .without_already_applied(&was, at(0, 5))
+                .effects,
+            vec![Effect::Deactivate { erase: false }]
+        );
+    }
+
+    #[test]
+    fn should_remember_where_a_profile_was_applied_from() {
+        let was = applied(Some("A"), None, None).at(at(2, 7));
+        let next = was.with(Some("B"), None).at(at(2, 9));
+        assert_eq!(next.displayname.as_deref(), Some("B"));
+        assert_eq!(next.applied_at, Some(at(2, 9)));
+        // Parts not set stay, and so does the position until a new one is given.
+        assert_eq!(was.with(None, None), was);
     }
 
     #[test]
