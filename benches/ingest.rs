@@ -201,7 +201,7 @@ async fn main() {
     let provisioned = provision(scratch.path(), AGENTS, "", std::time::Duration::ZERO).await;
     let bodies = member_transactions(&provisioned.rooms, transactions, per_txn);
     let roster = &provisioned.roster;
-    let pid = roster.pid().expect("roster runs");
+    let pid = roster.pid();
     let idle_rss = proc_memory(pid, "VmRSS");
     let before = roster.metric("roster_member_transitions_total", &[]).await;
     let wall = feed(

@@ -161,7 +161,7 @@ async fn main() {
     let scratch = Scratch::new("bench-memory");
     let provisioned = provision(scratch.path(), ROOMS, "", std::time::Duration::ZERO).await;
     let roster = &provisioned.roster;
-    let pid = roster.pid().expect("roster runs");
+    let pid = roster.pid();
     // Let start-up settle (sweep, listing) before reading memory.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let rss_agents = proc_memory(pid, "VmRSS");

@@ -826,11 +826,6 @@ impl Roster {
         }
     }
 
-    /// The running process's id (benchmarks read its memory from `/proc`).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     pub fn forget_exited(&mut self) {
         if self.has_exited() {
             self.child = None;
