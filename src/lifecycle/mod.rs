@@ -132,6 +132,20 @@ pub struct Job {
     pub replayed: bool,
 }
 
+#[cfg(test)]
+impl Job {
+    /// A job as the pipeline builds it for a message just received (generation 1, not a
+    /// replay).
+    pub(crate) fn fresh(message: Message) -> Job {
+        Job {
+            decoded: message.decode(),
+            message,
+            generation: 1,
+            replayed: false,
+        }
+    }
+}
+
 impl Job {
     /// Whether applying `self` makes applying `older` (a job of the same key, waiting before
     /// it) pointless: the same partition and generation, a later offset, and an event that
@@ -351,12 +365,7 @@ mod tests {
                 Some(event_type.as_bytes().to_vec()),
             )],
         };
-        Job {
-            decoded: message.decode(),
-            message,
-            generation: 1,
-            replayed: false,
-        }
+        Job::fresh(message)
     }
 
     fn update(offset: i64, name: &str) -> Job {

@@ -229,25 +229,21 @@ impl Worker {
             effects.apply(&plan, at).await
         };
         match outcome {
-            Outcome::Done(Applied::AlreadyApplied) => {
-                self.count(kind, "already_applied");
-                tracing::info!(
-                    user = %plan.user,
-                    event = kind,
-                    partition = message.partition,
-                    offset = message.offset,
-                    "lifecycle event applied before (or older than the last applied); nothing sent"
-                );
-                Step::Done
-            }
-            Outcome::Done(Applied::Unchanged) => {
-                self.count(kind, "unchanged");
+            Outcome::Done(nothing @ (Applied::AlreadyApplied | Applied::Unchanged)) => {
+                // Unchanged updates are Nova's everyday traffic (follower counts), and
+                // redeliveries after a crash are counted: neither is worth an info line.
+                let outcome = match nothing {
+                    Applied::AlreadyApplied => "already_applied",
+                    _ => "unchanged",
+                };
+                self.count(kind, outcome);
                 tracing::debug!(
                     user = %plan.user,
                     event = kind,
                     partition = message.partition,
                     offset = message.offset,
-                    "lifecycle event changes nothing roster applied before; nothing sent"
+                    outcome,
+                    "lifecycle event sends nothing: applied before, or nothing changed"
                 );
                 Step::Done
             }
@@ -459,12 +455,7 @@ mod tests {
             decode::TYPE_HEADER.into(),
             Some(event_type.as_bytes().to_vec()),
         ));
-        Job {
-            decoded: message.decode(),
-            message,
-            generation: 1,
-            replayed: false,
-        }
+        Job::fresh(message)
     }
 
     fn created() -> Job {
@@ -495,12 +486,7 @@ mod tests {
     #[tokio::test]
     async fn should_dead_letter_what_cannot_be_decoded_or_is_refused_for_good() {
         let f = fixture(true).await;
-        let garbage = Job {
-            message: message(b"{not json".to_vec()),
-            generation: 1,
-            decoded: message(b"{not json".to_vec()).decode(),
-            replayed: false,
-        };
+        let garbage = Job::fresh(message(b"{not json".to_vec()));
         assert_eq!(f.worker.attempt(&garbage).await, Step::Done);
         assert_eq!(f.worker.attempt(&created()).await, Step::Done);
         f.hs.fail("/displayname", 413, "M_TOO_LARGE", "too large", 1);
@@ -583,12 +569,7 @@ mod tests {
             .lock()
             .unwrap()
             .push(SinkError::Unavailable("broker down".into()));
-        let garbage = Job {
-            message: message(b"[]".to_vec()),
-            generation: 1,
-            decoded: message(b"[]".to_vec()).decode(),
-            replayed: false,
-        };
+        let garbage = Job::fresh(message(b"[]".to_vec()));
         assert!(matches!(
             f.worker.attempt(&garbage).await,
             Step::Retry { reason, .. } if reason.contains("events.dlq")
@@ -657,19 +638,11 @@ mod tests {
         assert_eq!(events(&f, "profile_updated", "unchanged"), 1);
 
         let mxc = "mxc://ex.org/pic";
-        assert_eq!(
-            f.worker.attempt(&profile_job("A", Some(mxc), 2)).await,
-            Step::Done
-        );
+        apply(&f, &profile_job("A", Some(mxc), 2)).await;
         let applied = f.hs.world().requests.len();
         assert_eq!(applied - after_create, 2, "name and avatar");
         for followers in 3..10 {
-            assert_eq!(
-                f.worker
-                    .attempt(&profile_job("A", Some(mxc), followers))
-                    .await,
-                Step::Done
-            );
+            apply(&f, &profile_job("A", Some(mxc), followers)).await;
         }
         assert_eq!(
             f.hs.world().requests.len(),
@@ -680,45 +653,31 @@ mod tests {
         assert_eq!(events(&f, "profile_updated", "applied"), 1);
     }
 
+    /// Applies `job`, expecting it done, and returns the paths of the requests it sent.
+    async fn apply(f: &Fixture, job: &Job) -> Vec<String> {
+        let before = f.hs.world().requests.len();
+        assert_eq!(f.worker.attempt(job).await, Step::Done);
+        f.hs.world().requests[before..]
+            .iter()
+            .map(|r| r.path.clone())
+            .collect()
+    }
+
     #[tokio::test]
     async fn should_send_exactly_the_parts_that_changed() {
         let f = fixture(true).await;
-        assert_eq!(
-            f.worker
-                .attempt(&profile_job("A", Some("mxc://ex.org/a"), 0))
-                .await,
-            Step::Done
+        apply(&f, &profile_job("A", Some("mxc://ex.org/a"), 0)).await;
+        let sent = apply(&f, &profile_job("B", Some("mxc://ex.org/a"), 0)).await;
+        assert!(
+            sent.len() == 1 && sent[0].ends_with("/displayname"),
+            "{sent:?}"
         );
-        let before = f.hs.world().requests.len();
-        assert_eq!(
-            f.worker
-                .attempt(&profile_job("B", Some("mxc://ex.org/a"), 0))
-                .await,
-            Step::Done
-        );
-        {
-            let world = f.hs.world();
-            let sent: Vec<&str> = world.requests[before..]
-                .iter()
-                .map(|r| r.path.as_str())
-                .collect();
-            assert_eq!(sent.len(), 1, "{sent:?}");
-            assert!(sent[0].ends_with("/displayname"), "{sent:?}");
-        }
-        let before = f.hs.world().requests.len();
-        assert_eq!(
-            f.worker
-                .attempt(&profile_job("B", Some("mxc://ex.org/b"), 0))
-                .await,
-            Step::Done
+        let sent = apply(&f, &profile_job("B", Some("mxc://ex.org/b"), 0)).await;
+        assert!(
+            sent.len() == 1 && sent[0].ends_with("/avatar_url"),
+            "{sent:?}"
         );
         let world = f.hs.world();
-        let sent: Vec<&str> = world.requests[before..]
-            .iter()
-            .map(|r| r.path.as_str())
-            .collect();
-        assert_eq!(sent.len(), 1, "{sent:?}");
-        assert!(sent[0].ends_with("/avatar_url"), "{sent:?}");
         assert_eq!(world.users[USER].displayname.as_deref(), Some("B"));
         assert_eq!(
             world.users[USER].avatar_url.as_deref(),
@@ -744,10 +703,7 @@ mod tests {
         );
         // So the retry sends it.
         let before = f.hs.world().count("/displayname");
-        assert_eq!(
-            f.worker.attempt(&profile_job("B", None, 0)).await,
-            Step::Done
-        );
+        apply(&f, &profile_job("B", None, 0)).await;
         assert_eq!(f.hs.world().count("/displayname"), before + 1);
         let applied = f.worker.shared.state.applied_profile(&user).await.unwrap();
         assert_eq!(applied.displayname.as_deref(), Some("B"));
@@ -807,10 +763,7 @@ mod tests {
     #[tokio::test]
     async fn should_apply_a_replayed_event_in_full() {
         let f = fixture(true).await;
-        assert_eq!(
-            f.worker.attempt(&profile_job("A", None, 0)).await,
-            Step::Done
-        );
+        apply(&f, &profile_job("A", None, 0)).await;
         let before = f.hs.world().count("/displayname");
         let mut replayed = profile_job("A", None, 0);
         replayed.replayed = true;
@@ -832,10 +785,7 @@ mod tests {
         let f = fixture(true).await;
         let (server, fetched) = avatar_server().await;
         let url = format!("{server}/a.png");
-        assert_eq!(
-            f.worker.attempt(&profile_job("A", Some(&url), 0)).await,
-            Step::Done
-        );
+        apply(&f, &profile_job("A", Some(&url), 0)).await;
         assert_eq!(
             (fetched.load(Ordering::SeqCst), f.hs.world().uploads.len()),
             (1, 1)
@@ -871,10 +821,7 @@ mod tests {
             .record_upload(&format!("url:{url_b}"), stale)
             .await
             .unwrap();
-        assert_eq!(
-            f.worker.attempt(&profile_job("A", Some(&url_b), 0)).await,
-            Step::Done
-        );
+        apply(&f, &profile_job("A", Some(&url_b), 0)).await;
         assert_eq!(
             (fetched.load(Ordering::SeqCst), f.hs.world().uploads.len()),
             (2, 2)
@@ -891,12 +838,7 @@ mod tests {
         let legacy = |data: serde_json::Value| {
             let message =
                 message(serde_json::to_vec(&serde_json::json!({ "data": data })).unwrap());
-            Job {
-                decoded: message.decode(),
-                message,
-                generation: 1,
-                replayed: false,
-            }
+            Job::fresh(message)
         };
         let legacy_created = legacy(
             serde_json::json!({ "user_id": UUID, "email": "a@x", "username": "alice", "created_at": "t" }),

@@ -655,6 +655,12 @@ mod tests {
         plan_with_avatar(model, record, name, None)
     }
 
+    /// `record` as roster leaves it after applying a rename to `name`.
+    fn renamed(record: &mut RoomRecord, name: &str) {
+        record.applied_name = Some(name.into());
+        record.applied_topic = Some(topic_for(name));
+    }
+
     fn plan_with_avatar(
         model: &Model,
         record: &RoomRecord,
@@ -844,8 +850,7 @@ mod tests {
                 .is_empty()
         );
         // A rename keeping the first letter keeps the picture.
-        record.applied_name = Some("Only".into());
-        record.applied_topic = Some(topic_for("Only"));
+        renamed(&mut record, "Only");
         let same_letter = generated("Only");
         assert_eq!(same_letter, want);
         assert!(
@@ -854,8 +859,7 @@ mod tests {
                 .is_empty()
         );
         // Another first letter: a new picture, replacing the one roster set.
-        record.applied_name = Some("Two".into());
-        record.applied_topic = Some(topic_for("Two"));
+        renamed(&mut record, "Two");
         let other = generated("Two");
         assert_eq!(
             plan_with_avatar(&model, &record, "Two", Some(&other)).actions,
