@@ -355,35 +355,7 @@ async fn frozen_synapse_and_broker_stall_nothing_and_roster_converges_after() {
     // 2. Synapse frozen during a lifecycle burst: created and renamed twice, per user.
     const USERS: u32 = 12;
     let mut produced = Vec::new();
-    let burst = |from: u32, to: u32| {
-        let tansu = stack.tansu();
-        async move {
-            let mut produced = Vec::new();
-            for n in from..to {
-                let id = uuid(61, n);
-                let key = Some(id.as_str());
-                produced.push(
-                    tansu
-                        .produce_event(TOPIC, key, "UserCreatedEvent", &created(&id, "x"))
-                        .await,
-                );
-                for round in 1..=2 {
-                    let name = format!("user-{n}-v{round}");
-                    produced.push(
-                        tansu
-                            .produce_event(
-                                TOPIC,
-                                key,
-                                "UserProfileUpdatedEvent",
-                                &profile(&id, "u", Some(&name), None),
-                            )
-                            .await,
-                    );
-                }
-            }
-            produced
-        }
-    };
+    let burst = |from: u32, to: u32| stack.tansu().produce_renamed_users(TOPIC, 61, from, to);
     produced.extend(burst(0, USERS / 2).await);
     eventually(
         Duration::from_secs(60),

@@ -1157,30 +1157,7 @@ async fn tuwunel_standin_without_an_admin_token_stops_start_up_with_a_clear_erro
 
 /// Users `from..to`, each created and renamed twice (`user-<n>-v2` last), keyed by user.
 async fn batch(tansu: &Tansu, from: u32, to: u32) -> Vec<(i32, i64)> {
-    let mut produced = Vec::new();
-    for n in from..to {
-        let id = uuid(8, n);
-        let key = Some(id.as_str());
-        produced.push(
-            tansu
-                .produce_event(TOPIC, key, "UserCreatedEvent", &created(&id, "x"))
-                .await,
-        );
-        for round in 1..=2 {
-            let name = format!("user-{n}-v{round}");
-            produced.push(
-                tansu
-                    .produce_event(
-                        TOPIC,
-                        key,
-                        "UserProfileUpdatedEvent",
-                        &profile(&id, "u", Some(&name), None),
-                    )
-                    .await,
-            );
-        }
-    }
-    produced
+    tansu.produce_renamed_users(TOPIC, 8, from, to).await
 }
 
 #[tokio::test]

@@ -1387,6 +1387,37 @@ impl Tansu {
             .await
     }
 
+    /// Produces to `topic`, for users `from..to` (ids `identity::uuid(salt, n)`), a
+    /// creation and two renames each (`user-<n>-v1`, then `user-<n>-v2`), keyed by user;
+    /// returns where each landed.
+    pub async fn produce_renamed_users(
+        &self,
+        topic: &str,
+        salt: u32,
+        from: u32,
+        to: u32,
+    ) -> Vec<(i32, i64)> {
+        use identity::{created, profile, uuid};
+        let mut produced = Vec::new();
+        for n in from..to {
+            let id = uuid(salt, n);
+            let key = Some(id.as_str());
+            produced.push(
+                self.produce_event(topic, key, "UserCreatedEvent", &created(&id, "x"))
+                    .await,
+            );
+            for round in 1..=2 {
+                let name = format!("user-{n}-v{round}");
+                let body = profile(&id, "u", Some(&name), None);
+                produced.push(
+                    self.produce_event(topic, key, "UserProfileUpdatedEvent", &body)
+                        .await,
+                );
+            }
+        }
+        produced
+    }
+
     /// Per partition, the offset after the last message of `produced` (-1: none there).
     /// The memory storage's high watermark is wrong, so tests count what they produced.
     pub fn ends(&self, produced: &[(i32, i64)]) -> Vec<i64> {
