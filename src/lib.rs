@@ -14,6 +14,7 @@
 //! - [`appservice`]: the routes the homeserver calls; hs_token auth, dedup, durable record.
 //! - [`sources`]: lists the agents that should exist, from Letta or an agents file.
 //! - [`avatar`]: draws the generated avatar of an agent without one; pure, no I/O.
+//! - [`fetch`]: fetches `http(s)` avatar images, bounded in time and size, checked by bytes.
 //! - [`lifecycle`]: the Kafka consumer of identity events, its worker and the identity
 //!   effects it takes on the homeserver.
 //! - [`admin`]: `/health`, `/ready`, `/metrics` and the operator API; the typed status.
