@@ -284,7 +284,8 @@ struct Latency {
     max: f64,
 }
 
-/// Latency phases on one real Synapse: (events/s, events). The first is CONTRACT's 100/s;
+/// Latency phases on one real Synapse: (events/s, events). The first is the rate the old
+/// consumer was specified for (100/s);
 /// the second shows the latency when Synapse keeps up.
 const LATENCY_PHASES: [(u64, usize); 2] = [(LATENCY_RATE, LATENCY_EVENTS), (40, 800)];
 

@@ -1,7 +1,7 @@
 //! Declares every metric roster exports; the doc comment of each is its help text.
 //!
-//! Names follow CONTRACT (`roster_` prefix); the `_total` suffix of counters is added by
-//! the encoder.
+//! Every name carries the `roster_` prefix (the README's metrics table lists them all);
+//! the `_total` suffix of counters is added by the encoder.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

@@ -1,4 +1,5 @@
-//! Turns one lifecycle message into an identity event, exactly as CONTRACT says.
+//! Turns one lifecycle message into an identity event, as the README's "Event shapes"
+//! table describes them.
 //!
 //! The type comes from the `event_type` header, else from an `event_type` field (of the
 //! envelope, else of its `data`); the body is an envelope

@@ -25,7 +25,7 @@ pub fn agents_yaml(agents: &[(&str, &str)]) -> String {
         .collect()
 }
 
-/// The localpart of agent `id`'s user and room alias (CONTRACT's legacy scheme).
+/// The localpart of agent `id`'s user and room alias (the old bot's scheme, which roster keeps).
 pub fn agent_localpart(id: &str) -> String {
     let x: String = id
         .strip_prefix("agent-")

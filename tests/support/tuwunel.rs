@@ -1,5 +1,5 @@
 //! A stand-in that emulates tuwunel where roster's identity effects meet it, as tuwunel's
-//! source says it behaves (DESIGN.md, homeserver facts):
+//! source (1.9.0) says it behaves:
 //!
 //! - appservices get no `/account/deactivate` bypass: interactive auth is always demanded;
 //! - the admin API `POST /_synapse/admin/v1/deactivate/{user}` (admin token) deactivates
