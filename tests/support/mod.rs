@@ -736,8 +736,35 @@ impl Roster {
         self.extra_env.clear();
     }
 
-    /// Starts `roster serve` and waits until its admin listener answers.
+    /// Starts `roster serve` and waits until its admin listener answers. `free_port` can
+    /// hand out a port another process takes before roster binds it: when roster says its
+    /// admin port is in use, it is started again on another one (the appservice port is in
+    /// the registration the homeserver holds, so that one cannot move).
     pub async fn start(&mut self) {
+        for _ in 0..3 {
+            if self.start_once().await {
+                return;
+            }
+            let (_, log) = self.logs().pop().unwrap();
+            assert!(
+                log.contains("(admin.listen): Address already in use"),
+                "roster stopped at start-up:\n{log}"
+            );
+            self.child = None;
+            let config = std::fs::read_to_string(&self.config).unwrap();
+            let port = free_port();
+            let config = config.replace(
+                &format!("listen: 127.0.0.1:{}\n", self.admin_port),
+                &format!("listen: 127.0.0.1:{port}\n"),
+            );
+            std::fs::write(&self.config, config).unwrap();
+            self.admin_port = port;
+        }
+        panic!("roster found no free admin port in 3 tries");
+    }
+
+    /// Whether roster's admin listener answered (false: it stopped first).
+    async fn start_once(&mut self) -> bool {
         assert!(self.child.is_none(), "roster is already running");
         self.starts += 1;
         let log =
@@ -755,11 +782,19 @@ impl Roster {
         self.child = Some(command.spawn().expect("start roster"));
         let url = self.admin_url("/health");
         let http = self.http.clone();
-        eventually(Duration::from_secs(30), "roster to listen", || {
-            let (http, url) = (http.clone(), url.clone());
-            async move { http.get(&url).send().await.ok().map(|_| ()) }
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Until it answers, or stops (a port taken meanwhile: `start` decides).
+        while !self.has_exited() {
+            if http.get(&url).send().await.is_ok() {
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 30s waiting for roster to listen"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
     }
 
     pub async fn wait_ready(&self) {
