@@ -11,72 +11,63 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub endpoint: &'static str,
-    /// HTTP status, or `error` when no response arrived (timeout, connection refused).
-    pub status: String,
+/// Declares the label sets of the metric families: one struct each, its fields the labels.
+macro_rules! label_sets {
+    ($($name:ident { $($(#[$doc:meta])* $field:ident: $ty:ty,)+ })+) => {
+        $(
+            #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+            pub struct $name {
+                $($(#[$doc])* pub $field: $ty,)+
+            }
+        )+
+    };
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabels {
-    pub endpoint: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PartitionLabels {
-    pub partition: i32,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BuildLabels {
-    pub version: &'static str,
-    pub commit: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TriggerLabels {
-    pub trigger: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ActionLabels {
-    pub kind: &'static str,
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LifecycleLabels {
-    pub r#type: &'static str,
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TypeLabels {
-    pub r#type: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabels {
-    /// `letta` or `file`.
-    pub source: &'static str,
-    /// `ok`, or the kind of failure (`SourceError::kind`).
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TransitionLabels {
-    pub transition: &'static str,
+label_sets! {
+    RequestLabels {
+        endpoint: &'static str,
+        /// HTTP status, or `error` when no response arrived (timeout, connection refused).
+        status: String,
+    }
+    EndpointLabels {
+        endpoint: &'static str,
+    }
+    PartitionLabels {
+        partition: i32,
+    }
+    BuildLabels {
+        version: &'static str,
+        commit: &'static str,
+    }
+    OutcomeLabels {
+        outcome: &'static str,
+    }
+    ResultLabels {
+        result: &'static str,
+    }
+    TriggerLabels {
+        trigger: &'static str,
+    }
+    ActionLabels {
+        kind: &'static str,
+        outcome: &'static str,
+    }
+    LifecycleLabels {
+        r#type: &'static str,
+        outcome: &'static str,
+    }
+    TypeLabels {
+        r#type: &'static str,
+    }
+    SourceLabels {
+        /// `letta` or `file`.
+        source: &'static str,
+        /// `ok`, or the kind of failure (`SourceError::kind`).
+        outcome: &'static str,
+    }
+    TransitionLabels {
+        transition: &'static str,
+    }
 }
 
 pub struct Metrics {

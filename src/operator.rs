@@ -240,8 +240,8 @@ pub fn render_status(s: &StatusReport, now_ms: u64) -> String {
             "source: {} ({} agents; last ok {}; last error: {})\n",
             source.source,
             source.agents_listed,
-            ago(source.last_ok_at_ms, now_ms),
-            source.last_error.as_deref().unwrap_or("-")
+            ago(source.health.last_ok_at_ms, now_ms),
+            source.health.last_error.as_deref().unwrap_or("-")
         );
     }
     out += &format!(

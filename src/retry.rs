@@ -91,7 +91,6 @@ pub fn jitter(wait: Duration) -> Duration {
 pub async fn until_ok<T, E, F, Fut>(
     shutdown: &CancellationToken,
     what: &str,
-    backoff: Backoff,
     mut attempt: F,
 ) -> Option<T>
 where
@@ -112,8 +111,8 @@ where
         failures = failures.saturating_add(1);
         let wait = match error.retry_after() {
             Some(asked) => jitter(asked),
-            None if error.is_transient() => backoff.wait(failures, None),
-            None => jitter(backoff.max),
+            None if error.is_transient() => Backoff::DEFAULT.wait(failures, None),
+            None => jitter(Backoff::DEFAULT.max),
         };
         tracing::warn!(
             attempt = failures,
@@ -218,7 +217,7 @@ mod tests {
         let calls = Arc::new(AtomicU32::new(0));
         let started = Instant::now();
         let shutdown = CancellationToken::new();
-        let got = until_ok(&shutdown, "test", Backoff::DEFAULT, || {
+        let got = until_ok(&shutdown, "test", || {
             let calls = calls.clone();
             async move {
                 match calls.fetch_add(1, Ordering::SeqCst) {
@@ -248,7 +247,7 @@ mod tests {
         let task = {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                until_ok(&shutdown, "test", Backoff::DEFAULT, || async {
+                until_ok(&shutdown, "test", || async {
                     Err::<(), _>(Failure {
                         transient: false,
                         retry_after: None,

@@ -75,7 +75,7 @@ pub struct Status {
     pub lifecycle_broker_error: Option<BrokerError>,
     /// Whether the homeserver answers roster's requests, as the last ones showed.
     #[serde(default)]
-    pub homeserver: HomeserverStatus,
+    pub homeserver: Health,
 }
 
 /// A Kafka client error, as librdkafka reported it, with what to check.
@@ -85,16 +85,16 @@ pub struct BrokerError {
     pub at_ms: u64,
 }
 
-/// The homeserver as roster's own requests find it: a request that got no answer (timeout,
-/// refused connection) or a 5xx sets `last_error`; any other answer clears it.
+/// A peer as roster's own requests find it. For the homeserver, a request that got no answer
+/// (timeout, refused connection) or a 5xx sets `last_error`; any other answer clears it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HomeserverStatus {
+pub struct Health {
     pub last_ok_at_ms: Option<u64>,
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<u64>,
 }
 
-impl HomeserverStatus {
+impl Health {
     /// Records one request's outcome: `Err` with the reason when the homeserver failed it.
     pub fn observe(&mut self, outcome: Result<(), String>, now_ms: u64) {
         match outcome {
@@ -132,10 +132,9 @@ pub struct PingStatus {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SourceStatus {
     pub source: String,
-    pub last_ok_at_ms: Option<u64>,
     pub agents_listed: usize,
-    pub last_error: Option<String>,
-    pub last_error_at_ms: Option<u64>,
+    #[serde(flatten)]
+    pub health: Health,
 }
 
 /// What one reconciliation run did.
@@ -523,7 +522,7 @@ mod tests {
 
     #[test]
     fn should_show_a_homeserver_error_until_the_next_answer() {
-        let mut hs = HomeserverStatus::default();
+        let mut hs = Health::default();
         hs.observe(Ok(()), 1);
         hs.observe(Err("did not answer".into()), 2);
         assert_eq!(hs.last_error.as_deref(), Some("did not answer"));

@@ -31,7 +31,7 @@ use crate::config::Flavor;
 use crate::fetch::{AvatarFetcher, redact_url};
 use crate::matrix::{Homeserver, MatrixError};
 use crate::model::identity::{AppliedProfile, AvatarSource, Effect, EventPosition, Plan};
-use crate::retry::{Backoff, Outcome, until_ok};
+use crate::retry::{Outcome, until_ok};
 use crate::store::Upload;
 
 /// Avatar URLs whose upload is kept in memory in front of the store.
@@ -119,12 +119,9 @@ impl IdentityEffects {
         let url = config.homeserver.url.clone();
         let (flavor, server) = match config.homeserver.flavor {
             Flavor::Auto => {
-                let detected = until_ok(
-                    shutdown,
-                    "ask the homeserver which it is",
-                    Backoff::DEFAULT,
-                    || homeserver.detect_flavor(),
-                )
+                let detected = until_ok(shutdown, "ask the homeserver which it is", || {
+                    homeserver.detect_flavor()
+                })
                 .await;
                 match detected {
                     None => return Ok(None),

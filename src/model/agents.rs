@@ -829,6 +829,11 @@ mod tests {
     #[test]
     fn should_set_the_avatar_only_when_the_picture_changes() {
         let model = converged_model();
+        let quiet = |record: &RoomRecord, name, want| {
+            plan_with_avatar(&model, record, name, want)
+                .actions
+                .is_empty()
+        };
         let mut record = record_with_room();
         let want = generated("One");
         let first = plan_with_avatar(&model, &record, "One", Some(&want));
@@ -844,20 +849,12 @@ mod tests {
             want: want.clone(),
             mxc: "mxc://ex.org/a".into(),
         });
-        assert!(
-            plan_with_avatar(&model, &record, "One", Some(&want))
-                .actions
-                .is_empty()
-        );
+        assert!(quiet(&record, "One", Some(&want)));
         // A rename keeping the first letter keeps the picture.
         renamed(&mut record, "Only");
         let same_letter = generated("Only");
         assert_eq!(same_letter, want);
-        assert!(
-            plan_with_avatar(&model, &record, "Only", Some(&same_letter))
-                .actions
-                .is_empty()
-        );
+        assert!(quiet(&record, "Only", Some(&same_letter)));
         // Another first letter: a new picture, replacing the one roster set.
         renamed(&mut record, "Two");
         let other = generated("Two");
@@ -871,17 +868,9 @@ mod tests {
         );
         // A person set one by hand, or avatars are off: nothing.
         record.avatar_hand_set = true;
-        assert!(
-            plan_with_avatar(&model, &record, "Two", Some(&other))
-                .actions
-                .is_empty()
-        );
+        assert!(quiet(&record, "Two", Some(&other)));
         record.avatar_hand_set = false;
-        assert!(
-            plan_with_avatar(&model, &record, "Two", None)
-                .actions
-                .is_empty()
-        );
+        assert!(quiet(&record, "Two", None));
     }
 
     #[test]
@@ -979,6 +968,11 @@ mod tests {
             id: "agent-b".into(),
             name: "B".into(),
         };
+        // Listings where only `a` is present: what expires at `at`.
+        let only_a = |book: &mut AgentBook, at| {
+            book.observe_listing(std::slice::from_ref(&a), at, 100)
+                .expired
+        };
         let first = book.observe_listing(&[a.clone(), b.clone()], 0, 100);
         assert_eq!(
             first.changed,
@@ -990,39 +984,19 @@ mod tests {
                 .is_empty()
         );
         // b missing: not removed before the grace period ...
-        assert!(
-            book.observe_listing(std::slice::from_ref(&a), 20, 100)
-                .expired
-                .is_empty()
-        );
-        assert!(
-            book.observe_listing(std::slice::from_ref(&a), 119, 100)
-                .expired
-                .is_empty()
-        );
+        assert!(only_a(&mut book, 20).is_empty());
+        assert!(only_a(&mut book, 119).is_empty());
         // ... coming back resets the clock ...
         assert_eq!(
             book.observe_listing(&[a.clone(), b.clone()], 120, 100)
                 .changed,
             vec!["agent-b".to_string()]
         );
-        assert!(
-            book.observe_listing(std::slice::from_ref(&a), 200, 100)
-                .expired
-                .is_empty()
-        );
+        assert!(only_a(&mut book, 200).is_empty());
         // ... and consistent absence past it expires the agent.
-        assert_eq!(
-            book.observe_listing(std::slice::from_ref(&a), 300, 100)
-                .expired,
-            vec!["agent-b".to_string()]
-        );
+        assert_eq!(only_a(&mut book, 300), vec!["agent-b".to_string()]);
         book.retire("agent-b");
-        assert!(
-            book.observe_listing(std::slice::from_ref(&a), 400, 100)
-                .expired
-                .is_empty()
-        );
+        assert!(only_a(&mut book, 400).is_empty());
         assert_eq!(book.active().count(), 1);
     }
 

@@ -224,7 +224,7 @@ async fn provision(
 ) {
     let bot = shared.config.ids().bot.clone();
     let backoff = Backoff::DEFAULT;
-    let registered = until_ok(&shutdown, "register the appservice user", backoff, || {
+    let registered = until_ok(&shutdown, "register the appservice user", || {
         homeserver.register(bot.localpart())
     })
     .await;
@@ -235,12 +235,9 @@ async fn provision(
         }
         None => return,
     }
-    let Some(room_version) = until_ok(
-        &shutdown,
-        "read the homeserver's capabilities",
-        backoff,
-        || homeserver.default_room_version(),
-    )
+    let Some(room_version) = until_ok(&shutdown, "read the homeserver's capabilities", || {
+        homeserver.default_room_version()
+    })
     .await
     else {
         return;
@@ -264,12 +261,9 @@ async fn provision(
         effects,
         Some(source.clone()),
     ));
-    let Some(space) = until_ok(
-        &shutdown,
-        "find or create the agents space",
-        backoff,
-        || agents.ensure_space(),
-    )
+    let Some(space) = until_ok(&shutdown, "find or create the agents space", || {
+        agents.ensure_space()
+    })
     .await
     else {
         return;
@@ -391,21 +385,11 @@ async fn reconcile_when_the_homeserver_is_back(
             continue;
         }
         seen = recoveries;
-        let mut keys: Vec<Key> = shared.state.read(|model| {
-            model
-                .agents
-                .live_records(None)
-                .map(|r| Key::agent(&r.agent_id))
-                .collect()
-        });
-        keys.push(Key::Space);
+        let keys = schedule_live(&shared, None);
         tracing::info!(
             agents = keys.len() - 1,
             "the homeserver answers again; reconciling every agent now"
         );
-        for key in &keys {
-            shared.queue.schedule(key);
-        }
     }
 }
 
@@ -465,19 +449,32 @@ async fn list_and_observe(shared: &Shared, source: &dyn ListAgents) -> Option<St
             source: source.describe(),
             ..SourceStatus::default()
         });
-        match &observed {
-            Ok(listed) => {
-                source_status.last_ok_at_ms = Some(now);
-                source_status.agents_listed = *listed;
-                source_status.last_error = None;
-            }
-            Err(error) => {
-                source_status.last_error = Some(error.clone());
-                source_status.last_error_at_ms = Some(now);
-            }
+        if let Ok(listed) = &observed {
+            source_status.agents_listed = *listed;
         }
+        let outcome = observed.as_ref().map(|_| ()).map_err(Clone::clone);
+        source_status.health.observe(outcome, now);
     });
     observed.err()
+}
+
+/// Queues the live agents (those in `only`, or all and the space) for reconciliation;
+/// returns the keys queued.
+fn schedule_live(shared: &Shared, only: Option<&BTreeSet<String>>) -> Vec<Key> {
+    let mut keys: Vec<Key> = shared.state.read(|model| {
+        model
+            .agents
+            .live_records(only)
+            .map(|r| Key::agent(&r.agent_id))
+            .collect()
+    });
+    if only.is_none() {
+        keys.push(Key::Space);
+    }
+    for key in &keys {
+        shared.queue.schedule(key);
+    }
+    keys
 }
 
 /// Runs the start-up sync, the validation sweep every `sync.interval`, and requested syncs.
@@ -548,19 +545,7 @@ async fn run_sync(
     // The periodic sweep spreads its reads over half the interval; the others read now.
     let spread = (trigger == "interval").then(|| shared.config.sync.interval / 2);
     let swept = agents.sweep(only, spread).await;
-    let mut keys: Vec<Key> = shared.state.read(|model| {
-        model
-            .agents
-            .live_records(only)
-            .map(|r| Key::agent(&r.agent_id))
-            .collect()
-    });
-    if only.is_none() {
-        keys.push(Key::Space);
-    }
-    for key in &keys {
-        shared.queue.schedule(key);
-    }
+    let keys = schedule_live(shared, only);
     let _ = tokio::time::timeout(Duration::from_secs(600), shared.queue.wait_settled(&keys)).await;
     let summary = shared.state.status(|status| SyncSummary {
         trigger: trigger.to_owned(),
