@@ -79,7 +79,7 @@ fn events(count: usize, users: usize) -> Vec<(String, Option<&'static str>, Vec<
 }
 
 struct Row {
-    stage: &'static str,
+    stage: String,
     events: usize,
     seconds: f64,
 }
@@ -143,7 +143,7 @@ async fn in_process() -> Vec<Row> {
         .for_each_concurrent(16, |chain| {
             let (shared, effects) = (shared.clone(), effects.clone());
             async move {
-                for (offset, (header, payload)) in (0..).zip(chain) {
+                for (header, payload) in chain {
                     let Ok(Decoded::Event(event)) =
                         decode(header.map(str::as_bytes), Some(&payload))
                     else {
@@ -153,7 +153,7 @@ async fn in_process() -> Vec<Row> {
                         m.identities
                             .plan(&event, &shared.config.ids().server_name, options)
                     });
-                    let outcome = effects.apply(&plan, at(offset)).await;
+                    let outcome = effects.apply(&plan, next_position()).await;
                     assert!(
                         matches!(
                             outcome,
@@ -168,12 +168,13 @@ async fn in_process() -> Vec<Row> {
     let with_effects = started.elapsed().as_secs_f64();
     vec![
         Row {
-            stage: "decode -> model (plan), in process",
+            stage: "decode -> model (plan), in process".into(),
             events: IN_PROCESS_EVENTS,
             seconds: decode_plan,
         },
         Row {
-            stage: "decode -> model -> effects on stand-in HS, in process, 16 users in flight",
+            stage: "decode -> model -> effects on stand-in HS, in process, 16 users in flight"
+                .into(),
             events: IN_PROCESS_EVENTS,
             seconds: with_effects,
         },
@@ -227,7 +228,10 @@ fn now() -> f64 {
         .as_secs_f64()
 }
 
-async fn end_to_end() -> Row {
+/// `END_TO_END_EVENTS` events for `users` users produced before roster starts, then
+/// consumed through the broker. With few users a user's updates wait together and the
+/// newest supersedes the others; with one event per user every event is applied.
+async fn end_to_end(users: usize) -> Row {
     let scratch = Scratch::new("bench-e2e");
     let tansu = Tansu::start(scratch.path(), 3, &[TOPIC, DLQ]).await;
     let mut roster = Roster::configure(
@@ -236,11 +240,15 @@ async fn end_to_end() -> Row {
         &tansu.lifecycle_yaml(TOPIC, "bench", ""),
     );
     let fake = FakeHomeserver::start(&roster.as_token, SERVER_NAME, "letta").await;
+    // The acting-only registration's token acts as the @nova- users.
+    for token in roster.as_tokens() {
+        fake.accept_token(&token);
+    }
     roster.env("ROSTER_HOMESERVER__URL", &fake.url);
     roster.env("ROSTER_HOMESERVER__FLAVOR", "synapse");
     roster.env("ROSTER_LOG", "info");
     roster.env("ROSTER_LOG_FORMAT", "json");
-    let input = events(END_TO_END_EVENTS, 2_000);
+    let input = events(END_TO_END_EVENTS, users);
     let sends = input.iter().map(|(key, header, payload)| {
         let headers: Vec<(&str, &str)> = header.map(|h| ("event_type", h)).into_iter().collect();
         let tansu = &tansu;
@@ -255,22 +263,48 @@ async fn end_to_end() -> Row {
         .collect()
         .await;
     roster.start().await;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let log_path = roster.dir.join("roster-1.log");
-    let times = loop {
-        let times = applied_times(&std::fs::read_to_string(&log_path).unwrap_or_default());
-        if times.len() >= produced.len() || Instant::now() > deadline {
-            break times;
+    // Every event ends with an outcome counted once: applied, unchanged, superseded by a
+    // newer update of the same user (coalesced), ... Done when all are counted.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (done_at, metrics) = loop {
+        let metrics = roster.metrics().await;
+        let counted = sum_samples(&metrics, "roster_lifecycle_events_total", &[]);
+        if counted >= produced.len() as u64 || Instant::now() > deadline {
+            break (now(), metrics);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(times.len(), produced.len(), "every event applied");
-    let first = times.values().cloned().fold(f64::MAX, f64::min);
-    let last = times.values().cloned().fold(f64::MIN, f64::max);
+    let outcome = |o: &str| {
+        sum_samples(
+            &metrics,
+            "roster_lifecycle_events_total",
+            &[&format!("outcome=\"{o}\"")],
+        )
+    };
+    let counted = sum_samples(&metrics, "roster_lifecycle_events_total", &[]);
+    assert_eq!(
+        counted,
+        produced.len() as u64,
+        "every event has its outcome"
+    );
+    // From the moment roster was given the partitions: the group join is the broker's.
+    let log = std::fs::read_to_string(roster.dir.join("roster-1.log")).unwrap();
+    let assigned_at = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|v| v["fields"]["message"] == "lifecycle partitions assigned")
+        .map(|v| parse_timestamp(v["timestamp"].as_str().unwrap()))
+        .expect("roster logs the assignment");
     Row {
-        stage: "Kafka (tansu) -> roster binary -> stand-in HS, end to end",
+        stage: format!(
+            "Kafka (tansu) -> roster binary -> stand-in HS, end to end, {users} users \
+             ({} applied, {} superseded, {} unchanged)",
+            outcome("applied"),
+            outcome("superseded"),
+            outcome("unchanged")
+        ),
         events: produced.len(),
-        seconds: last - first,
+        seconds: done_at - assigned_at,
     }
 }
 
@@ -433,7 +467,7 @@ async fn apply_updates(
     let started = Instant::now();
     futures::stream::iter(per_user.into_values())
         .for_each_concurrent(16, |chain| async move {
-            for (offset, payload) in (0..).zip(chain) {
+            for payload in chain {
                 let Ok(decoded) = decode(Some(event_type.as_bytes()), Some(&payload)) else {
                     panic!("bench events decode");
                 };
@@ -442,7 +476,7 @@ async fn apply_updates(
                     m.identities
                         .plan(event, &shared.config.ids().server_name, options)
                 });
-                let outcome = effects.apply(&plan, at(offset)).await;
+                let outcome = effects.apply(&plan, next_position()).await;
                 assert!(
                     matches!(
                         outcome,
@@ -456,12 +490,14 @@ async fn apply_updates(
     started.elapsed().as_secs_f64()
 }
 
-/// Where a user's `offset`-th event sits: a user's events come in order, as Kafka
-/// delivers them (positions are remembered per user).
-fn at(offset: i64) -> EventPosition {
+/// Where the next event sits: every call a later offset, as Kafka delivers a partition (a
+/// user's events are applied in order, so each is later than the one applied before it; an
+/// offset seen again would be a redelivery, which roster does not apply twice).
+fn next_position() -> EventPosition {
+    static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
     EventPosition {
         partition: 0,
-        offset,
+        offset: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     }
 }
 
@@ -549,6 +585,21 @@ async fn noop_updates(remember: bool) -> Vec<NoopRow> {
     rows
 }
 
+fn print_throughput(rows: &[Row]) {
+    println!();
+    println!("| lifecycle throughput (homeserver: local stand-in) | events | seconds | events/s |");
+    println!("|---|---:|---:|---:|");
+    for row in rows {
+        println!(
+            "| {} | {} | {:.2} | {:.0} |",
+            row.stage,
+            row.events,
+            row.seconds,
+            row.events as f64 / row.seconds
+        );
+    }
+}
+
 fn print_noop(rows: &[NoopRow]) {
     println!();
     println!(
@@ -569,29 +620,27 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let only_noop = std::env::args().any(|a| a == "noop");
+    // `noop` or `throughput` runs that part alone.
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     runtime.block_on(async {
+        if only.as_deref() == Some("throughput") {
+            let mut rows = in_process().await;
+            rows.push(end_to_end(2_000).await);
+            rows.push(end_to_end(END_TO_END_EVENTS).await);
+            print_throughput(&rows);
+            return;
+        }
         let mut noop = noop_updates(true).await;
         noop.extend(noop_updates(false).await);
-        if only_noop {
+        if only.as_deref() == Some("noop") {
             print_noop(&noop);
             return;
         }
         let mut rows = in_process().await;
-        rows.push(end_to_end().await);
+        rows.push(end_to_end(2_000).await);
+        rows.push(end_to_end(END_TO_END_EVENTS).await);
         let latency = latency_on_synapse().await;
-        println!();
-        println!("| lifecycle throughput (homeserver: local stand-in) | events | seconds | events/s |");
-        println!("|---|---:|---:|---:|");
-        for row in &rows {
-            println!(
-                "| {} | {} | {:.2} | {:.0} |",
-                row.stage,
-                row.events,
-                row.seconds,
-                row.events as f64 / row.seconds
-            );
-        }
+        print_throughput(&rows);
         println!();
         println!(
             "| produce -> effect on real Synapse (display-name updates, 200 users) | events | produced/s | applied/s | p50 ms | p99 ms | max ms |"

@@ -258,17 +258,8 @@ async fn main() {
 
     let started = Instant::now();
     roster.start().await;
-    let http = reqwest::Client::new();
     let status = eventually(Duration::from_secs(3600), "agents provisioned", || async {
-        let status: Value = http
-            .get(roster.admin_url("/admin/v1/status"))
-            .bearer_auth(&roster.admin_token)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let status = roster.status().await;
         (status["rooms"] == n && status["pending"] == 0 && status["running"] == 0).then_some(status)
     })
     .await;
@@ -298,7 +289,7 @@ async fn main() {
     let implicit_creators = default_version == "org.matrix.hydra.11"
         || default_version.parse::<u32>().is_ok_and(|v| v >= 12);
     let floor = Floor {
-        http: http.clone(),
+        http: reqwest::Client::new(),
         base: synapse.url(),
         pushed_token: roster.as_token.clone(),
         acting_token,

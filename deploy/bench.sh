@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs one of roster's benchmarks and prints its tables (installs the peers it needs).
-#   deploy/bench.sh provision [N] | lifecycle | ingest [TXNS [EVENTS]] | memory [N] | flood [N] | sweep [ROOMS [MS]]
+#   deploy/bench.sh provision [N] | lifecycle [noop|throughput] | ingest [TXNS [EVENTS]] | memory [N] | flood [N] | sweep [ROOMS [MS]]
 #     provision: N agents (default 200) from cold on a real Synapse; beside it, in the same
 #                run, Synapse's own time for the same rooms at the same concurrency
 #     lifecycle: lifecycle events/s (decode -> model -> actions, stand-in homeserver),
 #                produce -> effect latency on a real Synapse at 100 events/s, and the
-#                homeserver requests of no-op profile updates (`lifecycle noop`: that alone)
+#                homeserver requests of no-op profile updates (`lifecycle noop` or
+#                `lifecycle throughput`: that part alone)
 #     ingest:    transactions/s and peak RSS of roster, a minimal mautrix-python and a
 #                minimal matrix-appservice-bridge appservice fed the same transactions
 #                (default 2,000 x 50 member events)

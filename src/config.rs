@@ -373,7 +373,7 @@ pub struct LifecycleConfig {
     pub avatar_fetch_timeout: Duration,
     /// Users whose events are applied at once; one user's events are applied in order.
     pub max_in_flight_users: usize,
-    /// Messages received but not yet done, across partitions; beyond it consuming pauses.
+    /// Messages received but not yet done, across partitions; beyond it none is taken.
     pub max_buffered_events: usize,
     /// Where a consumer group with no committed offsets starts.
     pub start_from: StartFrom,

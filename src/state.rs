@@ -34,6 +34,9 @@ pub enum StateError {
     Store(#[from] StoreError),
     #[error("the store worker stopped unexpectedly: {0}")]
     Worker(String),
+    /// A batched write failed (the store error, as text: every writer in the batch gets it).
+    #[error("{0}")]
+    ProfileWrite(String),
 }
 
 /// Whether a transaction was new.
@@ -169,6 +172,49 @@ struct Inner {
     profiles: moka::sync::Cache<OwnedUserId, AppliedProfile>,
     /// History imported into new agent rooms, by room.
     history: Mutex<BTreeMap<OwnedRoomId, HistoryImport>>,
+    /// Applied identity profiles on their way to the store ([`profile_writer`]).
+    profile_writes: std::sync::mpsc::Sender<ProfileWrite>,
+}
+
+/// One applied profile to store, and where to say how that went.
+struct ProfileWrite {
+    user: OwnedUserId,
+    profile: AppliedProfile,
+    at_ms: u64,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Most profiles one commit takes.
+const PROFILE_BATCH: usize = 256;
+
+/// Stores applied identity profiles on a thread of its own, with group commit: the writes
+/// that arrive while one commit reaches the disk go together in the next, so concurrent
+/// lifecycle events share an fsync instead of waiting in line for one each. Each writer
+/// hears back only after its commit. Ends when the state is gone.
+fn profile_writer(state: std::sync::Weak<Inner>, writes: std::sync::mpsc::Receiver<ProfileWrite>) {
+    while let Ok(first) = writes.recv() {
+        let mut batch = vec![first];
+        while batch.len() < PROFILE_BATCH
+            && let Ok(next) = writes.try_recv()
+        {
+            batch.push(next);
+        }
+        let Some(inner) = state.upgrade() else {
+            return;
+        };
+        let rows: Vec<_> = batch
+            .iter()
+            .map(|w| (w.user.as_ref(), &w.profile, w.at_ms))
+            .collect();
+        let outcome = inner
+            .store
+            .save_identity_profiles(&rows)
+            .map_err(|e| e.to_string());
+        drop(inner);
+        for write in batch {
+            let _ = write.done.send(outcome.clone());
+        }
+    }
 }
 
 impl State {
@@ -199,16 +245,22 @@ impl State {
                 .map_err(|e| StoreError::Corrupt(format!("meta row space: {e}")))?;
         }
         let history = store.history_imports()?.into_iter().collect();
-        Ok(State {
-            inner: Arc::new(Inner {
-                model: RwLock::new(model),
-                store,
-                status: Mutex::new(Status::default()),
-                ids,
-                profiles: moka::sync::Cache::new(PROFILE_CACHE),
-                history: Mutex::new(history),
-            }),
-        })
+        let (profile_writes, queued) = std::sync::mpsc::channel();
+        let inner = Arc::new(Inner {
+            model: RwLock::new(model),
+            store,
+            status: Mutex::new(Status::default()),
+            ids,
+            profiles: moka::sync::Cache::new(PROFILE_CACHE),
+            history: Mutex::new(history),
+            profile_writes,
+        });
+        let state = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("roster-profiles".into())
+            .spawn(move || profile_writer(state, queued))
+            .expect("the system starts a thread");
+        Ok(State { inner })
     }
 
     /// Reads the model. Keep `f` short: writers wait for it.
@@ -424,10 +476,23 @@ impl State {
         profile: AppliedProfile,
         at_ms: u64,
     ) -> Result<(), StateError> {
-        let (key, cached) = (user.clone(), profile.clone());
-        self.blocking(move |store| store.save_identity_profile(&user, &profile, at_ms))
-            .await?;
-        self.inner.profiles.insert(key, cached);
+        let (done, stored) = tokio::sync::oneshot::channel();
+        let write = ProfileWrite {
+            user: user.clone(),
+            profile: profile.clone(),
+            at_ms,
+            done,
+        };
+        let stopped = || StateError::Worker("the profile writer stopped".into());
+        self.inner
+            .profile_writes
+            .send(write)
+            .map_err(|_| stopped())?;
+        stored
+            .await
+            .map_err(|_| stopped())?
+            .map_err(StateError::ProfileWrite)?;
+        self.inner.profiles.insert(user, profile);
         Ok(())
     }
 
@@ -844,5 +909,33 @@ mod tests {
         assert_eq!(state.applied_profile(&user).await.unwrap(), profile);
         assert_eq!(state.upload("sha256:ab").await.unwrap(), Some(upload));
         assert_eq!(state.history_import(&room), Some(import));
+    }
+
+    /// Profiles written side by side go to the store in shared commits; each writer hears
+    /// back after its own is stored, and every one is there after a reopen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn should_store_every_profile_written_side_by_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = reopen(dir.path());
+        let profile = |n: usize| AppliedProfile {
+            displayname: Some(format!("User {n}")),
+            ..AppliedProfile::default()
+        };
+        let user = |n: usize| UserId::parse(format!("@nova-{n}:ex.org")).unwrap();
+        let writes = (0..300).map(|n| {
+            let state = state.clone();
+            tokio::spawn(async move { state.record_applied_profile(user(n), profile(n), 1).await })
+        });
+        for written in futures::future::join_all(writes).await {
+            written.unwrap().unwrap();
+        }
+        drop(state);
+        let reopened = reopen(dir.path());
+        for n in 0..300 {
+            assert_eq!(
+                reopened.applied_profile(&user(n)).await.unwrap(),
+                profile(n)
+            );
+        }
     }
 }

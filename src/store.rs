@@ -492,24 +492,39 @@ impl Store {
         profile: &AppliedProfile,
         at_ms: u64,
     ) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO identity_profiles (user_id, displayname, avatar_source, avatar_mxc, updated_ms,
-               applied_partition, applied_offset)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (user_id) DO UPDATE SET displayname = excluded.displayname,
-               avatar_source = excluded.avatar_source, avatar_mxc = excluded.avatar_mxc,
-               updated_ms = excluded.updated_ms, applied_partition = excluded.applied_partition,
-               applied_offset = excluded.applied_offset",
-            params![
-                user.as_str(),
-                profile.displayname,
-                profile.avatar_source,
-                profile.avatar_mxc,
-                at_ms as i64,
-                profile.applied_at.map(|at| at.partition),
-                profile.applied_at.map(|at| at.offset),
-            ],
-        )?;
+        self.save_identity_profiles(&[(user, profile, at_ms)])
+    }
+
+    /// Saves several users' applied profiles in one commit, so they share one fsync.
+    pub fn save_identity_profiles(
+        &self,
+        rows: &[(&ruma::UserId, &AppliedProfile, u64)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO identity_profiles (user_id, displayname, avatar_source, avatar_mxc,
+                   updated_ms, applied_partition, applied_offset)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (user_id) DO UPDATE SET displayname = excluded.displayname,
+                   avatar_source = excluded.avatar_source, avatar_mxc = excluded.avatar_mxc,
+                   updated_ms = excluded.updated_ms, applied_partition = excluded.applied_partition,
+                   applied_offset = excluded.applied_offset",
+            )?;
+            for (user, profile, at_ms) in rows {
+                upsert.execute(params![
+                    user.as_str(),
+                    profile.displayname,
+                    profile.avatar_source,
+                    profile.avatar_mxc,
+                    *at_ms as i64,
+                    profile.applied_at.map(|at| at.partition),
+                    profile.applied_at.map(|at| at.offset),
+                ])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 

@@ -68,6 +68,8 @@ struct Fault {
 #[derive(Debug, Default)]
 pub struct World {
     pub as_token: String,
+    /// Further appservice tokens accepted (an acting-only registration's).
+    pub other_tokens: Vec<String>,
     pub server_name: String,
     pub bot: String,
     pub users: BTreeMap<String, Profile>,
@@ -121,6 +123,11 @@ impl FakeHomeserver {
         let url = format!("http://{}", listener.local_addr().expect("an address"));
         tokio::spawn(async move { axum::serve(listener, app).await });
         FakeHomeserver { url, world }
+    }
+
+    /// Accepts `token` too, as a homeserver does each registration's `as_token`.
+    pub fn accept_token(&self, token: &str) {
+        self.world().other_tokens.push(token.to_owned());
     }
 
     pub fn world(&self) -> MutexGuard<'_, World> {
@@ -324,7 +331,7 @@ async fn answer(
         && (path.starts_with("/_matrix/client/v3/directory/room/")
             || path.starts_with("/_matrix/client/v3/profile/"));
     match bearer {
-        Some(token) if token != w.as_token => {
+        Some(token) if token != w.as_token && !w.other_tokens.iter().any(|t| t == token) => {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "M_UNKNOWN_TOKEN",

@@ -71,6 +71,32 @@ impl Stack {
             .await
     }
 
+    /// Produces `events` as (event type header, body), adding their positions to `produced`.
+    async fn produce_all(&self, produced: &mut Vec<(i32, i64)>, events: &[(&str, Value)]) {
+        for (event_type, body) in events {
+            produced.push(self.produce(None, Some(event_type), body).await);
+        }
+    }
+
+    /// Produces `events`, waits until all of `produced` is committed, and returns what roster
+    /// sent the homeserver meanwhile as (names, avatars, uploads), checked against Synapse.
+    async fn writes_of(
+        &self,
+        produced: &mut Vec<(i32, i64)>,
+        events: &[(&str, Value)],
+    ) -> (u64, u64, u64) {
+        let before = Writes::now(self).await;
+        self.produce_all(produced, events).await;
+        self.wait_committed(produced).await;
+        Writes::now(self).await.since(before)
+    }
+
+    /// Neither roster nor Synapse counted a request since the counts given.
+    async fn assert_sent_nothing_since(&self, roster_before: u64, synapse_before: u64) {
+        assert_eq!(self.roster.homeserver_requests(None).await, roster_before);
+        assert_eq!(self.synapse.requests_received_total().await, synapse_before);
+    }
+
     async fn user(&self, user: &str) -> Option<Value> {
         self.synapse.admin_user(&self.admin, user).await
     }
@@ -1314,24 +1340,21 @@ async fn profile_updates_send_the_homeserver_only_what_changed() {
     let update = |id: &str, name: &str, avatar: &str, followers: u32| {
         let mut body = profile(id, "u", Some(name), Some(avatar));
         body["follower_count"] = json!(followers);
-        body
+        ("UserProfileUpdatedEvent", body)
     };
+    let created = |id: &str, name: &str| ("UserCreatedEvent", created(id, name));
     stack.roster.start().await;
-    let mut produced = vec![
-        stack
-            .produce(None, Some("UserCreatedEvent"), &created(&alice, "alice"))
-            .await,
-        stack
-            .produce(None, Some("UserCreatedEvent"), &created(&bob, "bob"))
-            .await,
-        stack
-            .produce(
-                None,
-                Some("UserProfileUpdatedEvent"),
-                &update(&alice, "Alice", &pic1, 0),
-            )
-            .await,
-    ];
+    let mut produced = Vec::new();
+    stack
+        .produce_all(
+            &mut produced,
+            &[
+                created(&alice, "alice"),
+                created(&bob, "bob"),
+                update(&alice, "Alice", &pic1, 0),
+            ],
+        )
+        .await;
     let first = stack
         .wait_user(&nova(&alice), "named, with an avatar", |u| {
             display_name(u) == Some("Alice") && u["avatar_url"].as_str().is_some()
@@ -1345,17 +1368,10 @@ async fn profile_updates_send_the_homeserver_only_what_changed() {
     // Synapse's count of every request it received and by roster's.
     let (roster_before, synapse_before) = wait_quiet(&stack.roster, &stack.synapse).await;
     let applied_before = stack.events("profile_updated", "applied").await;
-    for followers in 1..=20 {
-        produced.push(
-            stack
-                .produce(
-                    None,
-                    Some("UserProfileUpdatedEvent"),
-                    &update(&alice, "Alice", &pic1, followers),
-                )
-                .await,
-        );
-    }
+    let unchanged: Vec<_> = (1..=20)
+        .map(|followers| update(&alice, "Alice", &pic1, followers))
+        .collect();
+    stack.produce_all(&mut produced, &unchanged).await;
     stack.wait_committed(&produced).await;
     let unchanged = stack.events("profile_updated", "unchanged").await;
     let superseded = stack.events("profile_updated", "superseded").await;
@@ -1366,43 +1382,25 @@ async fn profile_updates_send_the_homeserver_only_what_changed() {
         stack.events("profile_updated", "applied").await,
         applied_before
     );
-    assert_eq!(stack.roster.homeserver_requests(None).await, roster_before);
-    assert_eq!(
-        stack.synapse.requests_received_total().await,
-        synapse_before
-    );
+    stack
+        .assert_sent_nothing_since(roster_before, synapse_before)
+        .await;
     assert_eq!(fetched.load(Ordering::SeqCst), 1, "nothing fetched either");
 
     // A new name alone: one display-name request, no avatar request, no upload.
-    let before = Writes::now(&stack).await;
-    produced.push(
-        stack
-            .produce(
-                None,
-                Some("UserProfileUpdatedEvent"),
-                &update(&alice, "Alice A.", &pic1, 21),
-            )
-            .await,
-    );
-    stack.wait_committed(&produced).await;
-    assert_eq!(Writes::now(&stack).await.since(before), (1, 0, 0));
+    let sent = stack
+        .writes_of(&mut produced, &[update(&alice, "Alice A.", &pic1, 21)])
+        .await;
+    assert_eq!(sent, (1, 0, 0));
     let user = stack.user(&nova(&alice)).await.unwrap();
     assert_eq!(display_name(&user), Some("Alice A."));
     assert_eq!(user["avatar_url"].as_str(), Some(mxc1.as_str()));
 
     // A new avatar alone: fetched and uploaded once, set once, the name left alone.
-    let before = Writes::now(&stack).await;
-    produced.push(
-        stack
-            .produce(
-                None,
-                Some("UserProfileUpdatedEvent"),
-                &update(&alice, "Alice A.", &pic2, 22),
-            )
-            .await,
-    );
-    stack.wait_committed(&produced).await;
-    assert_eq!(Writes::now(&stack).await.since(before), (0, 1, 1));
+    let sent = stack
+        .writes_of(&mut produced, &[update(&alice, "Alice A.", &pic2, 22)])
+        .await;
+    assert_eq!(sent, (0, 1, 1));
     assert_eq!(fetched.load(Ordering::SeqCst), 2);
     let user = stack.user(&nova(&alice)).await.unwrap();
     let mxc2 = user["avatar_url"].as_str().unwrap().to_owned();
@@ -1410,24 +1408,16 @@ async fn profile_updates_send_the_homeserver_only_what_changed() {
 
     // A repeated avatar URL (another user names the first picture) is not fetched or
     // uploaded again: its mxc:// is reused.
-    let before = Writes::now(&stack).await;
-    produced.push(
-        stack
-            .produce(
-                None,
-                Some("UserProfileUpdatedEvent"),
-                &update(&bob, "Bob", &pic1, 0),
-            )
-            .await,
-    );
-    stack.wait_committed(&produced).await;
+    let sent = stack
+        .writes_of(&mut produced, &[update(&bob, "Bob", &pic1, 0)])
+        .await;
     let bob_user = stack
         .wait_user(&nova(&bob), "renamed, with the reused avatar", |u| {
             display_name(u) == Some("Bob")
         })
         .await;
     assert_eq!(bob_user["avatar_url"].as_str(), Some(mxc1.as_str()));
-    assert_eq!(Writes::now(&stack).await.since(before), (1, 1, 0));
+    assert_eq!(sent, (1, 1, 0));
     assert_eq!(
         fetched.load(Ordering::SeqCst),
         2,
@@ -1439,45 +1429,28 @@ async fn profile_updates_send_the_homeserver_only_what_changed() {
     stack.roster.start().await;
     stack.roster.wait_ready().await;
     let (roster_before, synapse_before) = wait_quiet(&stack.roster, &stack.synapse).await;
-    for (id, name, pic) in [(&alice, "Alice A.", &pic2), (&bob, "Bob", &pic1)] {
-        produced.push(
-            stack
-                .produce(
-                    None,
-                    Some("UserProfileUpdatedEvent"),
-                    &update(id, name, pic, 99),
-                )
-                .await,
-        );
-    }
+    let again = [
+        update(&alice, "Alice A.", &pic2, 99),
+        update(&bob, "Bob", &pic1, 99),
+    ];
+    stack.produce_all(&mut produced, &again).await;
     stack.wait_committed(&produced).await;
     assert_eq!(stack.events("profile_updated", "unchanged").await, 2);
     assert_eq!(stack.events("profile_updated", "applied").await, 0);
-    assert_eq!(stack.roster.homeserver_requests(None).await, roster_before);
-    assert_eq!(
-        stack.synapse.requests_received_total().await,
-        synapse_before
-    );
+    stack
+        .assert_sent_nothing_since(roster_before, synapse_before)
+        .await;
     assert_eq!(fetched.load(Ordering::SeqCst), 2);
 
     // And a created user whose next update names its username again: nothing sent for it.
-    let before = Writes::now(&stack).await;
-    produced.push(
-        stack
-            .produce(None, Some("UserCreatedEvent"), &created(&carol, "carol"))
-            .await,
+    let carol_again = (
+        "UserProfileUpdatedEvent",
+        profile(&carol, "carol", None, None),
     );
-    produced.push(
-        stack
-            .produce(
-                None,
-                Some("UserProfileUpdatedEvent"),
-                &profile(&carol, "carol", None, None),
-            )
-            .await,
-    );
-    stack.wait_committed(&produced).await;
-    assert_eq!(Writes::now(&stack).await.since(before), (1, 0, 0));
+    let sent = stack
+        .writes_of(&mut produced, &[created(&carol, "carol"), carol_again])
+        .await;
+    assert_eq!(sent, (1, 0, 0));
     assert_eq!(stack.events("profile_updated", "unchanged").await, 3);
     stack.synapse.assert_no_logins().await;
     stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);

@@ -18,7 +18,8 @@
 //!   except for an event consumed again by `replay`, which is applied in full.
 //! - While the homeserver (or the dead-letter topic) is unreachable, the message is retried
 //!   with backoff and its partition is paused: nothing after it is committed or skipped, and
-//!   at most `max_buffered_events` messages are held; beyond that every partition pauses.
+//!   at most `max_buffered_events` messages are held; beyond that no message is taken, and
+//!   after 10 s of that every partition pauses (the consumer polls on, fetching nothing).
 //!   A partition that waits is listed in status and in `roster_lifecycle_stalled_seconds`.
 //! - A rebalance commits what is done for the partitions leaving and drops their pending
 //!   work (the next owner gets it again; every effect is idempotent).

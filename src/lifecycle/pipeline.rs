@@ -31,6 +31,11 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(250);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Bound on asking the broker for a partition's range (replay).
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a full buffer only stops taking messages before every partition is paused.
+/// Not taking leaves librdkafka's prefetched messages where they are, so the backlog flows
+/// on the moment there is room; pausing drops them (they are fetched again on resume) but
+/// lets the consumer go on polling, which the group requires (`max.poll.interval.ms`).
+const FULL_BEFORE_PAUSE: Duration = Duration::from_secs(10);
 
 struct Running {
     key: String,
@@ -52,6 +57,8 @@ pub struct Pipeline {
     max_buffered: usize,
     /// Partitions shown as stalled last time, so a recovered one drops back to 0.
     shown_stalled: Vec<i32>,
+    /// Since when the buffer has been full, while it is.
+    full_since: Option<tokio::time::Instant>,
 }
 
 impl Pipeline {
@@ -74,6 +81,7 @@ impl Pipeline {
             max_in_flight,
             max_buffered,
             shown_stalled: Vec::new(),
+            full_since: None,
         }
     }
 
@@ -95,7 +103,7 @@ impl Pipeline {
                 self.drop_partitions(&revoked);
             }
             self.start_jobs();
-            self.apply_pauses();
+            let take = self.apply_pauses();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -110,7 +118,7 @@ impl Pipeline {
                     self.commit(CommitMode::Async);
                     self.show_stalls();
                 }
-                received = self.consumer.recv() => match received.map(|m| Message::from_kafka(&m)) {
+                received = self.consumer.recv(), if take => match received.map(|m| Message::from_kafka(&m)) {
                     Ok(message) => self.receive(message),
                     Err(error) => {
                         tracing::warn!(error = %error, "lifecycle consumer error");
@@ -198,9 +206,21 @@ impl Pipeline {
         }
     }
 
-    fn apply_pauses(&mut self) {
-        let buffered = self.queue.len() + self.running.len();
-        let changes = self.offsets().pause_changes(buffered >= self.max_buffered);
+    /// Pauses the partitions that wait on the homeserver, and every partition once the
+    /// buffer has been full for [`FULL_BEFORE_PAUSE`]; resumes the others. Returns whether
+    /// to take messages now: not while the buffer is full, unless all is paused.
+    fn apply_pauses(&mut self) -> bool {
+        let full = self.queue.len() + self.running.len() >= self.max_buffered;
+        let now = tokio::time::Instant::now();
+        self.full_since = if full {
+            Some(self.full_since.unwrap_or(now))
+        } else {
+            None
+        };
+        let pause_all = self
+            .full_since
+            .is_some_and(|since| now.duration_since(since) >= FULL_BEFORE_PAUSE);
+        let changes = self.offsets().pause_changes(pause_all);
         for (partitions, pause) in [(&changes.pause, true), (&changes.resume, false)] {
             if partitions.is_empty() {
                 continue;
@@ -221,6 +241,7 @@ impl Pipeline {
                 }
             }
         }
+        !full || pause_all
     }
 
     /// Publishes which partitions wait, since when and why: status and the stall gauge.
