@@ -133,39 +133,7 @@ async fn in_process() -> Vec<Row> {
             .unwrap()
             .unwrap(),
     );
-    type Chain = Vec<(Option<&'static str>, Vec<u8>)>;
-    let mut per_user: std::collections::BTreeMap<String, Chain> = Default::default();
-    for (key, header, payload) in input {
-        per_user.entry(key).or_default().push((header, payload));
-    }
-    let started = Instant::now();
-    futures::stream::iter(per_user.into_values())
-        .for_each_concurrent(16, |chain| {
-            let (shared, effects) = (shared.clone(), effects.clone());
-            async move {
-                for (header, payload) in chain {
-                    let Ok(Decoded::Event(event)) =
-                        decode(header.map(str::as_bytes), Some(&payload))
-                    else {
-                        continue;
-                    };
-                    let plan = shared.state.read(|m| {
-                        m.identities
-                            .plan(&event, &shared.config.ids().server_name, options)
-                    });
-                    let outcome = effects.apply(&plan, next_position()).await;
-                    assert!(
-                        matches!(
-                            outcome,
-                            Outcome::Done(Applied::Taken(_) | Applied::Unchanged)
-                        ),
-                        "{outcome:?}"
-                    );
-                }
-            }
-        })
-        .await;
-    let with_effects = started.elapsed().as_secs_f64();
+    let with_effects = apply_updates(&shared, &effects, input).await;
     vec![
         Row {
             stage: "decode -> model (plan), in process".into(),
@@ -449,26 +417,27 @@ async fn picture_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     (format!("http://{addr}"), fetched)
 }
 
-/// Applies `updates` (user index, payload) in process, one user at a time in order, 16
-/// users at once; returns how long it took.
+/// Applies `events` (user key, event type header, payload) in process, one user at a
+/// time in order, 16 users at once (`lifecycle.max_in_flight_users`); returns how long it
+/// took.
 async fn apply_updates(
     shared: &Arc<roster::Shared>,
     effects: &Arc<IdentityEffects>,
-    updates: Vec<(usize, Vec<u8>)>,
-    event_type: &'static str,
+    events: Vec<(String, Option<&'static str>, Vec<u8>)>,
 ) -> f64 {
     let options = PlanOptions {
         create_missing_users: true,
     };
-    let mut per_user: std::collections::BTreeMap<usize, Vec<Vec<u8>>> = Default::default();
-    for (user, payload) in updates {
-        per_user.entry(user).or_default().push(payload);
+    type Chain = Vec<(Option<&'static str>, Vec<u8>)>;
+    let mut per_user: std::collections::BTreeMap<String, Chain> = Default::default();
+    for (user, header, payload) in events {
+        per_user.entry(user).or_default().push((header, payload));
     }
     let started = Instant::now();
     futures::stream::iter(per_user.into_values())
         .for_each_concurrent(16, |chain| async move {
-            for payload in chain {
-                let Ok(decoded) = decode(Some(event_type.as_bytes()), Some(&payload)) else {
+            for (header, payload) in chain {
+                let Ok(decoded) = decode(header.map(str::as_bytes), Some(&payload)) else {
                     panic!("bench events decode");
                 };
                 let event = decoded.event().expect("an identity event");
@@ -537,16 +506,24 @@ async fn noop_updates(remember: bool) -> Vec<NoopRow> {
     let created = (0..NOOP_USERS)
         .map(|n| {
             let body = json!({ "user_id": uuid(n), "username": format!("user{n}") });
-            (n, serde_json::to_vec(&body).unwrap())
+            (
+                uuid(n),
+                Some("UserCreatedEvent"),
+                serde_json::to_vec(&body).unwrap(),
+            )
         })
         .collect();
-    apply_updates(&shared, &effects, created, "UserCreatedEvent").await;
+    apply_updates(&shared, &effects, created).await;
     let update = |n: usize, followers: usize| {
         let body = json!({ "user_id": uuid(n), "username": format!("user{n}"),
             "display_name": format!("User {n}"), "bio": "hi",
             "avatar_url": format!("{pictures}/pic{}.png", n % NOOP_PICTURES),
             "is_verified": false, "follower_count": followers, "updated_at": "t" });
-        (n, serde_json::to_vec(&body).unwrap())
+        (
+            uuid(n),
+            Some("UserProfileUpdatedEvent"),
+            serde_json::to_vec(&body).unwrap(),
+        )
     };
     let memory = if remember {
         "remembering what was applied"
@@ -573,7 +550,7 @@ async fn noop_updates(remember: bool) -> Vec<NoopRow> {
             fetched.load(Ordering::SeqCst),
         );
         let count = updates.len();
-        let seconds = apply_updates(&shared, &effects, updates, "UserProfileUpdatedEvent").await;
+        let seconds = apply_updates(&shared, &effects, updates).await;
         rows.push(NoopRow {
             stage,
             updates: count,
