@@ -615,6 +615,16 @@ impl Drop for Letta {
     }
 }
 
+/// A response's HTTP status and Matrix `errcode` (empty when it carries none).
+pub async fn status_and_errcode(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["errcode"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
 /// Sums the samples of `name` whose labels contain every one of `labels`.
 pub fn sum_samples(text: &str, name: &str, labels: &[&str]) -> u64 {
     text.lines()
