@@ -98,7 +98,7 @@ pub struct Health {
 }
 
 impl Health {
-    /// Records one request's outcome: `Err` with the reason when the homeserver failed it.
+    /// Records one request's outcome: `Err` with the reason when the peer failed it.
     pub fn observe(&mut self, outcome: Result<(), String>, now_ms: u64) {
         match outcome {
             Ok(()) => {

@@ -645,12 +645,12 @@ async fn masquerading_loop_on_real_synapse_with_zero_logins() {
         }
     };
     let room = managed.as_str();
-    let (admin, carol_invited) = (admin_token.as_str(), json!({ "user_id": carol }));
+    let (as_admin, carol_invited) = (admin_token.as_str(), json!({ "user_id": carol }));
     let steps = [
-        ("invite", admin, carol_invited.clone(), "invite"),
+        ("invite", as_admin, carol_invited.clone(), "invite"),
         ("join", carol_token.as_str(), json!({}), "join"),
-        ("kick", admin, carol_invited.clone(), "leave"),
-        ("invite", admin, carol_invited, "invite"),
+        ("kick", as_admin, carol_invited.clone(), "leave"),
+        ("invite", as_admin, carol_invited, "invite"),
         ("leave", carol_token.as_str(), json!({}), "leave"),
     ];
     for (action, token, body, membership) in steps {
