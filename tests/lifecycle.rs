@@ -681,6 +681,53 @@ async fn sigkill_mid_batch_loses_nothing_and_commits_to_the_end() {
     stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
 }
 
+/// A backlog far larger than `max_buffered_events`: while the buffer is full roster takes
+/// no message, and takes the rest as it drains. Every event gets its outcome, each user ends
+/// at its last update, and everything is committed.
+#[tokio::test]
+async fn a_backlog_larger_than_the_buffer_is_taken_as_it_drains() {
+    let mut stack = Stack::new(
+        "lifecycle-small-buffer",
+        "  max_buffered_events: 3\n  max_in_flight_users: 2\n",
+    )
+    .await;
+    const USERS: u32 = 15;
+    let mut produced = Vec::new();
+    for n in 0..USERS {
+        let id = uuid(11, n);
+        let mut events = vec![("UserCreatedEvent", created(&id, &format!("user-{n}")))];
+        for round in 1..=2 {
+            let name = format!("user-{n}-v{round}");
+            events.push((
+                "UserProfileUpdatedEvent",
+                profile(&id, "u", Some(&name), None),
+            ));
+        }
+        stack.produce_all(&mut produced, &events).await;
+    }
+    stack.roster.start().await;
+    stack.wait_committed(&produced).await;
+    for n in 0..USERS {
+        let want = format!("user-{n}-v2");
+        stack
+            .wait_user(&nova(&uuid(11, n)), &format!("display name {want}"), |u| {
+                display_name(u) == Some(want.as_str())
+            })
+            .await;
+    }
+    let outcomes = stack
+        .roster
+        .metric("roster_lifecycle_events_total", &[])
+        .await;
+    assert_eq!(
+        outcomes,
+        produced.len() as u64,
+        "every event has one outcome"
+    );
+    stack.synapse.assert_no_logins().await;
+    stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
+}
+
 #[tokio::test]
 async fn synapse_away_commits_nothing_and_applies_in_order_per_user_when_back() {
     let mut stack = Stack::new("lifecycle-synapse-away", "").await;
