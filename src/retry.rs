@@ -83,7 +83,8 @@ pub fn jitter(wait: Duration) -> Duration {
     wait + Duration::from_millis(rand::random_range(0..=spread))
 }
 
-/// Runs `attempt` until it succeeds; `None` when `shutdown` comes first.
+/// Runs `attempt` until it succeeds, backing off as [`Backoff::DEFAULT`] (or as the server
+/// asks); `None` when `shutdown` comes first.
 ///
 /// For start-up steps that cannot be skipped. An error refused for good is retried too, at
 /// the slowest pace: at start-up it usually means the homeserver has not loaded the
