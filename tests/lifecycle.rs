@@ -91,6 +91,20 @@ impl Stack {
         Writes::now(self).await.since(before)
     }
 
+    /// Waits until users 0..`users` of `uuid` group `group` show the name of their last
+    /// update, `user-N-v2`.
+    async fn wait_last_names(&self, group: u32, users: u32) {
+        for n in 0..users {
+            let want = format!("user-{n}-v2");
+            self.wait_user(
+                &nova(&uuid(group, n)),
+                &format!("display name {want}"),
+                |u| display_name(u) == Some(want.as_str()),
+            )
+            .await;
+        }
+    }
+
     /// Neither roster nor Synapse counted a request since the counts given.
     async fn assert_sent_nothing_since(&self, roster_before: u64, synapse_before: u64) {
         assert_eq!(self.roster.homeserver_requests(None).await, roster_before);
@@ -668,14 +682,7 @@ async fn sigkill_mid_batch_loses_nothing_and_commits_to_the_end() {
 
     roster.start().await;
     let stack = Stack { roster, ..stack };
-    for n in 0..USERS {
-        let want = format!("user-{n}-v2");
-        stack
-            .wait_user(&nova(&uuid(3, n)), &format!("display name {want}"), |u| {
-                display_name(u) == Some(want.as_str())
-            })
-            .await;
-    }
+    stack.wait_last_names(3, USERS).await;
     stack.wait_committed(&produced).await;
     stack.synapse.assert_no_logins().await;
     stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
@@ -707,14 +714,7 @@ async fn a_backlog_larger_than_the_buffer_is_taken_as_it_drains() {
     }
     stack.roster.start().await;
     stack.wait_committed(&produced).await;
-    for n in 0..USERS {
-        let want = format!("user-{n}-v2");
-        stack
-            .wait_user(&nova(&uuid(11, n)), &format!("display name {want}"), |u| {
-                display_name(u) == Some(want.as_str())
-            })
-            .await;
-    }
+    stack.wait_last_names(11, USERS).await;
     let outcomes = stack
         .roster
         .metric("roster_lifecycle_events_total", &[])
