@@ -486,15 +486,6 @@ impl Store {
             .optional()?)
     }
 
-    pub fn save_identity_profile(
-        &self,
-        user: &ruma::UserId,
-        profile: &AppliedProfile,
-        at_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.save_identity_profiles(&[(user, profile, at_ms)])
-    }
-
     /// Saves several users' applied profiles in one commit, so they share one fsync.
     pub fn save_identity_profiles(
         &self,
@@ -815,7 +806,9 @@ mod tests {
             avatar_mxc: Some("mxc://example.org/a".into()),
             applied_at: None,
         };
-        store.save_identity_profile(&user, &profile, 1).unwrap();
+        store
+            .save_identity_profiles(&[(&user, &profile, 1)])
+            .unwrap();
         assert_eq!(
             store.identity_profile(&user).unwrap(),
             Some(profile.clone())
@@ -824,7 +817,7 @@ mod tests {
             partition: 3,
             offset: 12,
         });
-        store.save_identity_profile(&user, &moved, 2).unwrap();
+        store.save_identity_profiles(&[(&user, &moved, 2)]).unwrap();
         assert_eq!(store.identity_profile(&user).unwrap(), Some(moved));
         let upload = Upload {
             mxc: "mxc://example.org/u".into(),
@@ -974,7 +967,7 @@ mod tests {
             offset: 11,
         };
         store
-            .save_identity_profile(&user, &kept.clone().at(at), 2)
+            .save_identity_profiles(&[(&user, &kept.clone().at(at), 2)])
             .unwrap();
         drop(store);
         let reopened = Store::open(&path).unwrap();

@@ -18,15 +18,11 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-/// Sits between roster and the stand-in homeserver: the stand-in knows one appservice
-/// token, so the acting-only registration's token is swapped for the pushed one's; and
-/// `joined_members` reads are held for `read_latency` (as a loaded homeserver takes) and
-/// counted, with the most in flight at once.
+/// Sits between roster and the stand-in homeserver: `joined_members` reads are held for
+/// `read_latency` (as a loaded homeserver takes) and counted, with the most in flight at once.
 pub struct Proxy {
     target: String,
     http: reqwest::Client,
-    /// (acting-only token, pushed token).
-    swap: (String, String),
     pub read_latency: Duration,
     in_flight: AtomicU64,
     pub peak_reads: AtomicU64,
@@ -101,8 +97,7 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     {
-        let (acting, pushed) = &proxy.swap;
-        request = request.bearer_auth(if token == acting { pushed } else { token });
+        request = request.bearer_auth(token);
     }
     let answer = match request.send().await {
         Ok(response) => {
@@ -165,12 +160,11 @@ pub async fn provision(
             agents_file.display()
         ),
     );
-    let acting = roster
-        .as_tokens()
-        .into_iter()
-        .find(|t| *t != roster.as_token)
-        .expect("roster writes an acting-only registration");
     let fake = FakeHomeserver::start(&roster.as_token, SERVER_NAME, "letta").await;
+    // The acting-only registration's token acts as @admin.
+    for token in roster.as_tokens() {
+        fake.accept_token(&token);
+    }
     // @admin exists on a real homeserver before roster starts (it is a person).
     let registered = reqwest::Client::new()
         .post(format!("{}/_matrix/client/v3/register", fake.url))
@@ -186,7 +180,6 @@ pub async fn provision(
     let (proxy, proxy_url) = Proxy {
         target: fake.url.clone(),
         http: reqwest::Client::new(),
-        swap: (acting, roster.as_token.clone()),
         read_latency,
         in_flight: AtomicU64::new(0),
         peak_reads: AtomicU64::new(0),
