@@ -24,12 +24,29 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A port for a server a test starts, free now and handed out once per process.
+///
+/// Taken below the kernel's ephemeral range: a port from `bind(0)` comes from that range,
+/// and any outgoing connection made before the server binds (tests make many) may be given
+/// it, so the server fails with "address in use". Each process starts at its own offset, so
+/// a bench beside the tests does not walk the same ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(32768);
+    let low = 10_000.min(ephemeral_low / 2);
+    let span = ephemeral_low - low;
+    let offset = u64::from(std::process::id()) * 7919 % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "no free port left in {low}..{ephemeral_low}");
+        let port = u16::try_from(low + (offset + n) % span).expect("a port number");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A homeserver address where nothing listens (tests that act as the homeserver themselves).
