@@ -7,19 +7,9 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
 use serde_json::{Value, json};
+use support::features::*;
 use support::*;
-
-const BOT: &str = "@letta:roster.test";
-const ADMIN: &str = "@admin:roster.test";
-
-fn agents_yaml(agents: &[(String, String)]) -> String {
-    agents
-        .iter()
-        .map(|(id, name)| format!("- {{id: {id}, name: \"{name}\"}}\n"))
-        .collect()
-}
 
 fn agent_ids(n: usize) -> Vec<(String, String)> {
     (0..n)
@@ -27,102 +17,18 @@ fn agent_ids(n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-fn localpart(agent_id: &str) -> String {
-    format!(
-        "agent_{}",
-        agent_id.trim_start_matches("agent-").replace('-', "_")
-    )
-}
-
-struct Stack {
-    synapse: Synapse,
-    roster: Roster,
-    admin_token: String,
-    agents_file: std::path::PathBuf,
-    /// Last: dropped after the processes, so their logs are still there to scan.
-    scratch: Scratch,
-}
-
-impl Stack {
-    /// Synapse with `@admin` registered, and roster provisioning from an agents file.
-    async fn start(name: &str, agents: &[(String, String)], extra_yaml: &str) -> Stack {
-        let scratch = Scratch::new(name);
-        let agents_file = scratch.path().join("agents.yaml");
-        std::fs::write(&agents_file, agents_yaml(agents)).unwrap();
-        let hs_port = free_port();
-        let roster = Roster::configure(
-            scratch.path(),
-            &format!("http://127.0.0.1:{hs_port}"),
-            &format!("agents:\n  file: {}\n{extra_yaml}", agents_file.display()),
-        );
-        let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
-        // A person's account that must be in every agent room.
-        let admin_token = synapse.admin_token("admin");
-        Stack {
-            scratch,
-            synapse,
-            roster,
-            admin_token,
-            agents_file,
-        }
-    }
-
-    async fn status(&self) -> Value {
-        self.roster.status().await
-    }
-
-    /// Waits until roster reports `rooms` rooms, nothing pending and nothing failed.
-    async fn wait_converged(&self, rooms: usize) -> Value {
-        self.roster.wait_converged(rooms).await
-    }
-
-    async fn admin_get(&self, path: &str) -> Value {
-        let (status, body) = self
-            .synapse
-            .call(Method::GET, path, &self.admin_token, None)
-            .await;
-        assert_eq!(status, 200, "{path}: {body}");
-        body
-    }
-
-    async fn room_for_alias(&self, localpart: &str) -> Option<String> {
-        let (status, body) = self
-            .synapse
-            .call(
-                Method::GET,
-                &format!("/_matrix/client/v3/directory/room/%23{localpart}:{SERVER_NAME}"),
-                &self.admin_token,
-                None,
-            )
-            .await;
-        (status == 200).then(|| body["room_id"].as_str().unwrap().to_owned())
-    }
-
-    async fn joined(&self, room: &str) -> BTreeSet<String> {
-        let body = self
-            .admin_get(&format!("/_synapse/admin/v1/rooms/{room}/members"))
-            .await;
-        body["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m.as_str().unwrap().to_owned())
-            .collect()
-    }
-
+impl AgentStack {
     async fn total_rooms(&self) -> u64 {
-        self.admin_get("/_synapse/admin/v1/rooms?limit=1000").await["total_rooms"]
+        self.seen().get("/_synapse/admin/v1/rooms?limit=1000").await["total_rooms"]
             .as_u64()
             .unwrap()
     }
 
     async fn space_children(&self) -> BTreeSet<String> {
-        let space = self
-            .room_for_alias("letta-agents")
-            .await
-            .expect("the space exists");
+        let space = self.seen().space().await;
         let state = self
-            .admin_get(&format!("/_synapse/admin/v1/rooms/{space}/state"))
+            .seen()
+            .get(&format!("/_synapse/admin/v1/rooms/{space}/state"))
             .await;
         state["state"]
             .as_array()
@@ -142,17 +48,19 @@ impl Stack {
     async fn assert_provisioned(&self, agents: &[(String, String)]) {
         let children = self.space_children().await;
         for (id, name) in agents {
-            let lp = localpart(id);
+            let lp = agent_localpart(id);
             let user = format!("@{lp}:{SERVER_NAME}");
             let profile = self
-                .admin_get(&format!("/_synapse/admin/v2/users/{user}"))
+                .seen()
+                .get(&format!("/_synapse/admin/v2/users/{user}"))
                 .await;
             assert_eq!(profile["displayname"], name.as_str(), "{user}");
             let room = self
+                .seen()
                 .room_for_alias(&lp)
                 .await
                 .unwrap_or_else(|| panic!("#{lp} resolves"));
-            let joined = self.joined(&room).await;
+            let joined = self.seen().joined(&room).await;
             for member in [user.as_str(), BOT, ADMIN] {
                 assert!(
                     joined.contains(member),
@@ -161,7 +69,8 @@ impl Stack {
             }
             assert!(children.contains(&room), "{room} is in the space");
             let details = self
-                .admin_get(&format!("/_synapse/admin/v1/rooms/{room}"))
+                .seen()
+                .get(&format!("/_synapse/admin/v1/rooms/{room}"))
                 .await;
             assert_eq!(details["name"], name.as_str());
             assert_eq!(details["join_rules"], "invite");
@@ -187,25 +96,20 @@ impl Stack {
         assert_eq!(response.status(), 200, "kick {user}");
     }
 
-    /// No login on Synapse, proven with a live counter; no credential in roster's logs.
-    async fn assert_no_logins_and_no_secrets_logged(&self) {
-        self.synapse.assert_no_logins().await;
-        self.roster.assert_no_secrets_in_logs(&[&self.admin_token]);
-    }
-
     /// The state roster gives a room it creates (README, agent provisioning): the agent
     /// created it; topic "Letta agent <name>"; required members at power 50, the agent at
     /// 100 where the room version does not already rank the creator above every level; the
     /// space links both ways, the child by the bot, the canonical parent by the agent.
     async fn assert_created_room_state(&self, agents: &[(String, String)]) {
-        let space = self
-            .room_for_alias("letta-agents")
-            .await
-            .expect("the space exists");
+        let space = self.seen().space().await;
         let space_state = self.state(&space).await;
         for (id, name) in agents {
-            let agent = format!("@{}:{SERVER_NAME}", localpart(id));
-            let room = self.room_for_alias(&localpart(id)).await.unwrap();
+            let agent = format!("@{}:{SERVER_NAME}", agent_localpart(id));
+            let room = self
+                .seen()
+                .room_for_alias(&agent_localpart(id))
+                .await
+                .unwrap();
             let state = self.state(&room).await;
             let event = |kind: &str, key: &str| {
                 state
@@ -261,7 +165,8 @@ impl Stack {
 
     /// The current state events of `room`, as Synapse's admin API lists them.
     async fn state(&self, room: &str) -> Vec<Value> {
-        self.admin_get(&format!("/_synapse/admin/v1/rooms/{room}/state"))
+        self.seen()
+            .get(&format!("/_synapse/admin/v1/rooms/{room}/state"))
             .await["state"]
             .as_array()
             .unwrap()
@@ -272,19 +177,19 @@ impl Stack {
 #[tokio::test]
 async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet() {
     let agents = agent_ids(56);
-    let mut stack = Stack::start("provision-56", &agents, "  poll_interval: 1s\n").await;
+    let mut stack = AgentStack::start("provision-56", &agents, "  poll_interval: 1s\n").await;
     stack.roster.start().await;
     stack.roster.wait_ready().await;
     let started = Instant::now();
-    stack.wait_converged(56).await;
+    stack.roster.wait_converged(56).await;
     eprintln!("56 agents converged in {:?}", started.elapsed());
     stack.assert_provisioned(&agents).await;
     stack.assert_created_room_state(&agents).await;
     stack.assert_no_logins_and_no_secrets_logged().await;
 
     // Kick the bot and @admin: both are back, because of the pushed events alone.
-    let lp = localpart(&agents[7].0);
-    let room = stack.room_for_alias(&lp).await.unwrap();
+    let lp = agent_localpart(&agents[7].0);
+    let room = stack.seen().room_for_alias(&lp).await.unwrap();
     let reads_before = stack
         .roster
         .metric(
@@ -299,7 +204,7 @@ async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet()
         Duration::from_secs(30),
         "bot and admin rejoined",
         || async {
-            let joined = stack.joined(&room).await;
+            let joined = stack.seen().joined(&room).await;
             (joined.contains(BOT) && joined.contains(ADMIN)).then_some(())
         },
     )
@@ -330,7 +235,7 @@ async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet()
     // Steady state: 30 s with nothing changing (the file is polled every second) costs the
     // homeserver nothing, by roster's count and by Synapse's. The window opens once the
     // repair's own effects have settled: neither counter moved for 3 s.
-    stack.wait_converged(56).await;
+    stack.roster.wait_converged(56).await;
     let (roster_before, synapse_before) = wait_quiet(&stack.roster, &stack.synapse).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(stack.roster.homeserver_requests(None).await, roster_before);
@@ -370,7 +275,7 @@ async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet()
         || async { (cache("hit").await > hits_before).then_some(()) },
     )
     .await;
-    stack.wait_converged(56).await;
+    stack.roster.wait_converged(56).await;
     assert_eq!(cache("hit").await, hits_before + 3);
     assert_eq!(cache("miss").await, misses_before);
     assert_eq!(stack.roster.homeserver_requests(None).await, roster_before);
@@ -385,14 +290,14 @@ async fn provisions_56_agents_repairs_kicks_from_pushed_events_and_stays_quiet()
 #[tokio::test]
 async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_rooms() {
     let mut agents = agent_ids(6);
-    let mut stack = Stack::start(
+    let mut stack = AgentStack::start(
         "rename-remove-store",
         &agents,
         "  poll_interval: 1s\n  removal_grace: 3s\n  deactivate_removed: true\n",
     )
     .await;
     stack.roster.start().await;
-    stack.wait_converged(6).await;
+    stack.roster.wait_converged(6).await;
     stack.assert_provisioned(&agents).await;
     let rooms_after_provisioning = stack.total_rooms().await;
 
@@ -402,7 +307,7 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
         let _ = std::fs::remove_file(stack.roster.dir.join(format!("roster.db{suffix}")));
     }
     stack.roster.start().await;
-    stack.wait_converged(6).await;
+    stack.roster.wait_converged(6).await;
     assert_eq!(
         stack.total_rooms().await,
         rooms_after_provisioning,
@@ -463,20 +368,24 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
     // Rename one agent and remove another from the file.
     agents[0].1 = "Renamed agent".into();
     let removed = agents.remove(5);
-    std::fs::write(&stack.agents_file, agents_yaml(&agents)).unwrap();
-    let removed_room = stack.room_for_alias(&localpart(&removed.0)).await.unwrap();
+    stack.write_agents(&agents);
+    let removed_room = stack
+        .seen()
+        .room_for_alias(&agent_localpart(&removed.0))
+        .await
+        .unwrap();
     eventually(
         Duration::from_secs(60),
         "rename and removal applied",
         || async {
-            let status = stack.status().await;
+            let status = stack.roster.status().await;
             (status["agents"] == 5 && status["retired"] == 1 && status["pending"] == 0)
                 .then_some(())
         },
     )
     .await;
     stack.assert_provisioned(&agents).await;
-    let joined = stack.joined(&removed_room).await;
+    let joined = stack.seen().joined(&removed_room).await;
     assert!(
         !joined.contains(BOT) && !joined.contains(ADMIN),
         "required members left: {joined:?}"
@@ -486,9 +395,10 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
         "unlinked from the space"
     );
     let removed_user = stack
-        .admin_get(&format!(
+        .seen()
+        .get(&format!(
             "/_synapse/admin/v2/users/@{}:{SERVER_NAME}",
-            localpart(&removed.0)
+            agent_localpart(&removed.0)
         ))
         .await;
     assert_eq!(
@@ -502,7 +412,7 @@ async fn follows_renames_and_removals_and_survives_a_lost_store_without_new_room
 #[tokio::test]
 async fn adopts_rooms_the_old_bot_made_and_creates_no_room_for_them() {
     let agents = vec![("agent-old1".to_string(), "Old one".to_string())];
-    let mut stack = Stack::start("adopt", &agents, "  poll_interval: 1s\n").await;
+    let mut stack = AgentStack::start("adopt", &agents, "  poll_interval: 1s\n").await;
     let synapse = &stack.synapse;
     // The old bot's world: a password user created the room, without an alias, and gave the
     // agent user the highest power. (The agent user is registered through the appservice
@@ -567,7 +477,7 @@ async fn adopts_rooms_the_old_bot_made_and_creates_no_room_for_them() {
     assert_eq!(report["adopted"], json!(["agent-old1"]));
     assert_eq!(report["missing_rooms"].as_array().unwrap().len(), 1);
     assert_eq!(
-        stack.room_for_alias("agent_old1").await.as_deref(),
+        stack.seen().room_for_alias("agent_old1").await.as_deref(),
         Some(room.as_str())
     );
 
@@ -599,14 +509,14 @@ async fn adopts_rooms_the_old_bot_made_and_creates_no_room_for_them() {
     assert!(!kinds.contains(&"ensure_room"), "{kinds:?}");
     assert_eq!(stack.total_rooms().await, rooms_before_plan);
     assert!(
-        !stack.joined(&room).await.contains(BOT),
+        !stack.seen().joined(&room).await.contains(BOT),
         "the plan took no action"
     );
     stack.roster.start().await;
-    stack.wait_converged(1).await;
+    stack.roster.wait_converged(1).await;
     stack.assert_provisioned(&agents).await;
     assert_eq!(
-        stack.room_for_alias("agent_old1").await.as_deref(),
+        stack.seen().room_for_alias("agent_old1").await.as_deref(),
         Some(room.as_str())
     );
     // Only the space was created; the agent's room is the old one.
@@ -645,14 +555,14 @@ async fn provisions_from_a_real_letta_and_follows_a_rename_and_a_deletion() {
     let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
     let admin_token = synapse.admin_token("admin");
     roster.start().await;
-    let stack = Stack {
+    let stack = AgentStack {
         scratch,
         synapse,
         roster,
         admin_token,
         agents_file: Default::default(),
     };
-    stack.wait_converged(3).await;
+    stack.roster.wait_converged(3).await;
     let mut agents: Vec<(String, String)> = ids
         .iter()
         .cloned()
@@ -664,16 +574,21 @@ async fn provisions_from_a_real_letta_and_follows_a_rename_and_a_deletion() {
     letta.delete_agent(&ids[2]).await;
     agents[0].1 = "Alpha Prime".into();
     let deleted = agents.remove(2);
-    let deleted_room = stack.room_for_alias(&localpart(&deleted.0)).await.unwrap();
+    let deleted_room = stack
+        .seen()
+        .room_for_alias(&agent_localpart(&deleted.0))
+        .await
+        .unwrap();
     eventually(
         Duration::from_secs(60),
         "rename and deletion applied",
         || async {
-            let status = stack.status().await;
+            let status = stack.roster.status().await;
             let renamed = stack
-                .admin_get(&format!(
+                .seen()
+                .get(&format!(
                     "/_synapse/admin/v2/users/@{}:{SERVER_NAME}",
-                    localpart(&ids[0])
+                    agent_localpart(&ids[0])
                 ))
                 .await["displayname"]
                 == "Alpha Prime";
@@ -683,7 +598,7 @@ async fn provisions_from_a_real_letta_and_follows_a_rename_and_a_deletion() {
     )
     .await;
     stack.assert_provisioned(&agents).await;
-    let joined = stack.joined(&deleted_room).await;
+    let joined = stack.seen().joined(&deleted_room).await;
     assert!(
         !joined.contains(BOT) && !joined.contains(ADMIN),
         "{joined:?}"
@@ -756,14 +671,14 @@ async fn a_letta_outage_removes_no_agent_and_shows_in_status() {
     let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
     let admin_token = synapse.admin_token("admin");
     roster.start().await;
-    let stack = Stack {
+    let stack = AgentStack {
         scratch,
         synapse,
         roster,
         admin_token,
         agents_file: Default::default(),
     };
-    stack.wait_converged(2).await;
+    stack.roster.wait_converged(2).await;
 
     for (failure, expected) in [
         (flaky_letta::FAILING, "HTTP 500: database is locked"),
@@ -771,26 +686,26 @@ async fn a_letta_outage_removes_no_agent_and_shows_in_status() {
     ] {
         mode.store(failure, Ordering::SeqCst);
         let error = eventually(Duration::from_secs(30), "the outage in status", || async {
-            let status = stack.status().await;
+            let status = stack.roster.status().await;
             status["source"]["last_error"].as_str().map(str::to_owned)
         })
         .await;
         assert!(error.contains(expected), "{error}");
         // Well past the grace period: a failed listing never counts as absence.
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let status = stack.status().await;
+        let status = stack.roster.status().await;
         assert_eq!(status["agents"], 2, "{status}");
         assert_eq!(status["retired"], 0, "{status}");
         assert!(status["source"]["last_error"].is_string(), "{status}");
         mode.store(flaky_letta::HEALTHY, Ordering::SeqCst);
         eventually(Duration::from_secs(30), "recovery in status", || async {
-            stack.status().await["source"]["last_error"]
+            stack.roster.status().await["source"]["last_error"]
                 .is_null()
                 .then_some(())
         })
         .await;
     }
-    assert_eq!(stack.status().await["retired"], 0);
+    assert_eq!(stack.roster.status().await["retired"], 0);
 
     // A restart during an outage keeps the desired agents: drift is still repaired.
     mode.store(flaky_letta::FAILING, Ordering::SeqCst);
@@ -803,22 +718,29 @@ async fn a_letta_outage_removes_no_agent_and_shows_in_status() {
         Duration::from_secs(30),
         "the outage in status after restart",
         || async {
-            stack.status().await["source"]["last_error"]
+            stack.roster.status().await["source"]["last_error"]
                 .is_string()
                 .then_some(())
         },
     )
     .await;
-    let lp = localpart("agent-aaaa-1");
-    let room = stack.room_for_alias(&lp).await.unwrap();
+    let lp = agent_localpart("agent-aaaa-1");
+    let room = stack.seen().room_for_alias(&lp).await.unwrap();
     stack.kick_as_agent(&lp, &room, ADMIN).await;
     eventually(
         Duration::from_secs(60),
         "admin rejoined during the outage",
-        || async { stack.joined(&room).await.contains(ADMIN).then_some(()) },
+        || async {
+            stack
+                .seen()
+                .joined(&room)
+                .await
+                .contains(ADMIN)
+                .then_some(())
+        },
     )
     .await;
-    let status = stack.status().await;
+    let status = stack.roster.status().await;
     assert_eq!(status["agents"], 2, "{status}");
     assert_eq!(status["retired"], 0, "{status}");
     stack.assert_no_logins_and_no_secrets_logged().await;
@@ -829,18 +751,20 @@ async fn a_letta_outage_removes_no_agent_and_shows_in_status() {
 async fn sighup_and_roster_sync_read_the_agents_file_at_once() {
     let mut agents = agent_ids(1);
     // An hour between polls: only the operator's triggers can explain a quick change.
-    let mut stack = Stack::start("manual-sync", &agents, "  poll_interval: 1h\n").await;
+    let mut stack = AgentStack::start("manual-sync", &agents, "  poll_interval: 1h\n").await;
     stack.roster.start().await;
-    stack.wait_converged(1).await;
+    stack.roster.wait_converged(1).await;
 
     agents = agent_ids(2);
-    std::fs::write(&stack.agents_file, agents_yaml(&agents)).unwrap();
+    stack.write_agents(&agents);
     stack.roster.signal("HUP");
-    stack.wait_converged(2).await;
+    stack.roster.wait_converged(2).await;
     eventually(
         Duration::from_secs(60),
         "the SIGHUP sync to finish",
-        || async { (stack.status().await["last_sync"]["trigger"] == "sighup").then_some(()) },
+        || async {
+            (stack.roster.status().await["last_sync"]["trigger"] == "sighup").then_some(())
+        },
     )
     .await;
     let runs = |trigger: &'static str| {
@@ -858,7 +782,7 @@ async fn sighup_and_roster_sync_read_the_agents_file_at_once() {
     assert_eq!(runs("manual").await, 0);
 
     agents = agent_ids(3);
-    std::fs::write(&stack.agents_file, agents_yaml(&agents)).unwrap();
+    stack.write_agents(&agents);
     let (ok, stdout, stderr) = stack.roster.cli(&["sync", "--wait", "--json"]);
     assert!(ok, "{stderr}");
     let summary: Value = serde_json::from_str(&stdout).unwrap();

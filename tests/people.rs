@@ -14,53 +14,7 @@ use serde_json::{Value, json};
 use support::features::*;
 use support::*;
 
-struct Stack {
-    synapse: Synapse,
-    roster: Roster,
-    /// `@admin`'s own access token (a person's account, and the server's admin).
-    admin_token: String,
-    agents_file: std::path::PathBuf,
-    /// Last: dropped after the processes, so their logs are still there to scan.
-    scratch: Scratch,
-}
-
-impl Stack {
-    /// Synapse with `@admin` registered, and roster provisioning `agents` from a file.
-    async fn with_file(name: &str, agents: &[(&str, &str)], extra_yaml: &str) -> Stack {
-        let scratch = Scratch::new(name);
-        let agents_file = scratch.path().join("agents.yaml");
-        std::fs::write(&agents_file, agents_yaml(agents)).unwrap();
-        let hs_port = free_port();
-        let roster = Roster::configure(
-            scratch.path(),
-            &format!("http://127.0.0.1:{hs_port}"),
-            &format!("agents:\n  file: {}\n{extra_yaml}", agents_file.display()),
-        );
-        let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
-        let admin_token = synapse.admin_token("admin");
-        Stack {
-            scratch,
-            synapse,
-            roster,
-            admin_token,
-            agents_file,
-        }
-    }
-
-    fn seen(&self) -> Seen<'_> {
-        Seen::new(&self.synapse, &self.admin_token)
-    }
-
-    fn write_agents(&self, agents: &[(&str, &str)]) {
-        std::fs::write(&self.agents_file, agents_yaml(agents)).unwrap();
-    }
-
-    /// Zero logins by Synapse's live counter; no credential in any roster log.
-    async fn assert_no_logins_and_no_secrets_logged(&self) {
-        self.synapse.assert_no_logins().await;
-        self.roster.assert_no_secrets_in_logs(&[&self.admin_token]);
-    }
-
+impl AgentStack {
     /// `roster plan --json` while roster may be stopped: the plan of each agent, by id.
     fn plan(&self) -> BTreeMap<String, Vec<Value>> {
         let (ok, stdout, stderr) = self.roster.cli(&["plan", "--json"]);
@@ -114,7 +68,7 @@ async fn admin_is_in_the_space_sees_every_agent_room_and_is_back_after_a_kick() 
         ("agent-sp02-e2e", "Boreas"),
         ("agent-sp03-e2e", "Ceto"),
     ];
-    let mut stack = Stack::with_file("space", &agents, "  poll_interval: 1s\n").await;
+    let mut stack = AgentStack::start("space", &agents, "  poll_interval: 1s\n").await;
     stack.roster.start().await;
     // Repair needs Synapse's pushes: wait until Synapse reaches roster.
     stack.roster.wait_pinged().await;
@@ -196,7 +150,7 @@ async fn admin_is_in_the_space_sees_every_agent_room_and_is_back_after_a_kick() 
 async fn a_rename_updates_name_display_name_and_topic_and_plan_shows_it_first() {
     let before = [("agent-rn01-e2e", "Orion"), ("agent-rn02-e2e", "Lyra")];
     let after = [("agent-rn01-e2e", "Vega"), ("agent-rn02-e2e", "Lyra")];
-    let mut stack = Stack::with_file("rename-topic", &before, "  poll_interval: 1s\n").await;
+    let mut stack = AgentStack::start("rename-topic", &before, "  poll_interval: 1s\n").await;
     stack.roster.start().await;
     stack.roster.wait_converged(2).await;
     let seen = Seen::new(&stack.synapse, &stack.admin_token);
@@ -301,7 +255,7 @@ fn assert_generated_png(png: &[u8], what: &str) {
 #[tokio::test]
 async fn generated_avatars_are_uploaded_once_per_picture_and_a_hand_set_one_is_left_alone() {
     let ids = ["agent-av01-e2e", "agent-av02-e2e", "agent-av03-e2e"];
-    let mut stack = Stack::with_file(
+    let mut stack = AgentStack::start(
         "avatars",
         &[(ids[0], "Alice"), (ids[1], "Bob"), (ids[2], "Cleo")],
         "  poll_interval: 1s\n",
@@ -633,7 +587,7 @@ async fn history_from_a_real_letta_appears_once_in_order_even_across_a_sigkill()
 
 /// roster provisioning one agent from a Letta stand-in (named as such: it lists the agent
 /// like Letta and answers its history with HTTP 500), once converged.
-async fn history_failure_stack(name: &str) -> (Stack, LettaStandIn) {
+async fn history_failure_stack(name: &str) -> (AgentStack, LettaStandIn) {
     let scratch = Scratch::new(name);
     let standin = LettaStandIn::start(
         json!([{ "id": "agent-hf01-e2e", "name": "Forgetful" }]),
@@ -653,7 +607,7 @@ async fn history_failure_stack(name: &str) -> (Stack, LettaStandIn) {
     let admin_token = synapse.admin_token("admin");
     roster.start().await;
     roster.wait_converged(1).await;
-    let stack = Stack {
+    let stack = AgentStack {
         scratch,
         synapse,
         roster,

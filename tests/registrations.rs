@@ -14,48 +14,20 @@ use support::*;
 
 const AGENT_ID: &str = "agent-sr01-e2e";
 
-struct Stack {
-    synapse: Synapse,
-    roster: Roster,
-    admin_token: String,
-    /// Last: dropped after the processes, so their logs are still there to scan.
-    scratch: Scratch,
-}
-
-impl Stack {
-    /// Synapse with `@admin`, and roster with one agent; with `legacy`, roster's two
-    /// registrations are first merged into one file holding every namespace, as roster
-    /// wrote it before the pair.
-    async fn start(name: &str, legacy: bool) -> Stack {
-        let scratch = Scratch::new(name);
-        let agents_file = scratch.path().join("agents.yaml");
-        std::fs::write(&agents_file, agents_yaml(&[(AGENT_ID, "Sentinel")])).unwrap();
-        let hs_port = free_port();
-        let roster = Roster::configure(
-            scratch.path(),
-            &format!("http://127.0.0.1:{hs_port}"),
-            &format!(
-                "agents:\n  file: {}\n  poll_interval: 1s\n",
-                agents_file.display()
-            ),
-        );
+/// Synapse with `@admin`, and roster with one agent; with `legacy`, roster's two
+/// registrations are first merged into one file holding every namespace, as roster wrote it
+/// before the pair.
+async fn start(name: &str, legacy: bool) -> AgentStack {
+    let agents = [(AGENT_ID, "Sentinel")];
+    AgentStack::start_with(name, &agents, "  poll_interval: 1s\n", |roster| {
         if legacy {
             merge_into_one_registration(&roster.registration);
         }
-        let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
-        let admin_token = synapse.admin_token("admin");
-        Stack {
-            scratch,
-            synapse,
-            roster,
-            admin_token,
-        }
-    }
+    })
+    .await
+}
 
-    fn seen(&self) -> Seen<'_> {
-        Seen::new(&self.synapse, &self.admin_token)
-    }
-
+impl AgentStack {
     /// (Synapse's pushed transactions to roster, roster's received transactions), once
     /// neither has moved for 3 s.
     async fn transactions_when_quiet(&self) -> (u64, u64) {
@@ -147,11 +119,6 @@ impl Stack {
             "repaired from the push, without reading the room"
         );
     }
-
-    async fn assert_no_logins_and_no_secrets_logged(&self) {
-        self.synapse.assert_no_logins().await;
-        self.roster.assert_no_secrets_in_logs(&[&self.admin_token]);
-    }
 }
 
 /// Rewrites `registration` (and the acting-only one beside it) into one file holding every
@@ -181,7 +148,7 @@ fn merge_into_one_registration(registration: &std::path::Path) {
 
 #[tokio::test]
 async fn people_chats_reach_roster_as_zero_transactions_and_agent_rooms_still_push() {
-    let mut stack = Stack::start("silent", false).await;
+    let mut stack = start("silent", false).await;
     let files = registration_files(&stack.roster.registration);
     assert_eq!(files.len(), 2, "{files:?}");
     let acting: Value = serde_yaml::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
@@ -280,7 +247,7 @@ async fn people_chats_reach_roster_as_zero_transactions_and_agent_rooms_still_pu
 
 #[tokio::test]
 async fn a_legacy_single_registration_keeps_working_and_check_config_says_so() {
-    let mut stack = Stack::start("legacy-registration", true).await;
+    let mut stack = start("legacy-registration", true).await;
     assert_eq!(registration_files(&stack.roster.registration).len(), 1);
     let (ok, stdout, stderr) = stack.roster.cli(&["check-config"]);
     assert!(ok, "{stderr}");

@@ -6,23 +6,90 @@
 //! endpoint fails.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::{Letta, SERVER_NAME, Synapse};
+use super::{Letta, Roster, SERVER_NAME, Scratch, Synapse, free_port};
 
 pub const BOT: &str = "@letta:roster.test";
 pub const ADMIN: &str = "@admin:roster.test";
 
 /// The agents file roster reads: `- {id, name}` per agent.
-pub fn agents_yaml(agents: &[(&str, &str)]) -> String {
+pub fn agents_yaml(agents: &[(impl AsRef<str>, impl AsRef<str>)]) -> String {
     agents
         .iter()
-        .map(|(id, name)| format!("- {{id: {id}, name: \"{name}\"}}\n"))
+        .map(|(id, name)| format!("- {{id: {}, name: \"{}\"}}\n", id.as_ref(), name.as_ref()))
         .collect()
+}
+
+/// Synapse with `@admin` registered (a person's account, and the server's admin), and
+/// roster provisioning agents from a file. Each test file adds the helpers only it needs.
+pub struct AgentStack {
+    pub synapse: Synapse,
+    pub roster: Roster,
+    /// `@admin`'s own access token.
+    pub admin_token: String,
+    pub agents_file: PathBuf,
+    /// Last: dropped after the processes, so their logs are still there to scan.
+    pub scratch: Scratch,
+}
+
+impl AgentStack {
+    /// `extra_yaml` continues the `agents:` section (indented) or adds sections after it.
+    pub async fn start(
+        name: &str,
+        agents: &[(impl AsRef<str>, impl AsRef<str>)],
+        extra_yaml: &str,
+    ) -> AgentStack {
+        AgentStack::start_with(name, agents, extra_yaml, |_| {}).await
+    }
+
+    /// As `start`, with `before_synapse` run on roster's files before Synapse reads them.
+    pub async fn start_with(
+        name: &str,
+        agents: &[(impl AsRef<str>, impl AsRef<str>)],
+        extra_yaml: &str,
+        before_synapse: impl FnOnce(&Roster),
+    ) -> AgentStack {
+        let scratch = Scratch::new(name);
+        let agents_file = scratch.path().join("agents.yaml");
+        std::fs::write(&agents_file, agents_yaml(agents)).unwrap();
+        let hs_port = free_port();
+        let roster = Roster::configure(
+            scratch.path(),
+            &format!("http://127.0.0.1:{hs_port}"),
+            &format!("agents:\n  file: {}\n{extra_yaml}", agents_file.display()),
+        );
+        before_synapse(&roster);
+        let synapse = Synapse::start(scratch.path(), hs_port, &roster.registration).await;
+        let admin_token = synapse.admin_token("admin");
+        AgentStack {
+            synapse,
+            roster,
+            admin_token,
+            agents_file,
+            scratch,
+        }
+    }
+
+    /// Synapse as `@admin` sees it.
+    pub fn seen(&self) -> Seen<'_> {
+        Seen::new(&self.synapse, &self.admin_token)
+    }
+
+    pub fn write_agents(&self, agents: &[(impl AsRef<str>, impl AsRef<str>)]) {
+        std::fs::write(&self.agents_file, agents_yaml(agents)).unwrap();
+    }
+
+    /// Zero logins by Synapse's live counter; no credential in any roster log.
+    pub async fn assert_no_logins_and_no_secrets_logged(&self) {
+        self.synapse.assert_no_logins().await;
+        self.roster.assert_no_secrets_in_logs(&[&self.admin_token]);
+    }
 }
 
 /// The localpart of agent `id`'s user and room alias (the old bot's scheme, which roster keeps).
