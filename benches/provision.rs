@@ -2,19 +2,25 @@
 //! the same Synapse, measures Synapse's own floor for the same rooms. Not a test: run with
 //! `deploy/bench.sh provision [N]` or `cargo bench --bench provision -- [N]`.
 //!
-//! Three runs, in this order, each at roster's default `homeserver.max_concurrent_requests`
+//! Four runs, in this order, each at roster's default `homeserver.max_concurrent_requests`
 //! agents at a time:
 //! 1. roster, from an empty store, until its status shows N rooms and nothing pending;
 //! 2. the createRoom floor: per agent, register the agent user with the appservice token and
 //!    one `createRoom` as that user with the body roster sends (private, named, topic, alias,
 //!    two invites, history and guest settings, space parent, power levels);
-//! 3. the end-state floor: every request a client needs to reach roster's end state: the
-//!    floor above plus display name, avatar upload and set, the two required members
-//!    joining, and the space child.
+//! 3. the joined floor: the above, then the two required members join and the bot adds the
+//!    space child: the members and links roster's rooms end with;
+//! 4. the end-state floor: every request a client needs to reach roster's end state: the
+//!    joined floor plus display name, avatar upload and set.
 //!
 //! The floors' agents are distinct users and aliases, so nothing is shared between runs.
 //! roster keeps running (idle) during the floors: Synapse pushes it their invites as it
-//! would in production; roster's request counter before and after shows it stayed out.
+//! would in production; roster's request counter before and after shows it stayed out. Each
+//! run finds Synapse holding the rooms of the runs before it, which favours the earlier ones.
+//!
+//! Beside each run's wall time it prints the CPU Synapse and roster spent on it, and where
+//! Synapse's went by its own per-servlet and background-process metrics. Synapse is the
+//! bottleneck here: its CPU per agent says what each part of the end state costs.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -76,7 +82,8 @@ impl Floor {
     }
 
     /// Provisions one agent; returns the requests it took.
-    async fn agent(&self, i: usize, end_state: bool, prefix: &str) -> u64 {
+    async fn agent(&self, i: usize, reach: Reach) -> u64 {
+        let prefix = reach.prefix();
         let localpart = format!("agent_{prefix}{i:05x}");
         let name = format!("Floor agent {prefix}{i}");
         let user = format!("@{localpart}:{}", self.server_name);
@@ -92,7 +99,7 @@ impl Floor {
             })),
         )
         .await;
-        if end_state {
+        if reach == Reach::EndState {
             self.call(
                 &mut requests,
                 Method::PUT,
@@ -161,7 +168,7 @@ impl Floor {
             )
             .await;
         let room = created["room_id"].as_str().expect("a room id").to_owned();
-        if end_state {
+        if reach != Reach::Created {
             for member in &self.required {
                 let token = if *member == self.bot {
                     &self.pushed_token
@@ -196,15 +203,36 @@ impl Floor {
     }
 
     /// Provisions `n` agents, `concurrency` at a time; returns wall time and requests.
-    async fn run(&self, n: usize, concurrency: usize, end_state: bool) -> (Duration, u64) {
-        let prefix = if end_state { "e" } else { "c" };
+    async fn run(&self, n: usize, concurrency: usize, reach: Reach) -> (Duration, u64) {
         let started = Instant::now();
         let requests: u64 = futures::stream::iter(0..n)
-            .map(|i| self.agent(i, end_state, prefix))
+            .map(|i| self.agent(i, reach))
             .buffer_unordered(concurrency)
             .fold(0, |sum, r| async move { sum + r })
             .await;
         (started.elapsed(), requests)
+    }
+}
+
+/// How far a floor run takes each agent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Registered, and its room created with both invites pending.
+    Created,
+    /// Also the two required members joined and the room in the space: roster's members.
+    Joined,
+    /// Also the display name and avatar: all of roster's end state.
+    EndState,
+}
+
+impl Reach {
+    /// Keeps each run's users and aliases apart.
+    fn prefix(self) -> &'static str {
+        match self {
+            Reach::Created => "c",
+            Reach::Joined => "j",
+            Reach::EndState => "e",
+        }
     }
 }
 
@@ -227,8 +255,106 @@ fn encode(text: &str) -> String {
 
 struct Row {
     run: &'static str,
+    /// The run's short name, as a column heading.
+    column: &'static str,
     wall: Duration,
     requests: u64,
+    synapse: SynapseCpu,
+    /// roster's own CPU seconds in the run (it hears the floors' rooms pushed too).
+    roster_cpu: f64,
+}
+
+/// A process's CPU seconds (user + system) from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+    // The fields after the command's closing parenthesis; utime and stime are the 12th and
+    // 13th of them, in clock ticks (100 per second on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("a stat line")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Sums a metric's samples by the value of one label.
+fn by_label(text: &str, metric: &str, label: &str) -> BTreeMap<String, f64> {
+    let mut sums = BTreeMap::new();
+    let key = format!("{label}=\"");
+    for line in text.lines().filter(|l| {
+        l.strip_prefix(metric)
+            .is_some_and(|rest| rest.starts_with('{'))
+    }) {
+        let value = line.split(&key).nth(1).and_then(|s| s.split('"').next());
+        let sample = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(value), Some(sample)) = (value, sample) {
+            *sums.entry(value.to_owned()).or_default() += sample;
+        }
+    }
+    sums
+}
+
+/// Synapse's CPU seconds: its whole process, and what it attributes to each servlet (the
+/// request itself) and to each background process (work a request set off).
+#[derive(Default)]
+struct SynapseCpu {
+    process: f64,
+    parts: BTreeMap<String, f64>,
+}
+
+impl SynapseCpu {
+    fn read(text: &str) -> Self {
+        let mut parts = BTreeMap::new();
+        for (metric, label, kind) in [
+            (
+                "synapse_http_server_response_ru_utime_seconds_total",
+                "servlet",
+                "request",
+            ),
+            (
+                "synapse_http_server_response_ru_stime_seconds_total",
+                "servlet",
+                "request",
+            ),
+            (
+                "synapse_background_process_ru_utime_seconds_total",
+                "name",
+                "background",
+            ),
+            (
+                "synapse_background_process_ru_stime_seconds_total",
+                "name",
+                "background",
+            ),
+        ] {
+            for (name, seconds) in by_label(text, metric, label) {
+                *parts.entry(format!("{kind} {name}")).or_default() += seconds;
+            }
+        }
+        let process = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        SynapseCpu { process, parts }
+    }
+
+    /// What was spent between `before` and `self`.
+    fn since(&self, before: &SynapseCpu) -> SynapseCpu {
+        let parts = self
+            .parts
+            .iter()
+            .map(|(k, v)| (k.clone(), v - before.parts.get(k).unwrap_or(&0.0)))
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+        SynapseCpu {
+            process: self.process - before.process,
+            parts,
+        }
+    }
 }
 
 #[tokio::main]
@@ -247,7 +373,11 @@ async fn main() {
     let mut roster = Roster::configure(
         scratch.path(),
         &format!("http://127.0.0.1:{hs_port}"),
-        &format!("agents:\n  file: {}\n", agents_file.display()),
+        // No periodic sweep: its reads would land in the floors' runs.
+        &format!(
+            "agents:\n  file: {}\nsync:\n  interval: 1d\n",
+            agents_file.display()
+        ),
     );
     let config = roster::config::Config::load(&roster.config, true, &BTreeMap::new())
         .expect("the harness's config loads");
@@ -256,14 +386,19 @@ async fn main() {
     // @admin must exist: it is a required member of every room.
     let _admin_token = synapse.admin_token("admin");
 
+    let cpu_at_start = SynapseCpu::read(&synapse.metrics_text().await);
     let started = Instant::now();
     roster.start().await;
+    let roster_pid = roster.pid();
     let status = eventually(Duration::from_secs(3600), "agents provisioned", || async {
         let status = roster.status().await;
         (status["rooms"] == n && status["pending"] == 0 && status["running"] == 0).then_some(status)
     })
     .await;
     let roster_wall = started.elapsed();
+    let cpu_after_roster = SynapseCpu::read(&synapse.metrics_text().await);
+    let roster_cpu_after_roster = cpu_seconds(roster_pid);
+    eprintln!("roster done in {:.1} s", roster_wall.as_secs_f64());
     let metrics = roster.metrics().await;
     let roster_requests = sum_samples(&metrics, "roster_homeserver_requests_total", &[]);
 
@@ -302,45 +437,108 @@ async fn main() {
         server_name: ids.server_name.to_string(),
         list_creator_power: !implicit_creators,
     };
-    let (create_wall, create_requests) = floor.run(n, concurrency, false).await;
-    let (end_wall, end_requests) = floor.run(n, concurrency, true).await;
+    let mut rows = vec![Row {
+        run: "roster, from cold",
+        column: "roster",
+        wall: roster_wall,
+        requests: roster_requests,
+        synapse: cpu_after_roster.since(&cpu_at_start),
+        roster_cpu: roster_cpu_after_roster,
+    }];
+    let (mut cpu_before, mut roster_cpu_before) = (cpu_after_roster, roster_cpu_after_roster);
+    for (reach, run, column) in [
+        (
+            Reach::Created,
+            "Synapse floor: register + createRoom",
+            "createRoom floor",
+        ),
+        (
+            Reach::Joined,
+            "Synapse floor: + both required members joined, space child",
+            "joined floor",
+        ),
+        (
+            Reach::EndState,
+            "Synapse floor: roster's end state (+ display name, avatar)",
+            "end-state floor",
+        ),
+    ] {
+        let (wall, requests) = floor.run(n, concurrency, reach).await;
+        let cpu_after = SynapseCpu::read(&synapse.metrics_text().await);
+        let roster_cpu_after = cpu_seconds(roster_pid);
+        eprintln!("{column} done in {:.1} s", wall.as_secs_f64());
+        rows.push(Row {
+            run,
+            column,
+            wall,
+            requests,
+            synapse: cpu_after.since(&cpu_before),
+            roster_cpu: roster_cpu_after - roster_cpu_before,
+        });
+        (cpu_before, roster_cpu_before) = (cpu_after, roster_cpu_after);
+    }
     let roster_requests_after = roster.homeserver_requests(None).await;
     let logins = synapse.login_count().await;
 
-    let rows = [
-        Row {
-            run: "roster, from cold",
-            wall: roster_wall,
-            requests: roster_requests,
-        },
-        Row {
-            run: "Synapse floor: register + createRoom",
-            wall: create_wall,
-            requests: create_requests,
-        },
-        Row {
-            run: "Synapse floor: roster's end state (+ name, avatar, 2 joins, space child)",
-            wall: end_wall,
-            requests: end_requests,
-        },
-    ];
     println!(
         "Provisioning {n} agents on Synapse (room version {default_version}), {concurrency} at a time, same run, in this order"
     );
     println!();
-    println!("| run | agents | wall time | requests | requests/agent | agents/s | roster / this |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| run | agents | wall time | requests | requests/agent | agents/s | Synapse CPU | roster CPU | roster / this |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         println!(
-            "| {} | {n} | {:.1} s | {} | {:.2} | {:.1} | {:.2}x |",
+            "| {} | {n} | {:.1} s | {} | {:.2} | {:.1} | {:.1} s | {:.1} s | {:.2}x |",
             row.run,
             row.wall.as_secs_f64(),
             row.requests,
             row.requests as f64 / n as f64,
             n as f64 / row.wall.as_secs_f64(),
+            row.synapse.process,
+            row.roster_cpu,
             roster_wall.as_secs_f64() / row.wall.as_secs_f64(),
         );
     }
+    println!();
+    println!(
+        "Where Synapse's CPU went, ms per agent (requests and the background work they set off):"
+    );
+    println!();
+    let columns: Vec<&str> = rows.iter().map(|r| r.column).collect();
+    println!("| part | {} |", columns.join(" | "));
+    println!("|---{}|", "|---".repeat(columns.len()));
+    // The parts that cost most in any run, then the rest, then what Synapse attributes to
+    // no request and no background process (its reactor, garbage collection, threads).
+    let most = |part: &String| {
+        rows.iter()
+            .map(|r| r.synapse.parts.get(part).copied().unwrap_or(0.0))
+            .fold(0.0, f64::max)
+    };
+    let mut parts: Vec<&String> = rows.iter().flat_map(|r| r.synapse.parts.keys()).collect();
+    parts.sort();
+    parts.dedup();
+    parts.sort_by(|a, b| most(b).total_cmp(&most(a)));
+    let (shown, rest) = parts.split_at(parts.len().min(16));
+    let per_agent = |seconds: f64| format!("{:.1}", seconds * 1000.0 / n as f64);
+    let line = |label: &str, seconds: &dyn Fn(&SynapseCpu) -> f64| {
+        let cells: Vec<String> = rows
+            .iter()
+            .map(|r| per_agent(seconds(&r.synapse)))
+            .collect();
+        println!("| {label} | {} |", cells.join(" | "));
+    };
+    for part in shown {
+        line(part, &|cpu| cpu.parts.get(*part).copied().unwrap_or(0.0));
+    }
+    line(&format!("{} other parts", rest.len()), &|cpu| {
+        rest.iter().filter_map(|p| cpu.parts.get(*p)).sum()
+    });
+    line("not attributed", &|cpu| {
+        cpu.process - cpu.parts.values().sum::<f64>()
+    });
+    line("**Synapse process**", &|cpu| cpu.process);
     println!();
     println!(
         "Logins counted by Synapse: {logins}. roster's requests while the floors ran: {}.",
@@ -349,21 +547,7 @@ async fn main() {
     println!();
     println!("| roster endpoint | requests | per agent |");
     println!("|---|---|---|");
-    let mut by_endpoint: BTreeMap<String, u64> = BTreeMap::new();
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("roster_homeserver_requests_total{"))
-    {
-        let endpoint = line
-            .split("endpoint=\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next());
-        let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
-        if let (Some(endpoint), Some(value)) = (endpoint, value) {
-            *by_endpoint.entry(endpoint.to_owned()).or_default() += value as u64;
-        }
-    }
-    for (endpoint, count) in by_endpoint {
-        println!("| {endpoint} | {count} | {:.2} |", count as f64 / n as f64);
+    for (endpoint, count) in by_label(&metrics, "roster_homeserver_requests_total", "endpoint") {
+        println!("| {endpoint} | {count} | {:.2} |", count / n as f64);
     }
 }

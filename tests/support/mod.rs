@@ -331,7 +331,7 @@ impl Synapse {
         token
     }
 
-    async fn metrics_text(&self) -> String {
+    pub async fn metrics_text(&self) -> String {
         self.http
             .get(format!(
                 "http://127.0.0.1:{}/_synapse/metrics",
