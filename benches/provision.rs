@@ -13,10 +13,14 @@
 //! 4. the end-state floor: every request a client needs to reach roster's end state: the
 //!    joined floor plus display name, avatar upload and set.
 //!
-//! The floors' agents are distinct users and aliases, so nothing is shared between runs.
-//! roster keeps running (idle) during the floors: Synapse pushes it their invites as it
-//! would in production; roster's request counter before and after shows it stayed out. Each
-//! run finds Synapse holding the rooms of the runs before it, which favours the earlier ones.
+//! Nothing is shared between runs: each floor has its own agents and aliases, and its own
+//! stand-ins for the required members and for the space, fresh users in the appservice's
+//! namespace who start in no room, as roster's bot and `@admin` do from cold: whatever a
+//! join or a space child costs for each room the user or space already has, every run pays
+//! it from the same start. roster
+//! keeps running (idle) during the floors: Synapse pushes it their events as it would in
+//! production; roster's request counter before and after shows it stayed out. Each run
+//! still finds Synapse's database holding the rooms of the runs before it.
 //!
 //! Beside each run's wall time it prints the CPU Synapse and roster spent on it, and where
 //! Synapse's went by its own per-servlet and background-process metrics. Synapse is the
@@ -33,20 +37,25 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use support::*;
 
-/// What one floor run needs to act like roster's createRoom.
+/// What the floor runs need to act like roster's createRoom.
 struct Floor {
     http: reqwest::Client,
     base: String,
-    /// The pushed registration's token (bot, agents) and the acting-only one's (required
-    /// members such as `@admin`); the same when roster writes one registration.
-    pushed_token: String,
-    acting_token: String,
-    bot: String,
-    /// Every required member (the bot first), invited at creation.
-    required: Vec<String>,
-    space: String,
+    /// The pushed registration's token: the floors' users are all in its `@agent_` namespace.
+    token: String,
+    /// How many required members roster's rooms have (the bot first).
+    required_members: usize,
     server_name: String,
     list_creator_power: bool,
+}
+
+/// One floor run's stand-ins for roster's required members and space.
+struct Cast {
+    /// Stands in for the bot: creates the space and adds each room to it.
+    bot: String,
+    /// Every required member's stand-in (the bot's first), invited at creation.
+    required: Vec<String>,
+    space: String,
 }
 
 impl Floor {
@@ -81,8 +90,54 @@ impl Floor {
         body
     }
 
+    /// Registers a run's stand-ins for the required members and creates its space, before
+    /// the run's clock starts (roster's run counts its space: one request in thousands).
+    async fn cast(&self, reach: Reach) -> Cast {
+        let prefix = reach.prefix();
+        let mut uncounted = 0;
+        let mut required = Vec::new();
+        for j in 0..self.required_members {
+            let localpart = format!("agent_{prefix}member{j}");
+            self.call(
+                &mut uncounted,
+                Method::POST,
+                "/_matrix/client/v3/register",
+                &self.token,
+                None,
+                Body::Json(json!({
+                    "type": "m.login.application_service", "username": localpart, "inhibit_login": true
+                })),
+            )
+            .await;
+            required.push(format!("@{localpart}:{}", self.server_name));
+        }
+        let bot = required[0].clone();
+        let space = self
+            .call(
+                &mut uncounted,
+                Method::POST,
+                "/_matrix/client/v3/createRoom",
+                &self.token,
+                Some(&bot),
+                Body::Json(json!({
+                    "name": format!("Floor space {prefix}"),
+                    "preset": "private_chat",
+                    "creation_content": { "type": "m.space" },
+                })),
+            )
+            .await["room_id"]
+            .as_str()
+            .expect("a space id")
+            .to_owned();
+        Cast {
+            bot,
+            required,
+            space,
+        }
+    }
+
     /// Provisions one agent; returns the requests it took.
-    async fn agent(&self, i: usize, reach: Reach) -> u64 {
+    async fn agent(&self, i: usize, reach: Reach, cast: &Cast) -> u64 {
         let prefix = reach.prefix();
         let localpart = format!("agent_{prefix}{i:05x}");
         let name = format!("Floor agent {prefix}{i}");
@@ -92,7 +147,7 @@ impl Floor {
             &mut requests,
             Method::POST,
             "/_matrix/client/v3/register",
-            &self.pushed_token,
+            &self.token,
             None,
             Body::Json(json!({
                 "type": "m.login.application_service", "username": localpart, "inhibit_login": true
@@ -104,7 +159,7 @@ impl Floor {
                 &mut requests,
                 Method::PUT,
                 &format!("/_matrix/client/v3/profile/{}/displayname", encode(&user)),
-                &self.pushed_token,
+                &self.token,
                 Some(&user),
                 Body::Json(json!({ "displayname": name })),
             )
@@ -116,7 +171,7 @@ impl Floor {
                     &mut requests,
                     Method::POST,
                     "/_matrix/media/v3/upload",
-                    &self.pushed_token,
+                    &self.token,
                     Some(&user),
                     Body::Png(png),
                 )
@@ -129,7 +184,7 @@ impl Floor {
                 &mut requests,
                 Method::PUT,
                 &format!("/_matrix/client/v3/profile/{}/avatar_url", encode(&user)),
-                &self.pushed_token,
+                &self.token,
                 Some(&user),
                 Body::Json(json!({ "avatar_url": mxc })),
             )
@@ -139,7 +194,7 @@ impl Floor {
         if self.list_creator_power {
             users.insert(user.clone(), 100.into());
         }
-        for member in &self.required {
+        for member in &cast.required {
             users.insert(member.clone(), 50.into());
         }
         let created = self
@@ -147,16 +202,16 @@ impl Floor {
                 &mut requests,
                 Method::POST,
                 "/_matrix/client/v3/createRoom",
-                &self.pushed_token,
+                &self.token,
                 Some(&user),
                 Body::Json(json!({
                     "room_alias_name": localpart,
                     "name": name,
                     "topic": roster::model::agents::topic_for(&name),
                     "preset": "private_chat",
-                    "invite": self.required,
+                    "invite": cast.required,
                     "initial_state": [
-                        { "type": "m.space.parent", "state_key": self.space,
+                        { "type": "m.space.parent", "state_key": cast.space,
                           "content": { "via": [self.server_name], "canonical": true } },
                         { "type": "m.room.history_visibility", "state_key": "",
                           "content": { "history_visibility": "shared" } },
@@ -169,17 +224,12 @@ impl Floor {
             .await;
         let room = created["room_id"].as_str().expect("a room id").to_owned();
         if reach != Reach::Created {
-            for member in &self.required {
-                let token = if *member == self.bot {
-                    &self.pushed_token
-                } else {
-                    &self.acting_token
-                };
+            for member in &cast.required {
                 self.call(
                     &mut requests,
                     Method::POST,
                     &format!("/_matrix/client/v3/join/{}", encode(&room)),
-                    token,
+                    &self.token,
                     Some(member),
                     Body::Json(json!({})),
                 )
@@ -190,11 +240,11 @@ impl Floor {
                 Method::PUT,
                 &format!(
                     "/_matrix/client/v3/rooms/{}/state/m.space.child/{}",
-                    encode(&self.space),
+                    encode(&cast.space),
                     encode(&room)
                 ),
-                &self.pushed_token,
-                Some(&self.bot),
+                &self.token,
+                Some(&cast.bot),
                 Body::Json(json!({ "via": [self.server_name] })),
             )
             .await;
@@ -203,10 +253,16 @@ impl Floor {
     }
 
     /// Provisions `n` agents, `concurrency` at a time; returns wall time and requests.
-    async fn run(&self, n: usize, concurrency: usize, reach: Reach) -> (Duration, u64) {
+    async fn run(
+        &self,
+        n: usize,
+        concurrency: usize,
+        reach: Reach,
+        cast: &Cast,
+    ) -> (Duration, u64) {
         let started = Instant::now();
         let requests: u64 = futures::stream::iter(0..n)
-            .map(|i| self.agent(i, reach))
+            .map(|i| self.agent(i, reach, cast))
             .buffer_unordered(concurrency)
             .fold(0, |sum, r| async move { sum + r })
             .await;
@@ -390,9 +446,9 @@ async fn main() {
     let started = Instant::now();
     roster.start().await;
     let roster_pid = roster.pid();
-    let status = eventually(Duration::from_secs(3600), "agents provisioned", || async {
+    eventually(Duration::from_secs(3600), "agents provisioned", || async {
         let status = roster.status().await;
-        (status["rooms"] == n && status["pending"] == 0 && status["running"] == 0).then_some(status)
+        (status["rooms"] == n && status["pending"] == 0 && status["running"] == 0).then_some(())
     })
     .await;
     let roster_wall = started.elapsed();
@@ -403,12 +459,6 @@ async fn main() {
     let roster_requests = sum_samples(&metrics, "roster_homeserver_requests_total", &[]);
 
     let ids = config.ids();
-    let tokens = roster.as_tokens();
-    let acting_token = tokens
-        .iter()
-        .find(|t| **t != roster.as_token)
-        .unwrap_or(&roster.as_token)
-        .clone();
     let (_, capabilities) = synapse
         .call(
             Method::GET,
@@ -426,14 +476,8 @@ async fn main() {
     let floor = Floor {
         http: reqwest::Client::new(),
         base: synapse.url(),
-        pushed_token: roster.as_token.clone(),
-        acting_token,
-        bot: ids.bot.to_string(),
-        required: ids.required_members.iter().map(|u| u.to_string()).collect(),
-        space: status["space"]
-            .as_str()
-            .expect("roster's status names the space")
-            .to_owned(),
+        token: roster.as_token.clone(),
+        required_members: ids.required_members.len(),
         server_name: ids.server_name.to_string(),
         list_creator_power: !implicit_creators,
     };
@@ -445,7 +489,6 @@ async fn main() {
         synapse: cpu_after_roster.since(&cpu_at_start),
         roster_cpu: roster_cpu_after_roster,
     }];
-    let (mut cpu_before, mut roster_cpu_before) = (cpu_after_roster, roster_cpu_after_roster);
     for (reach, run, column) in [
         (
             Reach::Created,
@@ -454,7 +497,7 @@ async fn main() {
         ),
         (
             Reach::Joined,
-            "Synapse floor: + both required members joined, space child",
+            "Synapse floor: + the required members joined, space child",
             "joined floor",
         ),
         (
@@ -463,7 +506,10 @@ async fn main() {
             "end-state floor",
         ),
     ] {
-        let (wall, requests) = floor.run(n, concurrency, reach).await;
+        let cast = floor.cast(reach).await;
+        let cpu_before = SynapseCpu::read(&synapse.metrics_text().await);
+        let roster_cpu_before = cpu_seconds(roster_pid);
+        let (wall, requests) = floor.run(n, concurrency, reach, &cast).await;
         let cpu_after = SynapseCpu::read(&synapse.metrics_text().await);
         let roster_cpu_after = cpu_seconds(roster_pid);
         eprintln!("{column} done in {:.1} s", wall.as_secs_f64());
@@ -475,7 +521,6 @@ async fn main() {
             synapse: cpu_after.since(&cpu_before),
             roster_cpu: roster_cpu_after - roster_cpu_before,
         });
-        (cpu_before, roster_cpu_before) = (cpu_after, roster_cpu_after);
     }
     let roster_requests_after = roster.homeserver_requests(None).await;
     let logins = synapse.login_count().await;
