@@ -90,6 +90,21 @@ impl Floor {
         body
     }
 
+    /// Registers a user in the appservice's namespace, as roster does (no login).
+    async fn register(&self, requests: &mut u64, localpart: &str) {
+        self.call(
+            requests,
+            Method::POST,
+            "/_matrix/client/v3/register",
+            &self.token,
+            None,
+            Body::Json(json!({
+                "type": "m.login.application_service", "username": localpart, "inhibit_login": true
+            })),
+        )
+        .await;
+    }
+
     /// Registers a run's stand-ins for the required members and creates its space, before
     /// the run's clock starts (roster's run counts its space: one request in thousands).
     async fn cast(&self, reach: Reach) -> Cast {
@@ -98,17 +113,7 @@ impl Floor {
         let mut required = Vec::new();
         for j in 0..self.required_members {
             let localpart = format!("agent_{prefix}member{j}");
-            self.call(
-                &mut uncounted,
-                Method::POST,
-                "/_matrix/client/v3/register",
-                &self.token,
-                None,
-                Body::Json(json!({
-                    "type": "m.login.application_service", "username": localpart, "inhibit_login": true
-                })),
-            )
-            .await;
+            self.register(&mut uncounted, &localpart).await;
             required.push(format!("@{localpart}:{}", self.server_name));
         }
         let bot = required[0].clone();
@@ -143,17 +148,7 @@ impl Floor {
         let name = format!("Floor agent {prefix}{i}");
         let user = format!("@{localpart}:{}", self.server_name);
         let mut requests = 0;
-        self.call(
-            &mut requests,
-            Method::POST,
-            "/_matrix/client/v3/register",
-            &self.token,
-            None,
-            Body::Json(json!({
-                "type": "m.login.application_service", "username": localpart, "inhibit_login": true
-            })),
-        )
-        .await;
+        self.register(&mut requests, &localpart).await;
         if reach == Reach::EndState {
             self.call(
                 &mut requests,
