@@ -8,8 +8,9 @@
 //! 2. the createRoom floor: per agent, register the agent user with the appservice token and
 //!    one `createRoom` as that user with the body roster sends (private, named, topic, alias,
 //!    two invites, history and guest settings, space parent, power levels);
-//! 3. the joined floor: the above, then the two required members join and the bot adds the
-//!    space child: the members and links roster's rooms end with;
+//! 3. the joined floor: the above, then the required members (their stand-ins, below) join
+//!    and the bot's stand-in adds the space child: the members and links roster's rooms end
+//!    with;
 //! 4. the end-state floor: every request a client needs to reach roster's end state: the
 //!    joined floor plus display name, avatar upload and set.
 //!
@@ -17,10 +18,10 @@
 //! stand-ins for the required members and for the space, fresh users in the appservice's
 //! namespace who start in no room, as roster's bot and `@admin` do from cold: whatever a
 //! join or a space child costs for each room the user or space already has, every run pays
-//! it from the same start. roster
-//! keeps running (idle) during the floors: Synapse pushes it their events as it would in
-//! production; roster's request counter before and after shows it stayed out. Each run
-//! still finds Synapse's database holding the rooms of the runs before it.
+//! it from the same start. roster keeps running (idle) during the floors: Synapse pushes it
+//! their events as it would in production; roster's request counter before and after shows
+//! it stayed out. Each run still finds Synapse's database holding the rooms of the runs
+//! before it.
 //!
 //! Beside each run's wall time it prints the CPU Synapse and roster spent on it, and where
 //! Synapse's went by its own per-servlet and background-process metrics. Synapse is the
