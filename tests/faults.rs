@@ -605,6 +605,66 @@ async fn a_429_storm_is_waited_out_and_provisioning_converges() {
     drop(stack.scratch);
 }
 
+/// SIGTERM while a sync waits on a frozen Synapse, with more agents queued than roster has
+/// workers: roster stops before its systemd unit would kill it instead of waiting up to ten
+/// minutes for a sync that cannot settle, exits 0, and its next start provisions what the
+/// stopped sync left undone, once.
+#[tokio::test]
+async fn sigterm_during_a_sync_stuck_on_a_frozen_synapse_stops_roster_and_loses_nothing() {
+    let first = agents("t", 1);
+    let mut stack = Stack::new("faults-sigterm", &first, false, false).await;
+    // One worker for four new agents: three keys stay queued while the first one waits.
+    stack
+        .roster
+        .env("ROSTER_HOMESERVER__MAX_CONCURRENT_REQUESTS", "1");
+    stack.roster.start().await;
+    stack.converged(1, Duration::from_secs(300)).await;
+
+    stack.synapse.freeze();
+    let all = agents("t", 5);
+    agents_file(stack.scratch.path(), &all);
+    send_signal(stack.roster.pid(), "HUP");
+    eventually(
+        Duration::from_secs(30),
+        "the SIGHUP sync started",
+        || async {
+            let runs = stack
+                .roster
+                .metric("roster_sync_runs_total", &["trigger=\"sighup\""])
+                .await;
+            (runs == 1).then_some(())
+        },
+    )
+    .await;
+    // Past a request timeout: the sync is now waiting on the frozen homeserver.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let status = stack.roster.status().await;
+    assert!(
+        status["pending"].as_u64().unwrap_or(0) + status["running"].as_u64().unwrap_or(0) > 0,
+        "work is still queued when the signal comes: {status}"
+    );
+    // deploy/systemd/roster.service gives roster 30 s (TimeoutStopSec) before SIGKILL; a
+    // sync would wait for its keys up to 600 s.
+    let exit = stack.roster.terminate(Duration::from_secs(30));
+    stack.synapse.thaw();
+    let log = &stack.roster.logs()[0].1;
+    assert!(
+        exit.is_some_and(|status| status.success()),
+        "roster stopped on SIGTERM with exit 0, got {exit:?}; its log ends:\n{}",
+        log.lines()
+            .skip(log.lines().count().saturating_sub(20))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(log.contains("shutting down"), "{log}");
+
+    stack.roster.start().await;
+    stack.converged(all.len(), Duration::from_secs(300)).await;
+    stack.assert_agents_provisioned_once(&all).await;
+    stack.synapse.assert_no_logins().await;
+    stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
+}
+
 /// Kills roster [`KILLS`] times at seeded random points while a homeserver-like client
 /// floods it with transactions (retrying each until acknowledged, as Synapse does) and
 /// while it provisions agents. After each restart every acknowledged transaction's change

@@ -408,7 +408,11 @@ async fn poll_source(
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        list_and_observe(&shared, source.as_ref()).await;
+        // A source that does not answer (Letta frozen) must not hold up shutdown either.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = list_and_observe(&shared, source.as_ref()) => {}
+        }
     }
 }
 
@@ -503,7 +507,13 @@ async fn sync_loop(
                 .collect()
         });
         let replies: Vec<_> = waiting.drain(..).filter_map(|r| r.reply).collect();
-        let summary = run_sync(&shared, &agents, source.as_ref(), trigger, only.as_ref()).await;
+        // A sync waits for its keys to settle (up to 10 min) and the periodic sweep spreads
+        // its reads over half the interval: shutdown must not wait for either. Whatever the
+        // sync left undone is in the store and is done again by the start-up sync.
+        let summary = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            summary = run_sync(&shared, &agents, source.as_ref(), trigger, only.as_ref()) => summary,
+        };
         for reply in replies {
             let _ = reply.send(summary.clone());
         }

@@ -880,6 +880,23 @@ impl Roster {
         }
     }
 
+    /// SIGTERM, as systemd stops roster: its exit status if it ended within `grace`, or
+    /// `None` when it had to be killed.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        send_signal(child.id(), "TERM");
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     /// Whether the process ended by itself (e.g. an injected fault).
     pub fn has_exited(&mut self) -> bool {
         match self.child.as_mut() {
