@@ -665,6 +665,72 @@ async fn sigterm_during_a_sync_stuck_on_a_frozen_synapse_stops_roster_and_loses_
     stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
 }
 
+/// SIGTERM with the broker frozen: the final offset commit and the group's leave cannot
+/// reach it, yet roster exits 0 before its systemd unit would kill it, and after a restart
+/// with the broker back an event produced meanwhile is applied and committed.
+#[tokio::test]
+async fn sigterm_with_the_broker_frozen_stops_roster_and_lifecycle_resumes_after() {
+    let mut stack = Stack::new("faults-sigterm-broker", &[], true, false).await;
+    stack.roster.start().await;
+    let first = uuid(63, 1);
+    let produced = vec![
+        stack
+            .tansu()
+            .produce_event(
+                TOPIC,
+                Some(&first),
+                "UserCreatedEvent",
+                &created(&first, "first"),
+            )
+            .await,
+    ];
+    stack.tansu().wait_committed(GROUP, TOPIC, &produced).await;
+
+    stack.tansu().freeze();
+    let exit = stack.roster.terminate(Duration::from_secs(30));
+    stack.tansu().thaw();
+    let log = &stack.roster.logs()[0].1;
+    assert!(
+        exit.is_some_and(|status| status.success()),
+        "roster stopped on SIGTERM with exit 0, got {exit:?}; its log ends:\n{}",
+        log.lines()
+            .skip(log.lines().count().saturating_sub(20))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let second = uuid(63, 2);
+    let mut all = produced.clone();
+    all.push(
+        stack
+            .tansu()
+            .produce_event(
+                TOPIC,
+                Some(&second),
+                "UserCreatedEvent",
+                &created(&second, "second"),
+            )
+            .await,
+    );
+    stack.roster.start().await;
+    stack.tansu().wait_committed(GROUP, TOPIC, &all).await;
+    let found = stack.synapse.admin_user(&stack.admin, &nova(&second)).await;
+    assert_eq!(
+        found.map(|u| u["displayname"].clone()),
+        Some(json!("second"))
+    );
+    assert_eq!(
+        stack
+            .roster
+            .metric("roster_lifecycle_events_total", &["outcome=\"applied\""])
+            .await,
+        1,
+        "the restart applies the new event and does not repeat the committed one"
+    );
+    stack.synapse.assert_no_logins().await;
+    stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
+}
+
 /// Kills roster [`KILLS`] times at seeded random points while a homeserver-like client
 /// floods it with transactions (retrying each until acknowledged, as Synapse does) and
 /// while it provisions agents. After each restart every acknowledged transaction's change
