@@ -605,6 +605,25 @@ async fn a_429_storm_is_waited_out_and_provisioning_converges() {
     drop(stack.scratch);
 }
 
+/// How long roster may take to stop on SIGTERM: `TimeoutStopSec` in
+/// deploy/systemd/roster.service, after which systemd kills it.
+const STOP_WITHIN: Duration = Duration::from_secs(30);
+
+/// roster's first run ended by itself on SIGTERM, with exit 0 and its shutdown logged.
+fn assert_stopped_cleanly(roster: &Roster, exit: Option<std::process::ExitStatus>) {
+    let log = &roster.logs()[0].1;
+    let tail: Vec<&str> = log
+        .lines()
+        .skip(log.lines().count().saturating_sub(20))
+        .collect();
+    assert!(
+        exit.is_some_and(|status| status.success()),
+        "roster stopped on SIGTERM with exit 0, got {exit:?}; its log ends:\n{}",
+        tail.join("\n")
+    );
+    assert!(log.contains("shutting down"), "{}", tail.join("\n"));
+}
+
 /// SIGTERM while a sync waits on a frozen Synapse, with more agents queued than roster has
 /// workers: roster stops before its systemd unit would kill it instead of waiting up to ten
 /// minutes for a sync that cannot settle, exits 0, and its next start provisions what the
@@ -643,20 +662,10 @@ async fn sigterm_during_a_sync_stuck_on_a_frozen_synapse_stops_roster_and_loses_
         status["pending"].as_u64().unwrap_or(0) + status["running"].as_u64().unwrap_or(0) > 0,
         "work is still queued when the signal comes: {status}"
     );
-    // deploy/systemd/roster.service gives roster 30 s (TimeoutStopSec) before SIGKILL; a
-    // sync would wait for its keys up to 600 s.
-    let exit = stack.roster.terminate(Duration::from_secs(30));
+    // A sync would wait for its keys up to 600 s.
+    let exit = stack.roster.terminate(STOP_WITHIN);
     stack.synapse.thaw();
-    let log = &stack.roster.logs()[0].1;
-    assert!(
-        exit.is_some_and(|status| status.success()),
-        "roster stopped on SIGTERM with exit 0, got {exit:?}; its log ends:\n{}",
-        log.lines()
-            .skip(log.lines().count().saturating_sub(20))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    assert!(log.contains("shutting down"), "{log}");
+    assert_stopped_cleanly(&stack.roster, exit);
 
     stack.roster.start().await;
     stack.converged(all.len(), Duration::from_secs(300)).await;
@@ -687,17 +696,9 @@ async fn sigterm_with_the_broker_frozen_stops_roster_and_lifecycle_resumes_after
     stack.tansu().wait_committed(GROUP, TOPIC, &produced).await;
 
     stack.tansu().freeze();
-    let exit = stack.roster.terminate(Duration::from_secs(30));
+    let exit = stack.roster.terminate(STOP_WITHIN);
     stack.tansu().thaw();
-    let log = &stack.roster.logs()[0].1;
-    assert!(
-        exit.is_some_and(|status| status.success()),
-        "roster stopped on SIGTERM with exit 0, got {exit:?}; its log ends:\n{}",
-        log.lines()
-            .skip(log.lines().count().saturating_sub(20))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    assert_stopped_cleanly(&stack.roster, exit);
 
     let second = uuid(63, 2);
     let mut all = produced.clone();
