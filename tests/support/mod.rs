@@ -12,7 +12,7 @@ pub mod tuwunel;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -86,24 +86,24 @@ impl Drop for Scratch {
     }
 }
 
-fn stop(child: &mut Child, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
+/// SIGTERM, then SIGKILL after `grace`: the exit status if the process ended by itself.
+fn stop(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
     }
     // A frozen process (a fault test's SIGSTOP) acts on SIGTERM only once it runs again.
     send_signal(child.id(), "CONT");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    send_signal(child.id(), "TERM");
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
     let _ = child.wait();
+    None
 }
 
 /// Sends `signal` (`STOP`, `CONT`, `HUP`, ...) to process `pid` with kill(1).
@@ -882,19 +882,8 @@ impl Roster {
 
     /// SIGTERM, as systemd stops roster: its exit status if it ended within `grace`, or
     /// `None` when it had to be killed.
-    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        send_signal(child.id(), "TERM");
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+    pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        stop(&mut self.child.take()?, grace)
     }
 
     /// Whether the process ended by itself (e.g. an injected fault).
