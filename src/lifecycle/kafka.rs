@@ -20,6 +20,77 @@ use crate::Shared;
 use crate::config::{LifecycleConfig, StartFrom};
 use crate::state::BrokerError;
 
+#[derive(Clone, Copy)]
+enum Client {
+    Consumer,
+    Producer,
+}
+
+/// Properties librdkafka 2.12 (CONFIGURATION.md) marks consumer-only (`C`), global and topic.
+const CONSUMER_ONLY: &[&str] = &[
+    "auto.commit.enable",
+    "auto.commit.interval.ms",
+    "auto.offset.reset",
+    "check.crcs",
+    "consume.callback.max.messages",
+    "coordinator.query.interval.ms",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.partition.eof",
+    "fetch.error.backoff.ms",
+    "fetch.max.bytes",
+    "fetch.message.max.bytes",
+    "fetch.min.bytes",
+    "fetch.queue.backoff.ms",
+    "fetch.wait.max.ms",
+    "group.id",
+    "group.instance.id",
+    "group.protocol",
+    "group.protocol.type",
+    "group.remote.assignor",
+    "heartbeat.interval.ms",
+    "isolation.level",
+    "max.partition.fetch.bytes",
+    "max.poll.interval.ms",
+    "offset.store.method",
+    "offset.store.path",
+    "offset.store.sync.interval.ms",
+    "partition.assignment.strategy",
+    "queued.max.messages.kbytes",
+    "queued.min.messages",
+    "session.timeout.ms",
+];
+
+/// Properties librdkafka 2.12 marks producer-only (`P`), global and topic.
+const PRODUCER_ONLY: &[&str] = &[
+    "acks",
+    "batch.num.messages",
+    "batch.size",
+    "compression.codec",
+    "compression.level",
+    "compression.type",
+    "delivery.report.only.error",
+    "delivery.timeout.ms",
+    "enable.gapless.guarantee",
+    "enable.idempotence",
+    "linger.ms",
+    "message.send.max.retries",
+    "message.timeout.ms",
+    "partitioner",
+    "produce.offset.report",
+    "queue.buffering.backpressure.threshold",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.ms",
+    "queuing.strategy",
+    "request.required.acks",
+    "request.timeout.ms",
+    "retries",
+    "sticky.partitioning.linger.ms",
+    "transaction.timeout.ms",
+    "transactional.id",
+];
+
 /// Properties shared by the consumer and the producer; `lifecycle.kafka` is applied last
 /// (security settings, timeouts), except the keys roster must set itself (checked by config).
 fn base(lifecycle: &LifecycleConfig) -> ClientConfig {
@@ -30,9 +101,21 @@ fn base(lifecycle: &LifecycleConfig) -> ClientConfig {
     config
 }
 
-fn with_extra(mut config: ClientConfig, lifecycle: &LifecycleConfig) -> ClientConfig {
+fn with_extra(
+    mut config: ClientConfig,
+    lifecycle: &LifecycleConfig,
+    client: Client,
+) -> ClientConfig {
+    // One `lifecycle.kafka` map serves both clients; a property only the other client knows
+    // would make librdkafka warn (CONFWARN) at every start, so each gets only its own.
+    let not_ours = match client {
+        Client::Consumer => PRODUCER_ONLY,
+        Client::Producer => CONSUMER_ONLY,
+    };
     for (key, value) in &lifecycle.kafka {
-        config.set(key, value);
+        if !not_ours.contains(&key.as_str()) {
+            config.set(key, value);
+        }
     }
     // librdkafka's OpenSSL is built into roster (rdkafka `ssl-vendored`): its compiled-in
     // certificate directory is not the system's, so without a CA of its own it would trust
@@ -70,14 +153,14 @@ pub fn consumer_config(lifecycle: &LifecycleConfig) -> ClientConfig {
         // Brokers that hold a fetch for its full wait (tansu does) add it to every event's
         // latency; 100 ms costs an idle consumer ten small fetches a second.
         .set("fetch.wait.max.ms", "100");
-    with_extra(config, lifecycle)
+    with_extra(config, lifecycle, Client::Consumer)
 }
 
 /// The dead-letter producer: a write that takes longer than 10 s counts as failed.
 pub fn producer_config(lifecycle: &LifecycleConfig) -> ClientConfig {
     let mut config = base(lifecycle);
     config.set("message.timeout.ms", "10000");
-    with_extra(config, lifecycle)
+    with_extra(config, lifecycle, Client::Producer)
 }
 
 /// Rebalance, commit, log, error and statistics callbacks.
@@ -287,6 +370,23 @@ mod tests {
             assert_eq!(client.get("security.protocol"), Some("sasl_ssl"));
             assert_eq!(client.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
             assert_eq!(client.get("ssl.ca.location"), Some("/ca.pem"));
+        }
+    }
+
+    #[test]
+    fn should_give_each_client_only_the_properties_it_knows() {
+        let config = lifecycle(
+            "{kafka: {session.timeout.ms: '45000', heartbeat.interval.ms: '3000', compression.type: zstd, socket.timeout.ms: '20000'}}",
+        );
+        let (consumer, producer) = (consumer_config(&config), producer_config(&config));
+        assert_eq!(consumer.get("session.timeout.ms"), Some("45000"));
+        assert_eq!(consumer.get("heartbeat.interval.ms"), Some("3000"));
+        assert_eq!(consumer.get("compression.type"), None);
+        assert_eq!(producer.get("compression.type"), Some("zstd"));
+        assert_eq!(producer.get("session.timeout.ms"), None);
+        assert_eq!(producer.get("heartbeat.interval.ms"), None);
+        for client in [consumer, producer] {
+            assert_eq!(client.get("socket.timeout.ms"), Some("20000"));
         }
     }
 
