@@ -133,6 +133,16 @@ impl MatrixError {
         }
     }
 
+    /// No answer or a 5xx: the homeserver (or the proxy before it) is not serving; a 429
+    /// is an answer.
+    pub fn is_unanswered(&self) -> bool {
+        match self {
+            MatrixError::Timeout { .. } | MatrixError::Unreachable { .. } => true,
+            MatrixError::Api { status, .. } => *status >= 500,
+            MatrixError::Decode { .. } | MatrixError::Request { .. } => false,
+        }
+    }
+
     /// Worth retrying later: the homeserver was away, overloaded or rate limiting.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -339,7 +349,10 @@ struct Inner {
     health: Option<HealthReport>,
     /// The last request got no answer or a 5xx.
     failing: AtomicBool,
-    /// Times the homeserver answered again after failing; waiters are woken each time.
+    /// A probe got no answer or a 5xx: the homeserver itself is away, not one request
+    /// refused (a 5xx for one room while probes answer is that request's own retry).
+    away: AtomicBool,
+    /// Times the homeserver answered again after being away; waiters are woken each time.
     recoveries: AtomicU64,
     answered_again: Notify,
 }
@@ -382,6 +395,7 @@ impl Homeserver {
                 admin_token: None,
                 health: None,
                 failing: AtomicBool::new(false),
+                away: AtomicBool::new(false),
                 recoveries: AtomicU64::new(0),
                 answered_again: Notify::new(),
             }),
@@ -447,14 +461,28 @@ impl Homeserver {
         self.inner.failing.load(Ordering::SeqCst)
     }
 
-    /// How many times the homeserver answered again after failing.
+    /// How many times the homeserver answered again after being away.
     pub fn recoveries(&self) -> u64 {
         self.inner.recoveries.load(Ordering::SeqCst)
     }
 
-    /// Waits until the homeserver answers a request again after failing one.
+    /// Waits until the homeserver answers a request again after a probe found it away.
     pub async fn answers_again(&self) {
         self.inner.answered_again.notified().await
+    }
+
+    /// Asks the homeserver whether it answers at all (`whoami`, the cheapest request).
+    /// Unanswered (or a 5xx), the homeserver counts as away and its next answer as a
+    /// recovery; a failed request while probes answer is no outage.
+    pub async fn probe(&self) -> bool {
+        let answered = match self.whoami(None).await {
+            Ok(_) => true,
+            Err(e) => !e.is_unanswered(),
+        };
+        if !answered {
+            self.inner.away.store(true, Ordering::SeqCst);
+        }
+        answered
     }
 
     /// Records a request's outcome: for [`Homeserver::is_failing`], its waiters, and status.
@@ -463,7 +491,8 @@ impl Homeserver {
         match &outcome {
             Err(_) => inner.failing.store(true, Ordering::SeqCst),
             Ok(()) => {
-                if inner.failing.swap(false, Ordering::SeqCst) {
+                inner.failing.store(false, Ordering::SeqCst);
+                if inner.away.swap(false, Ordering::SeqCst) {
                     inner.recoveries.fetch_add(1, Ordering::SeqCst);
                     inner.answered_again.notify_waiters();
                 }
@@ -1070,7 +1099,7 @@ mod tests {
         assert!(!hs.is_failing());
         fake.fail("/whoami", 503, "M_UNKNOWN", "down for maintenance", 2);
         hs.whoami(None).await.unwrap_err();
-        hs.whoami(None).await.unwrap_err();
+        assert!(!hs.probe().await, "a 503 is no answer");
         assert!(hs.is_failing());
         assert_eq!(hs.recoveries(), 0);
         // A 4xx is an answer: the homeserver is there.
@@ -1091,6 +1120,26 @@ mod tests {
         hs.whoami(None).await.unwrap();
         assert_eq!(hs.recoveries(), 1, "only a failure then an answer counts");
         assert_eq!(*seen.lock().unwrap(), vec![true, false, false, true, true]);
+    }
+
+    #[tokio::test]
+    async fn should_not_count_one_refused_request_as_an_outage_while_probes_answer() {
+        let (fake, shared) = crate::testing::stack("").await;
+        let hs = crate::testing::client(&shared);
+        let bot = ruma::user_id!("@letta:ex.org");
+        // One endpoint keeps failing (a homeserver bug for one room), the rest answers.
+        fake.fail("/displayname", 500, "M_UNKNOWN", "internal error", 3);
+        for _ in 0..3 {
+            hs.set_display_name(bot, "Letta").await.unwrap_err();
+            assert!(hs.is_failing());
+            assert!(hs.probe().await);
+        }
+        assert!(!hs.is_failing());
+        assert_eq!(
+            hs.recoveries(),
+            0,
+            "no recovery, so no reconcile-everything and no early end of backoffs"
+        );
     }
 
     #[test]

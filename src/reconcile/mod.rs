@@ -357,11 +357,12 @@ pub fn settle(shared: &Shared, key: &Key, outcome: &Outcome) -> Next {
 /// How often roster asks a homeserver that failed its last request whether it answers.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Reconciles every agent (and the space) as soon as the homeserver answers again after it
-/// failed: runs that gave up during the outage would otherwise wait for the next sweep, and
-/// runs backing off (lifecycle events too) for up to 30 s for their backoff. While it
-/// fails, asks it (`whoami`) every [`PROBE_INTERVAL`]: runs that gave up ask it nothing.
-/// Sends nothing while the homeserver answers.
+/// Reconciles every agent (and the space) as soon as the homeserver answers again after an
+/// outage: runs that gave up during it would otherwise wait for the next sweep, and runs
+/// backing off (lifecycle events too) for up to 30 s for their backoff. After a failed
+/// request, probes it every [`PROBE_INTERVAL`]; only an unanswered probe makes an outage,
+/// so one request refused on its own keeps its backoff and its attempt limit. Sends
+/// nothing while the homeserver answers.
 async fn reconcile_when_the_homeserver_is_back(
     shared: Arc<Shared>,
     homeserver: Homeserver,
@@ -374,10 +375,10 @@ async fn reconcile_when_the_homeserver_is_back(
             _ = tokio::time::sleep(PROBE_INTERVAL) => {}
         }
         if homeserver.is_failing() {
-            // The outcome is observed by the client itself (is_failing, recoveries).
+            // The client itself counts the recovery when a probe found it away.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = homeserver.whoami(None) => {}
+                _ = homeserver.probe() => {}
             }
         }
         let recoveries = homeserver.recoveries();
