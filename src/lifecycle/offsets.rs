@@ -38,7 +38,9 @@ impl Partition {
 pub struct Offsets {
     partitions: BTreeMap<i32, Partition>,
     generations: u64,
-    revoked: Vec<i32>,
+    /// Generations revoked since the last `take_revoked`: unique across partitions, so a
+    /// partition revoked and assigned again before the pipeline looks keeps its new work.
+    revoked: Vec<u64>,
 }
 
 /// What the consumer should change about fetching.
@@ -63,12 +65,12 @@ impl Offsets {
     /// Forgets `partition`; returns the position to commit before it goes, if any is new.
     pub fn revoke(&mut self, partition: i32) -> Option<i64> {
         let p = self.partitions.remove(&partition)?;
-        self.revoked.push(partition);
+        self.revoked.push(p.generation);
         p.position().filter(|&pos| Some(pos) != p.committed)
     }
 
-    /// Partitions revoked since the last call (their queued and running work is dropped).
-    pub fn take_revoked(&mut self) -> Vec<i32> {
+    /// Generations revoked since the last call (their queued and running work is dropped).
+    pub fn take_revoked(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.revoked)
     }
 
@@ -137,11 +139,13 @@ impl Offsets {
             .collect()
     }
 
-    /// Starts `partition` over at `offset` (replay); returns the new generation.
-    pub fn rewind(&mut self, partition: i32, offset: i64) -> Option<u64> {
+    /// Starts `partition` over at `offset` (replay); returns the generation it ends (whose
+    /// work is to be dropped) and the new one.
+    pub fn rewind(&mut self, partition: i32, offset: i64) -> Option<(u64, u64)> {
+        let p = self.partitions.get_mut(&partition)?;
+        let ended = p.generation;
         self.generations += 1;
         let generation = self.generations;
-        let p = self.partitions.get_mut(&partition)?;
         let replay_until = p.next.max(p.replay_until);
         *p = Partition {
             generation,
@@ -151,7 +155,7 @@ impl Offsets {
             replay_until,
             ..Partition::default()
         };
-        Some(generation)
+        Some((ended, generation))
     }
 
     /// Whether `offset` was received before and is consumed again because of a replay.
@@ -327,11 +331,13 @@ mod tests {
         o.assign(0);
         let old = o.received(0, 5).unwrap();
         o.revoke(0);
-        assert_eq!(o.take_revoked(), vec![0]);
         assert_eq!(o.received(0, 6), None, "not assigned");
         o.assign(0);
         let new = o.received(0, 5).unwrap();
         assert_ne!(old, new);
+        // Revoked and assigned again before the pipeline looked (one `recv`): only the
+        // old generation's work goes.
+        assert_eq!(o.take_revoked(), vec![old]);
         assert!(!o.done(0, old, 5));
         assert_eq!(o.take_commits(), vec![], "where it starts is no news");
         assert!(o.done(0, new, 5));
@@ -401,7 +407,8 @@ mod tests {
         let g = o.received(0, 40).unwrap();
         o.done(0, g, 40);
         assert_eq!(o.take_commits(), vec![(0, 41)]);
-        let replay = o.rewind(0, 7).unwrap();
+        let (ended, replay) = o.rewind(0, 7).unwrap();
+        assert_eq!(ended, g);
         assert!(!o.done(0, g, 40));
         assert_eq!(o.take_commits(), vec![(0, 7)]);
         o.commit_failed(&[(0, 7)]);

@@ -100,7 +100,7 @@ impl Pipeline {
         loop {
             let revoked = self.offsets().take_revoked();
             if !revoked.is_empty() {
-                self.drop_partitions(&revoked);
+                self.drop_generations(&revoked);
             }
             self.start_jobs();
             let take = self.apply_pauses();
@@ -272,12 +272,12 @@ impl Pipeline {
             .status(|s| s.lifecycle_stalled = stalled);
     }
 
-    /// Drops queued and running work of partitions that left (revoke or replay).
-    fn drop_partitions(&mut self, partitions: &[i32]) {
-        self.queue
-            .retain(|job| !partitions.contains(&job.message.partition));
+    /// Drops queued and running work of partition generations that ended (revoke or
+    /// replay); work of a later generation of the same partition stays.
+    fn drop_generations(&mut self, ended: &[u64]) {
+        self.queue.retain(|job| !ended.contains(&job.generation));
         for running in self.running.values() {
-            if partitions.contains(&running.partition) {
+            if ended.contains(&running.generation) {
                 running.abort.abort();
             }
         }
@@ -335,8 +335,8 @@ impl Pipeline {
                 high,
             });
         }
-        self.drop_partitions(&[partition]);
-        self.offsets().rewind(partition, offset);
+        // Seek first: a seek that fails leaves the partition's work and offsets as they were
+        // (dropping them first would lose what was in flight while librdkafka went on).
         self.consumer
             .seek(
                 &self.topic,
@@ -345,6 +345,10 @@ impl Pipeline {
                 Duration::from_secs(10),
             )
             .map_err(|e| ReplayError::Failed(format!("seek failed: {e}")))?;
+        let rewound = self.offsets().rewind(partition, offset);
+        if let Some((ended, _)) = rewound {
+            self.drop_generations(&[ended]);
+        }
         self.commit(CommitMode::Sync);
         tracing::info!(
             partition,
