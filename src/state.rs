@@ -347,9 +347,11 @@ impl State {
         .await
     }
 
-    /// Saves what roster has done for one agent's room.
+    /// Saves what roster has done for one agent's room (`record` is the run's copy; the
+    /// listing's fields are kept as they are now: `AgentBook::with_listing`).
     pub async fn save_agent(&self, record: RoomRecord) -> Result<(), StateError> {
         self.write(move |store, model| {
+            let record = model.agents.with_listing(record);
             store.save_room_records(std::slice::from_ref(&record))?;
             model.agents.update(record);
             Ok(())
@@ -416,15 +418,16 @@ impl State {
         .await
     }
 
-    /// Marks an agent retired after its removal actions succeeded.
-    pub async fn retire_agent(&self, agent_id: String) -> Result<(), StateError> {
+    /// Marks an agent retired after its removal actions succeeded; returns `false` when
+    /// the agent came back meanwhile (and is not retired).
+    pub async fn retire_agent(&self, agent_id: String) -> Result<bool, StateError> {
         self.write(move |store, model| {
-            let Some(record) = model.agents.records.get(&agent_id) else {
-                return Ok(());
+            let Some(retired) = model.agents.retirement(&agent_id) else {
+                return Ok(false);
             };
-            store.save_room_records(&[record.clone().retired()])?;
+            store.save_room_records(&[retired])?;
             model.agents.retire(&agent_id);
-            Ok(())
+            Ok(true)
         })
         .await
     }
@@ -758,10 +761,22 @@ mod tests {
             id: "agent-1".into(),
             name: "One".into(),
         };
+        let leaving = Agent {
+            id: "agent-2".into(),
+            name: "Two".into(),
+        };
+        for (listed, at) in [
+            (vec![agent.clone(), leaving], 0),
+            (vec![agent.clone()], 100),
+        ] {
+            state.observe_listing(listed, at, 1000).await.unwrap();
+        }
+        // agent-2 absent past the grace period: its removal is under way.
         state
-            .observe_listing(vec![agent.clone()], 0, 1000)
+            .observe_listing(vec![agent.clone()], 1200, 1000)
             .await
             .unwrap();
+        assert!(state.read(|m| m.agents.records["agent-2"].removing));
         state.fail_writes(true);
 
         let err = state
@@ -807,8 +822,12 @@ mod tests {
             None
         );
 
-        assert!(state.retire_agent("agent-1".into()).await.is_err());
-        assert!(!state.read(|m| m.agents.records["agent-1"].retired));
+        assert!(state.retire_agent("agent-2".into()).await.is_err());
+        assert!(!state.read(|m| m.agents.records["agent-2"].retired));
+        assert!(
+            !state.retire_agent("agent-1".into()).await.unwrap(),
+            "not being removed: not retired, nothing written"
+        );
 
         let user = owned_user_id!("@nova-1:ex.org");
         assert!(state.record_deactivated(user.clone(), 1).await.is_err());
@@ -881,7 +900,7 @@ mod tests {
             .unwrap();
         state.save_agent(record).await.unwrap();
         assert!(state.record_deactivated(user.clone(), 1).await.unwrap());
-        state.retire_agent("agent-1".into()).await.unwrap();
+        assert!(state.retire_agent("agent-2".into()).await.unwrap());
         state
             .record_applied_profile(user.clone(), profile.clone(), 1)
             .await
@@ -905,7 +924,7 @@ mod tests {
             Some(Membership::Join)
         );
         assert!(state.read(|m| m.is_deactivated(&user)));
-        assert!(state.read(|m| m.agents.records["agent-1"].retired));
+        assert!(state.read(|m| m.agents.records["agent-2"].retired));
         assert_eq!(state.applied_profile(&user).await.unwrap(), profile);
         assert_eq!(state.upload("sha256:ab").await.unwrap(), Some(upload));
         assert_eq!(state.history_import(&room), Some(import));

@@ -498,6 +498,19 @@ impl AgentBook {
         self.update(record);
     }
 
+    /// `record`, a copy taken when a run planned and changed by its actions (room, what was
+    /// applied), with the listing's fields (name, absence, removal) as they are now: a
+    /// listing may have changed them while the action ran. What to save and `update`.
+    pub fn with_listing(&self, mut record: RoomRecord) -> RoomRecord {
+        if let Some(now) = self.records.get(&record.agent_id) {
+            record.name.clone_from(&now.name);
+            record.missing_since_ms = now.missing_since_ms;
+            record.removing = now.removing;
+            record.retired = now.retired;
+        }
+        record
+    }
+
     /// Replaces a record after an action changed it.
     pub fn update(&mut self, record: RoomRecord) {
         if let Some(room) = &record.room_id {
@@ -560,11 +573,19 @@ impl AgentBook {
     }
 
     /// Marks an agent retired after its removal actions succeeded.
-    pub fn retire(&mut self, agent_id: &str) {
+    /// The record of an agent whose removal is still under way, retired; `None` when the
+    /// agent came back (or is unknown) meanwhile.
+    pub fn retirement(&self, agent_id: &str) -> Option<RoomRecord> {
+        let record = self.records.get(agent_id).filter(|r| r.removing)?;
+        Some(record.clone().retired())
+    }
+
+    /// Retires an agent whose removal is still under way (see [`AgentBook::retirement`]).
+    pub fn retire(&mut self, agent_id: &str) -> Option<RoomRecord> {
+        let retired = self.retirement(agent_id)?;
         self.desired.remove(agent_id);
-        if let Some(record) = self.records.remove(agent_id) {
-            self.records.insert(agent_id.to_owned(), record.retired());
-        }
+        self.update(retired.clone());
+        Some(retired)
     }
 
     /// Whether roster looks after `room`: an agent room it recorded, or the space.
@@ -995,9 +1016,45 @@ mod tests {
         assert!(only_a(&mut book, 200).is_empty());
         // ... and consistent absence past it expires the agent.
         assert_eq!(only_a(&mut book, 300), vec!["agent-b".to_string()]);
-        book.retire("agent-b");
+        assert!(book.retire("agent-b").is_some());
         assert!(only_a(&mut book, 400).is_empty());
         assert_eq!(book.active().count(), 1);
+    }
+
+    #[test]
+    fn should_keep_the_listing_when_an_action_saves_a_stale_copy() {
+        let mut book = AgentBook::default();
+        let b = agent("B");
+        book.observe_listing(std::slice::from_ref(&b), 0, 100);
+        book.observe_listing(&[], 10, 100);
+        assert_eq!(
+            book.observe_listing(&[], 200, 100).expired,
+            vec![b.id.clone()]
+        );
+        // A removal run copies the record, then unlinks the space ...
+        let mut planned = book.records[&b.id].clone();
+        assert!(planned.removing);
+        // ... while a listing brings the agent back under a new name ...
+        let back = Agent {
+            name: "B again".into(),
+            ..b.clone()
+        };
+        book.observe_listing(std::slice::from_ref(&back), 210, 100);
+        // ... and the run saves its copy afterwards.
+        planned.space_linked = false;
+        let saved = book.with_listing(planned);
+        book.update(saved.clone());
+        assert!(!saved.space_linked, "what the action did is kept");
+        assert!(!saved.removing, "the agent is back: not removing");
+        assert_eq!(saved.name, "B again");
+        assert_eq!(saved.missing_since_ms, None);
+        assert_eq!(book.records[&b.id], saved);
+        assert_eq!(
+            book.retire(&b.id),
+            None,
+            "an agent that came back is not retired"
+        );
+        assert!(!book.records[&b.id].retired);
     }
 
     #[test]

@@ -317,15 +317,28 @@ impl Agents {
             };
             if actions.is_empty() {
                 if record.removing {
-                    if let Err(e) = self.shared.state.retire_agent(agent_id.to_owned()).await {
-                        return ActionError::from(e).outcome();
+                    match self.shared.state.retire_agent(agent_id.to_owned()).await {
+                        Ok(true) => {
+                            tracing::info!(
+                                agent = agent_id,
+                                "agent removed: room left and unlinked"
+                            )
+                        }
+                        Ok(false) => continue,
+                        Err(e) => return ActionError::from(e).outcome(),
                     }
-                    tracing::info!(agent = agent_id, "agent removed: room left and unlinked");
                 }
                 return Outcome::Done(());
             }
+            let removal = record.removing;
             let mut record = record;
             for action in actions {
+                // The listing may bring the agent back while its removal runs: nothing more
+                // of the removal (a deactivation cannot be undone); plan again.
+                if removal && !self.still_removing(agent_id) {
+                    tracing::info!(agent = agent_id, "agent listed again; its removal stops");
+                    break;
+                }
                 let kind = action.kind();
                 match self.execute(&mut record, action).await {
                     Ok(()) => self.count_action(kind, "ok"),
@@ -338,6 +351,12 @@ impl Agents {
             }
         }
         Outcome::Done(())
+    }
+
+    fn still_removing(&self, agent_id: &str) -> bool {
+        self.shared
+            .state
+            .read(|m| m.agents.records.get(agent_id).is_some_and(|r| r.removing))
     }
 
     /// The actions the agent's room needs now, and its record; `None` when there is
