@@ -23,6 +23,7 @@ use ruma::api::error::ErrorKind;
 use ruma::events::room::member::RoomMemberEvent;
 use ruma::events::{AnyTimelineEvent, TimelineEventType};
 use ruma::serde::Raw;
+use ruma::{OwnedRoomId, RoomId};
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
@@ -30,7 +31,7 @@ use crate::Shared;
 use crate::clock::now_ms;
 use crate::http::{Rejection, bearer_token, json_errors, matrix_error};
 use crate::metrics::{OutcomeLabels, TransitionLabels};
-use crate::model::{Change, MemberEvent, Membership};
+use crate::model::{MemberEvent, Membership};
 use crate::reconcile::queue::Key;
 use crate::state::Recorded;
 
@@ -136,6 +137,12 @@ async fn push_transaction(
             .undecodable_events
             .inc_by(txn.undecodable as u64);
     }
+    // Kept for a retry of this transaction: see `Recorded::Duplicate` below.
+    let rooms: BTreeSet<OwnedRoomId> = txn
+        .member_events
+        .iter()
+        .map(|e| e.room_id.clone())
+        .collect();
     let recorded = shared
         .state
         .record_transaction(txn_id, now_ms(), txn.member_events)
@@ -152,7 +159,7 @@ async fn push_transaction(
             if dropped > 0 {
                 shared.metrics.unmanaged_events.inc_by(dropped as u64);
             }
-            schedule_managed_rooms(&shared, &changes);
+            schedule_managed_rooms(&shared, changes.iter().map(|c| &*c.room_id));
             for change in &changes {
                 tracing::debug!(
                     room = %change.room_id,
@@ -173,6 +180,10 @@ async fn push_transaction(
         Ok(Recorded::Duplicate) => {
             count(&shared, "duplicate");
             tracing::debug!("transaction already recorded; acknowledged again");
+            // The first delivery may have been recorded after the homeserver gave up on it
+            // (the write finishes, the handler is dropped before it schedules): hand its
+            // rooms over again. A run with nothing to change sends nothing.
+            schedule_managed_rooms(&shared, rooms.iter().map(|r| &**r));
             empty_ok()
         }
         Err(e) => {
@@ -187,17 +198,16 @@ async fn push_transaction(
     }
 }
 
-/// Hands changes in agent rooms and the space to the reconciler (by key; it reads the
+/// Hands agent rooms and the space among `rooms` to the reconciler (by key; it reads the
 /// model itself).
-fn schedule_managed_rooms(shared: &Shared, changes: &[Change]) {
+fn schedule_managed_rooms<'a>(shared: &Shared, rooms: impl Iterator<Item = &'a RoomId>) {
     let keys: BTreeSet<Key> = shared.state.read(|model| {
-        changes
-            .iter()
-            .filter_map(|c| {
-                if model.agents.space.room_id.as_ref() == Some(&c.room_id) {
+        rooms
+            .filter_map(|room| {
+                if model.agents.space.room_id.as_deref() == Some(room) {
                     return Some(Key::Space);
                 }
-                model.agents.agent_for_room(&c.room_id).map(Key::agent)
+                model.agents.agent_for_room(room).map(Key::agent)
             })
             .collect()
     });
@@ -634,5 +644,60 @@ mod tests {
         let answer = app.oneshot(put(&token)).await.unwrap();
         assert_eq!(answer.status(), StatusCode::OK);
         assert!(shared.state.read(|m| m.member(&room, &agent).is_some()));
+    }
+
+    /// A first delivery recorded after the homeserver gave up on it (its handler dropped
+    /// before it scheduled anything): the retry, a duplicate, still hands the room over.
+    #[tokio::test]
+    async fn should_schedule_the_rooms_of_a_retried_transaction() {
+        use tower::ServiceExt;
+        let shared = crate::testing::shared(
+            crate::config::Config::from_yaml("homeserver: {server_name: ex.org}").unwrap(),
+        );
+        let room = ruma::owned_room_id!("!r:ex.org");
+        shared
+            .state
+            .save_agent(crate::model::agents::RoomRecord {
+                agent_id: "agent-a".into(),
+                localpart: "agent_a".into(),
+                room_id: Some(room.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let admin_left = r#"{"type":"m.room.member","room_id":"!r:ex.org","sender":"@mod:ex.org","state_key":"@admin:ex.org","event_id":"$kick","origin_server_ts":1,"content":{"membership":"leave"}}"#;
+        let body = format!(r#"{{"events":[{admin_left}]}}"#);
+        let events = match decode_transaction(&parts(), body.as_bytes(), "t1") {
+            Ok(decoded) => decoded.member_events,
+            Err(rejection) => panic!("{:?}", rejection.into_response().status()),
+        };
+        assert_eq!(events.len(), 1);
+        let recorded = shared
+            .state
+            .record_transaction("t1".into(), 1, events)
+            .await;
+        assert!(matches!(recorded, Ok(Recorded::New { .. })));
+        let key = Key::agent("agent-a");
+        assert!(
+            shared.queue.settled(std::slice::from_ref(&key)),
+            "nothing scheduled yet"
+        );
+
+        let retry = Request::builder()
+            .method("PUT")
+            .uri("/_matrix/app/v1/transactions/t1")
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", shared.registration.hs_token),
+            )
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let answer = router(shared.clone()).oneshot(retry).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert!(
+            !shared.queue.settled(&[key]),
+            "the agent's room is due for a run"
+        );
     }
 }
