@@ -189,8 +189,10 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
-/// Which rooms an operator request is about: a room id or an agent id, else all.
+/// Which rooms an operator request is about: a room id or an agent id, else all. Unknown
+/// fields are refused: a misspelt `room_id` must not widen the request to every agent.
 #[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Target {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub room: Option<String>,
@@ -234,8 +236,24 @@ fn target_agents(
 }
 
 /// Asks for an immediate reconciliation; with `wait`, answers with its summary.
-async fn sync(State(shared): State<Arc<Shared>>, body: Option<axum::Json<Target>>) -> Response {
-    let target = body.map(|b| b.0).unwrap_or_default();
+/// The target of a sync or invalidate request: none (no JSON body) means all.
+type TargetBody = Result<Option<axum::Json<Target>>, axum::extract::rejection::JsonRejection>;
+
+fn read_target(body: TargetBody) -> Result<Target, String> {
+    match body {
+        Ok(target) => Ok(target.map(|b| b.0).unwrap_or_default()),
+        Err(rejection) => Err(format!(
+            "{}; send \"room\" or \"agent\" (and \"wait\"), or no body for every agent",
+            rejection.body_text()
+        )),
+    }
+}
+
+async fn sync(State(shared): State<Arc<Shared>>, body: TargetBody) -> Response {
+    let target = match read_target(body) {
+        Ok(target) => target,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
     let agents = match target_agents(&shared, &target) {
         Ok(agents) => agents,
         Err((status, message)) => return error(status, &message),
@@ -269,11 +287,11 @@ async fn sync(State(shared): State<Arc<Shared>>, body: Option<axum::Json<Target>
 }
 
 /// Forgets what the model knows of the targeted rooms, so they are read before acting.
-async fn invalidate(
-    State(shared): State<Arc<Shared>>,
-    body: Option<axum::Json<Target>>,
-) -> Response {
-    let target = body.map(|b| b.0).unwrap_or_default();
+async fn invalidate(State(shared): State<Arc<Shared>>, body: TargetBody) -> Response {
+    let target = match read_target(body) {
+        Ok(target) => target,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
     let agents = match target_agents(&shared, &target) {
         Ok(agents) => agents,
         Err((status, message)) => return error(status, &message),
@@ -351,5 +369,75 @@ async fn replay(
         Err(e @ ReplayError::NotAssigned { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
         Err(e @ ReplayError::OutOfRange { .. }) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ ReplayError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::{Body, to_bytes};
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "an-admin-token-for-this-test-only-0123";
+
+    async fn post(shared: &Arc<Shared>, path: &str, body: Option<&str>) -> (StatusCode, String) {
+        let mut request = axum::http::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header(axum::http::header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+        if body.is_some() {
+            request = request.header(axum::http::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+            .unwrap();
+        let answer = router(shared.clone()).oneshot(request).await.unwrap();
+        let status = answer.status();
+        let body = to_bytes(answer.into_body(), 64 * 1024).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// A misspelt field must not turn a request about one room into one about every agent
+    /// (forgetting every room means reading them all again).
+    #[tokio::test]
+    async fn should_refuse_unknown_fields_instead_of_targeting_every_agent() {
+        let shared = crate::testing::shared(
+            crate::config::Config::from_yaml(&format!(
+                "homeserver: {{server_name: ex.org}}\nadmin: {{token: {TOKEN}}}"
+            ))
+            .unwrap(),
+        );
+        let room = ruma::owned_room_id!("!r:ex.org");
+        shared
+            .state
+            .save_agent(crate::model::agents::RoomRecord {
+                agent_id: "agent-a".into(),
+                localpart: "agent_a".into(),
+                room_id: Some(room.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for path in ["/admin/v1/invalidate", "/admin/v1/sync"] {
+            let (status, body) = post(&shared, path, Some(r#"{"room_id": "!r:ex.org"}"#)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+            assert!(body.contains("unknown field `room_id`"), "{path}: {body}");
+            assert!(
+                body.contains("or no body for every agent"),
+                "{path}: {body}"
+            );
+        }
+        assert!(shared.queue.counts() == (0, 0), "nothing was scheduled");
+
+        let (status, body) = post(
+            &shared,
+            "/admin/v1/invalidate",
+            Some(r#"{"room": "!r:ex.org"}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("\"invalidated\":1"), "{body}");
+        let (status, body) = post(&shared, "/admin/v1/invalidate", None).await;
+        assert_eq!(status, StatusCode::OK, "no body: every agent; {body}");
     }
 }
