@@ -22,6 +22,8 @@ use crate::ids::{IdPart, IdsError};
 
 /// The validation sweep reads every room; it may never run more often than this.
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(60);
+/// Below this, a transaction the homeserver retries late could be applied twice.
+pub const MIN_TXN_RETENTION: Duration = Duration::from_secs(3600);
 
 /// Legacy environment variables and the key each one sets.
 ///
@@ -667,6 +669,9 @@ impl Config {
 
     /// Checks every key; returns the identities derived from them.
     fn check(&self, origins: &BTreeMap<String, String>) -> Result<Identities, ConfigError> {
+        fn is_http_url(url: &str) -> bool {
+            reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        }
         let fail = |key: &str, message: String| {
             Err(ConfigError::Invalid {
                 key: key.to_owned(),
@@ -675,10 +680,7 @@ impl Config {
             })
         };
         let url = &self.homeserver.url;
-        if reqwest::Url::parse(url)
-            .map(|u| !matches!(u.scheme(), "http" | "https"))
-            .unwrap_or(true)
-        {
+        if !is_http_url(url) {
             return fail(
                 "homeserver.url",
                 format!("{url:?} is not an http(s) URL; expected e.g. http://127.0.0.1:8008"),
@@ -729,12 +731,27 @@ impl Config {
             );
         }
         if let Some(url) = &self.appservice.url
-            && reqwest::Url::parse(url).is_err()
+            && !is_http_url(url)
         {
             return fail(
                 "appservice.url",
                 format!(
-                    "{url:?} is not a URL; expected how the homeserver reaches roster, e.g. http://roster:9009"
+                    "{url:?} is not an http(s) URL; expected how the homeserver reaches roster, e.g. http://roster:9009"
+                ),
+            );
+        }
+        if self.appservice.txn_max_ids == 0 {
+            return fail(
+                "appservice.txn_max_ids",
+                "0 would forget every transaction id, and a retried transaction would be applied twice; expected at least 1 (default 100000)".into(),
+            );
+        }
+        if self.appservice.txn_retention < MIN_TXN_RETENTION {
+            return fail(
+                "appservice.txn_retention",
+                format!(
+                    "{}s is below the minimum of 1h: the homeserver may retry a transaction after roster forgot it; default 7d",
+                    self.appservice.txn_retention.as_secs()
                 ),
             );
         }
@@ -769,11 +786,17 @@ impl Config {
             );
         }
         if let Some(url) = &self.agents.letta_url
-            && reqwest::Url::parse(url).is_err()
+            && !is_http_url(url)
         {
             return fail(
                 "agents.letta_url",
-                format!("{url:?} is not a URL; expected e.g. http://letta:8283"),
+                format!("{url:?} is not an http(s) URL; expected e.g. http://letta:8283"),
+            );
+        }
+        if self.agents.letta_url.is_some() && self.agents.file.is_some() {
+            return fail(
+                "agents.file",
+                "is set as well as agents.letta_url; agents come from one source: unset one".into(),
             );
         }
         if self.agents.poll_interval < Duration::from_secs(1) {
@@ -1181,6 +1204,36 @@ lifecycle:
                 "homeserver: {server_name: example.org, flavor: tuwunel}",
                 &[],
                 &["homeserver.admin_token", "tuwunel", "MATRIX_ADMIN_TOKEN"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nappservice: {url: 'roster:9009'}",
+                &[],
+                &["appservice.url", "roster:9009", "http://roster:9009"],
+            ),
+            (
+                MINIMAL,
+                &[("LETTA_API_URL", "letta:8283")],
+                &[
+                    "agents.letta_url",
+                    "LETTA_API_URL",
+                    "letta:8283",
+                    "http://letta:8283",
+                ],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nagents: {letta_url: 'http://letta:8283', file: /etc/roster/agents.yaml}",
+                &[],
+                &["agents.file", "agents.letta_url", "one source"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nappservice: {txn_max_ids: 0}",
+                &[],
+                &["appservice.txn_max_ids", "applied twice", "at least 1"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nappservice: {txn_retention: 10m}",
+                &[],
+                &["appservice.txn_retention", "600s", "1h"],
             ),
             (
                 "homeserver: {server_name: example.org}\nappservice: {listen: 'nowhere'}",
