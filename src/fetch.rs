@@ -4,10 +4,20 @@
 
 use std::time::Duration;
 
-/// The URL without query or fragment, which may carry signatures or tokens.
-pub fn redact_url(url: &str) -> &str {
+/// The URL without credentials (`user:password@`), query or fragment, which may carry
+/// signatures or tokens: what may be logged.
+pub fn redact_url(url: &str) -> String {
     let end = url.find(['?', '#']).unwrap_or(url.len());
-    &url[..end]
+    let url = &url[..end];
+    // The authority runs from after `://` to the next `/`; credentials end at its last `@`.
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..start], &url[start + at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 /// An avatar fetched and checked to be an image.
@@ -150,11 +160,16 @@ mod tests {
     }
 
     #[test]
-    fn should_drop_query_and_fragment_from_logged_urls() {
+    fn should_drop_credentials_query_and_fragment_from_logged_urls() {
         assert_eq!(
             redact_url("https://cdn.example/a.png?sig=secret#x"),
             "https://cdn.example/a.png"
         );
         assert_eq!(redact_url("http://h/a.png"), "http://h/a.png");
+        assert_eq!(
+            redact_url("https://user:pa@ss@cdn.example:8443/a@b.png?x"),
+            "https://cdn.example:8443/a@b.png"
+        );
+        assert_eq!(redact_url("https://token@cdn.example"), "https://cdn.example");
     }
 }
