@@ -143,14 +143,24 @@ impl MatrixError {
         }
     }
 
-    /// Worth retrying later: the homeserver was away, overloaded or rate limiting.
+    /// Worth retrying later: the homeserver was away, overloaded or rate limiting, or does
+    /// not know roster's token (yet): registrations replaced but not loaded, every request
+    /// failing alike until the operator fixes it, which is no reason to give up on (or
+    /// dead-letter) any one action.
     pub fn is_transient(&self) -> bool {
         match self {
             MatrixError::Timeout { .. } | MatrixError::Unreachable { .. } => true,
             MatrixError::Api { status, kind, .. } => {
                 *status >= 500
                     || *status == 429
-                    || matches!(kind, Some(ErrorKind::LimitExceeded(_)))
+                    || matches!(
+                        kind,
+                        Some(
+                            ErrorKind::LimitExceeded(_)
+                                | ErrorKind::UnknownToken(_)
+                                | ErrorKind::MissingToken
+                        )
+                    )
             }
             MatrixError::Decode { .. } | MatrixError::Request { .. } => false,
         }

@@ -474,5 +474,20 @@ mod tests {
             Outcome::<()>::from_error(&busy),
             Outcome::Retry { .. }
         ));
+        // Registrations regenerated but not yet loaded by the homeserver: every event would
+        // fail alike; the partition waits instead of dead-lettering them all.
+        let unknown_token = MatrixError::Api {
+            endpoint: "x",
+            status: 401,
+            errcode: "M_UNKNOWN_TOKEN".into(),
+            kind: Some(ruma::api::error::ErrorKind::UnknownToken(
+                ruma::api::error::UnknownTokenErrorData::new(),
+            )),
+            message: "Unrecognised access token".into(),
+        };
+        assert!(matches!(
+            Outcome::<()>::from_error(&unknown_token),
+            Outcome::Retry { .. }
+        ));
     }
 }
