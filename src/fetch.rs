@@ -170,6 +170,9 @@ mod tests {
             redact_url("https://user:pa@ss@cdn.example:8443/a@b.png?x"),
             "https://cdn.example:8443/a@b.png"
         );
-        assert_eq!(redact_url("https://token@cdn.example"), "https://cdn.example");
+        assert_eq!(
+            redact_url("https://token@cdn.example"),
+            "https://cdn.example"
+        );
     }
 }

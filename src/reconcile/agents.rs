@@ -614,6 +614,10 @@ impl Agents {
         replaces: Option<String>,
         fresh_user: bool,
     ) -> Result<(), ActionError> {
+        if self.image_unavailable(&want).await? {
+            // Nothing to set: ask the homeserver nothing about it either.
+            return Ok(());
+        }
         if !fresh_user {
             let current = self.hs.avatar_url(user).await?;
             if current.is_some() && current != replaces {
@@ -690,15 +694,34 @@ impl Agents {
         Ok(Some(mxc))
     }
 
+    /// Whether `want` is an `https://` image never uploaded whose fetch failed within the
+    /// quiet period: roster cannot have it now.
+    async fn image_unavailable(&self, want: &AvatarWant) -> Result<bool, ActionError> {
+        let AvatarWant::Image { url } = want else {
+            return Ok(false);
+        };
+        if url.starts_with("mxc://") || !self.image_recently_failed() {
+            return Ok(false);
+        }
+        Ok(self
+            .shared
+            .state
+            .upload(&format!("url:{url}"))
+            .await?
+            .is_none())
+    }
+
+    fn image_recently_failed(&self) -> bool {
+        self.image_failed_at
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < IMAGE_RETRY_AFTER)
+    }
+
     /// Fetches the `https://` image of `agents.avatar`; a failure is logged and counted
     /// once per quiet period, and none is retried before it has passed.
     async fn fetch_image(&self, url: &str) -> Option<crate::fetch::Avatar> {
-        let recently_failed = self
-            .image_failed_at
-            .lock()
-            .unwrap()
-            .is_some_and(|at| at.elapsed() < IMAGE_RETRY_AFTER);
-        if recently_failed {
+        if self.image_recently_failed() {
             return None;
         }
         match self.images.fetch(url).await {
@@ -1558,6 +1581,12 @@ mod tests {
         assert!(g.record().room_id.is_some(), "the room is made regardless");
         assert_eq!(g.hs.world().users[AGENT].avatar_url, None);
         assert!(g.hs.world().uploads.is_empty());
+        // Runs within the quiet period have no image to set, so they ask nothing about it
+        // (not the agent's profile either).
+        let asked = g.hs.world().count("/avatar_url");
+        g.converge().await;
+        g.converge().await;
+        assert_eq!(g.hs.world().count("/avatar_url"), asked);
     }
 
     #[tokio::test]
