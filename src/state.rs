@@ -395,14 +395,39 @@ impl State {
     }
 
     /// Records the agents space, found or created (a different room starts a new record).
+    /// A space that replaces another (the old one deleted, its alias gone) has no agent
+    /// rooms in it yet: every room's link is forgotten, so each is linked again.
     pub async fn set_space(&self, space: OwnedRoomId) -> Result<(), StateError> {
         let current = self.read(|m| m.agents.space.room_id.clone());
         if current.as_ref() == Some(&space) {
             return Ok(());
         }
-        self.save_space(SpaceRecord {
+        let record = SpaceRecord {
             room_id: Some(space),
             ..SpaceRecord::default()
+        };
+        self.write(move |store, model| {
+            let unlinked: Vec<RoomRecord> = model
+                .agents
+                .records
+                .values()
+                .filter(|r| r.space_linked || r.space_parent_set)
+                .map(|r| RoomRecord {
+                    space_linked: false,
+                    space_parent_set: false,
+                    ..r.clone()
+                })
+                .collect();
+            // The links first: a crash between the two writes leaves rooms to link again,
+            // never rooms that look linked to a space they are not in.
+            store.save_room_records(&unlinked)?;
+            let json = serde_json::to_string(&record).expect("a space record serializes");
+            store.set_meta(SPACE_KEY, &json)?;
+            for r in unlinked {
+                model.agents.update(r);
+            }
+            model.agents.space = record;
+            Ok(())
         })
         .await
     }

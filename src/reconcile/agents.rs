@@ -1304,6 +1304,36 @@ mod tests {
         assert_eq!(f.hs.world().requests.len(), before);
     }
 
+    /// The space deleted (its alias gone) and made again at the next start: the agent
+    /// rooms go into the new one.
+    #[tokio::test]
+    async fn should_link_every_room_into_a_space_made_again() {
+        let f = fixture().await;
+        let old = f.space().await;
+        f.converge().await;
+        f.hs.world()
+            .aliases
+            .retain(|_, room| room.as_str() != old.as_str());
+        let new = f.space().await;
+        assert_ne!(new, old);
+        assert!(!f.record().space_linked, "not in the new space yet");
+        f.converge().await;
+        let w = f.hs.world();
+        let room_id = w.aliases[ALIAS].clone();
+        assert!(
+            w.rooms[new.as_str()]
+                .state
+                .contains_key(&("m.space.child".into(), room_id.clone()))
+        );
+        assert!(
+            w.rooms[&room_id]
+                .state
+                .contains_key(&("m.space.parent".into(), new.to_string()))
+        );
+        drop(w);
+        assert!(f.record().space_linked);
+    }
+
     #[tokio::test]
     async fn should_report_outcomes_the_error_policy_can_use() {
         let f = fixture().await;
