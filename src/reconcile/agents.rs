@@ -288,9 +288,19 @@ impl Agents {
     }
 
     async fn join(&self, room: &RoomId, user: &UserId) -> Result<(), ActionError> {
-        self.hs.join(user, room).await?;
-        self.shared.state.expect(room, user, Membership::Join);
-        Ok(())
+        match self.hs.join(user, room).await {
+            Ok(()) => {
+                self.shared.state.expect(room, user, Membership::Join);
+                Ok(())
+            }
+            Err(e) if e.is_forbidden() => {
+                // The model may hold an invite the homeserver no longer has (its rejection
+                // or revocation never pushed): the retry reads the room, then invites again.
+                self.shared.state.forget_room(room);
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Brings one agent's room to its desired state (or retires it).
@@ -1410,6 +1420,29 @@ mod tests {
         assert_eq!(f.hs.world().requests.len(), before, "a ban is not fought");
         let blocked = f.shared.state.status(|s| s.blocked.clone());
         assert_eq!(blocked["agent-1"], vec![format!("{BOT} (banned)")]);
+    }
+
+    /// An invite the model holds that the homeserver no longer has (the leave was never
+    /// pushed: tuwunel drops queued events over a restart): the refused join makes roster
+    /// read the room, and the retry invites again.
+    #[tokio::test]
+    async fn should_invite_again_when_a_remembered_invite_is_gone() {
+        let (f, room) = provisioned().await;
+        f.pushed(&room, ADMIN, AGENT, Membership::Invite).await;
+        f.hs.world()
+            .rooms
+            .get_mut(room.as_str())
+            .unwrap()
+            .members
+            .insert(ADMIN.into(), "leave".into());
+        let refused = f.agents.reconcile_agent("agent-1").await;
+        assert!(matches!(refused, Outcome::Refused(_)), "{refused:?}");
+        f.converge().await;
+        assert_eq!(f.membership(&room, ADMIN).as_deref(), Some("join"));
+        // Converged: another run sends nothing.
+        let before = f.hs.world().requests.len();
+        f.converge().await;
+        assert_eq!(f.hs.world().requests.len(), before);
     }
 
     /// Drift the homeserver never pushed (a change made while roster was away): the sweep
