@@ -238,6 +238,14 @@ pub struct PlanInput<'a> {
 /// The smallest set of actions that brings one agent room to its desired state.
 pub fn plan_agent(input: &PlanInput<'_>) -> Plan {
     let mut plan = Plan::default();
+    if input.model.is_deactivated(input.agent_user) {
+        // Listed again after its removal deactivated it (or deleted through lifecycle): a
+        // deactivated user can neither join nor make a room, and roster does not bring
+        // users back. Said in status instead of failing at every run.
+        plan.blocked
+            .push((input.agent_user.to_owned(), "deactivated"));
+        return plan;
+    }
     let Some(room) = input.record.room_id.clone() else {
         plan.actions.push(Action::EnsureRoom {
             alias_localpart: input.record.localpart.clone(),
@@ -813,6 +821,23 @@ mod tests {
             .identities
             .mark_deactivated(owned_user_id!("@admin:ex.org"));
         assert!(plan(&model, &record_with_room(), "One").actions.is_empty());
+    }
+
+    #[test]
+    fn should_report_an_agent_whose_user_is_deactivated_instead_of_acting() {
+        let mut model = converged_model();
+        member(&mut model, "@admin:ex.org", Membership::Leave, 10);
+        model
+            .identities
+            .mark_deactivated(owned_user_id!("@agent_1:ex.org"));
+        for record in [record_with_room(), RoomRecord::default()] {
+            let plan = plan(&model, &record, "Renamed");
+            assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+            assert_eq!(
+                plan.blocked,
+                vec![(owned_user_id!("@agent_1:ex.org"), "deactivated")]
+            );
+        }
     }
 
     #[test]

@@ -1027,7 +1027,7 @@ impl Agents {
             }
         });
         if news {
-            tracing::warn!(agent = agent_id, members = ?now, "required members roster will not touch");
+            tracing::warn!(agent = agent_id, members = ?now, "members roster will not touch (banned or deactivated)");
             self.shared
                 .metrics
                 .actions
