@@ -60,7 +60,8 @@ pub struct Status {
     pub last_sync: Option<SyncSummary>,
     /// Agents whose work gave up, with the reason.
     pub failed: BTreeMap<String, String>,
-    /// Agents with required members roster will not touch (banned).
+    /// Agents with members roster will not touch: a banned required member, a deactivated
+    /// agent user.
     pub blocked: BTreeMap<String, Vec<String>>,
     /// Failures in a row per agent, for the error policy.
     #[serde(skip)]
