@@ -330,6 +330,22 @@ impl State {
         .await
     }
 
+    /// Forgets, in the store and the model, the rooms roster does not look after whose
+    /// member states all came before `seq` (see `Model::unmanaged_rooms_before`): anyone
+    /// can invite roster's user into rooms, and what is kept must stay bounded. Returns
+    /// how many rooms went.
+    pub async fn forget_unmanaged_rooms(&self, seq: u64) -> Result<usize, StateError> {
+        self.write(move |store, model| {
+            let rooms = model.unmanaged_rooms_before(seq);
+            if !rooms.is_empty() {
+                store.forget_rooms(&rooms)?;
+                model.drop_rooms(&rooms);
+            }
+            Ok(rooms.len())
+        })
+        .await
+    }
+
     /// Records what a `joined_members` read of `room` showed; returns the drift it found.
     pub async fn record_read(
         &self,
@@ -668,6 +684,47 @@ mod tests {
             .await
             .unwrap();
         state
+    }
+
+    /// Anyone can invite roster's user into rooms; what that leaves in the store goes at
+    /// the next full sync, for good, while agent rooms stay.
+    #[tokio::test]
+    async fn should_forget_rooms_roster_does_not_look_after_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = with_agent_room(dir.path()).await;
+        let invited = MemberEvent {
+            membership: Membership::Invite,
+            sender: owned_user_id!("@stranger:ex.org"),
+            ..event("!elsewhere:ex.org", "@letta:ex.org", 2)
+        };
+        state
+            .record_transaction("t1".into(), 1, vec![join("@a:ex.org", 1), invited])
+            .await
+            .unwrap();
+        let sync_started = state.read(|m| m.last_seq()) + 1;
+        let late = event("!late:ex.org", "@letta:ex.org", 3);
+        state
+            .record_transaction("t2".into(), 2, vec![late])
+            .await
+            .unwrap();
+        assert_eq!(state.forget_unmanaged_rooms(sync_started).await.unwrap(), 1);
+        assert_eq!(member(&state, "!elsewhere:ex.org", "@letta:ex.org"), None);
+        assert_eq!(
+            member(&state, "!late:ex.org", "@letta:ex.org"),
+            Some(Membership::Join),
+            "arrived during the sync: kept until the next"
+        );
+        assert_eq!(
+            member(&state, "!r:ex.org", "@a:ex.org"),
+            Some(Membership::Join)
+        );
+        drop(state);
+        let state = reopen(dir.path());
+        assert_eq!(member(&state, "!elsewhere:ex.org", "@letta:ex.org"), None);
+        assert_eq!(
+            member(&state, "!r:ex.org", "@a:ex.org"),
+            Some(Membership::Join)
+        );
     }
 
     #[tokio::test]

@@ -397,9 +397,24 @@ impl Model {
         self.expected.retain(|(r, _), _| r != room);
     }
 
-    /// Drops every room for which `keep` is false (rooms roster does not look after).
-    pub fn retain_rooms(&mut self, mut keep: impl FnMut(&RoomId) -> bool) {
-        self.rooms.retain(|room, _| keep(room));
+    /// Rooms roster does not look after whose every state came before `seq`. They were
+    /// kept only because one of roster's own users was in the event (an invite from
+    /// anyone, a room being created before it was recorded) and serve nothing later.
+    pub fn unmanaged_rooms_before(&self, seq: u64) -> Vec<OwnedRoomId> {
+        self.rooms
+            .iter()
+            .filter(|(room, members)| {
+                !self.agents.manages_room(room) && members.values().all(|m| m.seq < seq)
+            })
+            .map(|(room, _)| room.clone())
+            .collect()
+    }
+
+    /// Drops the member states of `rooms` (see [`Model::unmanaged_rooms_before`]).
+    pub fn drop_rooms(&mut self, rooms: &[OwnedRoomId]) {
+        for room in rooms {
+            self.rooms.remove(room);
+        }
     }
 
     /// Applies events at once: `preview` then `commit`.

@@ -2,7 +2,6 @@ use super::*;
 use proptest::prelude::*;
 use ruma::{owned_room_id, owned_user_id};
 
-const ROOM: &str = "!room:example.org";
 const ALICE: &str = "@alice:example.org";
 const ADMIN: &str = "@admin:example.org";
 
@@ -272,9 +271,28 @@ fn should_forget_a_room_and_drop_unkept_rooms() {
     assert!(model.knows_room(&room()));
     model.forget_room(&room());
     assert!(!model.knows_room(&room()));
+    // An invite of roster's user into some room roster does not look after: dropped once
+    // older than the given sequence number, never while newer.
     model.apply(&[ev(ALICE, Membership::Join, 2).build()]);
-    model.retain_rooms(|r| r.as_str() != ROOM);
+    let after = model.last_seq() + 1;
+    assert!(model.unmanaged_rooms_before(model.last_seq()).is_empty());
+    let stale = model.unmanaged_rooms_before(after);
+    assert_eq!(stale, vec![room()]);
+    model.drop_rooms(&stale);
     assert_eq!(model.room_count(), 0);
+}
+
+#[test]
+fn should_never_drop_a_room_roster_looks_after() {
+    let mut model = Model::new();
+    model.apply(&[ev(ALICE, Membership::Join, 1).build()]);
+    model.agents.update(crate::model::agents::RoomRecord {
+        agent_id: "agent-1".into(),
+        localpart: "agent_1".into(),
+        room_id: Some(room()),
+        ..Default::default()
+    });
+    assert!(model.unmanaged_rooms_before(u64::MAX).is_empty());
 }
 
 // --- properties -------------------------------------------------------------------------

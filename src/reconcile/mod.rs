@@ -541,6 +541,7 @@ async fn run_sync(
     let started = Instant::now();
     let started_at_ms = now_ms();
     let actions_before = shared.state.status(|s| s.actions_ok);
+    let seq_at_start = shared.state.read(|m| m.last_seq());
     tracing::info!(trigger, agents = ?only, "sync started");
     shared
         .metrics
@@ -558,6 +559,20 @@ async fn run_sync(
     let swept = agents.sweep(only, spread).await;
     let keys = schedule_live(shared, only);
     let _ = tokio::time::timeout(Duration::from_secs(600), shared.queue.wait_settled(&keys)).await;
+    if only.is_none() {
+        // Every room roster creates is recorded by now; what is left of rooms it does not
+        // look after, from before this sync, goes (invites of its user by anyone).
+        match shared.state.forget_unmanaged_rooms(seq_at_start + 1).await {
+            Ok(0) => {}
+            Ok(rooms) => tracing::info!(
+                rooms,
+                "forgot the members of rooms roster does not look after"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "cannot forget rooms roster does not look after; the next sync tries again")
+            }
+        }
+    }
     let summary = shared.state.status(|status| SyncSummary {
         trigger: trigger.to_owned(),
         started_at_ms,
