@@ -110,14 +110,15 @@ impl Message {
         decode(self.header(decode::TYPE_HEADER), self.payload.as_deref())
     }
 
-    /// The ordering key: the message key, else the user id, else the message itself (an
-    /// undecodable message without a key orders against nothing).
+    /// The ordering key: the user id, else (undecodable) the message key, else the message
+    /// itself. By user first: one user's events keyed differently (unkeyed legacy events
+    /// beside keyed ones, keys that are event ids) must still apply in order.
     fn ordering_key(&self, decoded: &Result<Decoded, DecodeError>) -> String {
-        if let Some(key) = self.key.as_deref().filter(|k| !k.is_empty()) {
-            return format!("k:{}", String::from_utf8_lossy(key));
+        if let Some(event) = decoded.as_ref().ok().and_then(Decoded::event) {
+            return format!("u:{}", event.id());
         }
-        match decoded.as_ref().ok().and_then(Decoded::event) {
-            Some(event) => format!("u:{}", event.id()),
+        match self.key.as_deref().filter(|k| !k.is_empty()) {
+            Some(key) => format!("k:{}", String::from_utf8_lossy(key)),
             None => format!("m:{}:{}", self.partition, self.offset),
         }
     }
@@ -394,6 +395,28 @@ mod tests {
         let mut reassigned = update(9, "B");
         reassigned.generation = 2;
         assert!(!reassigned.supersedes(&update(4, "A")));
+    }
+
+    #[test]
+    fn should_order_one_users_events_together_however_they_are_keyed() {
+        let ordering = |job: &Job| job.message.ordering_key(&job.decoded);
+        let keyed = update(1, "A");
+        let mut unkeyed = update(2, "B");
+        unkeyed.message.key = None;
+        let mut event_id_key = update(3, "C");
+        event_id_key.message.key = Some(b"evt-3".to_vec());
+        for job in [&unkeyed, &event_id_key] {
+            assert_eq!(ordering(job), ordering(&keyed));
+        }
+        let broken = job(0, 4, "UserProfileUpdatedEvent", json!({ "user_id": UUID }));
+        assert_eq!(
+            ordering(&broken),
+            format!("k:{UUID}"),
+            "undecodable: by its key"
+        );
+        let mut broken_unkeyed = broken;
+        broken_unkeyed.message.key = None;
+        assert_eq!(ordering(&broken_unkeyed), "m:0:4", "orders against nothing");
     }
 
     #[test]
