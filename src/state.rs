@@ -26,6 +26,8 @@ const PROFILE_CACHE: u64 = 100_000;
 
 /// The `meta` key of the agents space's record (JSON).
 const SPACE_KEY: &str = "space";
+/// The lifecycle topic the applied positions of identity profiles come from.
+const LIFECYCLE_TOPIC_KEY: &str = "lifecycle_topic";
 
 /// A verb could not keep its promise; nothing was changed.
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +328,31 @@ impl State {
                     Ok(Recorded::New { changes, dropped })
                 }
             }
+        })
+        .await
+    }
+
+    /// Notes the lifecycle topic events come from. Applied positions are offsets in one
+    /// topic; read against another (`lifecycle.topic` changed) they would hold back real
+    /// updates as already applied, so they are forgotten (the profiles stay: an unchanged
+    /// update still sends nothing). Returns how many profiles lost their position.
+    pub async fn use_lifecycle_topic(&self, topic: String) -> Result<usize, StateError> {
+        let inner = self.inner.clone();
+        self.write(move |store, _| {
+            let recorded = store.meta(LIFECYCLE_TOPIC_KEY)?;
+            if recorded.as_deref() == Some(topic.as_str()) {
+                return Ok(0);
+            }
+            // Positions recorded before the topic was noted came from the configured one.
+            let cleared = match recorded {
+                Some(_) => store.clear_applied_positions()?,
+                None => 0,
+            };
+            store.set_meta(LIFECYCLE_TOPIC_KEY, &topic)?;
+            if cleared > 0 {
+                inner.profiles.invalidate_all();
+            }
+            Ok(cleared)
         })
         .await
     }
@@ -684,6 +711,57 @@ mod tests {
             .await
             .unwrap();
         state
+    }
+
+    /// Positions of one topic must not hold back the events of another.
+    #[tokio::test]
+    async fn should_forget_applied_positions_when_the_lifecycle_topic_changes() {
+        use crate::model::identity::EventPosition;
+        let dir = tempfile::tempdir().unwrap();
+        let state = reopen(dir.path());
+        let user = owned_user_id!("@nova-1:ex.org");
+        let at = EventPosition {
+            partition: 0,
+            offset: 5000,
+        };
+        let profile = AppliedProfile {
+            displayname: Some("Ann".into()),
+            ..AppliedProfile::default()
+        }
+        .at(at);
+        state
+            .record_applied_profile(user.clone(), profile.clone(), 1)
+            .await
+            .unwrap();
+        let topic = |t: &str| state.use_lifecycle_topic(t.into());
+        assert_eq!(
+            topic("nova.identity.events").await.unwrap(),
+            0,
+            "first noted"
+        );
+        assert_eq!(topic("nova.identity.events").await.unwrap(), 0);
+        assert!(state.applied_profile(&user).await.unwrap().covers(at));
+        assert_eq!(topic("nova.identity.events.v2").await.unwrap(), 1);
+        let kept = state.applied_profile(&user).await.unwrap();
+        assert!(
+            !kept.covers(at),
+            "an offset of the old topic holds nothing back"
+        );
+        assert_eq!(
+            kept.displayname.as_deref(),
+            Some("Ann"),
+            "the profile stays"
+        );
+        drop(state);
+        let state = reopen(dir.path());
+        assert!(!state.applied_profile(&user).await.unwrap().covers(at));
+        assert_eq!(
+            state
+                .use_lifecycle_topic("nova.identity.events.v2".into())
+                .await
+                .unwrap(),
+            0
+        );
     }
 
     /// Anyone can invite roster's user into rooms; what that leaves in the store goes at

@@ -451,6 +451,16 @@ impl Store {
             .optional()?)
     }
 
+    /// Forgets which event applied each identity profile (the profiles stay); returns how
+    /// many had one.
+    pub fn clear_applied_positions(&self) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE identity_profiles SET applied_partition = NULL, applied_offset = NULL
+             WHERE applied_partition IS NOT NULL",
+            [],
+        )?)
+    }
+
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2)

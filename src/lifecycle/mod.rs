@@ -67,6 +67,8 @@ pub enum LifecycleError {
         topic: String,
         source: rdkafka::error::KafkaError,
     },
+    #[error("cannot note lifecycle.topic in the store: {0}; check store.path")]
+    Store(#[source] crate::state::StateError),
 }
 
 /// One Kafka message, owned, as the rest of roster sees it.
@@ -297,6 +299,15 @@ pub async fn run(
         brokers: lifecycle.brokers.clone(),
         source,
     };
+    match shared.state.use_lifecycle_topic(topic.clone()).await {
+        Ok(0) => {}
+        Ok(profiles) => tracing::info!(
+            %topic,
+            profiles,
+            "lifecycle.topic changed: offsets of the old topic no longer hold back any update"
+        ),
+        Err(source) => return Err(LifecycleError::Store(source)),
+    }
     let offsets = Arc::new(Mutex::new(offsets::Offsets::default()));
     let context = kafka::Context::new(topic.clone(), offsets.clone(), shared.clone());
     let consumer: pipeline::Kafka = kafka::consumer_config(&lifecycle)
