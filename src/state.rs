@@ -19,13 +19,31 @@ use serde::{Deserialize, Serialize};
 use crate::ids::Identities;
 use crate::model::agents::{Agent, ListingOutcome, RoomRecord, SpaceRecord};
 use crate::model::{Change, MemberEvent, Membership, Model, ObservedMember};
-use crate::store::{AppliedProfile, HistoryImport, Store, StoreError, Upload};
+use crate::store::{AppliedProfile, HistoryImport, Seen, Store, StoreError, Upload};
 
 /// Identity profiles kept in memory in front of the store.
 const PROFILE_CACHE: u64 = 100_000;
 
 /// The `meta` key of the agents space's record (JSON).
 const SPACE_KEY: &str = "space";
+/// What tells a retried transaction from another one under a reused id: its member
+/// events, by id (a retry carries the same ones; its bodies may differ in `unsigned.age`).
+fn events_digest(events: &[MemberEvent]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut hasher = Sha256::new();
+    for id in ids {
+        hasher.update(id.as_bytes());
+        hasher.update(b"\n");
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The lifecycle topic the applied positions of identity profiles come from.
 const LIFECYCLE_TOPIC_KEY: &str = "lifecycle_topic";
 
@@ -309,9 +327,16 @@ impl State {
         mut events: Vec<MemberEvent>,
     ) -> Result<Recorded, StateError> {
         let inner = self.inner.clone();
+        let digest = events_digest(&events);
         self.write(move |store, model| {
-            if store.has_transaction(&txn_id)? {
-                return Ok(Recorded::Duplicate);
+            match store.seen_transaction(&txn_id, &digest)? {
+                Seen::Duplicate => return Ok(Recorded::Duplicate),
+                Seen::Reused => tracing::warn!(
+                    txn_id,
+                    "transaction id seen before with other events: the homeserver's counter \
+                     started again (appservice.id changed, or its database restored); applying it"
+                ),
+                Seen::New => {}
             }
             let before = events.len();
             events.retain(|e| {
@@ -321,7 +346,7 @@ impl State {
             });
             let dropped = before - events.len();
             let changes = model.preview(&events);
-            match store.record_transaction(&txn_id, received_at_ms, &changes)? {
+            match store.record_transaction(&txn_id, &digest, received_at_ms, &changes)? {
                 crate::store::Recorded::Duplicate => Ok(Recorded::Duplicate),
                 crate::store::Recorded::New => {
                     model.commit(changes.clone());
@@ -816,21 +841,52 @@ mod tests {
         assert!(
             matches!(recorded, Recorded::New { ref changes, dropped: 0 } if changes.len() == 1)
         );
+        // A retry: the same id with the same events (its body may differ in `unsigned`).
         let again = state
-            .record_transaction("t1".into(), 2, vec![join("@b:ex.org", 2)])
+            .record_transaction("t1".into(), 2, vec![join("@a:ex.org", 1)])
             .await
             .unwrap();
         assert_eq!(again, Recorded::Duplicate);
-        assert_eq!(
-            member(&state, "!r:ex.org", "@b:ex.org"),
-            None,
-            "a duplicate applies nothing"
-        );
         drop(state);
         let state = reopen(dir.path());
         assert_eq!(
             member(&state, "!r:ex.org", "@a:ex.org"),
             Some(Membership::Join)
+        );
+        assert_eq!(
+            state
+                .record_transaction("t1".into(), 3, vec![join("@a:ex.org", 1)])
+                .await
+                .unwrap(),
+            Recorded::Duplicate,
+            "across a restart too"
+        );
+        assert_eq!(state.transaction_count().await.unwrap(), 1);
+    }
+
+    /// The homeserver's transaction counter started again (`appservice.id` changed, its
+    /// database restored): the same id with other events is news, not a retry.
+    #[tokio::test]
+    async fn should_apply_a_reused_transaction_id_that_brings_other_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = with_agent_room(dir.path()).await;
+        state
+            .record_transaction("1".into(), 1, vec![join("@a:ex.org", 1)])
+            .await
+            .unwrap();
+        let kicked = MemberEvent {
+            membership: Membership::Leave,
+            sender: owned_user_id!("@mod:ex.org"),
+            ..join("@a:ex.org", 2)
+        };
+        let reused = state
+            .record_transaction("1".into(), 2, vec![kicked])
+            .await
+            .unwrap();
+        assert!(matches!(reused, Recorded::New { ref changes, .. } if changes.len() == 1));
+        assert_eq!(
+            member(&state, "!r:ex.org", "@a:ex.org"),
+            Some(Membership::Leave)
         );
         assert_eq!(state.transaction_count().await.unwrap(), 1);
     }

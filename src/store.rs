@@ -18,7 +18,7 @@ use crate::model::agents::RoomRecord;
 use crate::model::{Change, MemberDetail, MemberState, Membership};
 
 /// The schema this binary writes. Every version below it has a migration in `MIGRATIONS`.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -58,6 +58,16 @@ pub enum Recorded {
     New,
     /// The id was recorded before: the caller applies nothing again.
     Duplicate,
+}
+
+/// What the store knows of a transaction id and the events it came with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    New,
+    /// The same id with the same events (or recorded before events were noted): a retry.
+    Duplicate,
+    /// The same id with other events: the homeserver's counter started again.
+    Reused,
 }
 
 /// A recorded member state, as restored at start-up.
@@ -169,7 +179,14 @@ ALTER TABLE identity_profiles ADD COLUMN applied_partition INTEGER;
 ALTER TABLE identity_profiles ADD COLUMN applied_offset INTEGER;
 ";
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+/// Version 5: a digest of each transaction's member event ids, so an id the homeserver
+/// hands out again (its counter restarted: `appservice.id` changed, its database restored)
+/// with other events is told from a retry. Unknown (NULL) for ids recorded before.
+const V5: &str = "
+ALTER TABLE transactions ADD COLUMN events TEXT;
+";
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
 
 pub use crate::model::identity::{AppliedProfile, EventPosition};
 
@@ -295,18 +312,41 @@ impl Store {
             .is_some())
     }
 
-    /// Records the transaction id and the member states it changed, atomically.
+    /// Whether `txn_id` came before, and with the same `events` (see [`Seen`]).
+    pub fn seen_transaction(&self, txn_id: &str, events: &str) -> Result<Seen, StoreError> {
+        let recorded: Option<Option<String>> = self
+            .conn()
+            .query_row(
+                "SELECT events FROM transactions WHERE txn_id = ?1",
+                [txn_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match recorded {
+            None => Seen::New,
+            Some(None) => Seen::Duplicate,
+            Some(Some(before)) if before == events => Seen::Duplicate,
+            Some(Some(_)) => Seen::Reused,
+        })
+    }
+
+    /// Records the transaction id, the digest of its `events` and the member states it
+    /// changed, atomically; an id recorded before with other events is recorded again.
     pub fn record_transaction(
         &self,
         txn_id: &str,
+        events: &str,
         received_ms: u64,
         changes: &[Change],
     ) -> Result<Recorded, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let inserted = tx.execute(
-            "INSERT OR IGNORE INTO transactions (txn_id, received_ms) VALUES (?1, ?2)",
-            params![txn_id, received_ms as i64],
+            "INSERT INTO transactions (txn_id, received_ms, events) VALUES (?1, ?2, ?3)
+             ON CONFLICT (txn_id) DO UPDATE
+                SET received_ms = excluded.received_ms, events = excluded.events
+                WHERE transactions.events IS NOT NULL AND transactions.events != excluded.events",
+            params![txn_id, received_ms as i64, events],
         )?;
         if inserted == 0 {
             return Ok(Recorded::Duplicate);
@@ -751,15 +791,25 @@ mod tests {
         let store = Store::in_memory().unwrap();
         let changes = Model::new().preview(&[join(1)]);
         assert_eq!(
-            store.record_transaction("t1", 10, &changes).unwrap(),
+            store.record_transaction("t1", "e1", 10, &changes).unwrap(),
             Recorded::New
         );
+        assert_eq!(store.seen_transaction("t1", "e1").unwrap(), Seen::Duplicate);
         assert_eq!(
-            store.record_transaction("t1", 11, &changes).unwrap(),
+            store.record_transaction("t1", "e1", 11, &changes).unwrap(),
             Recorded::Duplicate
         );
         assert!(store.has_transaction("t1").unwrap());
         assert!(!store.has_transaction("t2").unwrap());
+        assert_eq!(store.seen_transaction("t2", "e1").unwrap(), Seen::New);
+        // The homeserver's counter started again: the same id, other events.
+        assert_eq!(store.seen_transaction("t1", "e2").unwrap(), Seen::Reused);
+        assert_eq!(
+            store.record_transaction("t1", "e2", 12, &changes).unwrap(),
+            Recorded::New
+        );
+        assert_eq!(store.seen_transaction("t1", "e2").unwrap(), Seen::Duplicate);
+        assert_eq!(store.seen_transaction("t1", "e1").unwrap(), Seen::Reused);
     }
 
     #[test]
@@ -770,7 +820,7 @@ mod tests {
         let changes = Model::new().preview(&[join(1)]);
         {
             let store = Store::open(&path).unwrap();
-            store.record_transaction("t1", 10, &changes).unwrap();
+            store.record_transaction("t1", "e1", 10, &changes).unwrap();
         }
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir.path().join("state")), 0o700);
@@ -863,7 +913,7 @@ mod tests {
         let store = Store::in_memory().unwrap();
         for i in 0..10u64 {
             store
-                .record_transaction(&format!("t{i}"), i * 100, &[])
+                .record_transaction(&format!("t{i}"), "", i * 100, &[])
                 .unwrap();
         }
         // Ids received before 300 go by age; of the rest the newest 5 stay.
@@ -942,6 +992,11 @@ mod tests {
             "kept in timestamp order; another room's states kept only for roster's own users"
         );
         assert!(store.has_transaction("t1").unwrap());
+        assert_eq!(
+            store.seen_transaction("t1", "any events").unwrap(),
+            Seen::Duplicate,
+            "recorded before events were noted: a retry, as before"
+        );
         assert_eq!(store.room_records().unwrap()[0].agent_id, "agent-1");
         drop(store);
         // Opening again is a no-op.
