@@ -319,7 +319,15 @@ impl Agents {
             && let Err(error) = self.read_room(&room, &agent_user).await
         {
             self.count_action("read_room", "error");
-            return error.outcome();
+            let shut_out = matches!(&error, ActionError::Homeserver(e) if e.is_forbidden() || e.is_not_found());
+            if !shut_out {
+                return error.outcome();
+            }
+            match self.follow_alias(agent_id, &room).await {
+                Ok(true) => {}
+                Ok(false) => return error.outcome(),
+                Err(error) => return error.outcome(),
+            }
         }
         for round in 0..MAX_ROUNDS {
             let Some((actions, record)) = self.plan(agent_id, round == 0) else {
@@ -367,6 +375,40 @@ impl Agents {
         self.shared
             .state
             .read(|m| m.agents.records.get(agent_id).is_some_and(|r| r.removing))
+    }
+
+    /// Neither the agent nor the bot can read `room`: if the agent's alias no longer points
+    /// to it (the room was deleted, which removes its aliases, or the alias was moved), the
+    /// record follows the alias: to the room it points to now, or to none, so the next
+    /// plan creates the room again. Returns whether the record changed.
+    async fn follow_alias(&self, agent_id: &str, room: &RoomId) -> Result<bool, ActionError> {
+        let Some(mut record) = self
+            .shared
+            .state
+            .read(|m| m.agents.records.get(agent_id).cloned())
+        else {
+            return Ok(false);
+        };
+        let alias = self.ids().agent_alias(&record.localpart);
+        let now = self.hs.resolve_alias(&alias).await?;
+        if now.as_deref() == Some(room) {
+            return Ok(false);
+        }
+        tracing::warn!(
+            agent = agent_id,
+            %room,
+            now = ?now,
+            "the agent's room is gone (deleted, or its alias moved); following the alias"
+        );
+        record.room_id = now;
+        record.settings_applied = false;
+        record.applied_topic = None;
+        record.space_linked = false;
+        record.space_parent_set = false;
+        record.invited_external.clear();
+        record.history_pending = false;
+        self.shared.state.save_agent(record).await?;
+        Ok(true)
     }
 
     /// The actions the agent's room needs now, and its record; `None` when there is
@@ -1420,6 +1462,41 @@ mod tests {
         assert_eq!(f.hs.world().requests.len(), before, "a ban is not fought");
         let blocked = f.shared.state.status(|s| s.blocked.clone());
         assert_eq!(blocked["agent-1"], vec![format!("{BOT} (banned)")]);
+    }
+
+    /// An agent room deleted on the homeserver (everyone removed, its alias gone, as
+    /// Synapse's room deletion does): roster makes the room again instead of failing on
+    /// the dead one at every run.
+    #[tokio::test]
+    async fn should_make_the_room_again_when_it_was_deleted() {
+        let (f, room) = provisioned().await;
+        {
+            let mut w = f.hs.world();
+            w.aliases.remove(ALIAS);
+            for membership in w.rooms.get_mut(room.as_str()).unwrap().members.values_mut() {
+                *membership = "leave".into();
+            }
+        }
+        // The kicks were pushed: the agent's own, then roster's read of the room.
+        f.pushed(&room, AGENT, BOT, Membership::Leave).await;
+        f.shared.state.forget_room(&room);
+        let first = f.agents.reconcile_agent("agent-1").await;
+        assert_eq!(
+            first,
+            Outcome::Done(()),
+            "followed the alias in the same run"
+        );
+        let new = f.record().room_id.expect("a room again");
+        assert_ne!(new, room);
+        let w = f.hs.world();
+        assert_eq!(w.aliases[ALIAS], new.as_str());
+        for user in [AGENT, BOT, ADMIN] {
+            assert_eq!(
+                w.rooms[new.as_str()].membership(user),
+                Some("join"),
+                "{user}"
+            );
+        }
     }
 
     /// An invite the model holds that the homeserver no longer has (the leave was never
