@@ -26,7 +26,7 @@ use ruma::api::client::membership::{
 };
 use ruma::api::client::message::send_message_event;
 use ruma::api::client::profile::{
-    get_profile_field, set_avatar_url, set_display_name, set_profile_field,
+    get_profile, get_profile_field, set_avatar_url, set_display_name, set_profile_field,
 };
 use ruma::api::client::room::create_room;
 use ruma::api::client::state::send_state_event;
@@ -759,6 +759,18 @@ impl Homeserver {
     }
 
     /// The avatar `user` has now (`None`: none set, or the user has no profile).
+    /// Whether `user` exists, asked as the appservice itself (no masquerading): a profile
+    /// is not found only for a user who does not exist. Tells "not registered" from "not
+    /// roster's to act as", which both refuse masquerading with M_FORBIDDEN.
+    pub async fn user_exists(&self, user: &UserId) -> Result<bool, MatrixError> {
+        let request = get_profile::v3::Request::new(user.to_owned());
+        match self.send("get_profile", request, None).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn avatar_url(&self, user: &UserId) -> Result<Option<String>, MatrixError> {
         let request =
             get_profile_field::v3::Request::new(user.to_owned(), ProfileFieldName::AvatarUrl);

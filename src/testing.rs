@@ -544,6 +544,16 @@ async fn answer(
             r.messages.push((me, body, ts, txn));
             ok(json!({ "event_id": format!("$msg{}", r.messages.len() - 1) }))
         }
+        ("GET", ["_matrix", "client", "v3", "profile", user]) => match w.users.get(*user) {
+            Some(profile) => {
+                ok(json!({ "displayname": profile.displayname, "avatar_url": profile.avatar_url }))
+            }
+            None => error(
+                StatusCode::NOT_FOUND,
+                "M_NOT_FOUND",
+                "Profile was not found",
+            ),
+        },
         ("GET", ["_matrix", "client", "v3", "profile", user, field]) => {
             let profile = w.users.get(*user).cloned().unwrap_or_default();
             let value = match *field {

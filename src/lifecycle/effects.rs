@@ -243,6 +243,22 @@ impl IdentityEffects {
                 Err(e) if e.is_forbidden() => {}
                 Err(e) => return Outcome::from_error(&e),
             }
+            // Refused for one who does exist: the homeserver does not let roster act as
+            // them (the acting registration not loaded). Wait for that to be fixed; taking
+            // the user for missing would drop a deletion.
+            match self.homeserver.user_exists(&plan.user).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    return Outcome::Retry {
+                        reason: format!(
+                            "the homeserver refuses roster acting as {}, who exists: check that it loaded registration-acting.yaml (roster check-config names the registrations)",
+                            plan.user
+                        ),
+                        retry_after: None,
+                    };
+                }
+                Err(e) => return Outcome::from_error(&e),
+            }
             if !plan.create_if_missing {
                 return Outcome::Done(Applied::MissingUser);
             }

@@ -534,6 +534,39 @@ mod tests {
         assert!(f.sink.letters.lock().unwrap().is_empty());
     }
 
+    /// Masquerading refused with M_FORBIDDEN for a user who exists (the homeserver has not
+    /// loaded the acting registration): the deletion waits, it is not taken for done on a
+    /// user who "does not exist". One who really does not exist is done.
+    #[tokio::test]
+    async fn should_hold_a_deletion_when_the_homeserver_will_not_let_roster_act() {
+        let f = fixture(true).await;
+        let deleted = || {
+            job(
+                "UserDeletedEvent",
+                serde_json::json!({ "user_id": UUID, "soft_delete": true }),
+            )
+        };
+        assert_eq!(
+            f.worker.attempt(&deleted()).await,
+            Step::Done,
+            "never existed"
+        );
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        let refused = "Application service cannot masquerade as this user";
+        f.hs.fail("/account/deactivate", 403, "M_FORBIDDEN", refused, 1);
+        f.hs.fail("/whoami", 403, "M_FORBIDDEN", refused, 1);
+        match f.worker.attempt(&deleted()).await {
+            Step::Retry { reason, .. } => {
+                assert!(reason.contains("registration-acting.yaml"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!f.hs.world().users[USER].deactivated);
+        assert_eq!(f.worker.attempt(&deleted()).await, Step::Done);
+        assert!(f.hs.world().users[USER].deactivated);
+        assert!(f.sink.letters.lock().unwrap().is_empty());
+    }
+
     /// The finding: a dead letter too large for its topic wedged the partition.
     #[tokio::test]
     async fn should_truncate_a_dead_letter_that_does_not_fit() {

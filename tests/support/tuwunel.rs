@@ -140,6 +140,7 @@ pub async fn start(as_tokens: &[String], admin_token: &str) -> (String, Shared) 
         )
         .route("/_matrix/client/v3/register", post(register))
         .route("/_matrix/client/v3/account/whoami", get(whoami))
+        .route("/_matrix/client/v3/profile/{user}", get(get_profile))
         .route(
             "/_matrix/client/v3/profile/{user}/{field}",
             put(set_profile),
@@ -206,6 +207,28 @@ async fn whoami(State(s): State<Shared>, headers: HeaderMap, Query(q): Q) -> Res
     match sender(&mut s, &headers, &q) {
         Ok(user) => axum::Json(json!({ "user_id": user })).into_response(),
         Err(refusal) => refuse(refusal),
+    }
+}
+
+/// tuwunel answers a profile of a local user who does not exist with 404 M_NOT_FOUND.
+async fn get_profile(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Q,
+    Path(user): Path<String>,
+) -> Response {
+    let mut s = s.lock().unwrap();
+    if let Err(refusal) = sender(&mut s, &headers, &q) {
+        return refuse(refusal);
+    }
+    match s.users.get(&user) {
+        Some(u) => axum::Json(json!({ "displayname": u.displayname, "avatar_url": u.avatar_url }))
+            .into_response(),
+        None => matrix_error(
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+            "Profile was not found.",
+        ),
     }
 }
 
