@@ -540,7 +540,9 @@ impl Homeserver {
         let http_request = request
             .try_into_http_request_with_identity::<Vec<u8>>(
                 &inner.base_url,
-                SendAccessToken::Appservice(token.expose()),
+                // Sent even where the spec needs none (profile lookups): homeservers that
+                // require it (Synapse's require_auth_for_profile_requests) answer too.
+                SendAccessToken::Always(token.expose()),
                 identity,
                 R::PathBuilder::input(&inner.versions),
             )
@@ -766,7 +768,9 @@ impl Homeserver {
         let request = get_profile::v3::Request::new(user.to_owned());
         match self.send("get_profile", request, None).await {
             Ok(_) => Ok(true),
-            Err(e) if e.is_not_found() => Ok(false),
+            // By status: Synapse 1.163 answers 404 M_UNKNOWN "No row found (profiles)",
+            // tuwunel 404 M_NOT_FOUND.
+            Err(e) if e.status() == Some(404) => Ok(false),
             Err(e) => Err(e),
         }
     }
