@@ -559,9 +559,11 @@ async fn run_sync(
     let swept = agents.sweep(only, spread).await;
     let keys = schedule_live(shared, only);
     let _ = tokio::time::timeout(Duration::from_secs(600), shared.queue.wait_settled(&keys)).await;
-    if only.is_none() {
+    if trigger == "interval" && only.is_none() {
         // Every room roster creates is recorded by now; what is left of rooms it does not
-        // look after, from before this sync, goes (invites of its user by anyone).
+        // look after, from before this sweep, goes (invites of its user by anyone). Only
+        // the periodic sweep collects: a restart or an operator's sync keeps what was
+        // acknowledged as it was.
         match shared.state.forget_unmanaged_rooms(seq_at_start + 1).await {
             Ok(0) => {}
             Ok(rooms) => tracing::info!(
