@@ -419,9 +419,16 @@ fn member_event(raw: &Raw<AnyTimelineEvent>) -> Result<Option<MemberEvent>, Stri
     if kind != TimelineEventType::RoomMember {
         return Ok(None);
     }
-    let event: RoomMemberEvent = raw
-        .deserialize_as_unchecked()
-        .map_err(|e| format!("bad m.room.member event: {e}"))?;
+    let event: RoomMemberEvent = match raw.deserialize_as_unchecked() {
+        Ok(event) => event,
+        // A badly typed optional field (`reason: {}`, a numeric display name) must not
+        // hide the membership itself: read what roster needs and nothing else.
+        Err(full) => {
+            return member_event_core(raw)
+                .map(Some)
+                .map_err(|core| format!("bad m.room.member event: {full}; {core}"));
+        }
+    };
     let Some(membership) = Membership::parse(event.membership().as_str()) else {
         return Ok(None);
     };
@@ -444,6 +451,44 @@ fn member_event(raw: &Raw<AnyTimelineEvent>) -> Result<Option<MemberEvent>, Stri
         event_id: event.event_id().to_owned(),
         origin_server_ts: event.origin_server_ts().get().into(),
     }))
+}
+
+/// The fields of a member event roster keeps, each typed as the spec says; the display
+/// name and avatar only when they are strings.
+#[derive(serde::Deserialize)]
+struct MemberEventCore {
+    room_id: ruma::OwnedRoomId,
+    sender: ruma::OwnedUserId,
+    state_key: ruma::OwnedUserId,
+    event_id: ruma::OwnedEventId,
+    origin_server_ts: ruma::MilliSecondsSinceUnixEpoch,
+    content: MemberContentCore,
+}
+
+#[derive(serde::Deserialize)]
+struct MemberContentCore {
+    membership: ruma::events::room::member::MembershipState,
+    #[serde(default)]
+    displayname: serde_json::Value,
+    #[serde(default)]
+    avatar_url: serde_json::Value,
+}
+
+fn member_event_core(raw: &Raw<AnyTimelineEvent>) -> Result<MemberEvent, String> {
+    let core: MemberEventCore = raw.deserialize_as_unchecked().map_err(|e| e.to_string())?;
+    let membership = Membership::parse(core.content.membership.as_str())
+        .ok_or_else(|| format!("unknown membership {}", core.content.membership))?;
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+    Ok(MemberEvent {
+        room_id: core.room_id,
+        user_id: core.state_key,
+        sender: core.sender,
+        membership,
+        displayname: text(&core.content.displayname),
+        avatar_url: text(&core.content.avatar_url),
+        event_id: core.event_id,
+        origin_server_ts: core.origin_server_ts.get().into(),
+    })
 }
 
 async fn ping(State(shared): State<Arc<Shared>>) -> Response {
@@ -501,6 +546,35 @@ mod tests {
         format!(
             r#"{{"type":"m.room.member","event_id":"$e{n}","room_id":"!r:ex.org","sender":"@u{n}:ex.org","state_key":"@u{n}:ex.org","origin_server_ts":{n},"content":{{"membership":"join","displayname":"{displayname}"}}}}"#
         )
+    }
+
+    /// A leave whose `reason` is not a string, a join whose display name is a number: the
+    /// memberships still count; only the ill-typed extras are dropped.
+    #[test]
+    fn should_read_the_membership_of_an_event_with_an_ill_typed_optional_field() {
+        let leave = r#"{"type":"m.room.member","event_id":"$k","room_id":"!r:ex.org","sender":"@mod:ex.org","state_key":"@admin:ex.org","origin_server_ts":7,"content":{"membership":"leave","reason":{}}}"#;
+        let join = r#"{"type":"m.room.member","event_id":"$j","room_id":"!r:ex.org","sender":"@u:ex.org","state_key":"@u:ex.org","origin_server_ts":8,"content":{"membership":"join","displayname":5,"avatar_url":"mxc://ex.org/a"}}"#;
+        let broken = r#"{"type":"m.room.member","event_id":"$b","room_id":"!r:ex.org","sender":"@u:ex.org","state_key":"not a user","origin_server_ts":9,"content":{"membership":"join"}}"#;
+        let body = format!(r#"{{"events":[{leave},{join},{broken}]}}"#);
+        let decoded = match decode_transaction(&parts(), body.as_bytes(), "t1") {
+            Ok(decoded) => decoded,
+            Err(rejection) => panic!("{:?}", rejection.into_response().status()),
+        };
+        assert_eq!(
+            decoded.undecodable, 1,
+            "a state_key that is no user id is still refused"
+        );
+        let [left, joined] = decoded.member_events.as_slice() else {
+            panic!("{:?}", decoded.member_events);
+        };
+        assert_eq!(
+            (left.user_id.as_str(), left.membership, left.sender.as_str()),
+            ("@admin:ex.org", Membership::Leave, "@mod:ex.org")
+        );
+        assert_eq!(left.origin_server_ts, 7);
+        assert_eq!(joined.membership, Membership::Join);
+        assert_eq!(joined.displayname, None);
+        assert_eq!(joined.avatar_url.as_deref(), Some("mxc://ex.org/a"));
     }
 
     #[test]
