@@ -1,11 +1,97 @@
-//! HTTP plumbing both listeners share: Matrix JSON errors for every refusal, and bearer
-//! tokens read the same way.
+//! HTTP plumbing both listeners share: how they are served (bounded), Matrix JSON errors
+//! for every refusal, and bearer tokens read the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use axum::body::to_bytes;
 use axum::extract::Request;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ruma::api::error::{ErrorKind, StandardErrorBody};
+
+/// What one listener allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A client that has not sent a request's headers within this is disconnected (an
+    /// idle keep-alive connection too): a slow or silent client cannot hold a connection.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        header_read_timeout: Duration::from_secs(30),
+        max_connections: 256,
+    };
+}
+
+/// How long open connections get to finish their requests at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` (HTTP/1.1) until `shutdown`, then lets open requests finish
+/// for a few seconds. Unlike `axum::serve`, bounded by `limits`.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = connections.clone().acquire_owned() => {
+                permit.expect("the semaphore is never closed")
+            }
+        };
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) if is_connection_error(&error) => continue,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%error, "cannot accept a connection; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = http1.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that goes away or sends garbage ends only its own connection.
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    Ok(())
+}
+
+/// Errors of one incoming connection (not of the listener): skip it.
+fn is_connection_error(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
 
 /// A Matrix error response: `{"errcode": ..., "error": ...}` with `status`.
 pub fn matrix_error(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -111,5 +197,50 @@ mod tests {
         assert_eq!(body["error"], "Method Not Allowed");
         let ok = json_errors((StatusCode::OK, "fine").into_response()).await;
         assert_eq!(ok.status(), StatusCode::OK);
+    }
+
+    /// A silent client holding the only connection slot is dropped once its headers are
+    /// late, and the client waiting behind it is served. Without the timeout the second
+    /// client would wait forever.
+    #[tokio::test]
+    async fn should_drop_a_silent_client_and_serve_the_one_behind_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpStream;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            max_connections: 1,
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
+
+        let mut silent = TcpStream::connect(at).await.unwrap();
+        silent.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
+        let mut waiting = TcpStream::connect(at).await.unwrap();
+        waiting
+            .write_all(b"GET /health HTTP/1.1\r\nHost: roster\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(60), waiting.read_to_string(&mut answer))
+            .await
+            .expect("the waiting client is served once the silent one is dropped")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("ok\n"), "{answer}");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), silent.read_to_end(&mut rest))
+            .await
+            .expect("the silent client is disconnected");
+        assert!(read.is_ok_and(|_| !String::from_utf8_lossy(&rest).contains(" 200 ")));
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), server)
+            .await
+            .expect("serve returns at shutdown")
+            .unwrap()
+            .unwrap();
     }
 }

@@ -229,9 +229,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         let shutdown = shutdown.clone();
         let failure = failure.clone();
         tracker.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .await;
+            let served =
+                http::serve(listener, router, http::Limits::DEFAULT, shutdown.clone()).await;
             if let Err(source) = served {
                 *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunError::Serve {
                     listener: listener_name,
