@@ -407,17 +407,7 @@ mod tests {
             ))
             .unwrap(),
         );
-        let room = ruma::owned_room_id!("!r:ex.org");
-        shared
-            .state
-            .save_agent(crate::model::agents::RoomRecord {
-                agent_id: "agent-a".into(),
-                localpart: "agent_a".into(),
-                room_id: Some(room.clone()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        crate::testing::record_agent_room(&shared).await;
         for path in ["/admin/v1/invalidate", "/admin/v1/sync"] {
             let (status, body) = post(&shared, path, Some(r#"{"room_id": "!r:ex.org"}"#)).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");

@@ -728,17 +728,7 @@ mod tests {
         let shared = crate::testing::shared(
             crate::config::Config::from_yaml("homeserver: {server_name: ex.org}").unwrap(),
         );
-        let room = ruma::owned_room_id!("!r:ex.org");
-        shared
-            .state
-            .save_agent(crate::model::agents::RoomRecord {
-                agent_id: "agent-a".into(),
-                localpart: "agent_a".into(),
-                room_id: Some(room.clone()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        crate::testing::record_agent_room(&shared).await;
         let admin_left = r#"{"type":"m.room.member","room_id":"!r:ex.org","sender":"@mod:ex.org","state_key":"@admin:ex.org","event_id":"$kick","origin_server_ts":1,"content":{"membership":"leave"}}"#;
         let body = format!(r#"{{"events":[{admin_left}]}}"#);
         let events = match decode_transaction(&parts(), body.as_bytes(), "t1") {

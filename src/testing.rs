@@ -184,6 +184,20 @@ pub fn shared(config: Config) -> Arc<Shared> {
     ))
 }
 
+/// Records that agent `agent-a` (`@agent_a`) has the room `!r:ex.org`.
+pub async fn record_agent_room(shared: &Shared) {
+    shared
+        .state
+        .save_agent(crate::model::agents::RoomRecord {
+            agent_id: "agent-a".into(),
+            localpart: "agent_a".into(),
+            room_id: Some(ruma::owned_room_id!("!r:ex.org")),
+            ..Default::default()
+        })
+        .await
+        .expect("the record is saved");
+}
+
 /// A fake homeserver for `ex.org` (bot `@letta`) and a `Shared` whose config points at it,
 /// with `extra` YAML appended to the config (e.g. `agents: {avatar: none}`).
 pub async fn stack(extra: &str) -> (FakeHomeserver, Arc<Shared>) {

@@ -1284,6 +1284,17 @@ mod tests {
                 .unwrap();
         }
 
+        /// `user` left `room` on the homeserver, and the homeserver never said so.
+        fn left_unpushed(&self, room: &RoomId, user: &str) {
+            self.hs
+                .world()
+                .rooms
+                .get_mut(room.as_str())
+                .unwrap()
+                .members
+                .insert(user.into(), "leave".into());
+        }
+
         /// The source lists agent-1 as `name` now (`at_ms`).
         async fn list_as(&self, name: &str, at_ms: u64) {
             let agent = Agent {
@@ -1506,12 +1517,7 @@ mod tests {
     async fn should_invite_again_when_a_remembered_invite_is_gone() {
         let (f, room) = provisioned().await;
         f.pushed(&room, ADMIN, AGENT, Membership::Invite).await;
-        f.hs.world()
-            .rooms
-            .get_mut(room.as_str())
-            .unwrap()
-            .members
-            .insert(ADMIN.into(), "leave".into());
+        f.left_unpushed(&room, ADMIN);
         let refused = f.agents.reconcile_agent("agent-1").await;
         assert!(matches!(refused, Outcome::Refused(_)), "{refused:?}");
         f.converge().await;
@@ -1551,12 +1557,7 @@ mod tests {
             .read_room(&space, &ruma::UserId::parse(BOT).unwrap())
             .await
             .unwrap();
-        f.hs.world()
-            .rooms
-            .get_mut(room.as_str())
-            .unwrap()
-            .members
-            .insert(ADMIN.into(), "leave".into());
+        f.left_unpushed(&room, ADMIN);
         f.converge().await;
         assert_eq!(
             f.hs.world().rooms[room.as_str()].membership(ADMIN),

@@ -1318,35 +1318,39 @@ impl Tansu {
 
     async fn launch(dir: &Path, partitions: i32, topics: &[&str], tls: bool) -> Tansu {
         run_script("tansu.sh", &["install"]);
-        let port = free_port();
         let tls_port = tls.then(free_port);
-        let mut run = vec!["run".to_owned(), "--port".into(), port.to_string()];
-        if let Some(tls_port) = tls_port {
-            run.extend(["--advertised-port".into(), tls_port.to_string()]);
-        }
-        let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
-        let child = Command::new(peer_script("tansu.sh"))
-            .args(&run)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start tansu");
-        eventually(Duration::from_secs(20), "tansu to listen", || async move {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        })
-        .await;
-        let mut args = vec![
-            "topic".to_owned(),
-            "--port".into(),
-            port.to_string(),
-            "--partitions".into(),
-            partitions.to_string(),
-        ];
-        args.extend(topics.iter().map(|t| t.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_script("tansu.sh", &args);
+        // Seen once in CI: the broker listened, then was gone before its topics were made
+        // (its log empty). A broker that does not get its topics is started again, on a
+        // fresh port, at most twice more; what happened is printed.
+        let mut attempt = 1;
+        let (child, port) = loop {
+            let (mut child, port) = Tansu::spawn(dir, tls_port).await;
+            let mut args = vec![
+                "topic".to_owned(),
+                "--port".into(),
+                port.to_string(),
+                "--partitions".into(),
+                partitions.to_string(),
+            ];
+            args.extend(topics.iter().map(|t| t.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let made = Command::new(peer_script("tansu.sh"))
+                .args(&args)
+                .status()
+                .expect("run tansu.sh topic");
+            if made.success() {
+                break (child, port);
+            }
+            let exited = child.try_wait().ok().flatten();
+            let log = std::fs::read_to_string(dir.join("tansu.log")).unwrap_or_default();
+            eprintln!(
+                "tansu on port {port}: topics not made ({made}); broker exited: {exited:?}; log: {log:?}"
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(attempt < 3, "tansu did not get its topics in 3 attempts");
+            attempt += 1;
+        };
         let tls = match tls_port {
             Some(tls_port) => Some(TlsFront::start(dir, tls_port, port).await),
             None => None,
@@ -1363,6 +1367,30 @@ impl Tansu {
             tls,
             producer,
         }
+    }
+
+    /// Starts a broker on a fresh port (advertising `advertised` when given) and waits
+    /// until it listens.
+    async fn spawn(dir: &Path, advertised: Option<u16>) -> (std::process::Child, u16) {
+        let port = free_port();
+        let mut run = vec!["run".to_owned(), "--port".into(), port.to_string()];
+        if let Some(advertised) = advertised {
+            run.extend(["--advertised-port".into(), advertised.to_string()]);
+        }
+        let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
+        let child = Command::new(peer_script("tansu.sh"))
+            .args(&run)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        eventually(Duration::from_secs(20), "tansu to listen", || async move {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        (child, port)
     }
 
     /// Where clients connect: the TLS terminator when there is one.
