@@ -99,9 +99,10 @@ pub fn render(look: Look) -> Vec<u8> {
     encode(&pixels)
 }
 
-/// The key under which a rendered avatar's upload is remembered: lower-case hex SHA-256.
-pub fn content_hash(png: &[u8]) -> String {
-    Sha256::digest(png)
+/// Lower-case hex SHA-256 of `bytes`: the key under which a rendered avatar's upload is
+/// remembered (and the digest of a transaction's event ids).
+pub fn content_hash(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
         .iter()
         .fold(String::with_capacity(64), |mut hex, byte| {
             let _ = write!(hex, "{byte:02x}");

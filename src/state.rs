@@ -26,26 +26,16 @@ const PROFILE_CACHE: u64 = 100_000;
 
 /// The `meta` key of the agents space's record (JSON).
 const SPACE_KEY: &str = "space";
+/// The lifecycle topic the applied positions of identity profiles come from.
+const LIFECYCLE_TOPIC_KEY: &str = "lifecycle_topic";
+
 /// What tells a retried transaction from another one under a reused id: its member
 /// events, by id (a retry carries the same ones; its bodies may differ in `unsigned.age`).
 fn events_digest(events: &[MemberEvent]) -> String {
-    use sha2::{Digest, Sha256};
     let mut ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
     ids.sort_unstable();
-    let mut hasher = Sha256::new();
-    for id in ids {
-        hasher.update(id.as_bytes());
-        hasher.update(b"\n");
-    }
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::avatar::content_hash(ids.join("\n").as_bytes())
 }
-
-/// The lifecycle topic the applied positions of identity profiles come from.
-const LIFECYCLE_TOPIC_KEY: &str = "lifecycle_topic";
 
 /// A verb could not keep its promise; nothing was changed.
 #[derive(Debug, thiserror::Error)]
