@@ -1259,13 +1259,7 @@ mod tests {
         /// `user`'s membership in `room` changes on the homeserver (by `sender`), and the
         /// homeserver pushes it.
         async fn pushed(&self, room: &RoomId, user: &str, sender: &str, membership: Membership) {
-            self.hs
-                .world()
-                .rooms
-                .get_mut(room.as_str())
-                .unwrap()
-                .members
-                .insert(user.into(), membership.as_str().into());
+            self.changed_unpushed(room, user, membership);
             let n = self.hs.world().requests.len() as u64;
             let event = crate::model::MemberEvent {
                 room_id: room.to_owned(),
@@ -1284,15 +1278,15 @@ mod tests {
                 .unwrap();
         }
 
-        /// `user` left `room` on the homeserver, and the homeserver never said so.
-        fn left_unpushed(&self, room: &RoomId, user: &str) {
+        /// `user`'s membership in `room` changes on the homeserver, which does not say so.
+        fn changed_unpushed(&self, room: &RoomId, user: &str, membership: Membership) {
             self.hs
                 .world()
                 .rooms
                 .get_mut(room.as_str())
                 .unwrap()
                 .members
-                .insert(user.into(), "leave".into());
+                .insert(user.into(), membership.as_str().into());
         }
 
         /// The source lists agent-1 as `name` now (`at_ms`).
@@ -1517,7 +1511,7 @@ mod tests {
     async fn should_invite_again_when_a_remembered_invite_is_gone() {
         let (f, room) = provisioned().await;
         f.pushed(&room, ADMIN, AGENT, Membership::Invite).await;
-        f.left_unpushed(&room, ADMIN);
+        f.changed_unpushed(&room, ADMIN, Membership::Leave);
         let refused = f.agents.reconcile_agent("agent-1").await;
         assert!(matches!(refused, Outcome::Refused(_)), "{refused:?}");
         f.converge().await;
@@ -1557,7 +1551,7 @@ mod tests {
             .read_room(&space, &ruma::UserId::parse(BOT).unwrap())
             .await
             .unwrap();
-        f.left_unpushed(&room, ADMIN);
+        f.changed_unpushed(&room, ADMIN, Membership::Leave);
         f.converge().await;
         assert_eq!(
             f.hs.world().rooms[room.as_str()].membership(ADMIN),
