@@ -234,7 +234,13 @@ mod tests {
         let read = tokio::time::timeout(Duration::from_secs(60), silent.read_to_end(&mut rest))
             .await
             .expect("the silent client is disconnected");
-        assert!(read.is_ok_and(|_| !String::from_utf8_lossy(&rest).contains(" 200 ")));
+        // Closed (a 408 first, or not) or reset: either way never answered 200.
+        if read.is_ok() {
+            assert!(
+                !String::from_utf8_lossy(&rest).contains(" 200 "),
+                "{rest:?}"
+            );
+        }
 
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(60), server)
