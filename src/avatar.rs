@@ -99,6 +99,11 @@ pub fn render(look: Look) -> Vec<u8> {
     encode(&pixels)
 }
 
+/// The key under which the upload of the image fetched from `url` is remembered.
+pub fn url_key(url: &str) -> String {
+    format!("url:{url}")
+}
+
 /// Lower-case hex SHA-256 of `bytes`: the key under which a rendered avatar's upload is
 /// remembered (and the digest of a transaction's event ids).
 pub fn content_hash(bytes: &[u8]) -> String {

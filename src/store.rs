@@ -300,6 +300,7 @@ impl Store {
             .expect("query_only can be set");
     }
 
+    #[cfg(test)]
     pub fn has_transaction(&self, txn_id: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()

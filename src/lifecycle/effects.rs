@@ -356,7 +356,7 @@ impl IdentityEffects {
         user: &UserId,
         url: &str,
     ) -> Result<Option<(String, bool)>, StepError> {
-        let source = format!("url:{url}");
+        let source = crate::avatar::url_key(url);
         let fresh = |upload: &Upload| {
             Duration::from_millis(now_ms().saturating_sub(upload.uploaded_ms)) < self.avatar_ttl
         };

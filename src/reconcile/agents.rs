@@ -698,7 +698,7 @@ impl Agents {
     async fn avatar_mxc(&self, want: &AvatarWant) -> Result<Option<String>, ActionError> {
         let (source, image) = match want {
             AvatarWant::Image { url } if url.starts_with("mxc://") => return Ok(Some(url.clone())),
-            AvatarWant::Image { url } => (format!("url:{url}"), None),
+            AvatarWant::Image { url } => (crate::avatar::url_key(url), None),
             AvatarWant::Generated { look } => {
                 let png = crate::avatar::render(*look);
                 (
@@ -758,7 +758,7 @@ impl Agents {
         Ok(self
             .shared
             .state
-            .upload(&format!("url:{url}"))
+            .upload(&crate::avatar::url_key(url))
             .await?
             .is_none())
     }
