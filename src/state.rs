@@ -381,7 +381,9 @@ impl State {
             let rooms = model.unmanaged_rooms_before(seq);
             if !rooms.is_empty() {
                 store.forget_rooms(&rooms)?;
-                model.drop_rooms(&rooms);
+                for room in &rooms {
+                    model.forget_room(room);
+                }
             }
             Ok(rooms.len())
         })

@@ -410,13 +410,6 @@ impl Model {
             .collect()
     }
 
-    /// Drops the member states of `rooms` (see [`Model::unmanaged_rooms_before`]).
-    pub fn drop_rooms(&mut self, rooms: &[OwnedRoomId]) {
-        for room in rooms {
-            self.rooms.remove(room);
-        }
-    }
-
     /// Applies events at once: `preview` then `commit`.
     #[cfg(test)]
     pub fn apply(&mut self, events: &[MemberEvent]) -> Vec<Change> {
