@@ -11,7 +11,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::{Body, to_bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -29,7 +28,7 @@ use subtle::ConstantTimeEq;
 
 use crate::Shared;
 use crate::clock::now_ms;
-use crate::http::{Rejection, bearer_token, json_errors, matrix_error};
+use crate::http::{Rejection, bearer_token, json_errors, matrix_error, read_body};
 use crate::metrics::{OutcomeLabels, TransitionLabels};
 use crate::model::{MemberEvent, Membership};
 use crate::reconcile::queue::Key;
@@ -121,7 +120,7 @@ async fn push_transaction(
     let (parts, body) = request.into_parts();
     let decoded = match read_body(body, shared.config.appservice.max_body_bytes).await {
         Ok(bytes) => decode_transaction(&parts, &bytes, &txn_id),
-        Err(rejection) => Err(rejection),
+        Err(error) => Err(error.rejection("appservice.max_body_bytes")),
     };
     let txn = match decoded {
         Ok(txn) => txn,
@@ -214,27 +213,6 @@ fn schedule_managed_rooms<'a>(shared: &Shared, rooms: impl Iterator<Item = &'a R
     for key in keys {
         shared.queue.schedule(&key);
     }
-}
-
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Rejection> {
-    to_bytes(body, limit).await.map_err(|e| {
-        // to_bytes reports an oversized body as a length-limit error in its source chain.
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            Rejection::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorKind::TooLarge,
-                format!("transaction body exceeds {limit} bytes (appservice.max_body_bytes)"),
-            )
-        } else {
-            Rejection::new(
-                StatusCode::BAD_REQUEST,
-                ErrorKind::Unknown,
-                format!("cannot read the request body: {e}"),
-            )
-        }
-    })
 }
 
 /// Decodes a transaction body as `PUT /_matrix/app/v1/transactions/{txn}` would: the member
@@ -531,6 +509,7 @@ async fn unknown_route() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::{Body, to_bytes};
 
     fn parts() -> http::request::Parts {
         http::Request::builder()

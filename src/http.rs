@@ -1,14 +1,22 @@
 //! HTTP plumbing both listeners share: how they are served (bounded), Matrix JSON errors
 //! for every refusal, and bearer tokens read the same way.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 use axum::body::to_bytes;
 use axum::extract::Request;
@@ -22,6 +30,9 @@ pub struct Limits {
     /// A client that has not sent a request's headers within this is disconnected (an
     /// idle keep-alive connection too): a slow or silent client cannot hold a connection.
     pub header_read_timeout: Duration,
+    /// A request's whole body must arrive within this of the request being read: a client
+    /// that drips its body cannot hold a connection either.
+    pub body_read_timeout: Duration,
     /// Connections served at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
 }
@@ -29,6 +40,7 @@ pub struct Limits {
 impl Limits {
     pub const DEFAULT: Limits = Limits {
         header_read_timeout: Duration::from_secs(30),
+        body_read_timeout: Duration::from_secs(60),
         max_connections: 256,
     };
 }
@@ -70,7 +82,15 @@ pub async fn serve(
                 }
             },
         };
-        let service = TowerToHyperService::new(router.clone());
+        let body_read_timeout = limits.body_read_timeout;
+        let service =
+            router
+                .clone()
+                .map_request(move |request: hyper::Request<hyper::body::Incoming>| {
+                    request
+                        .map(|body| axum::body::Body::new(Deadline::new(body, body_read_timeout)))
+                });
+        let service = TowerToHyperService::new(service);
         let connection = http1.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -82,6 +102,122 @@ pub async fn serve(
     drop(listener);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
     Ok(())
+}
+
+/// A request body that fails with [`BodyTimeout`] once its deadline has passed. The timer
+/// is only armed when the body is not already there, so a body that arrives in one piece
+/// costs nothing.
+struct Deadline<B> {
+    inner: B,
+    deadline: Instant,
+    timeout: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<B> Deadline<B> {
+    fn new(inner: B, timeout: Duration) -> Deadline<B> {
+        Deadline {
+            inner,
+            deadline: Instant::now() + timeout,
+            timeout,
+            timer: None,
+        }
+    }
+}
+
+impl<B> HttpBody for Deadline<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = self.deadline;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout(self.timeout).into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that did not arrive in time (see [`Limits::body_read_timeout`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+pub struct BodyTimeout(Duration);
+
+/// Reads a whole request body of at most `limit` bytes.
+pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, BodyError> {
+    let limited = http_body_util::Limited::new(body, limit);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+            while let Some(e) = cause {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    return Err(BodyError::TooLarge { limit });
+                }
+                if let Some(timeout) = e.downcast_ref::<BodyTimeout>() {
+                    return Err(BodyError::Timeout(timeout.0));
+                }
+                cause = e.source();
+            }
+            Err(BodyError::Read(crate::error_chain(&*error)))
+        }
+    }
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the body did not arrive within {0:?}; send it at once")]
+    Timeout(Duration),
+    #[error("cannot read the request body: {0}")]
+    Read(String),
+}
+
+impl BodyError {
+    /// The answer for a request whose body could not be read; `limit_key` names the
+    /// setting behind the size limit.
+    pub fn rejection(&self, limit_key: &str) -> Rejection {
+        match self {
+            BodyError::TooLarge { limit } => Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorKind::TooLarge,
+                format!("the request body exceeds {limit} bytes ({limit_key})"),
+            ),
+            BodyError::Timeout(_) => Rejection::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorKind::Unknown,
+                self.to_string(),
+            ),
+            BodyError::Read(_) => Rejection::new(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::Unknown,
+                self.to_string(),
+            ),
+        }
+    }
 }
 
 /// Errors of one incoming connection (not of the listener): skip it.
@@ -212,6 +348,7 @@ mod tests {
         let limits = Limits {
             header_read_timeout: Duration::from_millis(300),
             max_connections: 1,
+            ..Limits::DEFAULT
         };
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
@@ -241,6 +378,65 @@ mod tests {
                 "{rest:?}"
             );
         }
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), server)
+            .await
+            .expect("serve returns at shutdown")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A client that sends its headers and then only part of its body is answered 408 once
+    /// the body deadline passes, and its connection is closed; a body sent at once is read.
+    #[tokio::test]
+    async fn should_answer_408_to_a_body_that_does_not_arrive_in_time() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpStream;
+        async fn echo_length(request: Request) -> Response {
+            match read_body(request.into_body(), 1024).await {
+                Ok(bytes) => format!("{} bytes\n", bytes.len()).into_response(),
+                Err(error) => error.rejection("test.limit").into_response(),
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/body", axum::routing::put(echo_length));
+        let limits = Limits {
+            body_read_timeout: Duration::from_millis(300),
+            ..Limits::DEFAULT
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
+
+        let mut dripping = TcpStream::connect(at).await.unwrap();
+        dripping
+            .write_all(
+                b"PUT /body HTTP/1.1\r\nHost: roster\r\nContent-Length: 100\r\n\r\n0123456789",
+            )
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), dripping.read_to_end(&mut answer))
+            .await
+            .expect("the dripping client is answered and disconnected")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("did not arrive within"), "{answer}");
+
+        let mut prompt = TcpStream::connect(at).await.unwrap();
+        prompt
+            .write_all(b"PUT /body HTTP/1.1\r\nHost: roster\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(60), prompt.read_to_string(&mut answer))
+            .await
+            .expect("a body sent at once is answered")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("10 bytes\n"), "{answer}");
 
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(60), server)
