@@ -480,7 +480,9 @@ async fn noop_updates(remember: bool) -> Vec<NoopRow> {
     let as_token = placeholder.registration.as_token.clone();
     let fake = FakeHomeserver::start(&as_token, "bench.test", "letta").await;
     let config = Config::from_yaml(&format!(
-        "homeserver: {{server_name: bench.test, url: '{}', flavor: synapse, max_concurrent_requests: 64}}",
+        // The pictures are served on loopback.
+        "homeserver: {{server_name: bench.test, url: '{}', flavor: synapse, max_concurrent_requests: 64}}\n\
+         lifecycle: {{avatar_allow_private: true}}",
         fake.url
     ))
     .unwrap();

@@ -373,6 +373,9 @@ pub struct LifecycleConfig {
     /// Upper bound on fetching one avatar.
     #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub avatar_fetch_timeout: Duration,
+    /// Identity avatars may be fetched from private, loopback and link-local addresses.
+    /// Off: a profile's avatar URL is the user's choice and must not reach inside.
+    pub avatar_allow_private: bool,
     /// Users whose events are applied at once; one user's events are applied in order.
     pub max_in_flight_users: usize,
     /// Messages received but not yet done, across partitions; beyond it none is taken.
@@ -403,6 +406,7 @@ impl fmt::Debug for LifecycleConfig {
             create_missing_users,
             avatar_max_bytes,
             avatar_fetch_timeout,
+            avatar_allow_private,
             max_in_flight_users,
             max_buffered_events,
             start_from,
@@ -427,6 +431,7 @@ impl fmt::Debug for LifecycleConfig {
             .field("create_missing_users", create_missing_users)
             .field("avatar_max_bytes", avatar_max_bytes)
             .field("avatar_fetch_timeout", avatar_fetch_timeout)
+            .field("avatar_allow_private", avatar_allow_private)
             .field("max_in_flight_users", max_in_flight_users)
             .field("max_buffered_events", max_buffered_events)
             .field("start_from", start_from)
@@ -468,6 +473,7 @@ impl Default for LifecycleConfig {
             create_missing_users: true,
             avatar_max_bytes: 5 * 1024 * 1024,
             avatar_fetch_timeout: Duration::from_secs(10),
+            avatar_allow_private: false,
             max_in_flight_users: 16,
             max_buffered_events: 1024,
             start_from: StartFrom::Earliest,

@@ -1,7 +1,14 @@
 //! Fetches the `http(s)://` images roster uses as avatars (identity profiles and
 //! `agents.avatar`), bounded in time and size and checked to be an image by its bytes, so
 //! a slow, huge or wrong answer costs a bounded wait and is reported, never uploaded.
+//!
+//! Identity avatars are URLs anyone with a Nova profile chooses, so by default they may not
+//! point inside the network roster runs in (loopback, private, link-local, cloud metadata):
+//! host names are resolved by roster and only public addresses are connected to, address
+//! literals are checked before the request and at every redirect.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The URL without credentials (`user:password@`), query or fragment, which may carry
@@ -39,42 +46,233 @@ pub enum FetchError {
     NotAnImage { content_type: String },
     #[error("the avatar server did not answer within {0:?} (lifecycle.avatar_fetch_timeout)")]
     Timeout(Duration),
+    #[error(
+        "the avatar's host {host} is a private, loopback or link-local address; set \
+         lifecycle.avatar_allow_private: true if avatars are served from inside the network"
+    )]
+    PrivateAddress { host: String },
     #[error("cannot fetch the avatar: {0}")]
     Http(String),
 }
+
+/// Which addresses a fetcher may connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Any address: for URLs the operator configured.
+    Any,
+    /// Only public addresses: for URLs users choose.
+    PublicOnly,
+}
+
+/// A host that is, or resolves only to, addresses roster may not fetch from.
+#[derive(Debug, thiserror::Error)]
+#[error("{host} is not a public address")]
+struct Refused {
+    host: String,
+}
+
+/// Whether `ip` is an address on the public internet: not loopback, private, shared
+/// (carrier-grade NAT), link-local (cloud metadata lives there), multicast, reserved or
+/// unspecified; IPv6 addresses that embed an IPv4 one are judged by it.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_v4(v4);
+            }
+            let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                is_public_v4(Ipv4Addr::new(
+                    (hi >> 8) as u8,
+                    hi as u8,
+                    (lo >> 8) as u8,
+                    lo as u8,
+                ))
+            };
+            if s[0] == 0x0064 && s[1] == 0xff9b {
+                return embedded(s[6], s[7]); // NAT64
+            }
+            if s[0] == 0x2002 {
+                return embedded(s[1], s[2]); // 6to4
+            }
+            !(v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || s[..6] == [0; 6] // IPv4-compatible (deprecated)
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || (s[0] == 0x2001 && s[1] == 0x0db8)) // documentation
+        }
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_documentation()
+        || a == 0
+        || (a == 100 && (b & 0xc0) == 64) // shared address space (carrier-grade NAT)
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 198 && (b & 0xfe) == 18) // benchmarking
+        || a >= 240) // reserved
+}
+
+/// Refuses `url` when its host is an address literal that is not public. Host names are
+/// checked when they are resolved ([`PublicResolver`]).
+fn check_literal(url: &reqwest::Url) -> Result<(), Refused> {
+    // The URL parser has already normalised address literals (`0x7f.1` is `127.0.0.1`).
+    let host = url.host_str().unwrap_or_default();
+    let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    else {
+        return Ok(());
+    };
+    if is_public(ip) {
+        Ok(())
+    } else {
+        Err(Refused {
+            host: ip.to_string(),
+        })
+    }
+}
+
+/// Resolves host names to their public addresses only. The proxies reqwest takes from the
+/// environment are exempt: they are the operator's, and behind one the proxy resolves the
+/// avatar's host, so it is the proxy that must refuse private targets.
+struct PublicResolver {
+    proxies: Vec<String>,
+}
+
+impl PublicResolver {
+    fn from_environment() -> PublicResolver {
+        let proxies = [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .filter_map(|value| {
+            // reqwest takes `host:port` without a scheme as http://.
+            let value = if value.contains("://") {
+                value
+            } else {
+                format!("http://{value}")
+            };
+            reqwest::Url::parse(&value)
+                .ok()?
+                .host_str()
+                .map(str::to_ascii_lowercase)
+        })
+        .collect();
+        PublicResolver { proxies }
+    }
+}
+
+impl reqwest::dns::Resolve for PublicResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        let exempt = self.proxies.iter().any(|p| p.eq_ignore_ascii_case(&host));
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| exempt || is_public(a.ip()))
+                .collect();
+            if public.is_empty() {
+                return Err(Box::new(Refused { host }) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Redirects followed before giving up, as browsers and reqwest's default do far more of.
+const MAX_REDIRECTS: usize = 3;
 
 /// Fetches `http(s)://` avatars with a timeout and a size limit.
 pub struct AvatarFetcher {
     http: reqwest::Client,
     max_bytes: usize,
     timeout: Duration,
+    reach: Reach,
+}
+
+/// The refusal somewhere in `error`'s causes (from the resolver or the redirect policy).
+fn find_refused(error: &reqwest::Error) -> Option<&Refused> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if let Some(refused) = e.downcast_ref::<Refused>() {
+            return Some(refused);
+        }
+        cause = e.source();
+    }
+    None
 }
 
 impl AvatarFetcher {
-    pub fn new(timeout: Duration, max_bytes: usize) -> AvatarFetcher {
-        let http = reqwest::Client::builder()
+    pub fn new(timeout: Duration, max_bytes: usize, reach: Reach) -> AvatarFetcher {
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            // `previous` holds the first URL too, which is not a redirect.
+            if attempt.previous().len() > MAX_REDIRECTS {
+                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+            }
+            if reach == Reach::PublicOnly
+                && let Err(refused) = check_literal(attempt.url())
+            {
+                return attempt.error(refused);
+            }
+            attempt.follow()
+        });
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::limited(3))
-            .user_agent(concat!("roster/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a TLS backend is compiled in");
+            .redirect(redirects)
+            .user_agent(concat!("roster/", env!("CARGO_PKG_VERSION")));
+        if reach == Reach::PublicOnly {
+            builder = builder.dns_resolver(Arc::new(PublicResolver::from_environment()));
+        }
+        let http = builder.build().expect("a TLS backend is compiled in");
         AvatarFetcher {
             http,
             max_bytes,
             timeout,
+            reach,
         }
     }
 
     pub async fn fetch(&self, url: &str) -> Result<Avatar, FetchError> {
         let transport = |e: reqwest::Error| {
-            if e.is_timeout() {
+            if let Some(refused) = find_refused(&e) {
+                FetchError::PrivateAddress {
+                    host: refused.host.clone(),
+                }
+            } else if e.is_timeout() {
                 FetchError::Timeout(self.timeout)
             } else {
                 FetchError::Http(crate::error_chain(&e.without_url()))
             }
         };
-        let mut response = self.http.get(url).send().await.map_err(transport)?;
+        let parsed =
+            reqwest::Url::parse(url).map_err(|e| FetchError::Http(format!("not a URL: {e}")))?;
+        if self.reach == Reach::PublicOnly {
+            check_literal(&parsed)
+                .map_err(|refused| FetchError::PrivateAddress { host: refused.host })?;
+        }
+        let mut response = self.http.get(parsed).send().await.map_err(transport)?;
         let status = response.status();
         if !status.is_success() {
             return Err(FetchError::Status(status.as_u16()));
@@ -174,5 +372,121 @@ mod tests {
             redact_url("https://token@cdn.example"),
             "https://cdn.example"
         );
+    }
+
+    #[test]
+    fn should_tell_public_addresses_from_inside_ones() {
+        for inside in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "240.0.0.1",
+            "198.18.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+            "2002:c0a8:101::1",
+            "2001:db8::1",
+        ] {
+            assert!(
+                !is_public(inside.parse().unwrap()),
+                "{inside} is not public"
+            );
+        }
+        for public in [
+            "1.1.1.1",
+            "93.184.216.34",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+            "64:ff9b::101:101",
+        ] {
+            assert!(is_public(public.parse().unwrap()), "{public} is public");
+        }
+    }
+
+    #[test]
+    fn should_refuse_address_literals_that_are_not_public() {
+        for url in [
+            "http://127.0.0.1/a.png",
+            "http://[::1]:8080/a.png",
+            "http://0x7f.1/a.png",
+            "http://2130706433/a.png",
+            "http://169.254.169.254/latest/meta-data",
+            "https://[::ffff:10.0.0.1]/a.png",
+        ] {
+            let parsed = reqwest::Url::parse(url).unwrap();
+            assert!(check_literal(&parsed).is_err(), "{url} is refused");
+        }
+        for url in ["https://1.1.1.1/a.png", "https://cdn.example/a.png"] {
+            let parsed = reqwest::Url::parse(url).unwrap();
+            assert!(
+                check_literal(&parsed).is_ok(),
+                "{url} is left to the resolver"
+            );
+        }
+    }
+
+    /// An image served on loopback: refused to a public-only fetcher whether named by
+    /// address or by a name that resolves there, and fetched by one that may reach it.
+    #[tokio::test]
+    async fn should_fetch_from_inside_addresses_only_when_allowed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let served = Arc::new(AtomicUsize::new(0));
+        let counter = served.clone();
+        let app = axum::Router::new().route(
+            "/a.png",
+            axum::routing::get(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async {
+                    (
+                        [("content-type", "image/png")],
+                        b"\x89PNG\r\n\x1a\n....".as_slice(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let timeout = Duration::from_secs(30);
+
+        let guarded = AvatarFetcher::new(timeout, 1024, Reach::PublicOnly);
+        for url in [
+            format!("http://127.0.0.1:{port}/a.png"),
+            format!("http://localhost:{port}/a.png"),
+        ] {
+            match guarded.fetch(&url).await {
+                Err(FetchError::PrivateAddress { host }) => {
+                    assert!(host == "127.0.0.1" || host == "localhost", "{host}");
+                }
+                Err(other) => panic!("{url}: refused for another reason: {other}"),
+                Ok(_) => panic!("{url}: fetched from loopback"),
+            }
+        }
+        assert_eq!(
+            served.load(Ordering::SeqCst),
+            0,
+            "no request reached the server"
+        );
+
+        let open = AvatarFetcher::new(timeout, 1024, Reach::Any);
+        let avatar = open
+            .fetch(&format!("http://localhost:{port}/a.png"))
+            .await
+            .unwrap();
+        assert_eq!(avatar.content_type, "image/png");
+        assert_eq!(served.load(Ordering::SeqCst), 1);
     }
 }

@@ -160,7 +160,8 @@ async fn avatar_server() -> String {
 
 #[tokio::test]
 async fn every_event_shape_has_its_effect_on_synapse() {
-    let stack = Stack::new("lifecycle-shapes", "").await;
+    // The test serves its avatars on loopback, which roster refuses by default.
+    let stack = Stack::new("lifecycle-shapes", "  avatar_allow_private: true\n").await;
     let avatars = avatar_server().await;
     let (alice, bob, carol, dora, eve, ghost, frank) = (
         uuid(1, 1),
@@ -550,6 +551,27 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_events_apply() {
             )
             .await,
     );
+    // An avatar URL pointing inside roster's network (here loopback, as cloud metadata at
+    // 169.254.169.254 would be): the name is applied, the URL is never requested.
+    let (inside, fetched) = counting_avatar_server().await;
+    let inside = inside.replace("127.0.0.1", "localhost");
+    produced.push(
+        stack
+            .tansu
+            .produce(
+                TOPIC,
+                Some(0),
+                Some(&b),
+                &[("event_type", "UserProfileUpdatedEvent")],
+                &bytes(&profile(
+                    &b,
+                    "b",
+                    Some("B"),
+                    Some(&format!("{inside}/b.png")),
+                )),
+            )
+            .await,
+    );
     produced.push(
         stack
             .tansu
@@ -566,11 +588,12 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_events_apply() {
     roster.start().await;
     let stack = Stack { roster, ..stack };
 
-    stack
-        .wait_user(&nova(&b), "created after the poison", |u| {
-            display_name(u) == Some("b")
+    let b_user = stack
+        .wait_user(&nova(&b), "created and renamed after the poison", |u| {
+            display_name(u) == Some("B")
         })
         .await;
+    assert!(b_user["avatar_url"].is_null(), "{b_user}");
     stack
         .wait_user(&nova(&a), "updated after its refused update", |u| {
             display_name(u) == Some("A2")
@@ -620,6 +643,18 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_events_apply() {
     );
     assert_eq!(stack.events("undecodable", "dead_lettered").await, 2);
     assert_eq!(stack.events("profile_updated", "dead_lettered").await, 1);
+    assert_eq!(
+        fetched.load(Ordering::SeqCst),
+        0,
+        "the inside URL was never requested"
+    );
+    let logs = stack.roster.logs();
+    assert!(
+        logs.iter().any(
+            |(_, text)| text.contains("localhost is a private, loopback or link-local address")
+        ),
+        "the refusal is logged with what to set"
+    );
     stack.synapse.assert_no_logins().await;
     stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
 }
@@ -1380,7 +1415,7 @@ impl Writes {
 /// change sends exactly its part; an avatar URL is fetched and uploaded once.
 #[tokio::test]
 async fn profile_updates_send_the_homeserver_only_what_changed() {
-    let mut stack = Stack::new("lifecycle-unchanged", "").await;
+    let mut stack = Stack::new("lifecycle-unchanged", "  avatar_allow_private: true\n").await;
     let (avatars, fetched) = counting_avatar_server().await;
     let (pic1, pic2) = (format!("{avatars}/one.png"), format!("{avatars}/two.png"));
     let (alice, bob, carol) = (uuid(9, 1), uuid(9, 2), uuid(9, 3));

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::clock::now_ms;
 use crate::config::Flavor;
-use crate::fetch::{AvatarFetcher, redact_url};
+use crate::fetch::{AvatarFetcher, Reach, redact_url};
 use crate::matrix::{Homeserver, MatrixError};
 use crate::model::identity::{AppliedProfile, AvatarSource, Effect, EventPosition, Plan};
 use crate::retry::{Outcome, until_ok};
@@ -138,6 +138,11 @@ impl IdentityEffects {
         let avatars = AvatarFetcher::new(
             config.lifecycle.avatar_fetch_timeout,
             config.lifecycle.avatar_max_bytes,
+            if config.lifecycle.avatar_allow_private {
+                Reach::Any
+            } else {
+                Reach::PublicOnly
+            },
         );
         let avatar_ttl = config.lifecycle.avatar_cache_ttl;
         let uploads = moka::sync::Cache::builder()

@@ -417,7 +417,12 @@ mod tests {
     }
 
     async fn fixture(matrix: bool) -> Fixture {
-        let (hs, shared) = crate::testing::stack_with("flavor: synapse", "").await;
+        // The tests serve their avatars on loopback.
+        let (hs, shared) = crate::testing::stack_with(
+            "flavor: synapse",
+            "lifecycle: {avatar_allow_private: true}",
+        )
+        .await;
         let client = crate::testing::client(&shared);
         let effects = if matrix {
             let shutdown = tokio_util::sync::CancellationToken::new();

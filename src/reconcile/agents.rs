@@ -27,7 +27,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
 use crate::Shared;
 use crate::config::AvatarSetting;
-use crate::fetch::{AvatarFetcher, redact_url};
+use crate::fetch::{AvatarFetcher, Reach, redact_url};
 use crate::ids::Identities;
 use crate::lifecycle::effects::IdentityEffects;
 use crate::matrix::{Homeserver, MatrixError};
@@ -160,7 +160,12 @@ impl Agents {
         let required = required_members(shared.config.ids());
         let list_creator_power = !room_version_has_implicit_creators(default_room_version);
         let lifecycle = &shared.config.lifecycle;
-        let images = AvatarFetcher::new(lifecycle.avatar_fetch_timeout, lifecycle.avatar_max_bytes);
+        // agents.avatar is the operator's own URL: it may point inside the network.
+        let images = AvatarFetcher::new(
+            lifecycle.avatar_fetch_timeout,
+            lifecycle.avatar_max_bytes,
+            Reach::Any,
+        );
         Agents {
             shared,
             hs,
