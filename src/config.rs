@@ -47,7 +47,7 @@ const ENV_PREFIX: &str = "ROSTER_";
 /// A configuration that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}; pass an existing file with -c")]
+    #[error("cannot read config file {path}: {source}; check the path given with -c")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -162,6 +162,7 @@ pub struct AppserviceConfig {
     /// The acting-only registration (`url: null`): users roster acts as but never needs to
     /// hear about. Default: beside `registration`, with `-acting` before the extension.
     pub acting_registration: Option<PathBuf>,
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     #[serde(deserialize_with = "optional_string_like")]
     pub url: Option<String>,
@@ -223,6 +224,7 @@ impl AppserviceConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     #[serde(deserialize_with = "optional_secret")]
     pub token: Option<Secret>,
@@ -593,8 +595,23 @@ impl Config {
                 });
             }
         };
+        let file_read = !tree.is_empty() || path.exists();
         let env = apply_env(&mut tree, env)?;
-        Self::from_tree(Value::Mapping(tree), &env)
+        Self::from_tree(Value::Mapping(tree), &env).map_err(|error| match error {
+            ConfigError::Invalid {
+                key,
+                origin,
+                message,
+            } if !file_read => ConfigError::Invalid {
+                key,
+                origin,
+                message: format!(
+                    "{message} (no config file was read: there is no {} here; pass -c FILE)",
+                    path.display()
+                ),
+            },
+            other => other,
+        })
     }
 
     /// Parses a YAML text with no environment: for tests and tools.
@@ -651,8 +668,13 @@ impl Config {
                     as_yaml.push(key);
                 }
                 _ => {
+                    // An unknown section is reported by its name alone: find its variable.
+                    let origin = origins
+                        .get(&key)
+                        .cloned()
+                        .or_else(|| env.iter().find(|e| e.section == key).map(|e| e.var.clone()));
                     return Err(ConfigError::Invalid {
-                        origin: Origin(origins.get(&key).cloned()),
+                        origin: Origin(origin),
                         key,
                         message: err.into_inner().to_string(),
                     });
@@ -800,9 +822,13 @@ impl Config {
             );
         }
         if self.agents.letta_url.is_some() && self.agents.file.is_some() {
+            let letta_url = match origins.get("agents.letta_url") {
+                Some(var) => format!("agents.letta_url (from {var})"),
+                None => "agents.letta_url".to_owned(),
+            };
             return fail(
                 "agents.file",
-                "is set as well as agents.letta_url; agents come from one source: unset one".into(),
+                format!("is set as well as {letta_url}; agents come from one source: unset one"),
             );
         }
         if self.agents.poll_interval < Duration::from_secs(1) {
@@ -933,6 +959,65 @@ fn apply_env(
     Ok(kept)
 }
 
+/// `ROSTER_*` variables that are set but not read, each with why: a config override needs
+/// two underscores between section and key (`ROSTER_SYNC__INTERVAL`), and one is easily
+/// typed as one. Warnings, not errors: the environment is shared with other software.
+pub fn unread_env_vars(env: &BTreeMap<String, String>) -> Vec<String> {
+    // Read by the CLI, the log set-up, the scripts and fault tests, not by the config.
+    const OTHER_USES: &[&str] = &["LOG", "LOG_FORMAT", "ADMIN_URL", "CACHE", "COMMIT"];
+    // Kubernetes service links (a Service named roster or roster-*): ROSTER_SERVICE_HOST,
+    // ROSTER_PORT, ROSTER_PORT_9009_TCP_ADDR, ...
+    fn is_service_link(rest: &str) -> bool {
+        rest == "PORT"
+            || rest.ends_with("_PORT")
+            || rest.starts_with("SERVICE_")
+            || rest.contains("_SERVICE_")
+            || rest
+                .split("PORT_")
+                .skip(1)
+                .any(|after| after.starts_with(|c: char| c.is_ascii_digit()))
+    }
+    const SECTIONS: &[&str] = &[
+        "homeserver",
+        "appservice",
+        "admin",
+        "store",
+        "agents",
+        "sync",
+        "lifecycle",
+    ];
+    env.keys()
+        .filter_map(|var| {
+            let rest = var.strip_prefix(ENV_PREFIX)?;
+            if rest.contains("__")
+                || OTHER_USES.contains(&rest)
+                || rest.starts_with("FAULT_")
+                || is_service_link(rest)
+            {
+                return None;
+            }
+            let lower = rest.to_ascii_lowercase();
+            let section = SECTIONS.iter().find(|s| {
+                lower
+                    .strip_prefix(**s)
+                    .is_some_and(|after| after.starts_with('_') && after.len() > 1)
+            });
+            Some(match section {
+                Some(section) => format!(
+                    "{var} is not read: an override names section and key with two underscores, \
+                     e.g. {ENV_PREFIX}{}__{}",
+                    section.to_ascii_uppercase(),
+                    &rest[section.len() + 1..]
+                ),
+                None => format!(
+                    "{var} is not a roster setting and is not read; overrides look like \
+                     {ENV_PREFIX}<SECTION>__<KEY>"
+                ),
+            })
+        })
+        .collect()
+}
+
 /// Sets `section.name` in the tree (the section exists: `apply_env` made it).
 fn set(tree: &mut Value, section: &str, name: &str, value: Value) {
     if let Some(entry) = tree.get_mut(section) {
@@ -1021,6 +1106,17 @@ fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
             scalar_text(&other)
         ))),
     }
+}
+
+/// An IP address and port to listen on; the error shows the value and the form.
+fn listen_address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = string_like(d)?;
+    text.trim().parse().map_err(|_| {
+        de::Error::custom(format!(
+            "{text:?} is not an IP address and port; expected e.g. 127.0.0.1:9009 or \
+             [::]:9009 (a host name such as localhost is not accepted)"
+        ))
+    })
 }
 
 fn optional_string_like<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -1244,7 +1340,7 @@ lifecycle:
             (
                 "homeserver: {server_name: example.org}\nappservice: {listen: 'nowhere'}",
                 &[],
-                &["appservice.listen", "socket address"],
+                &["appservice.listen", "127.0.0.1:9009"],
             ),
             (
                 "homeserver: {server_name: example.org}\nagents: {required_members: [admin]}",
@@ -1352,6 +1448,26 @@ lifecycle:
                 &[],
                 &["lifecycle.kafka", "a\\nb: a list is not a string"],
             ),
+            (
+                MINIMAL,
+                &[("ROSTER_SYNCC__INTERVAL", "10m")],
+                &["syncc", "(from ROSTER_SYNCC__INTERVAL)", "unknown field"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nagents: {file: agents.yaml}",
+                &[("LETTA_API_URL", "http://letta:8283")],
+                &["agents.file", "agents.letta_url (from LETTA_API_URL)"],
+            ),
+            (
+                MINIMAL,
+                &[("ROSTER_APPSERVICE__LISTEN", "localhost:9009")],
+                &[
+                    "appservice.listen",
+                    "(from ROSTER_APPSERVICE__LISTEN)",
+                    "\"localhost:9009\"",
+                    "127.0.0.1:9009",
+                ],
+            ),
         ];
         for (yaml, vars, needles) in cases {
             let err = Config::from_yaml_with_env(yaml, &env(vars))
@@ -1362,6 +1478,64 @@ lifecycle:
                 assert!(err.contains(needle), "{err:?} should mention {needle:?}");
             }
         }
+    }
+
+    #[test]
+    fn should_warn_of_roster_variables_that_are_not_read() {
+        let vars = env(&[
+            ("ROSTER_SYNC_INTERVAL", "5m"),
+            ("ROSTER_ADMIN_TOKEN", "t"),
+            ("ROSTER_FOO", "1"),
+            // Read elsewhere, or Kubernetes service links: not warned about.
+            ("ROSTER_SYNC__INTERVAL", "5m"),
+            ("ROSTER_LOG", "debug"),
+            ("ROSTER_ADMIN_URL", "http://127.0.0.1:9010"),
+            ("ROSTER_SERVICE_HOST", "10.0.0.1"),
+            ("ROSTER_PORT", "tcp://10.0.0.1:9009"),
+            ("ROSTER_PORT_9009_TCP_ADDR", "10.0.0.1"),
+            ("ROSTER_ADMIN_SERVICE_PORT_HTTP", "9010"),
+            ("OTHER_SYNC_INTERVAL", "5m"),
+        ]);
+        let warnings = unread_env_vars(&vars);
+        assert_eq!(warnings.len(), 3, "{warnings:#?}");
+        assert!(warnings[0].starts_with("ROSTER_ADMIN_TOKEN is not read"));
+        assert!(
+            warnings[0].contains("ROSTER_ADMIN__TOKEN"),
+            "{}",
+            warnings[0]
+        );
+        assert!(warnings[1].starts_with("ROSTER_FOO is not a roster setting"));
+        assert!(
+            warnings[2].contains("ROSTER_SYNC__INTERVAL"),
+            "{}",
+            warnings[2]
+        );
+    }
+
+    #[test]
+    fn should_say_when_no_config_file_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("config.yaml");
+        let err = Config::load(&absent, false, &BTreeMap::new())
+            .expect_err("no server name anywhere")
+            .to_string();
+        assert!(err.contains("homeserver.server_name"), "{err}");
+        assert!(err.contains("no config file was read"), "{err}");
+        assert!(err.contains("pass -c FILE"), "{err}");
+        // With a file, the hint is not given.
+        std::fs::write(&absent, "homeserver: {url: 'http://127.0.0.1:8008'}\n").unwrap();
+        let err = Config::load(&absent, false, &BTreeMap::new())
+            .expect_err("no server name in the file")
+            .to_string();
+        assert!(!err.contains("no config file was read"), "{err}");
+        // A file named with -c that is not there is an error of its own.
+        let err = Config::load(&dir.path().join("nope.yaml"), true, &BTreeMap::new())
+            .expect_err("a named file is missing")
+            .to_string();
+        assert!(
+            err.contains("nope.yaml") && err.contains("check the path"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -120,7 +120,11 @@ fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from("config.yaml"));
-    Ok(Config::load(&path, arg.config.is_some(), &environment())?)
+    let env = environment();
+    for warning in roster::config::unread_env_vars(&env) {
+        tracing::warn!("{warning}");
+    }
+    Ok(Config::load(&path, arg.config.is_some(), &env)?)
 }
 
 fn admin_client(arg: &AdminArg) -> anyhow::Result<AdminClient> {
@@ -301,9 +305,19 @@ async fn main() -> std::process::ExitCode {
     match real_main().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            // One line: the chain joined, most specific last.
-            let chain: Vec<String> = error.chain().map(|e| e.to_string()).collect();
-            eprintln!("roster: {}", chain.join(": "));
+            // One line: the chain joined, most specific last; a cause an error already
+            // shows in its own text is not repeated.
+            let mut line = String::new();
+            for cause in error.chain().map(|e| e.to_string()) {
+                if line.contains(&cause) {
+                    continue;
+                }
+                if !line.is_empty() {
+                    line.push_str(": ");
+                }
+                line.push_str(&cause);
+            }
+            eprintln!("roster: {line}");
             std::process::ExitCode::FAILURE
         }
     }

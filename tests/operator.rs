@@ -558,3 +558,33 @@ fn the_deployment_configs_pass_check_config() {
         );
     }
 }
+
+/// Mistakes made before roster reads anything: a config file that is not where `-c` says
+/// (its cause shown once, not twice), and an override typed with one underscore (not read,
+/// so it is named with the spelling that is).
+#[test]
+fn a_missing_config_file_and_a_mistyped_override_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.yaml");
+    let (ok, _, stderr) = run(&["check-config", "-c", path_str(&missing)], &[]);
+    assert!(!ok, "a missing config file is an error");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("nope.yaml"), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the cause is shown once: {stderr}"
+    );
+
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, "homeserver: {server_name: example.org}\n").unwrap();
+    let (_, _, stderr) = run(
+        &["check-config", "-c", path_str(&config)],
+        &[("ROSTER_SYNC_INTERVAL", "5m")],
+    );
+    assert!(
+        stderr.contains("ROSTER_SYNC_INTERVAL is not read")
+            && stderr.contains("ROSTER_SYNC__INTERVAL"),
+        "{stderr}"
+    );
+}
