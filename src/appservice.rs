@@ -47,11 +47,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/users/{user_id}", get(query_user))
         .route("/_matrix/app/v1/rooms/{alias}", get(query_room_alias))
         .route("/rooms/{alias}", get(query_room_alias))
-        .fallback(unknown_route)
-        .layer(middleware::from_fn_with_state(
+        // Only the routes above need the token: a request for any other path is answered
+        // 404 and never counted as a refused transaction.
+        .route_layer(middleware::from_fn_with_state(
             shared.clone(),
             require_hs_token,
         ))
+        .fallback(unknown_route)
         .layer(middleware::map_response(json_errors))
         .with_state(shared)
 }
@@ -83,9 +85,16 @@ async fn require_hs_token(
     next: Next,
 ) -> Response {
     let expected = shared.registration.hs_token.as_bytes();
+    // roster_transactions_total counts transactions; a query or ping refused is not one.
+    let is_transaction = request.method() == http::Method::PUT;
+    let refused = |outcome| {
+        if is_transaction {
+            count(&shared, outcome);
+        }
+    };
     match presented_token(&request) {
         None => {
-            count(&shared, "unauthorized");
+            refused("unauthorized");
             matrix_error(
                 StatusCode::UNAUTHORIZED,
                 ErrorKind::Unauthorized,
@@ -93,7 +102,7 @@ async fn require_hs_token(
             )
         }
         Some(token) if !bool::from(token.as_bytes().ct_eq(expected)) => {
-            count(&shared, "forbidden");
+            refused("forbidden");
             matrix_error(
                 StatusCode::FORBIDDEN,
                 ErrorKind::Forbidden,
@@ -502,7 +511,8 @@ async fn unknown_route() -> Response {
     matrix_error(
         StatusCode::NOT_FOUND,
         ErrorKind::Unrecognized,
-        "unrecognized appservice endpoint",
+        "unrecognized appservice endpoint; this is roster's appservice listener \
+         (appservice.listen), the admin API is on admin.listen",
     )
 }
 

@@ -100,6 +100,28 @@ async fn bad_requests_get_spec_errors_and_change_nothing() {
         (413, "M_TOO_LARGE".into())
     );
 
+    // Requests that are not transactions (a port scan, the CLI pointed at the wrong
+    // listener, a homeserver query with a wrong token) are refused without being counted
+    // as transactions the homeserver failed to push.
+    let admin_path = http
+        .get(roster.appservice_url("/admin/v1/status"))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = (admin_path.status(), admin_path.text().await.unwrap());
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("M_UNRECOGNIZED") && body.contains("admin.listen"),
+        "{body}"
+    );
+    let wrong_query = http
+        .get(roster.appservice_url("/_matrix/app/v1/users/@agent_x:roster.test"))
+        .bearer_auth("not-the-hs-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_query.status(), 403);
+
     // Nothing of the above reached the model or the store ...
     assert!(roster.members(ROOM).await.is_empty());
     assert_eq!(roster.transactions("applied").await, 0);
