@@ -46,6 +46,12 @@ pub enum StoreError {
         to: i64,
         source: rusqlite::Error,
     },
+    #[error(
+        "store {path} is in use by another roster (a running serve or adopt, maybe another \
+         replica on the same volume); stop it first: two writers would each keep a model \
+         the other does not see"
+    )]
+    InUse { path: String },
     #[error("store write failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("store holds an unreadable row ({0}); delete the store to resync from the homeserver")]
@@ -82,6 +88,8 @@ pub struct StoredMember {
 pub struct Store {
     // A std Mutex: every use is a short synchronous SQLite call on a blocking thread.
     conn: Mutex<Connection>,
+    /// Held (locked) while this store is open for writing: see [`Store::open`].
+    _writer: Option<std::fs::File>,
 }
 
 /// Version 1: the schema roster shipped first (created without a version number).
@@ -223,6 +231,7 @@ impl Store {
             path: display.clone(),
             source,
         })?;
+        let writer = lock_writer(path)?;
         let is_new = !path.exists();
         let conn = Connection::open(path).map_err(open_err)?;
         if is_new {
@@ -246,6 +255,7 @@ impl Store {
         }
         Ok(Store {
             conn: Mutex::new(conn),
+            _writer: Some(writer),
         })
     }
 
@@ -267,6 +277,7 @@ impl Store {
         }
         Ok(Store {
             conn: Mutex::new(conn),
+            _writer: None,
         })
     }
 
@@ -276,6 +287,7 @@ impl Store {
         migrate(&conn, ":memory:")?;
         Ok(Store {
             conn: Mutex::new(conn),
+            _writer: None,
         })
     }
 
@@ -733,6 +745,35 @@ fn create_private_dir(dir: Option<&Path>) -> std::io::Result<()> {
 }
 
 /// Makes a file roster created readable by its owner only.
+/// Locks `<store>.lock` for as long as the returned file is open. SQLite would let a second
+/// process write the same file, but each roster keeps the model in memory, so a second
+/// writer (an `adopt` beside a running `serve`, two replicas on one volume) would go
+/// unseen by the first. The kernel releases the lock when the process dies, SIGKILL too.
+fn lock_writer(path: &Path) -> Result<std::fs::File, StoreError> {
+    let display = path.display().to_string();
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let lock_path = path.with_file_name(name);
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
+        .open(&lock_path)
+        .map_err(|source| StoreError::Directory {
+            path: lock_path.display().to_string(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse { path: display }),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Directory {
+            path: lock_path.display().to_string(),
+            source,
+        }),
+    }
+}
+
 fn restrict(path: &Path) {
     #[cfg(unix)]
     {
@@ -811,6 +852,22 @@ mod tests {
         );
         assert_eq!(store.seen_transaction("t1", "e2").unwrap(), Seen::Duplicate);
         assert_eq!(store.seen_transaction("t1", "e1").unwrap(), Seen::Reused);
+    }
+
+    #[test]
+    fn should_refuse_a_second_writer_while_the_store_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("roster.db");
+        let first = Store::open(&path).unwrap();
+        let refused = Store::open(&path)
+            .err()
+            .expect("a second writer is refused");
+        assert!(matches!(refused, StoreError::InUse { .. }), "{refused}");
+        assert!(refused.to_string().contains("roster.db"), "{refused}");
+        // A reader (roster plan) is not a writer.
+        Store::open_read_only(&path).unwrap();
+        drop(first);
+        Store::open(&path).expect("free again once the first is closed");
     }
 
     #[test]

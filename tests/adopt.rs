@@ -299,6 +299,21 @@ async fn adopts_from_every_shape_of_the_old_bots_mappings_on_synapse() {
         },
     )
     .await;
+
+    // adopt beside the running serve is refused before it changes anything: the serve
+    // would never see what it wrote.
+    let file = scratch.path().join(SHAPES[0].file);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["adopt", "-c"])
+        .arg(&roster.config)
+        .arg("--legacy-mappings")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "adopt ran beside serve: {stderr}");
+    assert!(stderr.contains("is in use by another roster"), "{stderr}");
+
     synapse.assert_no_logins().await;
     roster.assert_no_secrets_in_logs(&[]);
 }
