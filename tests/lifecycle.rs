@@ -938,7 +938,11 @@ async fn replay_reapplies_events_from_an_offset() {
         .cli(&["replay", "--partition", "42", "--offset", "0"]);
     assert!(!ok);
     assert!(
-        stderr.contains("not assigned") && stderr.lines().count() == 1,
+        stderr.contains(&format!(
+            "{TOPIC} has no partition 42; its partitions are 0..={}",
+            PARTITIONS - 1
+        )) && stderr.contains("HTTP 400")
+            && stderr.lines().count() == 1,
         "{stderr}"
     );
     // An offset outside the partition's range is refused, naming the range.

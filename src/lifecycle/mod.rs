@@ -185,6 +185,12 @@ pub enum ReplayError {
         "partition {partition} is not assigned to this roster (assigned: {assigned:?}); ask the instance that owns it"
     )]
     NotAssigned { partition: i32, assigned: Vec<i32> },
+    #[error("topic {topic} has no partition {partition}; its partitions are 0..={last}")]
+    NoSuchPartition {
+        topic: String,
+        partition: i32,
+        last: i32,
+    },
     #[error(
         "offset {offset} is outside partition {partition}'s range {low}..={high}; pick an offset in it ({high} is the next message to arrive)"
     )]

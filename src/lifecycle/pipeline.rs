@@ -316,6 +316,23 @@ impl Pipeline {
     fn replay(&mut self, partition: i32, offset: i64) -> Result<Replayed, ReplayError> {
         let assigned = self.offsets().assigned();
         if !assigned.contains(&partition) {
+            // No instance owns a partition the topic does not have: say so, not "ask another".
+            let count = tokio::task::block_in_place(|| {
+                self.consumer
+                    .fetch_metadata(Some(&self.topic), WATERMARK_TIMEOUT)
+            })
+            .ok()
+            .and_then(|m| Some(m.topics().first()?.partitions().len() as i32))
+            .filter(|count| *count > 0);
+            if let Some(count) = count
+                && !(0..count).contains(&partition)
+            {
+                return Err(ReplayError::NoSuchPartition {
+                    topic: self.topic.clone(),
+                    partition,
+                    last: count - 1,
+                });
+            }
             return Err(ReplayError::NotAssigned {
                 partition,
                 assigned,
