@@ -931,10 +931,14 @@ impl Agents {
         agent_user: &UserId,
     ) -> Result<usize, ActionError> {
         let state = &self.shared.state;
-        let asked_at = state.read(|m| m.last_seq());
+        let (asked_at, known) = state.read(|m| (m.last_seq(), m.knows_room(room)));
         let joined = read_joined(&self.hs, room, agent_user, &self.ids().bot).await?;
         let changes = state.record_read(room.to_owned(), joined, asked_at).await?;
-        if !changes.is_empty() {
+        if !known {
+            // A room the model did not hold (a new room, or one forgotten by invalidate):
+            // what it learns is not drift.
+            tracing::debug!(%room, members = changes.len(), "room read; the model learnt its members");
+        } else if !changes.is_empty() {
             let joined = changes
                 .iter()
                 .filter(|c| c.state.membership == Membership::Join)
