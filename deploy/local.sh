@@ -44,14 +44,32 @@ fi
   --port 8008 --metrics-port 9008 --server-name localhost \
   --registration "$state/registration.yaml" --registration "$state/registration-acting.yaml"
 
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
+# Every process runs in a session of its own, so Ctrl-C reaches this script only, which
+# stops roster first (it finishes its work and commits its offsets while Synapse and the
+# broker still answer) and the peers after it.
+peers=()
+roster_pid=
+stop_roster() {
+  if [[ -n $roster_pid ]]; then
+    kill -TERM "$roster_pid" 2>/dev/null || true
+    wait "$roster_pid" 2>/dev/null || true
+    roster_pid=
+  fi
+}
+stop_peers() {
+  for pid in "${peers[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  peers=()
+}
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'stop_roster; stop_peers' EXIT
 
-deploy/peers/synapse.sh run "$state/synapse" >"$state/synapse.log" 2>&1 &
-pids+=($!)
-deploy/peers/tansu.sh run --port 9092 >"$state/tansu.log" 2>&1 &
-pids+=($!)
+# Synapse's database holds @admin's token: its files are the user's only (umask 077).
+(umask 077; exec setsid deploy/peers/synapse.sh run "$state/synapse" >"$state/synapse.log" 2>&1) &
+peers+=($!)
+(umask 077; exec setsid deploy/peers/tansu.sh run --port 9092 >"$state/tansu.log" 2>&1) &
+peers+=($!)
 for _ in $(seq 100); do
   curl -fsS http://127.0.0.1:8008/_matrix/client/versions >/dev/null 2>&1 && break
   sleep 0.2
@@ -69,10 +87,10 @@ roster   appservice 127.0.0.1:9009, admin http://127.0.0.1:9010; its log is this
 tokens   roster's admin token: in $state/config.yaml; @admin's: $state/admin.token
 try      $roster status -c $state/config.yaml
          $roster plan -c $state/config.yaml
-         edit $state/agents.yaml, then: kill -HUP \$(pgrep -f 'roster serve')  (re-reads it)
-Ctrl-C stops everything; delete $state to start over.
+Ctrl-C stops everything (roster first); delete $state to start over.
 BANNER
 "$roster" check-config -c "$state/config.yaml"
-"$roster" serve -c "$state/config.yaml" &
-pids+=($!)
-wait "${pids[-1]}"
+setsid "$roster" serve -c "$state/config.yaml" &
+roster_pid=$!
+echo "agents   edit $state/agents.yaml, then: kill -HUP $roster_pid  (roster re-reads it)"
+wait "$roster_pid"

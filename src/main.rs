@@ -186,6 +186,7 @@ async fn real_main() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             shutdown_on_signal(shutdown.clone());
             roster::run(config, shutdown).await?;
+            tracing::info!("roster stopped");
         }
         Command::Registration {
             config,

@@ -201,17 +201,7 @@ impl ClientContext for Context {
 
     /// As rdkafka's default (target `librdkafka`), and remembers connection failures.
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        use RDKafkaLogLevel::*;
-        match level {
-            Emerg | Alert | Critical | Error => {
-                tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
-            }
-            Warning => tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}"),
-            Notice | Info => {
-                tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
-            }
-            Debug => tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}"),
-        }
+        log_librdkafka(level, facility, message);
         if facility == "FAIL" {
             // "[thrd:HOST:PORT/bootstrap]: HOST:PORT/bootstrap: ...": the thread is said twice.
             let failure = message
@@ -238,6 +228,58 @@ impl ClientContext for Context {
                 at_ms: crate::clock::now_ms(),
             })
         });
+    }
+}
+
+/// librdkafka's log lines, at their level (target `librdkafka`). A connection failure
+/// (`FAIL`) is at debug: the client's `error` callback reports it too, with its cause and
+/// what to check, and one failure should be one line.
+fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    use RDKafkaLogLevel::*;
+    if facility == "FAIL" {
+        tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}");
+        return;
+    }
+    match level {
+        Emerg | Alert | Critical | Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        Warning => tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}"),
+        Notice | Info => tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}"),
+        Debug => tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}"),
+    }
+}
+
+/// A failure to reach or talk to the brokers, which librdkafka hands both to the client
+/// context's `error` callback (logged there with its cause) and to the consumer's `recv`.
+pub fn is_broker_failure(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            BrokerTransportFailure
+                | AllBrokersDown
+                | Resolve
+                | Authentication
+                | SaslAuthenticationFailed
+                | SSL
+        )
+    )
+}
+
+/// The dead-letter producer's context. It reaches the same brokers as the consumer, whose
+/// context reports their failures (and shows them in status): the producer's own copies of
+/// those are logged at debug. A dead letter that cannot be written is reported where it
+/// is sent.
+pub struct DeadLetterContext;
+
+impl ClientContext for DeadLetterContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "dead-letter producer: broker error");
     }
 }
 
@@ -342,6 +384,22 @@ impl ConsumerContext for Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn should_tell_broker_failures_from_other_consumer_errors() {
+        use rdkafka::types::RDKafkaErrorCode;
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+        ] {
+            assert!(is_broker_failure(&KafkaError::MessageConsumption(code)));
+            assert!(is_broker_failure(&KafkaError::Global(code)));
+        }
+        // Not reported by the context: still a warning where it is received.
+        let unknown_topic =
+            KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition);
+        assert!(!is_broker_failure(&unknown_topic));
+    }
 
     fn lifecycle(yaml: &str) -> LifecycleConfig {
         crate::config::Config::from_yaml(&format!(

@@ -239,7 +239,7 @@ impl Control {
 
 /// Writes dead letters to the dead-letter topic.
 struct KafkaSink {
-    producer: FutureProducer,
+    producer: FutureProducer<kafka::DeadLetterContext>,
     topic: String,
 }
 
@@ -325,8 +325,8 @@ pub async fn run(
             topic: topic.clone(),
             source,
         })?;
-    let producer: FutureProducer = kafka::producer_config(&lifecycle)
-        .create()
+    let producer: FutureProducer<kafka::DeadLetterContext> = kafka::producer_config(&lifecycle)
+        .create_with_context(kafka::DeadLetterContext)
         .map_err(|e| client_error("dead-letter producer", e))?;
 
     let (commands_tx, commands) = mpsc::channel(8);

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use super::kafka::Context;
+use super::kafka::{self, Context};
 use super::offsets::Offsets;
 use super::queue::KeyQueue;
 use super::worker::{Stall, Worker};
@@ -121,7 +121,12 @@ impl Pipeline {
                 received = self.consumer.recv(), if take => match received.map(|m| Message::from_kafka(&m)) {
                     Ok(message) => self.receive(message),
                     Err(error) => {
-                        tracing::warn!(error = %error, "lifecycle consumer error");
+                        if kafka::is_broker_failure(&error) {
+                            // The client context has logged it, with its cause.
+                            tracing::debug!(error = %error, "lifecycle consumer error");
+                        } else {
+                            tracing::warn!(error = %error, "lifecycle consumer error");
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
