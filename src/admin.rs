@@ -209,15 +209,29 @@ fn target_agents(
     shared.state.read(|model| {
         let mut agents = BTreeSet::new();
         if let Some(room) = &target.room {
-            let agent = RoomId::parse(room.as_str())
-                .ok()
-                .and_then(|room| model.agents.agent_for_room(&room).map(str::to_owned));
+            let agent = if room.starts_with('#') {
+                // An agent room's alias names it as well as its id does.
+                let ids = shared.config.ids();
+                model
+                    .agents
+                    .records
+                    .values()
+                    .find(|r| ids.agent_alias(&r.localpart).as_str() == room)
+                    .map(|r| r.agent_id.clone())
+            } else {
+                RoomId::parse(room.as_str())
+                    .ok()
+                    .and_then(|room| model.agents.agent_for_room(&room).map(str::to_owned))
+            };
             match agent {
                 Some(agent) => agents.insert(agent),
                 None => {
                     return Err((
                         StatusCode::NOT_FOUND,
-                        format!("{room} is not an agent room roster manages"),
+                        format!(
+                            "{room} is not an agent room roster manages; give its room id \
+                             (!...) or alias (#agent_...)"
+                        ),
                     ));
                 }
             };
@@ -431,5 +445,38 @@ mod tests {
         assert!(body.contains("\"invalidated\":1"), "{body}");
         let (status, body) = post(&shared, "/admin/v1/invalidate", None).await;
         assert_eq!(status, StatusCode::OK, "no body: every agent; {body}");
+    }
+
+    /// An agent room is named by its id or its alias; any other room is refused, saying so.
+    #[tokio::test]
+    async fn should_take_an_agent_room_by_id_or_alias() {
+        let shared = crate::testing::shared(
+            crate::config::Config::from_yaml(&format!(
+                "homeserver: {{server_name: ex.org}}\nadmin: {{token: {TOKEN}}}"
+            ))
+            .unwrap(),
+        );
+        crate::testing::record_agent_room(&shared).await;
+        for room in ["!r:ex.org", "#agent_a:ex.org"] {
+            let target = Target {
+                room: Some(room.into()),
+                ..Target::default()
+            };
+            let agents = target_agents(&shared, &target).unwrap();
+            assert_eq!(
+                agents,
+                Some(BTreeSet::from(["agent-a".to_owned()])),
+                "{room}"
+            );
+        }
+        for room in ["!other:ex.org", "#agent_b:ex.org", "#agent_a:other.org"] {
+            let target = Target {
+                room: Some(room.into()),
+                ..Target::default()
+            };
+            let (status, message) = target_agents(&shared, &target).unwrap_err();
+            assert_eq!(status, StatusCode::NOT_FOUND, "{room}");
+            assert!(message.contains("alias (#agent_...)"), "{message}");
+        }
     }
 }

@@ -65,8 +65,8 @@ enum Command {
     Sync {
         #[command(flatten)]
         admin: AdminArg,
-        /// Only this agent room.
-        #[arg(long, value_name = "ROOM_ID")]
+        /// Only this agent room (its id or its alias).
+        #[arg(long, value_name = "ROOM", conflicts_with = "agent")]
         room: Option<String>,
         /// Only this agent's room.
         #[arg(long, value_name = "AGENT_ID")]
@@ -193,6 +193,11 @@ async fn real_main() -> anyhow::Result<()> {
             output,
             force,
         } => {
+            if output.as_deref() == Some(std::path::Path::new("-")) {
+                anyhow::bail!(
+                    "-o takes a file path: registrations hold tokens and are written to files (mode 0600), never to stdout"
+                );
+            }
             let mut config = load_config(&config)?;
             if let Some(output) = output
                 && output != config.appservice.registration

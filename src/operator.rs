@@ -2,7 +2,8 @@
 //! (`status`, `sync`, `replay`), and renders their answers for a terminal.
 //!
 //! They need only the admin URL and token: from flags or the environment
-//! (`ROSTER_ADMIN_URL`, `ROSTER_ADMIN__TOKEN`), else the `admin` section of the config file;
+//! (`ROSTER_ADMIN_URL`, `ROSTER_ADMIN__LISTEN`, `ROSTER_ADMIN__TOKEN`), else the `admin`
+//! section of the config file;
 //! the rest of the config is not read. The token is sent only to that address and never
 //! printed.
 
@@ -22,6 +23,8 @@ use crate::state::SyncSummary;
 pub const URL_VAR: &str = "ROSTER_ADMIN_URL";
 /// The variable holding the admin token (the config key `admin.token` from the environment).
 pub const TOKEN_VAR: &str = "ROSTER_ADMIN__TOKEN";
+/// The variable overriding `admin.listen`, which serve listens on: the CLI follows it.
+pub const LISTEN_VAR: &str = "ROSTER_ADMIN__LISTEN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -35,6 +38,8 @@ pub enum OperatorError {
     Config { path: String, reason: String },
     #[error("{0:?} is not an admin URL; expected e.g. http://127.0.0.1:9010")]
     BadUrl(String),
+    #[error("{var}={value:?} is not an IP address and port; expected e.g. 127.0.0.1:9010")]
+    BadListen { var: &'static str, value: String },
     #[error(
         "cannot reach roster's admin API at {url}: {reason}; is `roster serve` running there? (--admin-url, {URL_VAR} or admin.listen)"
     )]
@@ -64,6 +69,8 @@ struct AdminSection {
 pub struct AdminClient {
     base: String,
     token: Secret,
+    /// Where the token came from, named when roster refuses it.
+    token_from: String,
     http: reqwest::Client,
 }
 
@@ -79,8 +86,17 @@ impl AdminClient {
         let base = match url.or_else(|| env.get(URL_VAR).cloned()) {
             Some(url) => url,
             None => {
-                let mut addr = file
-                    .listen
+                let from_env = match env.get(LISTEN_VAR) {
+                    Some(text) => Some(text.trim().parse::<SocketAddr>().map_err(|_| {
+                        OperatorError::BadListen {
+                            var: LISTEN_VAR,
+                            value: text.clone(),
+                        }
+                    })?),
+                    None => None,
+                };
+                let mut addr = from_env
+                    .or(file.listen)
                     .unwrap_or_else(|| "127.0.0.1:9010".parse().expect("a valid address"));
                 if addr.ip().is_unspecified() {
                     addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -92,15 +108,21 @@ impl AdminClient {
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(OperatorError::BadUrl(base));
         }
-        let token = env
-            .get(TOKEN_VAR)
-            .cloned()
-            .or(file.token)
-            .filter(|t| !t.is_empty())
-            .ok_or(OperatorError::NoToken)?;
+        let (token, token_from) = match env.get(TOKEN_VAR).filter(|t| !t.is_empty()) {
+            Some(token) => (token.clone(), TOKEN_VAR.to_owned()),
+            None => {
+                let token = file
+                    .token
+                    .filter(|t| !t.is_empty())
+                    .ok_or(OperatorError::NoToken)?;
+                let file = config.map_or("the config file".into(), |p| p.display().to_string());
+                (token, format!("admin.token in {file}"))
+            }
+        };
         Ok(AdminClient {
             base: base.trim_end_matches('/').to_owned(),
             token: Secret::new(token),
+            token_from,
             http: reqwest::Client::new(),
         })
     }
@@ -155,6 +177,14 @@ impl AdminClient {
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| "no reason given".into());
+            let message = if status == 401 || status == 403 {
+                format!(
+                    "{message} (the token came from {}; serve reads admin.token from its own config and environment)",
+                    self.token_from
+                )
+            } else {
+                message
+            };
             return Err(OperatorError::Refused { status, message });
         }
         serde_json::from_slice(&bytes).map_err(|e| OperatorError::Undecodable {
@@ -326,9 +356,29 @@ mod tests {
         let client = AdminClient::resolve(None, Some(&config), &env(&[])).unwrap();
         assert_eq!(client.base, "http://127.0.0.1:9999");
         assert_eq!(client.token.expose(), "from-file");
+        assert_eq!(
+            client.token_from,
+            format!("admin.token in {}", config.display())
+        );
         let client =
             AdminClient::resolve(None, Some(&config), &env(&[(URL_VAR, "http://h:1")])).unwrap();
         assert_eq!(client.base, "http://h:1");
+        // serve listens where ROSTER_ADMIN__LISTEN says: the CLI follows it.
+        let client = AdminClient::resolve(
+            None,
+            Some(&config),
+            &env(&[(LISTEN_VAR, "127.0.0.1:9011"), (TOKEN_VAR, "t")]),
+        )
+        .unwrap();
+        assert_eq!(client.base, "http://127.0.0.1:9011");
+        assert_eq!(client.token_from, TOKEN_VAR);
+        let bad = AdminClient::resolve(None, Some(&config), &env(&[(LISTEN_VAR, "localhost")]))
+            .err()
+            .unwrap();
+        assert!(
+            bad.to_string().contains(LISTEN_VAR) && bad.to_string().contains("\"localhost\""),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub enum RegistrationError {
         "{path} already exists; pass --force to replace it (the homeserver must then load the new tokens)"
     )]
     Exists { path: PathBuf },
-    #[error("cannot write registration {path}: {source}")]
+    #[error(
+        "cannot write registration {path}: {source}; check that its directory exists and is writable"
+    )]
     Write {
         path: PathBuf,
         source: std::io::Error,
