@@ -335,114 +335,126 @@ mod tests {
         assert_eq!(ok.status(), StatusCode::OK);
     }
 
+    /// `router` served with `limits` on a loopback port, until `stop`.
+    struct Served {
+        at: std::net::SocketAddr,
+        shutdown: CancellationToken,
+        server: tokio::task::JoinHandle<std::io::Result<()>>,
+    }
+
+    impl Served {
+        async fn start(router: axum::Router, limits: Limits) -> Served {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let at = listener.local_addr().unwrap();
+            let shutdown = CancellationToken::new();
+            let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
+            Served {
+                at,
+                shutdown,
+                server,
+            }
+        }
+
+        async fn connect(&self, first_bytes: &[u8]) -> tokio::net::TcpStream {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = tokio::net::TcpStream::connect(self.at).await.unwrap();
+            stream.write_all(first_bytes).await.unwrap();
+            stream
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(60), self.server)
+                .await
+                .expect("serve returns at shutdown")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// Everything `stream` receives until it is closed; `Err` if it was reset.
+    async fn read_until_closed(
+        stream: &mut tokio::net::TcpStream,
+        what: &str,
+    ) -> std::io::Result<String> {
+        use tokio::io::AsyncReadExt;
+        let mut bytes = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut bytes))
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// A silent client holding the only connection slot is dropped once its headers are
     /// late, and the client waiting behind it is served. Without the timeout the second
     /// client would wait forever.
     #[tokio::test]
     async fn should_drop_a_silent_client_and_serve_the_one_behind_it() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        use tokio::net::TcpStream;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let at = listener.local_addr().unwrap();
         let router = axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
         let limits = Limits {
             header_read_timeout: Duration::from_millis(300),
             max_connections: 1,
             ..Limits::DEFAULT
         };
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
+        let served = Served::start(router, limits).await;
 
-        let mut silent = TcpStream::connect(at).await.unwrap();
-        silent.write_all(b"GET /health HTTP/1.1\r\n").await.unwrap();
-        let mut waiting = TcpStream::connect(at).await.unwrap();
-        waiting
-            .write_all(b"GET /health HTTP/1.1\r\nHost: roster\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = String::new();
-        tokio::time::timeout(Duration::from_secs(60), waiting.read_to_string(&mut answer))
-            .await
-            .expect("the waiting client is served once the silent one is dropped")
-            .unwrap();
+        let mut silent = served.connect(b"GET /health HTTP/1.1\r\n").await;
+        let mut waiting = served
+            .connect(b"GET /health HTTP/1.1\r\nHost: roster\r\nConnection: close\r\n\r\n")
+            .await;
+        let answer = read_until_closed(
+            &mut waiting,
+            "the waiting client is served once the silent one is dropped",
+        )
+        .await
+        .unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("ok\n"), "{answer}");
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(60), silent.read_to_end(&mut rest))
-            .await
-            .expect("the silent client is disconnected");
         // Closed (a 408 first, or not) or reset: either way never answered 200.
-        if read.is_ok() {
-            assert!(
-                !String::from_utf8_lossy(&rest).contains(" 200 "),
-                "{rest:?}"
-            );
+        if let Ok(rest) = read_until_closed(&mut silent, "the silent client is disconnected").await
+        {
+            assert!(!rest.contains(" 200 "), "{rest:?}");
         }
-
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(60), server)
-            .await
-            .expect("serve returns at shutdown")
-            .unwrap()
-            .unwrap();
+        served.stop().await;
     }
 
     /// A client that sends its headers and then only part of its body is answered 408 once
     /// the body deadline passes, and its connection is closed; a body sent at once is read.
     #[tokio::test]
     async fn should_answer_408_to_a_body_that_does_not_arrive_in_time() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        use tokio::net::TcpStream;
         async fn echo_length(request: Request) -> Response {
             match read_body(request.into_body(), 1024).await {
                 Ok(bytes) => format!("{} bytes\n", bytes.len()).into_response(),
                 Err(error) => error.rejection("test.limit").into_response(),
             }
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let at = listener.local_addr().unwrap();
         let router = axum::Router::new().route("/body", axum::routing::put(echo_length));
         let limits = Limits {
             body_read_timeout: Duration::from_millis(300),
             ..Limits::DEFAULT
         };
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
+        let served = Served::start(router, limits).await;
 
-        let mut dripping = TcpStream::connect(at).await.unwrap();
-        dripping
-            .write_all(
-                b"PUT /body HTTP/1.1\r\nHost: roster\r\nContent-Length: 100\r\n\r\n0123456789",
-            )
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(60), dripping.read_to_end(&mut answer))
-            .await
-            .expect("the dripping client is answered and disconnected")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        let mut dripping = served
+            .connect(b"PUT /body HTTP/1.1\r\nHost: roster\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await;
+        let answer = read_until_closed(
+            &mut dripping,
+            "the dripping client is answered and disconnected",
+        )
+        .await
+        .unwrap();
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(answer.contains("did not arrive within"), "{answer}");
 
-        let mut prompt = TcpStream::connect(at).await.unwrap();
-        prompt
-            .write_all(b"PUT /body HTTP/1.1\r\nHost: roster\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789")
+        let mut prompt = served
+            .connect(b"PUT /body HTTP/1.1\r\nHost: roster\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789")
+            .await;
+        let answer = read_until_closed(&mut prompt, "a body sent at once is answered")
             .await
-            .unwrap();
-        let mut answer = String::new();
-        tokio::time::timeout(Duration::from_secs(60), prompt.read_to_string(&mut answer))
-            .await
-            .expect("a body sent at once is answered")
             .unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("10 bytes\n"), "{answer}");
-
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(60), server)
-            .await
-            .expect("serve returns at shutdown")
-            .unwrap()
-            .unwrap();
+        served.stop().await;
     }
 }

@@ -262,6 +262,13 @@ pub fn render_status(s: &StatusReport, now_ms: u64) -> String {
             ago(r.homeserver.last_ok_at_ms, now_ms)
         );
     }
+    if let Some(running) = &r.sync_running {
+        out += &format!(
+            "sync running: {}, started {}\n",
+            running.trigger,
+            ago(Some(running.started_at_ms), now_ms)
+        );
+    }
     if let Some(sync) = &r.last_sync {
         out += &format!("last sync: {}\n", render_summary(sync));
     }
@@ -379,6 +386,44 @@ mod tests {
             bad.to_string().contains(LISTEN_VAR) && bad.to_string().contains("\"localhost\""),
             "{bad}"
         );
+    }
+
+    #[test]
+    fn should_show_a_sync_under_way() {
+        let report = StatusReport {
+            version: "0.1.0".into(),
+            ready: true,
+            agents: 1,
+            rooms: 1,
+            retired: 0,
+            pending: 0,
+            running: 0,
+            reconcile: crate::state::Status {
+                sync_running: Some(crate::state::SyncRunning {
+                    trigger: "interval".into(),
+                    started_at_ms: 1_000,
+                }),
+                ..Default::default()
+            },
+            membership_cache_hits: 0,
+            membership_cache_misses: 0,
+            memberships: 0,
+            deactivated_users: 0,
+            lifecycle_lag_messages: 0,
+            transactions_remembered: 0,
+            homeserver_requests: 0,
+            history_import_failures: Default::default(),
+        };
+        let shown = render_status(&report, 121_000);
+        assert!(
+            shown.contains("sync running: interval, started 120s ago"),
+            "{shown}"
+        );
+        // A report from a roster that does not know the field still reads.
+        let mut json = serde_json::to_value(&report).unwrap();
+        json.as_object_mut().unwrap().remove("sync_running");
+        let older: StatusReport = serde_json::from_value(json).unwrap();
+        assert!(!render_status(&older, 121_000).contains("sync running"));
     }
 
     #[test]

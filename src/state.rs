@@ -68,6 +68,9 @@ pub struct Status {
     pub space: Option<OwnedRoomId>,
     pub source: Option<SourceStatus>,
     pub last_sync: Option<SyncSummary>,
+    /// The sync under way, if any (the periodic one spreads its reads over minutes).
+    #[serde(default)]
+    pub sync_running: Option<SyncRunning>,
     /// Agents whose work gave up, with the reason.
     pub failed: BTreeMap<String, String>,
     /// Agents with members roster will not touch: a banned required member, a deactivated
@@ -164,6 +167,13 @@ pub struct SyncSummary {
     pub actions: u64,
     pub failed: usize,
     pub source_error: Option<String>,
+}
+
+/// A sync that has started and not finished.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SyncRunning {
+    pub trigger: String,
+    pub started_at_ms: u64,
 }
 
 /// The one owner of roster's model, store and status. Cheap to clone.

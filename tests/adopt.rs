@@ -69,6 +69,17 @@ const SHAPES: &[Shape] = &[
     },
 ];
 
+/// Runs `roster adopt -c config --legacy-mappings mappings`.
+fn adopt(config: &std::path::Path, mappings: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["adopt", "-c"])
+        .arg(config)
+        .arg("--legacy-mappings")
+        .arg(mappings)
+        .output()
+        .unwrap()
+}
+
 fn localpart(agent_id: &str) -> String {
     format!(
         "agent_{}",
@@ -171,13 +182,7 @@ async fn adopts_from_every_shape_of_the_old_bots_mappings_on_synapse() {
         }
         let file = scratch.path().join(shape.file);
         std::fs::write(&file, &text).unwrap();
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
-            .args(["adopt", "-c"])
-            .arg(&roster.config)
-            .arg("--legacy-mappings")
-            .arg(&file)
-            .output()
-            .unwrap();
+        let output = adopt(&roster.config, &file);
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "{}: {stderr}", shape.file);
@@ -302,14 +307,7 @@ async fn adopts_from_every_shape_of_the_old_bots_mappings_on_synapse() {
 
     // adopt beside the running serve is refused before it changes anything: the serve
     // would never see what it wrote.
-    let file = scratch.path().join(SHAPES[0].file);
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args(["adopt", "-c"])
-        .arg(&roster.config)
-        .arg("--legacy-mappings")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let output = adopt(&roster.config, &scratch.path().join(SHAPES[0].file));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "adopt ran beside serve: {stderr}");
     assert!(stderr.contains("is in use by another roster"), "{stderr}");

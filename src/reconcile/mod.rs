@@ -27,7 +27,7 @@ use crate::matrix::{Homeserver, Registered};
 use crate::metrics::{ActionLabels, OutcomeLabels, TriggerLabels};
 use crate::model::agents::{Agent, HistoryMessage};
 use crate::retry::{Backoff, Outcome, until_ok};
-use crate::state::{SourceStatus, SyncSummary};
+use crate::state::{SourceStatus, SyncRunning, SyncSummary};
 use queue::Key;
 
 /// An agent whose runs failed this many times in a row is reported and left alone until
@@ -543,6 +543,12 @@ async fn run_sync(
     let actions_before = shared.state.status(|s| s.actions_ok);
     let seq_at_start = shared.state.read(|m| m.last_seq());
     tracing::info!(trigger, agents = ?only, "sync started");
+    shared.state.status(|s| {
+        s.sync_running = Some(SyncRunning {
+            trigger: trigger.to_owned(),
+            started_at_ms,
+        })
+    });
     shared
         .metrics
         .sync_runs
@@ -601,9 +607,10 @@ async fn run_sync(
         duration_ms = summary.duration_ms,
         "sync finished"
     );
-    shared
-        .state
-        .status(|status| status.last_sync = Some(summary.clone()));
+    shared.state.status(|status| {
+        status.last_sync = Some(summary.clone());
+        status.sync_running = None;
+    });
     summary
 }
 
