@@ -62,6 +62,8 @@ struct Fault {
     status: StatusCode,
     body: Value,
     times: u32,
+    /// The request takes effect and only its answer is the fault (a lost answer).
+    answer_lost: bool,
 }
 
 /// Everything the fake homeserver holds.
@@ -143,6 +145,20 @@ impl FakeHomeserver {
             status: StatusCode::from_u16(status).expect("a status code"),
             body: json!({ "errcode": errcode, "error": message }),
             times,
+            answer_lost: false,
+        });
+    }
+
+    /// Carries out requests whose path contains `path`, then answers 504 as a proxy would
+    /// whose wait ran out: the answer is lost, the effect is not. `times` times.
+    pub fn lose_answer(&self, path: &str, times: u32) {
+        self.world().faults.push(Fault {
+            method: None,
+            path: path.to_owned(),
+            status: StatusCode::GATEWAY_TIMEOUT,
+            body: json!({ "errcode": "M_UNKNOWN", "error": "Gateway Timeout" }),
+            times,
+            answer_lost: true,
         });
     }
 
@@ -155,6 +171,7 @@ impl FakeHomeserver {
             status: StatusCode::TOO_MANY_REQUESTS,
             body: json!({ "errcode": "M_LIMIT_EXCEEDED", "error": "Too Many Requests", "retry_after_ms": retry_after_ms }),
             times,
+            answer_lost: false,
         });
     }
 
@@ -330,8 +347,20 @@ async fn answer(
         f.times > 0 && path.contains(&f.path) && f.method.as_ref().is_none_or(|m| m == method)
     }) {
         fault.times = fault.times.saturating_sub(1);
-        return (fault.status, axum::Json(fault.body.clone())).into_response();
+        let (status, fault_body, lost) = (fault.status, fault.body.clone(), fault.answer_lost);
+        if lost {
+            // The request takes effect; only its answer is replaced.
+            let _ = handle(&mut w, method, uri, headers, body);
+        }
+        return (status, axum::Json(fault_body)).into_response();
     }
+    handle(&mut w, method, uri, headers, body)
+}
+
+/// What the fake homeserver does with a request that no planned fault refuses.
+fn handle(w: &mut World, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let path = uri.path().to_owned();
+    let as_user = query(&uri, "user_id");
     if path == "/_matrix/federation/v1/version" {
         let name = w.server_software.clone();
         return ok(json!({ "server": { "name": name, "version": "test" } }));

@@ -56,6 +56,10 @@ pub struct RoomRecord {
     /// roster created the room with history import on and has not imported yet.
     #[serde(default)]
     pub history_pending: bool,
+    /// roster sent `createRoom` and has not seen its answer: a room then found by the alias
+    /// is the one it created (answer lost), not an older one (store lost).
+    #[serde(default)]
+    pub create_sent: bool,
     /// When the agent was first missing from a good listing; cleared when it is back.
     pub missing_since_ms: Option<u64>,
     /// Absent past the grace period: its removal is under way. Only this (never a mere

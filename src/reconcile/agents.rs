@@ -626,6 +626,12 @@ impl Agents {
         }
         let space = self.shared.state.read(|m| m.agents.space.room_id.clone());
         let request = self.room_request(localpart, name, &agent_user, space.as_deref());
+        if !record.create_sent {
+            record.create_sent = true;
+            self.shared.state.save_agent(record.clone()).await?;
+        }
+        let imports_history = self.history.as_ref().is_some_and(|h| h.keeps_history())
+            && self.shared.config.agents.history_import > 0;
         match self.hs.create_room(&agent_user, request).await {
             Ok(room) => {
                 tracing::info!(agent = %record.agent_id, %room, "created the agent room");
@@ -643,8 +649,7 @@ impl Agents {
                 record.applied_topic = Some(topic_for(name));
                 record.settings_applied = true;
                 record.space_parent_set = space.is_some();
-                record.history_pending = self.history.as_ref().is_some_and(|h| h.keeps_history())
-                    && self.shared.config.agents.history_import > 0;
+                record.history_pending = imports_history;
                 record.room_id = Some(room);
             }
             Err(e) if is_room_in_use(&e) => {
@@ -652,10 +657,14 @@ impl Agents {
                 let room = self.hs.resolve_alias(&alias).await?.ok_or(e)?;
                 tracing::info!(agent = %record.agent_id, %room, "found the agent room by its alias");
                 self.read_room(&room, &agent_user).await?;
+                // Made by the createRoom whose answer was lost: nothing was imported into
+                // it yet. Otherwise (a lost store) it may hold its history already.
+                record.history_pending = record.create_sent && imports_history;
                 record.room_id = Some(room);
             }
             Err(e) => return Err(e.into()),
         }
+        record.create_sent = false;
         self.shared.state.save_agent(record.clone()).await?;
         Ok(())
     }
@@ -1794,6 +1803,55 @@ mod tests {
         // Runs once: later runs do not ask again.
         f.converge().await;
         assert_eq!(f.source.asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// A createRoom that took effect but whose answer was lost: the retry finds the room by
+    /// its alias, and it is the room roster made, so its history is imported (once). A room
+    /// found by its alias after the store was lost may hold its history already: nothing is
+    /// imported into it.
+    #[tokio::test]
+    async fn should_import_history_into_a_room_whose_creation_answer_was_lost() {
+        let f = fixture_with("agents: {avatar: none, history_import: 15}").await;
+        *f.source.history.lock().unwrap() = Ok(Some(vec![said(
+            "message-1",
+            HistoryRole::User,
+            "hello",
+            1_000,
+        )]));
+        f.space().await;
+        let spaces = f.hs.world().count("/createRoom");
+        f.hs.lose_answer("/createRoom", 1);
+        assert!(matches!(
+            f.agents.reconcile_agent("agent-1").await,
+            Outcome::Retry { .. }
+        ));
+        assert!(f.record().create_sent, "the lost createRoom is remembered");
+        f.converge().await;
+        assert_eq!(
+            f.hs.world().count("/createRoom") - spaces,
+            2,
+            "the retry was refused: in use"
+        );
+        let room = f.record().room_id.unwrap();
+        let posted = || f.hs.world().rooms[room.as_str()].messages.len();
+        assert_eq!(posted(), 1, "the history was imported into the found room");
+        assert!(!f.record().create_sent && !f.record().history_pending);
+
+        // The store is lost: the record starts over and the room is found by its alias.
+        let record = f.record();
+        f.shared
+            .state
+            .save_agent(RoomRecord {
+                agent_id: record.agent_id,
+                localpart: record.localpart,
+                name: record.name,
+                ..RoomRecord::default()
+            })
+            .await
+            .unwrap();
+        f.converge().await;
+        assert_eq!(f.record().room_id.as_ref(), Some(&room));
+        assert_eq!(posted(), 1, "nothing imported twice");
     }
 
     #[tokio::test]
