@@ -42,6 +42,9 @@ struct Running {
     partition: i32,
     offset: i64,
     generation: u64,
+    /// Offsets of the older updates this job stands for: done when it is (it may apply
+    /// them itself, and until then a restart must deliver them again).
+    superseded: Vec<i64>,
     abort: AbortHandle,
 }
 
@@ -164,19 +167,13 @@ impl Pipeline {
             let Some((key, mut job, superseded)) = self.queue.pop_coalesced(Job::supersedes) else {
                 break;
             };
-            for older in superseded {
-                // A replayed update asks for the profile in full; the newer one carries that.
-                job.replayed |= older.replayed;
-                self.worker.superseded(&older, &job);
-                self.offsets().done(
-                    older.message.partition,
-                    older.generation,
-                    older.message.offset,
-                );
-            }
+            // A replayed update asks for the profile in full; the newer one carries that.
+            job.replayed |= superseded.iter().any(|older| older.replayed);
+            // Same partition and generation as `job` (`Job::supersedes`).
+            let superseded_offsets = superseded.iter().map(|o| o.message.offset).collect();
             let (partition, offset, generation) =
                 (job.message.partition, job.message.offset, job.generation);
-            let abort = self.tasks.spawn(self.worker.clone().work(job));
+            let abort = self.tasks.spawn(self.worker.clone().work(job, superseded));
             self.running.insert(
                 abort.id(),
                 Running {
@@ -184,6 +181,7 @@ impl Pipeline {
                     partition,
                     offset,
                     generation,
+                    superseded: superseded_offsets,
                     abort,
                 },
             );
@@ -206,8 +204,11 @@ impl Pipeline {
         };
         self.queue.finish(&running.key);
         if completed {
-            self.offsets()
-                .done(running.partition, running.generation, running.offset);
+            let mut offsets = self.offsets();
+            for older in running.superseded {
+                offsets.done(running.partition, running.generation, older);
+            }
+            offsets.done(running.partition, running.generation, running.offset);
         }
     }
 

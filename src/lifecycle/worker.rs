@@ -64,6 +64,8 @@ pub trait DeadLetterSink: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     Done,
+    /// Not applicable: written to the dead-letter topic (done as far as offsets go).
+    DeadLettered,
     Retry {
         reason: String,
         retry_after: Option<Duration>,
@@ -117,7 +119,7 @@ impl Worker {
     }
 
     /// Counts and logs a job that is done without running: `newer` sets all it would set.
-    pub fn superseded(&self, job: &Job, newer: &Job) {
+    fn superseded(&self, job: &Job, newer: &Job) {
         let kind = job
             .decoded
             .as_ref()
@@ -133,12 +135,37 @@ impl Worker {
         );
     }
 
-    /// Runs `job` until it is done, retrying with backoff.
-    pub async fn work(self: Arc<Self>, job: Job) {
+    /// Runs `job` until it is done, retrying with backoff. `superseded` are the older
+    /// updates of the same user it stands for (`Job::supersedes`): when `job` itself is
+    /// dead-lettered, they are applied instead, oldest first, so what they set is not lost
+    /// with it.
+    pub async fn work(self: Arc<Self>, job: Job, superseded: Vec<Job>) {
+        if self.run(&job).await != Step::DeadLettered {
+            for older in &superseded {
+                self.superseded(older, &job);
+            }
+            return;
+        }
+        if superseded.is_empty() {
+            return;
+        }
+        tracing::info!(
+            partition = job.message.partition,
+            offset = job.message.offset,
+            superseded = superseded.len(),
+            "the newest update was dead-lettered; applying the older ones it stood for"
+        );
+        for older in &superseded {
+            self.run(older).await;
+        }
+    }
+
+    /// Attempts `job` until it is done or dead-lettered, with backoff between attempts.
+    async fn run(&self, job: &Job) -> Step {
         let mut last_reason = None;
         for failures in 1u32.. {
-            let (reason, retry_after) = match self.attempt(&job).await {
-                Step::Done => return,
+            let (reason, retry_after) = match self.attempt(job).await {
+                step @ (Step::Done | Step::DeadLettered) => return step,
                 Step::Retry {
                     reason,
                     retry_after,
@@ -175,6 +202,7 @@ impl Worker {
                 _ = back => {}
             }
         }
+        unreachable!("the attempts above only end by returning")
     }
 
     /// One attempt: decode, plan, apply, decide.
@@ -309,7 +337,7 @@ impl Worker {
                     dead_letter_topic = %self.dead_letters.name(),
                     "lifecycle message dead-lettered"
                 );
-                Step::Done
+                Step::DeadLettered
             }
             Err(SinkError::TooLarge(error) | SinkError::Unavailable(error)) => Step::Retry {
                 reason: format!(
@@ -477,6 +505,45 @@ mod tests {
         )
     }
 
+    /// A user's newest update stands for the older ones it supersedes. When it is applied,
+    /// they are not; when it is dead-lettered, they are applied in its place, oldest first,
+    /// so the name they set is not lost with it.
+    #[tokio::test]
+    async fn should_apply_the_superseded_updates_when_the_newest_is_dead_lettered() {
+        let f = fixture(true).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        let worker = Arc::new(f.worker);
+        let names = || f.hs.world().count("/displayname");
+
+        let before = names();
+        worker.clone().work(renamed("B"), vec![renamed("A")]).await;
+        assert_eq!(names() - before, 1, "only the newest was applied");
+        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("B"));
+        let superseded = || {
+            worker
+                .shared
+                .metrics
+                .lifecycle_events
+                .get_or_create(&LifecycleLabels {
+                    r#type: "profile_updated",
+                    outcome: "superseded",
+                })
+                .get()
+        };
+        assert_eq!(superseded(), 1);
+
+        f.hs.fail("/displayname", 413, "M_TOO_LARGE", "too large", 1);
+        let before = names();
+        worker
+            .clone()
+            .work(renamed("huge"), vec![renamed("C"), renamed("D")])
+            .await;
+        assert_eq!(f.sink.letters.lock().unwrap().len(), 1, "the newest only");
+        assert_eq!(names() - before, 3, "the refused one, then C and D");
+        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("D"));
+        assert_eq!(superseded(), 1, "C and D were applied, not superseded");
+    }
+
     #[tokio::test]
     async fn should_apply_an_event_and_be_done() {
         let f = fixture(true).await;
@@ -492,10 +559,10 @@ mod tests {
     async fn should_dead_letter_what_cannot_be_decoded_or_is_refused_for_good() {
         let f = fixture(true).await;
         let garbage = Job::fresh(message(b"{not json".to_vec()));
-        assert_eq!(f.worker.attempt(&garbage).await, Step::Done);
+        assert_eq!(f.worker.attempt(&garbage).await, Step::DeadLettered);
         assert_eq!(f.worker.attempt(&created()).await, Step::Done);
         f.hs.fail("/displayname", 413, "M_TOO_LARGE", "too large", 1);
-        assert_eq!(f.worker.attempt(&renamed("huge")).await, Step::Done);
+        assert_eq!(f.worker.attempt(&renamed("huge")).await, Step::DeadLettered);
         let letters = f.sink.letters.lock().unwrap();
         assert_eq!(letters.len(), 2);
         let reason = |letter: &DeadLetter| {
@@ -584,7 +651,7 @@ mod tests {
         let mut big = created();
         big.message.payload = Some(vec![b'{'; 2 << 20]);
         big.decoded = big.message.decode();
-        assert_eq!(f.worker.attempt(&big).await, Step::Done);
+        assert_eq!(f.worker.attempt(&big).await, Step::DeadLettered);
         let letters = f.sink.letters.lock().unwrap();
         assert_eq!(letters.len(), 1);
         assert_eq!(
@@ -612,7 +679,7 @@ mod tests {
             f.worker.attempt(&garbage).await,
             Step::Retry { reason, .. } if reason.contains("events.dlq")
         ));
-        assert_eq!(f.worker.attempt(&garbage).await, Step::Done);
+        assert_eq!(f.worker.attempt(&garbage).await, Step::DeadLettered);
     }
 
     #[tokio::test]
