@@ -683,6 +683,75 @@ mod tests {
         assert!(shared.state.status(|s| s.failed.is_empty()));
     }
 
+    /// Only the periodic sweep forgets the rooms roster does not look after (kept because
+    /// someone invited its user): a start-up, an operator's or a SIGHUP sync keeps them,
+    /// as they may have just been acknowledged.
+    #[tokio::test]
+    async fn should_forget_unmanaged_rooms_at_the_periodic_sweep_only() {
+        struct NoAgents;
+        impl ListAgents for NoAgents {
+            fn describe(&self) -> String {
+                "no agents".into()
+            }
+            fn list(&self) -> BoxFuture<'_, Result<Vec<Agent>, String>> {
+                Box::pin(async { Ok(Vec::new()) })
+            }
+            fn keeps_history(&self) -> bool {
+                false
+            }
+            fn history(
+                &self,
+                _agent_id: &str,
+                _limit: u32,
+            ) -> BoxFuture<'_, Result<Option<Vec<HistoryMessage>>, String>> {
+                Box::pin(async { Ok(None) })
+            }
+        }
+        let (_hs, shared) = crate::testing::stack("").await;
+        let agents = Arc::new(agents::Agents::new(
+            shared.clone(),
+            crate::testing::client(&shared),
+            "12",
+            None,
+            None,
+        ));
+        // As `provision` does: the space, and a worker that runs what a sync schedules.
+        let space = agents.ensure_space().await.unwrap();
+        shared.state.set_space(space).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let worker = tokio::spawn(work(shared.clone(), agents.clone(), shutdown.clone()));
+        let bot = shared.config.ids().bot.clone();
+        let invited = crate::model::MemberEvent {
+            room_id: ruma::owned_room_id!("!elsewhere:ex.org"),
+            user_id: bot.clone(),
+            sender: ruma::owned_user_id!("@stranger:ex.org"),
+            membership: crate::model::Membership::Invite,
+            displayname: None,
+            avatar_url: None,
+            event_id: ruma::owned_event_id!("$invite"),
+            origin_server_ts: 1,
+        };
+        shared
+            .state
+            .record_transaction("t1".into(), 1, vec![invited])
+            .await
+            .unwrap();
+        let kept = |shared: &Shared| {
+            shared.state.read(|m| {
+                m.member(ruma::room_id!("!elsewhere:ex.org"), &bot)
+                    .is_some()
+            })
+        };
+        for trigger in ["startup", "manual", "sighup"] {
+            run_sync(&shared, &agents, &NoAgents, trigger, None).await;
+            assert!(kept(&shared), "{trigger}: kept");
+        }
+        run_sync(&shared, &agents, &NoAgents, "interval", None).await;
+        assert!(!kept(&shared), "interval: forgotten");
+        shutdown.cancel();
+        worker.await.unwrap();
+    }
+
     #[test]
     fn should_wait_as_asked_when_rate_limited_without_counting_a_failure() {
         let mut failures = 2;
