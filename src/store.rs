@@ -52,6 +52,11 @@ pub enum StoreError {
          the other does not see"
     )]
     InUse { path: String },
+    #[error("cannot lock {path}: {source}; check that the store's directory is writable")]
+    Lock {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("store write failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("store holds an unreadable row ({0}); delete the store to resync from the homeserver")]
@@ -744,7 +749,6 @@ fn create_private_dir(dir: Option<&Path>) -> std::io::Result<()> {
     builder.create(dir)
 }
 
-/// Makes a file roster created readable by its owner only.
 /// Locks `<store>.lock` for as long as the returned file is open. SQLite would let a second
 /// process write the same file, but each roster keeps the model in memory, so a second
 /// writer (an `adopt` beside a running `serve`, two replicas on one volume) would go
@@ -760,20 +764,21 @@ fn lock_writer(path: &Path) -> Result<std::fs::File, StoreError> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let file = options
         .open(&lock_path)
-        .map_err(|source| StoreError::Directory {
+        .map_err(|source| StoreError::Lock {
             path: lock_path.display().to_string(),
             source,
         })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse { path: display }),
-        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Directory {
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Lock {
             path: lock_path.display().to_string(),
             source,
         }),
     }
 }
 
+/// Makes a file roster created readable by its owner only.
 fn restrict(path: &Path) {
     #[cfg(unix)]
     {
