@@ -231,6 +231,16 @@ fn profile_writer(state: std::sync::Weak<Inner>, writes: std::sync::mpsc::Receiv
             .store
             .save_identity_profiles(&rows)
             .map_err(|e| e.to_string());
+        // The cache follows the store here, where the write happened, not in the caller: a
+        // caller aborted while waiting (a revoked partition) would leave it stale.
+        for write in &batch {
+            match &outcome {
+                Ok(()) => inner
+                    .profiles
+                    .insert(write.user.clone(), write.profile.clone()),
+                Err(_) => inner.profiles.invalidate(&write.user),
+            }
+        }
         drop(inner);
         for write in batch {
             let _ = write.done.send(outcome.clone());
@@ -577,8 +587,8 @@ impl State {
     ) -> Result<(), StateError> {
         let (done, stored) = tokio::sync::oneshot::channel();
         let write = ProfileWrite {
-            user: user.clone(),
-            profile: profile.clone(),
+            user,
+            profile,
             at_ms,
             done,
         };
@@ -591,7 +601,6 @@ impl State {
             .await
             .map_err(|_| stopped())?
             .map_err(StateError::ProfileWrite)?;
-        self.inner.profiles.insert(user, profile);
         Ok(())
     }
 
@@ -1147,6 +1156,53 @@ mod tests {
         assert_eq!(state.applied_profile(&user).await.unwrap(), profile);
         assert_eq!(state.upload("sha256:ab").await.unwrap(), Some(upload));
         assert_eq!(state.history_import(&room), Some(import));
+    }
+
+    /// A caller that stops waiting for its profile write (its job aborted by a revoke)
+    /// does not leave the cache behind the store: the next update compares against what
+    /// was written.
+    #[tokio::test]
+    async fn should_keep_the_cache_with_the_store_when_a_profile_writer_is_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = reopen(dir.path());
+        let user = owned_user_id!("@nova-1:ex.org");
+        let named = |name: &str| AppliedProfile {
+            displayname: Some(name.into()),
+            ..AppliedProfile::default()
+        };
+        state
+            .record_applied_profile(user.clone(), named("A"), 1)
+            .await
+            .unwrap();
+        assert_eq!(state.applied_profile(&user).await.unwrap(), named("A"));
+        let writer = {
+            let (state, user) = (state.clone(), user.clone());
+            tokio::spawn(async move { state.record_applied_profile(user, named("B"), 2).await })
+        };
+        // The write is queued (the task waits for its answer); the task is then aborted.
+        tokio::task::yield_now().await;
+        writer.abort();
+        let stored = || {
+            let (state, user) = (state.clone(), user.clone());
+            async move {
+                state
+                    .blocking(move |store| store.identity_profile(&user))
+                    .await
+                    .unwrap()
+            }
+        };
+        for _ in 0..600 {
+            if stored().await == Some(named("B")) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            stored().await,
+            Some(named("B")),
+            "the write was carried out"
+        );
+        assert_eq!(state.applied_profile(&user).await.unwrap(), named("B"));
     }
 
     /// Profiles written side by side go to the store in shared commits; each writer hears
