@@ -413,10 +413,8 @@ mod tests {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// A misspelt field must not turn a request about one room into one about every agent
-    /// (forgetting every room means reading them all again).
-    #[tokio::test]
-    async fn should_refuse_unknown_fields_instead_of_targeting_every_agent() {
+    /// A roster with the admin API on and one agent room, `!r:ex.org` (`#agent_a:ex.org`).
+    async fn with_agent_room() -> Arc<Shared> {
         let shared = crate::testing::shared(
             crate::config::Config::from_yaml(&format!(
                 "homeserver: {{server_name: ex.org}}\nadmin: {{token: {TOKEN}}}"
@@ -424,6 +422,14 @@ mod tests {
             .unwrap(),
         );
         crate::testing::record_agent_room(&shared).await;
+        shared
+    }
+
+    /// A misspelt field must not turn a request about one room into one about every agent
+    /// (forgetting every room means reading them all again).
+    #[tokio::test]
+    async fn should_refuse_unknown_fields_instead_of_targeting_every_agent() {
+        let shared = with_agent_room().await;
         for path in ["/admin/v1/invalidate", "/admin/v1/sync"] {
             let (status, body) = post(&shared, path, Some(r#"{"room_id": "!r:ex.org"}"#)).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
@@ -450,13 +456,7 @@ mod tests {
     /// An agent room is named by its id or its alias; any other room is refused, saying so.
     #[tokio::test]
     async fn should_take_an_agent_room_by_id_or_alias() {
-        let shared = crate::testing::shared(
-            crate::config::Config::from_yaml(&format!(
-                "homeserver: {{server_name: ex.org}}\nadmin: {{token: {TOKEN}}}"
-            ))
-            .unwrap(),
-        );
-        crate::testing::record_agent_room(&shared).await;
+        let shared = with_agent_room().await;
         for room in ["!r:ex.org", "#agent_a:ex.org"] {
             let target = Target {
                 room: Some(room.into()),

@@ -959,6 +959,17 @@ fn apply_env(
     Ok(kept)
 }
 
+/// The config's sections, as `ROSTER_<SECTION>__<KEY>` names them.
+const SECTIONS: &[&str] = &[
+    "homeserver",
+    "appservice",
+    "admin",
+    "store",
+    "agents",
+    "sync",
+    "lifecycle",
+];
+
 /// `ROSTER_*` variables that are set but not read, each with why: a config override needs
 /// two underscores between section and key (`ROSTER_SYNC__INTERVAL`), and one is easily
 /// typed as one. Warnings, not errors: the environment is shared with other software.
@@ -977,15 +988,6 @@ pub fn unread_env_vars(env: &BTreeMap<String, String>) -> Vec<String> {
                 .skip(1)
                 .any(|after| after.starts_with(|c: char| c.is_ascii_digit()))
     }
-    const SECTIONS: &[&str] = &[
-        "homeserver",
-        "appservice",
-        "admin",
-        "store",
-        "agents",
-        "sync",
-        "lifecycle",
-    ];
     env.keys()
         .filter_map(|var| {
             let rest = var.strip_prefix(ENV_PREFIX)?;
@@ -1496,6 +1498,19 @@ lifecycle:
             ("ROSTER_ADMIN_SERVICE_PORT_HTTP", "9010"),
             ("OTHER_SYNC_INTERVAL", "5m"),
         ]);
+        // The sections named here are the config's own.
+        let config = Config::from_yaml(MINIMAL).unwrap();
+        let tree = serde_yaml::to_value(&config).unwrap();
+        let mut sections: Vec<&str> = tree
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .filter_map(Value::as_str)
+            .collect();
+        sections.sort_unstable();
+        let mut known = SECTIONS.to_vec();
+        known.sort_unstable();
+        assert_eq!(sections, known);
         let warnings = unread_env_vars(&vars);
         assert_eq!(warnings.len(), 3, "{warnings:#?}");
         assert!(warnings[0].starts_with("ROSTER_ADMIN_TOKEN is not read"));
