@@ -574,8 +574,18 @@ impl State {
             .blocking(move |store| store.identity_profile(&owned))
             .await?
             .unwrap_or_default();
-        self.inner.profiles.insert(user.to_owned(), stored.clone());
-        Ok(stored)
+        Ok(self.remember_stored_profile(user, stored))
+    }
+
+    /// Caches a profile read from the store unless a write got there first: the profile
+    /// writer puts each committed profile in the cache, and a read that began before that
+    /// commit holds the older one.
+    fn remember_stored_profile(&self, user: &UserId, stored: AppliedProfile) -> AppliedProfile {
+        self.inner
+            .profiles
+            .entry(user.to_owned())
+            .or_insert(stored)
+            .into_value()
     }
 
     /// Records what was applied to `user`'s profile.
@@ -1202,6 +1212,26 @@ mod tests {
             Some(named("B")),
             "the write was carried out"
         );
+        assert_eq!(state.applied_profile(&user).await.unwrap(), named("B"));
+    }
+
+    /// A store read that began before a profile write committed does not replace what
+    /// the writer put in the cache: the next update is compared with the newer profile.
+    #[tokio::test]
+    async fn should_not_let_an_earlier_store_read_replace_a_written_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = reopen(dir.path());
+        let user = owned_user_id!("@nova-1:ex.org");
+        let named = |name: &str| AppliedProfile {
+            displayname: Some(name.into()),
+            ..AppliedProfile::default()
+        };
+        state
+            .record_applied_profile(user.clone(), named("B"), 2)
+            .await
+            .unwrap();
+        // What a read that found "A" in the store before the write committed would cache.
+        assert_eq!(state.remember_stored_profile(&user, named("A")), named("B"));
         assert_eq!(state.applied_profile(&user).await.unwrap(), named("B"));
     }
 
