@@ -48,10 +48,24 @@ install_ingest_peers() {
 module.exports = {};' >"$stub/index.js"
 }
 
+usage() { sed -n '2,/^set/{/^set/d;s/^# \{0,1\}//p}' "$0" >&2; }
+# Alone, it lists the benchmarks: each takes minutes and some install peers.
+if [[ $# -eq 0 ]]; then
+  usage
+  exit 2
+fi
+which=$1
+shift
+case $which in
+  provision | lifecycle | ingest | memory | flood | sweep) ;;
+  *)
+    echo "no benchmark named '$which'" >&2
+    usage
+    exit 2
+    ;;
+esac
 # Each bench prints the machine's load at its end; this is the load it started under.
-echo "bench $*: $(nproc) cores, $(uptime | sed 's/.*load/load/')" >&2
-which=${1:-provision}
-shift || true
+echo "bench $which $*: $(nproc) cores, $(uptime | sed 's/.*load/load/')" >&2
 case $which in
   provision)
     deploy/peers/all.sh install synapse
@@ -68,5 +82,4 @@ case $which in
   memory | flood | sweep)
     cargo bench --locked --bench "$which" -- "$@"
     ;;
-  *) sed -n '2,/^set/{/^set/d;s/^# \{0,1\}//p}' "$0" >&2; exit 2 ;;
 esac
