@@ -224,19 +224,34 @@ impl IdentityEffects {
         } else {
             plan
         };
+        let mut before = before;
         let mut registered = false;
         loop {
-            let error = match self.attempt(plan).await {
-                Ok(taken) => return self.remember(plan, at, &before, taken).await,
-                Err(StepError::Missing) => return Outcome::Done(Applied::MissingUser),
-                Err(StepError::Store(reason)) => {
+            let mut taken = Taken {
+                labels: Vec::with_capacity(plan.effects.len()),
+                ..Taken::default()
+            };
+            let failure = match self.attempt(plan, &mut taken).await {
+                Ok(()) => return self.remember(plan, at, &before, taken).await,
+                Err(failure) => failure,
+            };
+            // Parts the homeserver accepted before a later step failed are on it now,
+            // whatever becomes of the event (retried or dead-lettered): recorded, or an
+            // update back to the previous profile would be taken as unchanged.
+            match self.remember_accepted(&plan.user, &before, &taken).await {
+                Ok(after) => before = after,
+                Err(outcome) => return outcome,
+            }
+            let error = match failure {
+                StepError::Missing => return Outcome::Done(Applied::MissingUser),
+                StepError::Store(reason) => {
                     return Outcome::Retry {
                         reason,
                         retry_after: None,
                     };
                 }
-                Err(StepError::AsAppservice(error)) => return Outcome::from_error(&error),
-                Err(StepError::Matrix(error)) => error,
+                StepError::AsAppservice(error) => return Outcome::from_error(&error),
+                StepError::Matrix(error) => error,
             };
             // Masquerading as a user who does not exist is refused with M_FORBIDDEN; so are
             // other things. Ask who the user is to tell them apart, never the error text.
@@ -275,6 +290,35 @@ impl IdentityEffects {
         }
     }
 
+    /// Records the profile parts the homeserver accepted in an attempt that failed later;
+    /// where the last fully applied event sits stays as it was. Returns the profile now
+    /// recorded (`before` when nothing was accepted).
+    async fn remember_accepted(
+        &self,
+        user: &UserId,
+        before: &AppliedProfile,
+        taken: &Taken,
+    ) -> Result<AppliedProfile, Outcome<Applied>> {
+        let avatar = taken.avatar.as_ref().map(|(s, m)| (s.as_str(), m.as_str()));
+        let after = before.with(taken.name.as_deref(), avatar);
+        if after == *before {
+            return Ok(after);
+        }
+        match self
+            .shared
+            .state
+            .record_applied_profile(user.to_owned(), after.clone(), now_ms())
+            .await
+        {
+            Ok(()) => Ok(after),
+            // Retried whatever the failure was: the parts are sent again (idempotent).
+            Err(e) => Err(Outcome::Retry {
+                reason: format!("partly applied, but cannot record the profile: {e}"),
+                retry_after: None,
+            }),
+        }
+    }
+
     /// Records the profile parts the homeserver accepted and where their event sits (store
     /// first, then the cache), so the next update that names them, and a redelivery of
     /// this one, send nothing; a failed write is retried. Nothing new set, nothing written.
@@ -302,12 +346,10 @@ impl IdentityEffects {
         Outcome::Done(Applied::Taken(taken.labels))
     }
 
-    async fn attempt(&self, plan: &Plan) -> Result<Taken, StepError> {
+    /// Takes every effect in order, noting in `taken` what the homeserver accepted (also
+    /// when a later one fails).
+    async fn attempt(&self, plan: &Plan, taken: &mut Taken) -> Result<(), StepError> {
         let user: &UserId = &plan.user;
-        let mut taken = Taken {
-            labels: Vec::with_capacity(plan.effects.len()),
-            ..Taken::default()
-        };
         for effect in &plan.effects {
             let mut label = effect.label();
             match effect {
@@ -350,7 +392,7 @@ impl IdentityEffects {
             }
             taken.labels.push(label);
         }
-        Ok(taken)
+        Ok(())
     }
 
     /// The `mxc://` of the image at `url` and whether it was reused: uploaded before within

@@ -505,6 +505,38 @@ mod tests {
         )
     }
 
+    /// A name the homeserver accepted before a later step of the same event failed is on
+    /// the homeserver: it is recorded whatever becomes of the event. Retried, the event
+    /// sends only what is left; dead-lettered, an update back to the previous name is
+    /// still sent.
+    #[tokio::test]
+    async fn should_record_the_parts_accepted_before_a_later_step_failed() {
+        let f = fixture(true).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        let names = || f.hs.world().count("/displayname");
+
+        // Retried: the second attempt sets the avatar only.
+        f.hs.fail("/avatar_url", 500, "M_UNKNOWN", "try again", 1);
+        let flaky = profile_job("A", Some("mxc://ex.org/a"), 0);
+        assert!(matches!(f.worker.attempt(&flaky).await, Step::Retry { .. }));
+        let before = names();
+        assert_eq!(f.worker.attempt(&flaky).await, Step::Done);
+        assert_eq!(names(), before, "the accepted name is not sent again");
+        assert_eq!(
+            f.hs.world().users[USER].avatar_url.as_deref(),
+            Some("mxc://ex.org/a")
+        );
+
+        // Dead-lettered after its name was accepted: the name stays on the homeserver, so
+        // going back to "A" is a change.
+        f.hs.fail("/avatar_url", 400, "M_INVALID_PARAM", "bad avatar", 1);
+        let refused = profile_job("B", Some("mxc://ex.org/b"), 0);
+        assert_eq!(f.worker.attempt(&refused).await, Step::DeadLettered);
+        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("B"));
+        assert_eq!(f.worker.attempt(&renamed("A")).await, Step::Done);
+        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("A"));
+    }
+
     /// A user's newest update stands for the older ones it supersedes. When it is applied,
     /// they are not; when it is dead-lettered, they are applied in its place, oldest first,
     /// so the name they set is not lost with it.
