@@ -402,7 +402,7 @@ impl State {
             if !rooms.is_empty() {
                 store.forget_rooms(&rooms)?;
                 for room in &rooms {
-                    model.forget_room(room);
+                    model.drop_room(room);
                 }
             }
             Ok(rooms.len())
@@ -415,14 +415,15 @@ impl State {
         &self,
         room: OwnedRoomId,
         joined: Vec<ObservedMember>,
-        now_ms: u64,
+        asked_at_seq: u64,
     ) -> Result<Vec<Change>, StateError> {
         self.write(move |store, model| {
-            let changes = model.observe_joined(&room, &joined, now_ms);
+            let changes = model.observe_joined(&room, &joined, asked_at_seq);
             if !changes.is_empty() {
                 store.record_member_changes(&changes)?;
                 model.commit(changes.clone());
             }
+            model.read_recorded(&room);
             Ok(changes)
         })
         .await

@@ -178,6 +178,9 @@ pub struct Model {
     /// Effects roster caused whose events have not been pushed yet: without them a run
     /// triggered by an earlier event would repeat an action already taken.
     expected: HashMap<(OwnedRoomId, OwnedUserId), Membership>,
+    /// Rooms forgotten to be read afresh and not read since: the events pushed meanwhile
+    /// are kept, but they are a partial view that nothing may be planned from.
+    unread: HashSet<OwnedRoomId>,
     /// The sequence number the next accepted fact gets.
     next_seq: u64,
     /// Hashes of recently accepted event ids, oldest first, and the same as a set.
@@ -304,7 +307,14 @@ impl Model {
     /// Puts back a recorded state unless a later one is already known.
     pub fn restore(&mut self, room: OwnedRoomId, user: OwnedUserId, state: MemberState) {
         self.next_seq = self.next_seq.max(state.seq + 1);
-        self.expected.remove(&(room.clone(), user.clone()));
+        let key = (room.clone(), user.clone());
+        // The echo of the invite that came before roster's own join may arrive after the
+        // join was answered; an invite cannot follow a join, so it leaves that in place.
+        let echo_of_earlier_invite = state.membership == Membership::Invite
+            && self.expected.get(&key) == Some(&Membership::Join);
+        if !echo_of_earlier_invite {
+            self.expected.remove(&key);
+        }
         let members = self.rooms.entry(room).or_default();
         match members.get(&user) {
             Some(known) if known.seq >= state.seq => {}
@@ -385,16 +395,35 @@ impl Model {
         changes
     }
 
-    /// Whether the model has any knowledge of `room`.
+    /// Whether the model knows `room` well enough to plan from: it holds something of it,
+    /// and the room was read since it was last forgotten.
     pub fn knows_room(&self, room: &RoomId) -> bool {
-        self.rooms.get(room).is_some_and(|m| !m.is_empty())
-            || self.expected.keys().any(|(r, _)| r == room)
+        !self.unread.contains(room)
+            && (self.rooms.get(room).is_some_and(|m| !m.is_empty())
+                || self.expected.keys().any(|(r, _)| r == room))
     }
 
-    /// Drops what the model knows of `room`, so the next look reads it afresh.
+    /// Drops what the model knows of `room`, so the next look reads it afresh; until that
+    /// read is recorded (`read_recorded`), events pushed about it do not make it known.
     pub fn forget_room(&mut self, room: &RoomId) {
+        self.drop_room(room);
+        self.unread.insert(room.to_owned());
+    }
+
+    /// Notes that a read of `room` was recorded: the model knows it again, and the joins
+    /// roster expected there are what the read showed (a join whose echo never came, or
+    /// was undone unseen, is not taken as done any longer).
+    pub fn read_recorded(&mut self, room: &RoomId) {
+        self.unread.remove(room);
+        self.expected
+            .retain(|(r, _), membership| !(r == room && *membership == Membership::Join));
+    }
+
+    /// Drops `room` for good (a room roster does not look after).
+    pub fn drop_room(&mut self, room: &RoomId) {
         self.rooms.remove(room);
         self.expected.retain(|(r, _), _| r != room);
+        self.unread.remove(room);
     }
 
     /// Rooms roster does not look after whose every state came before `seq`. They were

@@ -421,3 +421,53 @@ proptest! {
         }
     }
 }
+
+/// Events pushed about a forgotten room are kept but do not make it known: only a read
+/// does, so nothing is planned from the one member an event names.
+#[test]
+fn should_know_a_forgotten_room_again_only_once_it_is_read() {
+    let mut model = Model::new();
+    model.apply(&[ev(ALICE, Membership::Join, 1).build()]);
+    model.forget_room(&room());
+    model.apply(&[ev(ADMIN, Membership::Join, 2).build()]);
+    assert!(!model.knows_room(&room()));
+    assert_eq!(
+        model.effective_membership(&room(), &owned_user_id!("@admin:example.org")),
+        Some(Membership::Join),
+        "the pushed event is kept"
+    );
+    model.read_recorded(&room());
+    assert!(model.knows_room(&room()));
+    // Dropped for good, a room leaves nothing behind.
+    model.forget_room(&room());
+    model.drop_room(&room());
+    assert!(!model.knows_room(&room()));
+    assert!(model.unread.is_empty());
+}
+
+/// An invite pushed while roster expects the join it made (the invite's late echo) keeps
+/// that expectation; a read of the room ends it, so a join whose echo never came is not
+/// taken as done for good.
+#[test]
+fn should_keep_an_expected_join_over_an_invite_until_the_room_is_read() {
+    let admin = owned_user_id!("@admin:example.org");
+    let mut model = Model::new();
+    model.expect(&room(), &admin, Membership::Join);
+    model.apply(&[ev(ADMIN, Membership::Invite, 1).by(ALICE).build()]);
+    assert_eq!(
+        model.effective_membership(&room(), &admin),
+        Some(Membership::Join)
+    );
+    model.read_recorded(&room());
+    assert_eq!(
+        model.effective_membership(&room(), &admin),
+        Some(Membership::Invite)
+    );
+    // Any other event about the member ends the expectation at once.
+    model.expect(&room(), &admin, Membership::Join);
+    model.apply(&[ev(ADMIN, Membership::Leave, 2).build()]);
+    assert_eq!(
+        model.effective_membership(&room(), &admin),
+        Some(Membership::Leave)
+    );
+}

@@ -1278,7 +1278,9 @@ mod tests {
         /// homeserver pushes it.
         async fn pushed(&self, room: &RoomId, user: &str, sender: &str, membership: Membership) {
             self.changed_unpushed(room, user, membership);
-            let n = self.hs.world().requests.len() as u64;
+            // Each push is its own transaction and event, also with no request between.
+            static PUSHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let n = PUSHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let event = crate::model::MemberEvent {
                 room_id: room.to_owned(),
                 user_id: ruma::UserId::parse(user).unwrap(),
@@ -1528,6 +1530,8 @@ mod tests {
     #[tokio::test]
     async fn should_invite_again_when_a_remembered_invite_is_gone() {
         let (f, room) = provisioned().await;
+        // The echo of @admin's join came; later an invite of @admin did, its leave did not.
+        f.pushed(&room, ADMIN, ADMIN, Membership::Join).await;
         f.pushed(&room, ADMIN, AGENT, Membership::Invite).await;
         f.changed_unpushed(&room, ADMIN, Membership::Leave);
         let refused = f.agents.reconcile_agent("agent-1").await;
@@ -1880,6 +1884,85 @@ mod tests {
         let second = f.agents.ensure_space().await.unwrap();
         assert_eq!(first, second);
         assert_eq!(f.hs.world().count("createRoom"), 1);
+    }
+
+    /// A room forgotten (a sweep read failed, a join was refused, invalidate) and then
+    /// touched by one pushed event is read before anything is planned: that event alone is
+    /// not the room. A converged room gets nothing; a removed agent's room is left by the
+    /// required members before the agent is retired.
+    #[tokio::test]
+    async fn should_read_a_forgotten_room_though_an_event_about_it_came_since() {
+        let (f, room) = provisioned().await;
+        f.shared.state.forget_room(&room);
+        f.pushed(
+            &room,
+            "@someone:ex.org",
+            "@someone:ex.org",
+            Membership::Join,
+        )
+        .await;
+        let before = f.hs.world().requests.len();
+        f.converge().await;
+        let sent: Vec<_> = f.hs.world().requests[before..]
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        assert!(
+            sent.iter().all(|r| r.contains("/joined_members")),
+            "a converged room is only read: {sent:#?}"
+        );
+        assert_eq!(sent.len(), 1);
+
+        f.shared
+            .state
+            .observe_listing(vec![], 10, 1_000)
+            .await
+            .unwrap();
+        f.shared
+            .state
+            .observe_listing(vec![], 2_000, 1_000)
+            .await
+            .unwrap();
+        assert!(f.record().removing);
+        f.shared.state.forget_room(&room);
+        f.pushed(&room, AGENT, AGENT, Membership::Join).await;
+        f.converge().await;
+        assert!(f.record().retired);
+        assert_eq!(f.membership(&room, ADMIN).as_deref(), Some("leave"));
+        assert_eq!(f.membership(&room, BOT).as_deref(), Some("leave"));
+    }
+
+    /// The echo of roster's invite, pushed after its join was answered, does not undo
+    /// what the join did: nothing is sent again.
+    #[tokio::test]
+    async fn should_not_join_again_when_the_echo_of_its_invite_comes_after_the_join() {
+        let (f, room) = provisioned().await;
+        f.pushed(&room, ADMIN, AGENT, Membership::Leave).await;
+        f.converge().await;
+        assert_eq!(f.membership(&room, ADMIN).as_deref(), Some("join"));
+        // Pushed only: on the homeserver @admin is joined.
+        let echo = crate::model::MemberEvent {
+            room_id: room.clone(),
+            user_id: ruma::UserId::parse(ADMIN).unwrap(),
+            sender: ruma::UserId::parse(AGENT).unwrap(),
+            membership: Membership::Invite,
+            displayname: None,
+            avatar_url: None,
+            event_id: ruma::owned_event_id!("$invite-echo"),
+            origin_server_ts: 1,
+        };
+        f.shared
+            .state
+            .record_transaction("echo".into(), 1, vec![echo])
+            .await
+            .unwrap();
+        let before = f.hs.world().requests.len();
+        f.converge().await;
+        let sent: Vec<_> = f.hs.world().requests[before..]
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        assert!(sent.is_empty(), "nothing changed, yet: {sent:#?}");
     }
 
     #[test]
