@@ -381,9 +381,11 @@ async fn replay(
         Ok(replayed) => axum::Json(replayed).into_response(),
         Err(e @ ReplayError::NotRunning) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         Err(e @ ReplayError::NotAssigned { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
-        Err(e @ (ReplayError::OutOfRange { .. } | ReplayError::NoSuchPartition { .. })) => {
-            error(StatusCode::BAD_REQUEST, &e.to_string())
-        }
+        Err(
+            e @ (ReplayError::OutOfRange { .. }
+            | ReplayError::NoSuchPartition { .. }
+            | ReplayError::Ahead { .. }),
+        ) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ ReplayError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }

@@ -850,6 +850,33 @@ async fn synapse_away_commits_nothing_and_applies_in_order_per_user_when_back() 
         0,
         "transient failures are never dead letters"
     );
+    // A replay forward would commit past the events waiting for Synapse: refused.
+    let waiting = &produced[1..];
+    let (partition, last) = waiting
+        .iter()
+        .filter(|(p, _)| waiting.iter().filter(|(q, _)| q == p).count() > 1)
+        .max_by_key(|(_, offset)| *offset)
+        .copied()
+        .expect("a partition with two events waiting");
+    let (ok, _, stderr) = stack.roster.cli(&[
+        "replay",
+        "--partition",
+        &partition.to_string(),
+        "--offset",
+        &last.to_string(),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("HTTP 400")
+            && stderr.contains(&format!("past partition {partition}'s position"))
+            && stderr.contains("never skips events"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stack.tansu.committed(GROUP, TOPIC),
+        committed_before,
+        "the refused replay committed nothing"
+    );
 
     stack.synapse.restart().await;
     for n in 0..USERS {

@@ -201,6 +201,14 @@ pub enum ReplayError {
         low: i64,
         high: i64,
     },
+    #[error(
+        "offset {offset} is past partition {partition}'s position {position} (the oldest event not yet done): a replay goes back and never skips events; an event that cannot be applied goes to the dead-letter topic by itself"
+    )]
+    Ahead {
+        partition: i32,
+        offset: i64,
+        position: i64,
+    },
     #[error("cannot replay: {0}")]
     Failed(String),
 }

@@ -139,6 +139,12 @@ impl Offsets {
             .collect()
     }
 
+    /// Where `partition` stands: its oldest offset not done, else the next to come (`None`
+    /// before anything came since it was assigned).
+    pub fn position(&self, partition: i32) -> Option<i64> {
+        self.partitions.get(&partition)?.position()
+    }
+
     /// Starts `partition` over at `offset` (replay); returns the generation it ends (whose
     /// work is to be dropped) and the new one.
     pub fn rewind(&mut self, partition: i32, offset: i64) -> Option<(u64, u64)> {
@@ -355,6 +361,23 @@ mod tests {
         o.assign(2);
         assert_eq!(o.revoke(2), None, "nothing received");
         assert_eq!(o.revoke(3), None, "never assigned");
+    }
+
+    /// A replay may go back to a partition's position, never past it: the position is the
+    /// oldest offset not done, else the next to come.
+    #[test]
+    fn should_stand_at_the_oldest_offset_not_done() {
+        let mut o = Offsets::default();
+        o.assign(0);
+        assert_eq!(o.position(0), None, "nothing came yet");
+        let g = o.received(0, 5).unwrap();
+        o.received(0, 6);
+        assert_eq!(o.position(0), Some(5));
+        o.done(0, g, 6);
+        assert_eq!(o.position(0), Some(5), "5 still waits");
+        o.done(0, g, 5);
+        assert_eq!(o.position(0), Some(7));
+        assert_eq!(o.position(1), None, "not assigned");
     }
 
     #[test]

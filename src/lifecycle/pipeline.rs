@@ -358,6 +358,19 @@ impl Pipeline {
                 high,
             });
         }
+        // Forward would commit past events never applied nor dead-lettered. Before anything
+        // came since the assignment, the group's committed offset is where it stands.
+        let position = match self.offsets().position(partition) {
+            Some(position) => Some(position),
+            None => self.committed_position(partition),
+        };
+        if let Some(position) = position.filter(|&position| offset > position) {
+            return Err(ReplayError::Ahead {
+                partition,
+                offset,
+                position,
+            });
+        }
         // Seek first: a seek that fails leaves the partition's work and offsets as they were
         // (dropping them first would lose what was in flight while librdkafka went on).
         self.consumer
@@ -383,6 +396,20 @@ impl Pipeline {
             partition,
             offset,
         })
+    }
+
+    /// The group's committed offset of `partition`, if it has one and the broker answers.
+    fn committed_position(&self, partition: i32) -> Option<i64> {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.topic, partition);
+        let committed = tokio::task::block_in_place(|| {
+            self.consumer.committed_offsets(list, WATERMARK_TIMEOUT)
+        })
+        .ok()?;
+        match committed.find_partition(&self.topic, partition)?.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        }
     }
 
     /// Lets running events finish (briefly), abandons the rest uncommitted, commits.
