@@ -45,6 +45,9 @@ use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
 use crate::registration::{Registrations, acts_with_acting_token};
 use crate::retry::Retryable;
 
+/// The longest wait a homeserver's `retry_after` is followed for.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
 /// A failed homeserver call, classified so callers can decide to retry, skip or report.
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
@@ -119,18 +122,20 @@ impl MatrixError {
         matches!(self.kind(), Some(ErrorKind::NotFound))
     }
 
-    /// How long the homeserver asked roster to wait (`M_LIMIT_EXCEEDED`).
+    /// How long the homeserver asked roster to wait (`M_LIMIT_EXCEEDED`), at most
+    /// [`MAX_RETRY_AFTER`]: a wait of hours (a misconfigured limiter, a proxy's date far
+    /// ahead) would stall start-up and the ping loop, so roster asks again sooner.
     pub fn retry_after(&self) -> Option<Duration> {
-        match self.kind()? {
+        let asked = match self.kind()? {
             ErrorKind::LimitExceeded(data) => match data.retry_after.as_ref()? {
-                RetryAfter::Delay(d) => Some(*d),
-                RetryAfter::DateTime(at) => Some(
-                    at.duration_since(std::time::SystemTime::now())
-                        .unwrap_or_default(),
-                ),
+                RetryAfter::Delay(d) => *d,
+                RetryAfter::DateTime(at) => at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default(),
             },
-            _ => None,
-        }
+            _ => return None,
+        };
+        Some(asked.min(MAX_RETRY_AFTER))
     }
 
     /// No answer or a 5xx: the homeserver (or the proxy before it) is not serving; a 429
@@ -1103,6 +1108,26 @@ fn percent_encode_path(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A homeserver asking for a wait of hours is asked again after five minutes.
+    #[test]
+    fn should_follow_retry_after_up_to_five_minutes() {
+        let limited = |asked: Duration| {
+            let mut data = ruma::api::error::LimitExceededErrorData::new();
+            data.retry_after = Some(RetryAfter::Delay(asked));
+            MatrixError::Api {
+                endpoint: "join",
+                status: 429,
+                errcode: "M_LIMIT_EXCEEDED".into(),
+                kind: Some(ErrorKind::LimitExceeded(data)),
+                message: "slow down".into(),
+            }
+        };
+        let short = Duration::from_millis(1_500);
+        assert_eq!(limited(short).retry_after(), Some(short));
+        let day = Duration::from_secs(86_400);
+        assert_eq!(limited(day).retry_after(), Some(MAX_RETRY_AFTER));
+    }
 
     #[test]
     fn should_tell_flavors_from_server_names() {
