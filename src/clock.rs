@@ -22,7 +22,12 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
         d.next()?.parse().ok()?,
         d.next()?.parse().ok()?,
     );
-    if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+    // RFC 3339 years have four digits: larger ones would overflow the arithmetic below.
+    if d.next().is_some()
+        || !(0..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+    {
         return None;
     }
     let (clock, offset_s) = if let Some(clock) = rest.strip_suffix(['Z', 'z']) {
@@ -32,10 +37,11 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
         let (clock, offset) = rest.split_at(at);
         let sign = if offset.starts_with('-') { -1 } else { 1 };
         let (h, min) = offset[1..].split_once(':')?;
-        (
-            clock,
-            sign * (h.parse::<i64>().ok()? * 3600 + min.parse::<i64>().ok()? * 60),
-        )
+        let (h, min): (i64, i64) = (h.parse().ok()?, min.parse().ok()?);
+        if h > 23 || min > 59 {
+            return None;
+        }
+        (clock, sign * (h * 3600 + min * 60))
     };
     let mut t = clock.split(':');
     let (h, min): (i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?);
@@ -78,6 +84,10 @@ mod tests {
             "2026-13-01T00:00:00Z",
             "2026-12-02",
             "2026-12-02T25:00:00Z",
+            // Out of range: no overflow, no wrapped timestamp.
+            "99999999999999-01-01T00:00:00Z",
+            "2026-01-01T00:00:00+99999999999999999:00",
+            "2026-01-01T00:00:00+24:00",
         ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad:?}");
         }
