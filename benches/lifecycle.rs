@@ -398,7 +398,8 @@ struct NoopRow {
     seconds: f64,
 }
 
-/// Serves a PNG at any path on 127.0.0.1 and counts the requests.
+/// Serves a picture of its own at each path on 127.0.0.1 (a PNG header, then the path)
+/// and counts the requests.
 async fn picture_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0";
@@ -406,10 +407,13 @@ async fn picture_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     let counter = fetched.clone();
     let app = axum::Router::new().route(
         "/{name}",
-        axum::routing::get(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async { ([("content-type", "image/png")], PNG) }
-        }),
+        axum::routing::get(
+            move |axum::extract::Path(name): axum::extract::Path<String>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let picture = [PNG, name.as_bytes()].concat();
+                async { ([("content-type", "image/png")], picture) }
+            },
+        ),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1370,16 +1370,20 @@ async fn partitions_handed_between_two_rosters_lose_nothing() {
     second.assert_no_secrets_in_logs(&[&stack.admin]);
 }
 
-/// Serves the test PNG at any path on 127.0.0.1 and counts the requests it answered.
+/// Serves a picture of its own at each path on 127.0.0.1 (the test PNG, the path after
+/// its end) and counts the requests it answered.
 async fn counting_avatar_server() -> (String, Arc<AtomicUsize>) {
     let fetched = Arc::new(AtomicUsize::new(0));
     let counter = fetched.clone();
     let app = Router::new().route(
         "/{name}",
-        get(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async { ([("content-type", "image/png")], PNG) }
-        }),
+        get(
+            move |axum::extract::Path(name): axum::extract::Path<String>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let picture = [PNG, name.as_bytes()].concat();
+                async { ([("content-type", "image/png")], picture) }
+            },
+        ),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

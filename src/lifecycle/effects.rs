@@ -52,6 +52,9 @@ pub enum Applied {
     MissingUser,
 }
 
+/// The label of an avatar looked at again after the TTL and found to be the one set.
+const AVATAR_UNCHANGED: &str = "avatar_unchanged";
+
 /// What one attempt set, to be recorded once the homeserver accepted all of it.
 #[derive(Default)]
 struct Taken {
@@ -216,7 +219,24 @@ impl IdentityEffects {
             if fresh.effects.is_empty() {
                 return Outcome::Done(Applied::AlreadyApplied);
             }
-            narrowed = fresh.without_applied(&before);
+            // The applied avatar's URL is looked at again once its upload is older than
+            // the TTL (the picture behind it may have changed).
+            let stale_source = match fresh.fetched_avatar() {
+                Some(url) if before.avatar_source.as_deref() == Some(url) => {
+                    match self.fresh_upload(url).await {
+                        Ok(Some(_)) => None,
+                        Ok(None) => Some(url),
+                        Err(reason) => {
+                            return Outcome::Retry {
+                                reason,
+                                retry_after: None,
+                            };
+                        }
+                    }
+                }
+                _ => None,
+            };
+            narrowed = fresh.without_applied_but(&before, stale_source);
             if narrowed.effects.is_empty() {
                 return Outcome::Done(Applied::Unchanged);
             }
@@ -231,7 +251,7 @@ impl IdentityEffects {
                 labels: Vec::with_capacity(plan.effects.len()),
                 ..Taken::default()
             };
-            let failure = match self.attempt(plan, &mut taken).await {
+            let failure = match self.attempt(plan, &before, &mut taken).await {
                 Ok(()) => return self.remember(plan, at, &before, taken).await,
                 Err(failure) => failure,
             };
@@ -343,12 +363,21 @@ impl IdentityEffects {
                 retry_after: None,
             };
         }
+        if taken.labels.iter().all(|label| *label == AVATAR_UNCHANGED) {
+            // Only an avatar looked at again, and found to be the one set: nothing was sent.
+            return Outcome::Done(Applied::Unchanged);
+        }
         Outcome::Done(Applied::Taken(taken.labels))
     }
 
     /// Takes every effect in order, noting in `taken` what the homeserver accepted (also
     /// when a later one fails).
-    async fn attempt(&self, plan: &Plan, taken: &mut Taken) -> Result<(), StepError> {
+    async fn attempt(
+        &self,
+        plan: &Plan,
+        before: &AppliedProfile,
+        taken: &mut Taken,
+    ) -> Result<(), StepError> {
         let user: &UserId = &plan.user;
         for effect in &plan.effects {
             let mut label = effect.label();
@@ -377,11 +406,16 @@ impl IdentityEffects {
                             continue;
                         }
                     };
-                    self.homeserver
-                        .set_avatar_url(user, OwnedMxcUri::from(mxc.as_str()))
-                        .await?;
-                    if reused {
-                        label = "avatar_reused";
+                    if before.avatar_mxc.as_deref() == Some(mxc.as_str()) {
+                        // Looked at again after the TTL: the same picture, already set.
+                        label = AVATAR_UNCHANGED;
+                    } else {
+                        self.homeserver
+                            .set_avatar_url(user, OwnedMxcUri::from(mxc.as_str()))
+                            .await?;
+                        if reused {
+                            label = "avatar_reused";
+                        }
                     }
                     taken.avatar = Some((url.clone(), mxc));
                 }
@@ -395,30 +429,43 @@ impl IdentityEffects {
         Ok(())
     }
 
+    /// The upload of the image at `url` if it is younger than `lifecycle.avatar_cache_ttl`
+    /// (cache, then store); `None` when there is none or it is older (or memory is off).
+    async fn fresh_upload(&self, url: &str) -> Result<Option<Upload>, String> {
+        if !self.remember {
+            return Ok(None);
+        }
+        let source = crate::avatar::url_key(url);
+        let known = match self.uploads.get(&source) {
+            Some(cached) => Some(cached),
+            None => self
+                .shared
+                .state
+                .upload(&source)
+                .await
+                .map_err(|e| format!("cannot read the avatar uploads: {e}"))?,
+        };
+        let fresh = |upload: &Upload| {
+            Duration::from_millis(now_ms().saturating_sub(upload.uploaded_ms)) < self.avatar_ttl
+        };
+        Ok(known.filter(fresh).inspect(|upload| {
+            self.uploads.insert(source, upload.clone());
+        }))
+    }
+
     /// The `mxc://` of the image at `url` and whether it was reused: uploaded before within
-    /// `lifecycle.avatar_cache_ttl`, else fetched and uploaded as `user` now (and recorded).
-    /// `None` when it cannot be fetched or is no image (logged).
+    /// `lifecycle.avatar_cache_ttl`, or fetched now and found to be a picture uploaded
+    /// before (the same bytes), else uploaded as `user` now; each recorded. `None` when it
+    /// cannot be fetched or is no image (logged).
     async fn uploaded(
         &self,
         user: &UserId,
         url: &str,
     ) -> Result<Option<(String, bool)>, StepError> {
-        let source = crate::avatar::url_key(url);
-        let fresh = |upload: &Upload| {
-            Duration::from_millis(now_ms().saturating_sub(upload.uploaded_ms)) < self.avatar_ttl
-        };
-        let known =
-            match self.uploads.get(&source) {
-                _ if !self.remember => None,
-                Some(cached) => Some(cached),
-                None => self.shared.state.upload(&source).await.map_err(|e| {
-                    StepError::Store(format!("cannot read the avatar uploads: {e}"))
-                })?,
-            };
-        if let Some(upload) = known.filter(|u| fresh(u)) {
-            self.uploads.insert(source, upload.clone());
+        if let Some(upload) = self.fresh_upload(url).await.map_err(StepError::Store)? {
             return Ok(Some((upload.mxc, true)));
         }
+        let source = crate::avatar::url_key(url);
         let avatar = match self.avatars.fetch(url).await {
             Ok(avatar) => avatar,
             Err(error) => {
@@ -431,22 +478,41 @@ impl IdentityEffects {
                 return Ok(None);
             }
         };
-        let mxc = self
-            .homeserver
-            .upload(user, avatar.content_type, avatar.filename, avatar.bytes)
-            .await?
-            .to_string();
+        // The same bytes uploaded before (the URL looked at again after the TTL, or another
+        // URL serving the same picture) are not uploaded again.
+        let content = format!("sha256:{}", crate::avatar::content_hash(&avatar.bytes));
+        let same_picture =
+            match self.uploads.get(&content) {
+                _ if !self.remember => None,
+                Some(cached) => Some(cached),
+                None => self.shared.state.upload(&content).await.map_err(|e| {
+                    StepError::Store(format!("cannot read the avatar uploads: {e}"))
+                })?,
+            };
+        let (mxc, reused) = match same_picture {
+            Some(upload) => (upload.mxc, true),
+            None => {
+                let mxc = self
+                    .homeserver
+                    .upload(user, avatar.content_type, avatar.filename, avatar.bytes)
+                    .await?
+                    .to_string();
+                (mxc, false)
+            }
+        };
         let upload = Upload {
             mxc: mxc.clone(),
             uploaded_ms: now_ms(),
         };
-        self.shared
-            .state
-            .record_upload(&source, upload.clone())
-            .await
-            .map_err(|e| StepError::Store(format!("uploaded, but cannot record it: {e}")))?;
-        self.uploads.insert(source, upload);
-        Ok(Some((mxc, false)))
+        for key in [source, content] {
+            self.shared
+                .state
+                .record_upload(&key, upload.clone())
+                .await
+                .map_err(|e| StepError::Store(format!("uploaded, but cannot record it: {e}")))?;
+            self.uploads.insert(key, upload.clone());
+        }
+        Ok(Some((mxc, reused)))
     }
 
     async fn deactivate(&self, user: &UserId, erase: bool) -> Result<(), StepError> {

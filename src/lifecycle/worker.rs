@@ -446,11 +446,11 @@ mod tests {
 
     async fn fixture(matrix: bool) -> Fixture {
         // The tests serve their avatars on loopback.
-        let (hs, shared) = crate::testing::stack_with(
-            "flavor: synapse",
-            "lifecycle: {avatar_allow_private: true}",
-        )
-        .await;
+        fixture_with(matrix, "lifecycle: {avatar_allow_private: true}").await
+    }
+
+    async fn fixture_with(matrix: bool, lifecycle: &str) -> Fixture {
+        let (hs, shared) = crate::testing::stack_with("flavor: synapse", lifecycle).await;
         let client = crate::testing::client(&shared);
         let effects = if matrix {
             let shutdown = tokio_util::sync::CancellationToken::new();
@@ -741,23 +741,116 @@ mod tests {
         )
     }
 
-    /// Serves a PNG at `/a.png` and `/b.png` on 127.0.0.1; counts the requests.
+    /// Serves a PNG at `/a.png`, `/b.png`... on 127.0.0.1, a picture of its own at each
+    /// name; counts the requests.
     async fn avatar_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let fetched = Arc::new(AtomicUsize::new(0));
         let counter = fetched.clone();
-        let png: &'static [u8] = b"\x89PNG\r\n\x1a\n0000";
         let app = axum::Router::new().route(
             "/{name}",
-            axum::routing::get(move || {
-                counter.fetch_add(1, Ordering::SeqCst);
-                async move { ([("content-type", "image/png")], png) }
-            }),
+            axum::routing::get(
+                move |axum::extract::Path(name): axum::extract::Path<String>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+                    png.extend_from_slice(name.as_bytes());
+                    async move { ([("content-type", "image/png")], png) }
+                },
+            ),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         (format!("http://{addr}"), fetched)
+    }
+
+    /// The picture behind an avatar URL may change: once its upload is older than
+    /// `lifecycle.avatar_cache_ttl`, an update naming the URL again fetches it again. The
+    /// same bytes send nothing (no upload, no avatar set); new bytes are uploaded and set.
+    #[tokio::test]
+    async fn should_look_at_the_applied_avatar_url_again_after_the_ttl() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let f = fixture_with(
+            true,
+            "lifecycle: {avatar_allow_private: true, avatar_cache_ttl: 1s}",
+        )
+        .await;
+        let picture = Arc::new(std::sync::Mutex::new(b"\x89PNG\r\n\x1a\nfirst".to_vec()));
+        let fetched = Arc::new(AtomicUsize::new(0));
+        let app = {
+            let (picture, fetched) = (picture.clone(), fetched.clone());
+            axum::Router::new().route(
+                "/me.png",
+                axum::routing::get(move || {
+                    fetched.fetch_add(1, Ordering::SeqCst);
+                    let bytes = picture.lock().unwrap().clone();
+                    async move { ([("content-type", "image/png")], bytes) }
+                }),
+            )
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/me.png", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let sent = |path: &str| f.hs.world().count(path);
+
+        assert_eq!(
+            f.worker.attempt(&profile_job("A", Some(&url), 0)).await,
+            Step::Done
+        );
+        assert_eq!(
+            (
+                fetched.load(Ordering::SeqCst),
+                sent("/upload"),
+                sent("/avatar_url")
+            ),
+            (1, 1, 1)
+        );
+        // Within the TTL: nothing fetched, nothing sent.
+        assert_eq!(
+            f.worker.attempt(&profile_job("A", Some(&url), 1)).await,
+            Step::Done
+        );
+        assert_eq!(
+            (
+                fetched.load(Ordering::SeqCst),
+                sent("/upload"),
+                sent("/avatar_url")
+            ),
+            (1, 1, 1)
+        );
+
+        // After the TTL, the same picture: fetched, nothing sent, counted unchanged.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let unchanged = events(&f, "profile_updated", "unchanged");
+        assert_eq!(
+            f.worker.attempt(&profile_job("A", Some(&url), 2)).await,
+            Step::Done
+        );
+        assert_eq!(
+            (
+                fetched.load(Ordering::SeqCst),
+                sent("/upload"),
+                sent("/avatar_url")
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!(events(&f, "profile_updated", "unchanged"), unchanged + 1);
+
+        // After the TTL, a new picture at the same URL: uploaded and set.
+        *picture.lock().unwrap() = b"\x89PNG\r\n\x1a\nsecond".to_vec();
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert_eq!(
+            f.worker.attempt(&profile_job("A", Some(&url), 3)).await,
+            Step::Done
+        );
+        assert_eq!(
+            (
+                fetched.load(Ordering::SeqCst),
+                sent("/upload"),
+                sent("/avatar_url")
+            ),
+            (3, 2, 2)
+        );
     }
 
     #[tokio::test]

@@ -235,9 +235,21 @@ impl Plan {
     /// known). Registration and deactivation are kept: they are not profile parts. A plan
     /// left with no effects sends nothing.
     pub fn without_applied(&self, applied: &AppliedProfile) -> Plan {
+        self.without_applied_but(applied, None)
+    }
+
+    /// As [`Plan::without_applied`], but an avatar fetched from `stale_source` (a URL whose
+    /// upload is older than `lifecycle.avatar_cache_ttl`) stays, even the one applied: the
+    /// picture behind a URL may change, and it is looked at again once the TTL has passed.
+    pub fn without_applied_but(
+        &self,
+        applied: &AppliedProfile,
+        stale_source: Option<&str>,
+    ) -> Plan {
         let mut plan = self.clone();
         plan.effects.retain(|effect| match effect {
             Effect::SetDisplayName(name) => applied.displayname.as_deref() != Some(name),
+            Effect::SetAvatar(AvatarSource::Fetch(url)) if stale_source == Some(url) => true,
             Effect::SetAvatar(source) => {
                 applied.avatar_mxc.is_none()
                     || applied.avatar_source.as_deref() != Some(source.url())
@@ -245,6 +257,14 @@ impl Plan {
             Effect::Register | Effect::Deactivate { .. } => true,
         });
         plan
+    }
+
+    /// The URL of the avatar this plan fetches, if it fetches one.
+    pub fn fetched_avatar(&self) -> Option<&str> {
+        self.effects.iter().find_map(|effect| match effect {
+            Effect::SetAvatar(AvatarSource::Fetch(url)) => Some(url.as_str()),
+            _ => None,
+        })
     }
 
     /// The plan for the event at `at` without its profile parts when roster applied them
@@ -618,6 +638,17 @@ mod tests {
         let same = plan(&ids, &profile(Some("Alice"), None, Some(url)));
         assert_eq!(
             same.without_applied(&half).effects,
+            vec![Effect::SetAvatar(AvatarSource::Fetch(url.into()))]
+        );
+        // The applied URL's upload is older than the TTL: its picture is looked at again.
+        assert_eq!(same.fetched_avatar(), Some(url));
+        assert!(
+            same.without_applied_but(&was, Some("https://other/"))
+                .effects
+                .is_empty()
+        );
+        assert_eq!(
+            same.without_applied_but(&was, Some(url)).effects,
             vec![Effect::SetAvatar(AvatarSource::Fetch(url.into()))]
         );
     }
