@@ -61,16 +61,24 @@ impl IdentityEvent {
 
     /// Whether applying `self` makes applying `older` (an earlier event of the same user)
     /// pointless: both are profile updates and `self` sets every part `older` sets, so the
-    /// homeserver ends the same either way. Creations and deletions are never superseded,
-    /// and supersede nothing (a soft delete keeps the profile the updates before it set).
+    /// homeserver ends the same either way. An avatar to fetch is sure to be set only if
+    /// it is `older`'s too: a fetch that fails keeps the avatar there was, which `older`
+    /// would have changed. Creations and deletions are never superseded, and supersede
+    /// nothing (a soft delete keeps the profile the updates before it set).
     pub fn supersedes(&self, older: &IdentityEvent) -> bool {
         let (Some(newer_parts), Some(older_parts)) = (self.profile_parts(), older.profile_parts())
         else {
             return false;
         };
+        let covers_avatar = match (&older_parts.avatar, &newer_parts.avatar) {
+            (None, _) => true,
+            (Some(_), Some(AvatarSource::Mxc(_))) => true,
+            (Some(was), Some(now)) => was == now,
+            (Some(_), None) => false,
+        };
         self.id() == older.id()
             && (older_parts.name.is_none() || newer_parts.name.is_some())
-            && (older_parts.avatar.is_none() || newer_parts.avatar.is_some())
+            && covers_avatar
     }
 
     /// The profile a profile update asks for (`None` for other events).
@@ -771,6 +779,13 @@ mod tests {
         let bad_avatar = profile(Some("C"), None, Some("ftp://x/a.png"));
         assert!(!bad_avatar.supersedes(&avatar_too));
         assert!(bad_avatar.supersedes(&name_only));
+        // An avatar to fetch may fail to come: it covers only the same URL.
+        let fetched = profile(Some("D"), None, Some("https://x/d.png"));
+        assert!(!fetched.supersedes(&avatar_too));
+        assert!(fetched.supersedes(&profile(Some("E"), None, Some("https://x/d.png"))));
+        assert!(!fetched.supersedes(&profile(Some("E"), None, Some("https://x/e.png"))));
+        assert!(fetched.supersedes(&name_only));
+        assert!(full.supersedes(&fetched));
         // Another user's update supersedes nothing.
         let other = IdentityEvent::ProfileUpdated {
             id: IdentityId::parse("00000000-0000-4000-8000-000000000001").unwrap(),
