@@ -319,9 +319,17 @@ impl Worker {
                     %error,
                     "dead letter too large for its topic; writing it truncated"
                 );
-                self.dead_letters
-                    .send(truncated(letter, TRUNCATED_PAYLOAD_BYTES))
-                    .await
+                let cut = truncated(letter.clone(), TRUNCATED_PAYLOAD_BYTES);
+                match self.dead_letters.send(cut).await {
+                    // Many original headers can outgrow the limit even cut: roster's own
+                    // headers alone say why and where the message was.
+                    Err(SinkError::TooLarge(_)) => {
+                        self.dead_letters
+                            .send(bare(message, &self.topic, &reason))
+                            .await
+                    }
+                    other => other,
+                }
             }
             other => other,
         };
@@ -370,6 +378,36 @@ pub fn dead_letter(message: &Message, topic: &str, reason: &str) -> DeadLetter {
         payload: message.payload.clone(),
         headers,
     }
+}
+
+/// The least a dead letter says: roster's own headers (why, where from, how large the
+/// message was), without the message's key, payload or headers.
+pub fn bare(message: &Message, topic: &str, reason: &str) -> DeadLetter {
+    let mut reason = reason.to_owned();
+    if reason.len() > TRUNCATED_PAYLOAD_BYTES {
+        let mut end = TRUNCATED_PAYLOAD_BYTES;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    let stripped = Message {
+        partition: message.partition,
+        offset: message.offset,
+        key: None,
+        payload: None,
+        headers: Vec::new(),
+    };
+    let mut letter = dead_letter(&stripped, topic, &reason);
+    let original = message.payload.as_ref().map_or(0, Vec::len);
+    letter
+        .headers
+        .push((TRUNCATED_HEADER.to_owned(), b"true".to_vec()));
+    letter.headers.push((
+        "original_size".to_owned(),
+        original.to_string().into_bytes(),
+    ));
+    letter
 }
 
 /// `letter` cut to fit: the payload's first `keep` bytes, original headers cut alike, and
@@ -1118,6 +1156,35 @@ mod tests {
         assert_eq!(header("original_offset").as_deref(), Some("41"));
         assert_eq!(letter.payload.as_deref(), Some(b"{}".as_slice()));
         assert_eq!(letter.key.as_deref(), Some(b"k".as_slice()));
+    }
+
+    /// A dead letter still too large once cut (many original headers) goes without the
+    /// message's key, payload and headers: roster's own headers still say why and where.
+    #[tokio::test]
+    async fn should_send_a_bare_dead_letter_when_even_the_cut_one_is_too_large() {
+        let f = fixture(true).await;
+        for _ in 0..2 {
+            f.sink
+                .refuse
+                .lock()
+                .unwrap()
+                .push(SinkError::TooLarge("too large".into()));
+        }
+        let garbage = Job::fresh(message(b"{not json".to_vec()));
+        assert_eq!(f.worker.attempt(&garbage).await, Step::DeadLettered);
+        let letters = f.sink.letters.lock().unwrap();
+        let letter = letters.last().unwrap();
+        assert_eq!((letter.key.as_ref(), letter.payload.as_ref()), (None, None));
+        let names: Vec<&str> = letter.headers.iter().map(|(k, _)| k.as_str()).collect();
+        for name in [
+            REASON_HEADER,
+            "original_offset",
+            TRUNCATED_HEADER,
+            "original_size",
+        ] {
+            assert!(names.contains(&name), "{name}: {names:?}");
+        }
+        assert!(!names.contains(&"trace_id"), "{names:?}");
     }
 
     #[test]
