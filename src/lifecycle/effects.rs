@@ -263,7 +263,7 @@ impl IdentityEffects {
                 Err(outcome) => return outcome,
             }
             let error = match failure {
-                StepError::Missing => return Outcome::Done(Applied::MissingUser),
+                StepError::Missing => return self.missing(plan).await,
                 StepError::Store(reason) => {
                     return Outcome::Retry {
                         reason,
@@ -300,7 +300,7 @@ impl IdentityEffects {
                 Err(e) => return Outcome::from_error(&e),
             }
             if !plan.create_if_missing {
-                return Outcome::Done(Applied::MissingUser);
+                return self.missing(plan).await;
             }
             if let Err(e) = self.homeserver.register(plan.user.localpart()).await {
                 return Outcome::from_error(&e);
@@ -557,6 +557,21 @@ impl IdentityEffects {
     }
 
     /// Tells the model and the store, so no drift repair ever re-invites the user.
+    /// A plan for a user who does not exist and may not be created. A deletion is still
+    /// remembered: an update that comes after it (or is delivered late) must not create
+    /// the user it deleted.
+    async fn missing(&self, plan: &Plan) -> Outcome<Applied> {
+        if plan.deactivates()
+            && let Err(StepError::Store(reason)) = self.learn_deactivated(&plan.user).await
+        {
+            return Outcome::Retry {
+                reason,
+                retry_after: None,
+            };
+        }
+        Outcome::Done(Applied::MissingUser)
+    }
+
     async fn learn_deactivated(&self, user: &UserId) -> Result<(), StepError> {
         self.shared
             .state

@@ -543,6 +543,22 @@ mod tests {
         )
     }
 
+    /// A deletion of a user who never existed is remembered: an update delivered after it
+    /// does not create the user (create_missing_users would otherwise).
+    #[tokio::test]
+    async fn should_not_create_a_user_whose_deletion_came_before_it_existed() {
+        let f = fixture(true).await;
+        let deleted = job(
+            "UserDeletedEvent",
+            serde_json::json!({ "user_id": UUID, "soft_delete": true }),
+        );
+        assert_eq!(f.worker.attempt(&deleted).await, Step::Done);
+        assert_eq!(events(&f, "deleted", "missing_user"), 1);
+        assert_eq!(f.worker.attempt(&renamed("late")).await, Step::Done);
+        assert!(!f.hs.world().users.contains_key(USER), "not created");
+        assert_eq!(f.hs.world().count("/register"), 0);
+    }
+
     /// A name the homeserver accepted before a later step of the same event failed is on
     /// the homeserver: it is recorded whatever becomes of the event. Retried, the event
     /// sends only what is left; dead-lettered, an update back to the previous name is
@@ -688,11 +704,12 @@ mod tests {
                 serde_json::json!({ "user_id": UUID, "soft_delete": true }),
             )
         };
-        assert_eq!(
-            f.worker.attempt(&deleted()).await,
-            Step::Done,
-            "never existed"
+        let never_existed = job(
+            "UserDeletedEvent",
+            serde_json::json!({ "user_id": "00000000-0000-4000-8000-0000000000d1", "soft_delete": true }),
         );
+        assert_eq!(f.worker.attempt(&never_existed).await, Step::Done);
+        assert_eq!(events(&f, "deleted", "missing_user"), 1);
         assert_eq!(f.worker.attempt(&created()).await, Step::Done);
         let refused = "Application service cannot masquerade as this user";
         f.hs.fail("/account/deactivate", 403, "M_FORBIDDEN", refused, 1);
