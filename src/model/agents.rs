@@ -525,6 +525,17 @@ impl AgentBook {
 
     /// Replaces a record after an action changed it.
     pub fn update(&mut self, record: RoomRecord) {
+        // A record that moved to another room (its alias followed) leaves the old one.
+        let moved_from = self
+            .records
+            .get(&record.agent_id)
+            .and_then(|old| old.room_id.clone())
+            .filter(|old| record.room_id.as_ref() != Some(old));
+        if let Some(old) = moved_from
+            && self.room_index.get(&old) == Some(&record.agent_id)
+        {
+            self.room_index.remove(&old);
+        }
         if let Some(room) = &record.room_id {
             self.room_index
                 .insert(room.clone(), record.agent_id.clone());
@@ -727,6 +738,25 @@ mod tests {
         member(&mut model, "@admin:ex.org", Membership::Join, 3);
         member(&mut model, "@ops:other.org", Membership::Invite, 4);
         model
+    }
+
+    /// A record that moved to another room (its alias followed) no longer claims the old
+    /// one: events there are not kept for it, and the room can be collected.
+    #[test]
+    fn should_forget_the_old_room_of_a_record_that_moved() {
+        let mut book = AgentBook::default();
+        let old = record_with_room();
+        book.update(old.clone());
+        let moved = RoomRecord {
+            room_id: Some(owned_room_id!("!new:ex.org")),
+            ..old
+        };
+        book.update(moved);
+        assert!(!book.manages_room(&owned_room_id!("!r:ex.org")));
+        assert_eq!(
+            book.agent_for_room(&owned_room_id!("!new:ex.org")),
+            Some("agent-1")
+        );
     }
 
     #[test]
