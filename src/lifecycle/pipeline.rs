@@ -189,19 +189,29 @@ impl Pipeline {
     }
 
     fn finished(&mut self, finished: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
-        let (id, completed) = match finished {
-            Ok((id, ())) => (id, true),
+        let (id, completed, panicked) = match finished {
+            Ok((id, ())) => (id, true, false),
             Err(e) => {
                 if e.is_panic() {
-                    // A bug: the offset stays uncommitted until a restart redelivers it.
                     tracing::error!(error = %e, "a lifecycle job panicked; its partition stops committing until restart");
                 }
-                (e.id(), false)
+                (e.id(), false, e.is_panic())
             }
         };
         let Some(running) = self.running.remove(&id) else {
             return;
         };
+        if panicked {
+            // A bug: the offset stays uncommitted until a restart redelivers it. Shown as a
+            // stall (status, roster_lifecycle_stalled_seconds, its alert), not only logged.
+            self.offsets().stalled(
+                running.partition,
+                running.generation,
+                running.offset,
+                now_ms(),
+                "roster panicked applying this event (a bug: see the log); restart roster to try it again".into(),
+            );
+        }
         self.queue.finish(&running.key);
         if completed {
             let mut offsets = self.offsets();
