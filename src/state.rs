@@ -37,6 +37,22 @@ fn events_digest(events: &[MemberEvent]) -> String {
     crate::avatar::content_hash(ids.join("\n").as_bytes())
 }
 
+/// What a read of a room found that the model did not show.
+#[derive(Debug)]
+pub struct ReadFound {
+    /// Members whose state the read changed (recorded).
+    pub changes: Vec<Change>,
+    /// Joins roster expected from its own actions that the read did not show.
+    pub unconfirmed_joins: usize,
+}
+
+impl ReadFound {
+    /// How much the homeserver disagreed with the model.
+    pub fn drift(&self) -> usize {
+        self.changes.len() + self.unconfirmed_joins
+    }
+}
+
 /// A verb could not keep its promise; nothing was changed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -410,21 +426,25 @@ impl State {
         .await
     }
 
-    /// Records what a `joined_members` read of `room` showed; returns the drift it found.
+    /// Records what a `joined_members` read of `room`, asked for when the model's last
+    /// fact was `asked_at_seq`, showed; returns the drift it found.
     pub async fn record_read(
         &self,
         room: OwnedRoomId,
         joined: Vec<ObservedMember>,
         asked_at_seq: u64,
-    ) -> Result<Vec<Change>, StateError> {
+    ) -> Result<ReadFound, StateError> {
         self.write(move |store, model| {
             let changes = model.observe_joined(&room, &joined, asked_at_seq);
             if !changes.is_empty() {
                 store.record_member_changes(&changes)?;
                 model.commit(changes.clone());
             }
-            model.read_recorded(&room);
-            Ok(changes)
+            let unconfirmed_joins = model.read_recorded(&room, asked_at_seq);
+            Ok(ReadFound {
+                changes,
+                unconfirmed_joins,
+            })
         })
         .await
     }

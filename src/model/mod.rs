@@ -177,7 +177,9 @@ pub struct Model {
     pub agents: agents::AgentBook,
     /// Effects roster caused whose events have not been pushed yet: without them a run
     /// triggered by an earlier event would repeat an action already taken.
-    expected: HashMap<(OwnedRoomId, OwnedUserId), Membership>,
+    /// Each with the sequence number it took, to tell a read asked before it from one
+    /// asked after.
+    expected: HashMap<(OwnedRoomId, OwnedUserId), (Membership, u64)>,
     /// Rooms forgotten to be read afresh and not read since: the events pushed meanwhile
     /// are kept, but they are a partial view that nothing may be planned from.
     unread: HashSet<OwnedRoomId>,
@@ -205,15 +207,17 @@ impl Model {
     pub fn effective_membership(&self, room: &RoomId, user: &UserId) -> Option<Membership> {
         self.expected
             .get(&(room.to_owned(), user.to_owned()))
-            .copied()
+            .map(|(membership, _)| *membership)
             .or_else(|| self.member(room, user).map(|m| m.membership))
     }
 
     /// Records that roster's own action will make `user`'s membership `membership`.
     /// The next pushed event about the same member replaces this.
     pub fn expect(&mut self, room: &RoomId, user: &UserId, membership: Membership) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
         self.expected
-            .insert((room.to_owned(), user.to_owned()), membership);
+            .insert((room.to_owned(), user.to_owned()), (membership, seq));
     }
 
     /// Every known member state of `room`, in no particular order.
@@ -311,7 +315,7 @@ impl Model {
         // The echo of the invite that came before roster's own join may arrive after the
         // join was answered; an invite cannot follow a join, so it leaves that in place.
         let echo_of_earlier_invite = state.membership == Membership::Invite
-            && self.expected.get(&key) == Some(&Membership::Join);
+            && self.expected.get(&key).map(|(m, _)| *m) == Some(Membership::Join);
         if !echo_of_earlier_invite {
             self.expected.remove(&key);
         }
@@ -410,13 +414,29 @@ impl Model {
         self.unread.insert(room.to_owned());
     }
 
-    /// Notes that a read of `room` was recorded: the model knows it again, and the joins
-    /// roster expected there are what the read showed (a join whose echo never came, or
-    /// was undone unseen, is not taken as done any longer).
-    pub fn read_recorded(&mut self, room: &RoomId) {
+    /// Notes that a read of `room`, asked for when the model's last fact was
+    /// `asked_at_seq`, was recorded: the model knows the room again, and the joins roster
+    /// expected there before the read was asked are what the read showed. Returns how many
+    /// of them the read did not confirm (a join whose echo never came, or that was undone
+    /// unseen): drift, as much as a change the read found.
+    pub fn read_recorded(&mut self, room: &RoomId, asked_at_seq: u64) -> usize {
         self.unread.remove(room);
-        self.expected
-            .retain(|(r, _), membership| !(r == room && *membership == Membership::Join));
+        let ended: Vec<OwnedUserId> = self
+            .expected
+            .iter()
+            .filter(|((r, _), (membership, seq))| {
+                r == room && *membership == Membership::Join && *seq <= asked_at_seq
+            })
+            .map(|((_, user), _)| user.clone())
+            .collect();
+        let mut unconfirmed = 0;
+        for user in ended {
+            if self.member(room, &user).map(|m| m.membership) != Some(Membership::Join) {
+                unconfirmed += 1;
+            }
+            self.expected.remove(&(room.to_owned(), user));
+        }
+        unconfirmed
     }
 
     /// Drops `room` for good (a room roster does not look after).

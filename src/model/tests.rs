@@ -436,7 +436,7 @@ fn should_know_a_forgotten_room_again_only_once_it_is_read() {
         Some(Membership::Join),
         "the pushed event is kept"
     );
-    model.read_recorded(&room());
+    model.read_recorded(&room(), model.last_seq());
     assert!(model.knows_room(&room()));
     // Dropped for good, a room leaves nothing behind.
     model.forget_room(&room());
@@ -458,7 +458,14 @@ fn should_keep_an_expected_join_over_an_invite_until_the_room_is_read() {
         model.effective_membership(&room(), &admin),
         Some(Membership::Join)
     );
-    model.read_recorded(&room());
+    // A read asked before the join was expected says nothing of it.
+    assert_eq!(model.read_recorded(&room(), 0), 0);
+    assert_eq!(
+        model.effective_membership(&room(), &admin),
+        Some(Membership::Join)
+    );
+    // One asked after it, not showing the join, ends it: drift.
+    assert_eq!(model.read_recorded(&room(), model.last_seq()), 1);
     assert_eq!(
         model.effective_membership(&room(), &admin),
         Some(Membership::Invite)

@@ -942,12 +942,13 @@ impl Agents {
         let state = &self.shared.state;
         let (asked_at, known) = state.read(|m| (m.last_seq(), m.knows_room(room)));
         let joined = read_joined(&self.hs, room, agent_user, &self.ids().bot).await?;
-        let changes = state.record_read(room.to_owned(), joined, asked_at).await?;
+        let found = state.record_read(room.to_owned(), joined, asked_at).await?;
+        let changes = &found.changes;
         if !known {
             // A room the model did not hold (a new room, or one forgotten by invalidate):
             // what it learns is not drift.
             tracing::debug!(%room, members = changes.len(), "room read; the model learnt its members");
-        } else if !changes.is_empty() {
+        } else if found.drift() > 0 {
             let joined = changes
                 .iter()
                 .filter(|c| c.state.membership == Membership::Join)
@@ -956,10 +957,11 @@ impl Agents {
                 %room,
                 now_joined = joined,
                 now_left = changes.len() - joined,
+                expected_joins_not_there = found.unconfirmed_joins,
                 "drift: the homeserver disagrees with the model"
             );
         }
-        Ok(changes.len())
+        Ok(found.drift())
     }
 
     /// Reads every managed room (or those of `only`; the space with a whole sweep) and
@@ -1963,6 +1965,49 @@ mod tests {
             .map(|r| format!("{} {}", r.method, r.path))
             .collect();
         assert!(sent.is_empty(), "nothing changed, yet: {sent:#?}");
+    }
+
+    /// A join roster expects but whose echo never came, and that the homeserver no longer
+    /// shows (its leave was lost too), is drift when the sweep reads the room: the room is
+    /// scheduled and repaired.
+    #[tokio::test]
+    async fn should_schedule_a_room_whose_expected_join_a_sweep_does_not_find() {
+        let (f, room) = provisioned().await;
+        // The stand-in pushes no echoes: the members are learnt by reads.
+        let space = f
+            .shared
+            .state
+            .read(|m| m.agents.space.room_id.clone())
+            .unwrap();
+        f.agents
+            .read_room(&space, &ruma::UserId::parse(BOT).unwrap())
+            .await
+            .unwrap();
+        f.agents
+            .read_room(&room, &ruma::UserId::parse(AGENT).unwrap())
+            .await
+            .unwrap();
+        f.pushed(&room, ADMIN, AGENT, Membership::Leave).await;
+        f.converge().await;
+        // Only the echo of the invite comes; the join's and a later leave's are lost.
+        f.pushed(&room, ADMIN, AGENT, Membership::Invite).await;
+        f.changed_unpushed(&room, ADMIN, Membership::Leave);
+        let admin = ruma::UserId::parse(ADMIN).unwrap();
+        assert_eq!(
+            f.shared
+                .state
+                .read(|m| m.effective_membership(&room, &admin)),
+            Some(Membership::Join)
+        );
+        let swept = f.agents.sweep(None, None).await;
+        assert!(swept.rooms_drifted >= 1, "{swept:?}");
+        assert_eq!(f.shared.queue.counts().0, 1, "the room is scheduled");
+        // The model still holds the invite's echo: the join is refused, the room read
+        // again, and the next run invites and joins.
+        let first = f.agents.reconcile_agent("agent-1").await;
+        assert!(matches!(first, Outcome::Refused(_)), "{first:?}");
+        f.converge().await;
+        assert_eq!(f.membership(&room, ADMIN).as_deref(), Some("join"));
     }
 
     #[test]
