@@ -251,7 +251,9 @@ impl IdentityEffects {
                 labels: Vec::with_capacity(plan.effects.len()),
                 ..Taken::default()
             };
-            let failure = match self.attempt(plan, &before, &mut taken).await {
+            // A replay sets every part again, even one equal to what was set.
+            let known = skip_unchanged.then_some(&before);
+            let failure = match self.attempt(plan, known, &mut taken).await {
                 Ok(()) => return self.remember(plan, at, &before, taken).await,
                 Err(failure) => failure,
             };
@@ -371,11 +373,12 @@ impl IdentityEffects {
     }
 
     /// Takes every effect in order, noting in `taken` what the homeserver accepted (also
-    /// when a later one fails).
+    /// when a later one fails). With `before` (what was applied), an avatar fetched again
+    /// and found to be the one set is not set again.
     async fn attempt(
         &self,
         plan: &Plan,
-        before: &AppliedProfile,
+        before: Option<&AppliedProfile>,
         taken: &mut Taken,
     ) -> Result<(), StepError> {
         let user: &UserId = &plan.user;
@@ -406,7 +409,7 @@ impl IdentityEffects {
                             continue;
                         }
                     };
-                    if before.avatar_mxc.as_deref() == Some(mxc.as_str()) {
+                    if before.is_some_and(|b| b.avatar_mxc.as_deref() == Some(mxc.as_str())) {
                         // Looked at again after the TTL: the same picture, already set.
                         label = AVATAR_UNCHANGED;
                     } else {
@@ -436,21 +439,26 @@ impl IdentityEffects {
             return Ok(None);
         }
         let source = crate::avatar::url_key(url);
-        let known = match self.uploads.get(&source) {
-            Some(cached) => Some(cached),
-            None => self
-                .shared
-                .state
-                .upload(&source)
-                .await
-                .map_err(|e| format!("cannot read the avatar uploads: {e}"))?,
-        };
+        let known = self.known_upload(&source).await?;
         let fresh = |upload: &Upload| {
             Duration::from_millis(now_ms().saturating_sub(upload.uploaded_ms)) < self.avatar_ttl
         };
         Ok(known.filter(fresh).inspect(|upload| {
             self.uploads.insert(source, upload.clone());
         }))
+    }
+
+    /// The upload remembered under `source` (cache, then store), fresh or not.
+    async fn known_upload(&self, source: &str) -> Result<Option<Upload>, String> {
+        match self.uploads.get(source) {
+            Some(cached) => Ok(Some(cached)),
+            None => self
+                .shared
+                .state
+                .upload(source)
+                .await
+                .map_err(|e| format!("cannot read the avatar uploads: {e}")),
+        }
     }
 
     /// The `mxc://` of the image at `url` and whether it was reused: uploaded before within
@@ -475,6 +483,25 @@ impl IdentityEffects {
                     error = %error,
                     "cannot fetch the avatar; keeping the old one"
                 );
+                // A URL uploaded before and looked at again after the TTL keeps its upload
+                // for another TTL: every update would otherwise try it again.
+                if self.remember
+                    && let Some(stale) =
+                        self.known_upload(&source).await.map_err(StepError::Store)?
+                {
+                    let kept = Upload {
+                        uploaded_ms: now_ms(),
+                        ..stale
+                    };
+                    self.shared
+                        .state
+                        .record_upload(&source, kept.clone())
+                        .await
+                        .map_err(|e| {
+                            StepError::Store(format!("cannot record the avatar upload: {e}"))
+                        })?;
+                    self.uploads.insert(source, kept);
+                }
                 return Ok(None);
             }
         };

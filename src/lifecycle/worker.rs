@@ -819,18 +819,40 @@ mod tests {
         (format!("http://{addr}"), fetched)
     }
 
+    /// A replay sets a fetched avatar again even when it is the one roster set: the
+    /// operator replays to repair a profile changed behind roster's back.
+    #[tokio::test]
+    async fn should_set_a_fetched_avatar_again_on_a_replay() {
+        let f = fixture(true).await;
+        let (server, _fetched) = avatar_server().await;
+        let url = format!("{server}/a.png");
+        apply(&f, &profile_job("A", Some(&url), 0)).await;
+        let set = f.hs.world().count("/avatar_url");
+        let mxc = f.hs.world().users[USER].avatar_url.clone();
+        f.hs.world().users.get_mut(USER).unwrap().avatar_url = Some("mxc://ex.org/other".into());
+        let mut replayed = profile_job("A", Some(&url), 0);
+        replayed.replayed = true;
+        assert_eq!(f.worker.attempt(&replayed).await, Step::Done);
+        assert_eq!(f.hs.world().count("/avatar_url"), set + 1);
+        assert_eq!(f.hs.world().users[USER].avatar_url, mxc);
+    }
+
     /// The picture behind an avatar URL may change: once its upload is older than
     /// `lifecycle.avatar_cache_ttl`, an update naming the URL again fetches it again. The
     /// same bytes send nothing (no upload, no avatar set); new bytes are uploaded and set.
     #[tokio::test]
     async fn should_look_at_the_applied_avatar_url_again_after_the_ttl() {
+        use axum::response::IntoResponse;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let f = fixture_with(
             true,
-            "lifecycle: {avatar_allow_private: true, avatar_cache_ttl: 1s}",
+            "lifecycle: {avatar_allow_private: true, avatar_cache_ttl: 2s}",
         )
         .await;
-        let picture = Arc::new(std::sync::Mutex::new(b"\x89PNG\r\n\x1a\nfirst".to_vec()));
+        // The picture served, or none (404).
+        let picture = Arc::new(std::sync::Mutex::new(Some(
+            b"\x89PNG\r\n\x1a\nfirst".to_vec(),
+        )));
         let fetched = Arc::new(AtomicUsize::new(0));
         let app = {
             let (picture, fetched) = (picture.clone(), fetched.clone());
@@ -839,7 +861,12 @@ mod tests {
                 axum::routing::get(move || {
                     fetched.fetch_add(1, Ordering::SeqCst);
                     let bytes = picture.lock().unwrap().clone();
-                    async move { ([("content-type", "image/png")], bytes) }
+                    async move {
+                        match bytes {
+                            Some(bytes) => ([("content-type", "image/png")], bytes).into_response(),
+                            None => axum::http::StatusCode::NOT_FOUND.into_response(),
+                        }
+                    }
                 }),
             )
         };
@@ -875,7 +902,7 @@ mod tests {
         );
 
         // After the TTL, the same picture: fetched, nothing sent, counted unchanged.
-        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        tokio::time::sleep(Duration::from_millis(2_200)).await;
         let unchanged = events(&f, "profile_updated", "unchanged");
         assert_eq!(
             f.worker.attempt(&profile_job("A", Some(&url), 2)).await,
@@ -892,8 +919,8 @@ mod tests {
         assert_eq!(events(&f, "profile_updated", "unchanged"), unchanged + 1);
 
         // After the TTL, a new picture at the same URL: uploaded and set.
-        *picture.lock().unwrap() = b"\x89PNG\r\n\x1a\nsecond".to_vec();
-        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        *picture.lock().unwrap() = Some(b"\x89PNG\r\n\x1a\nsecond".to_vec());
+        tokio::time::sleep(Duration::from_millis(2_200)).await;
         assert_eq!(
             f.worker.attempt(&profile_job("A", Some(&url), 3)).await,
             Step::Done
@@ -905,6 +932,27 @@ mod tests {
                 sent("/avatar_url")
             ),
             (3, 2, 2)
+        );
+
+        // After the TTL, the URL is gone: the avatar stays, and the URL is not tried again
+        // by every update before another TTL has passed.
+        *picture.lock().unwrap() = None;
+        tokio::time::sleep(Duration::from_millis(2_200)).await;
+        for followers in [4, 5] {
+            assert_eq!(
+                f.worker
+                    .attempt(&profile_job("A", Some(&url), followers))
+                    .await,
+                Step::Done
+            );
+        }
+        assert_eq!(
+            (
+                fetched.load(Ordering::SeqCst),
+                sent("/upload"),
+                sent("/avatar_url")
+            ),
+            (4, 2, 2)
         );
     }
 
