@@ -20,12 +20,22 @@ struct Partition {
     /// The last position committed (or handed to the client to commit).
     committed: Option<i64>,
     /// Offsets whose jobs wait (for the homeserver, the dead-letter topic): since when, why.
-    stalled: BTreeMap<i64, (u64, String)>,
+    stalled: BTreeMap<i64, Stalled>,
     /// Whether the consumer has paused fetching it.
     paused: bool,
     /// After a replay: one past the newest offset received before it. Offsets below it are
     /// replayed (the operator asks for them again), the rest are news.
     replay_until: Option<i64>,
+}
+
+/// Why and since when one offset's job cannot finish.
+#[derive(Debug)]
+struct Stalled {
+    since_ms: u64,
+    reason: String,
+    /// Whether fetching more of the partition waits for it: a job waiting for the
+    /// homeserver does; one that panicked does not (the others go on, uncommitted).
+    pauses: bool,
 }
 
 impl Partition {
@@ -114,12 +124,42 @@ impl Offsets {
         now_ms: u64,
         reason: String,
     ) {
+        self.note_stall(partition, generation, offset, now_ms, reason, true);
+    }
+
+    /// Notes that the job at `offset` panicked: shown as a stall (nothing commits past it
+    /// until a restart delivers it again), but the partition is not paused for it.
+    pub fn panicked(
+        &mut self,
+        partition: i32,
+        generation: u64,
+        offset: i64,
+        now_ms: u64,
+        reason: String,
+    ) {
+        self.note_stall(partition, generation, offset, now_ms, reason, false);
+    }
+
+    fn note_stall(
+        &mut self,
+        partition: i32,
+        generation: u64,
+        offset: i64,
+        now_ms: u64,
+        reason: String,
+        pauses: bool,
+    ) {
         if let Some(p) = self.partitions.get_mut(&partition)
             && p.generation == generation
             && p.in_flight.contains(&offset)
         {
-            let entry = p.stalled.entry(offset).or_insert((now_ms, String::new()));
-            entry.1 = reason;
+            let entry = p.stalled.entry(offset).or_insert(Stalled {
+                since_ms: now_ms,
+                reason: String::new(),
+                pauses,
+            });
+            entry.reason = reason;
+            entry.pauses = pauses;
         }
     }
 
@@ -128,12 +168,12 @@ impl Offsets {
         self.partitions
             .iter()
             .filter_map(|(&partition, p)| {
-                let (&offset, (since, reason)) = p.stalled.first_key_value()?;
+                let (&offset, stalled) = p.stalled.first_key_value()?;
                 Some(StalledPartition {
                     partition,
                     offset,
-                    stalled_for_ms: now_ms.saturating_sub(*since),
-                    reason: reason.clone(),
+                    stalled_for_ms: now_ms.saturating_sub(stalled.since_ms),
+                    reason: stalled.reason.clone(),
                 })
             })
             .collect()
@@ -202,7 +242,7 @@ impl Offsets {
     pub fn pause_changes(&mut self, buffer_full: bool) -> PauseChanges {
         let mut changes = PauseChanges::default();
         for (&partition, p) in &mut self.partitions {
-            let want = buffer_full || !p.stalled.is_empty();
+            let want = buffer_full || p.stalled.values().any(|s| s.pauses);
             if want != p.paused {
                 p.paused = want;
                 if want {
@@ -378,6 +418,22 @@ mod tests {
         o.done(0, g, 5);
         assert_eq!(o.position(0), Some(7));
         assert_eq!(o.position(1), None, "not assigned");
+    }
+
+    /// A job that panicked is shown as a stall, but the partition goes on fetching: the
+    /// other events are applied (uncommitted past it until a restart).
+    #[test]
+    fn should_show_a_panicked_job_without_pausing_its_partition() {
+        let mut o = Offsets::default();
+        o.assign(0);
+        let g = o.received(0, 3).unwrap();
+        o.received(0, 4);
+        o.panicked(0, g, 3, 1_000, "roster panicked".into());
+        assert_eq!(o.stalls(2_000).len(), 1);
+        assert_eq!(o.stalls(2_000)[0].offset, 3);
+        assert_eq!(o.pause_changes(false), PauseChanges::default());
+        o.done(0, g, 4);
+        assert_eq!(o.position(0), Some(3), "nothing commits past it");
     }
 
     #[test]

@@ -203,8 +203,9 @@ impl Pipeline {
         };
         if panicked {
             // A bug: the offset stays uncommitted until a restart redelivers it. Shown as a
-            // stall (status, roster_lifecycle_stalled_seconds, its alert), not only logged.
-            self.offsets().stalled(
+            // stall (status, roster_lifecycle_stalled_seconds, its alert), not only logged;
+            // the partition's other events go on.
+            self.offsets().panicked(
                 running.partition,
                 running.generation,
                 running.offset,
@@ -369,12 +370,18 @@ impl Pipeline {
             });
         }
         // Forward would commit past events never applied nor dead-lettered. Before anything
-        // came since the assignment, the group's committed offset is where it stands.
+        // came since the assignment, the group's committed offset is where it stands; with
+        // none, the partition's start (the safe side: nothing past it).
         let position = match self.offsets().position(partition) {
-            Some(position) => Some(position),
-            None => self.committed_position(partition),
+            Some(position) => position,
+            None => self
+                .committed_position(partition)
+                .map_err(|e| {
+                    ReplayError::Failed(format!("cannot read the group's committed offset: {e}"))
+                })?
+                .unwrap_or(low),
         };
-        if let Some(position) = position.filter(|&position| offset > position) {
+        if offset > position {
             return Err(ReplayError::Ahead {
                 partition,
                 offset,
@@ -408,18 +415,25 @@ impl Pipeline {
         })
     }
 
-    /// The group's committed offset of `partition`, if it has one and the broker answers.
-    fn committed_position(&self, partition: i32) -> Option<i64> {
+    /// The group's committed offset of `partition` (`None`: it has none).
+    fn committed_position(
+        &self,
+        partition: i32,
+    ) -> Result<Option<i64>, rdkafka::error::KafkaError> {
         let mut list = TopicPartitionList::new();
         list.add_partition(&self.topic, partition);
         let committed = tokio::task::block_in_place(|| {
             self.consumer.committed_offsets(list, WATERMARK_TIMEOUT)
-        })
-        .ok()?;
-        match committed.find_partition(&self.topic, partition)?.offset() {
-            Offset::Offset(offset) => Some(offset),
-            _ => None,
-        }
+        })?;
+        Ok(
+            match committed
+                .find_partition(&self.topic, partition)
+                .map(|p| p.offset())
+            {
+                Some(Offset::Offset(offset)) => Some(offset),
+                _ => None,
+            },
+        )
     }
 
     /// Lets running events finish (briefly), abandons the rest uncommitted, commits.
