@@ -38,7 +38,7 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
         let sign = if offset.starts_with('-') { -1 } else { 1 };
         let (h, min) = offset[1..].split_once(':')?;
         let (h, min): (i64, i64) = (h.parse().ok()?, min.parse().ok()?);
-        if h > 23 || min > 59 {
+        if !(0..=23).contains(&h) || !(0..=59).contains(&min) {
             return None;
         }
         (clock, sign * (h * 3600 + min * 60))
@@ -46,7 +46,11 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
     let mut t = clock.split(':');
     let (h, min): (i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?);
     let seconds: f64 = t.next()?.parse().ok()?;
-    if t.next().is_some() || h > 23 || min > 59 || !(0.0..61.0).contains(&seconds) {
+    if t.next().is_some()
+        || !(0..=23).contains(&h)
+        || !(0..=59).contains(&min)
+        || !(0.0..61.0).contains(&seconds)
+    {
         return None;
     }
     // Days from the civil date (Howard Hinnant's algorithm).
@@ -88,6 +92,9 @@ mod tests {
             "99999999999999-01-01T00:00:00Z",
             "2026-01-01T00:00:00+99999999999999999:00",
             "2026-01-01T00:00:00+24:00",
+            "2026-01-01T-1:00:00Z",
+            "2026-01-01T00:-5:00Z",
+            "2026-01-01T00:00:00+01:-30",
         ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad:?}");
         }
