@@ -440,7 +440,7 @@ impl State {
                 store.record_member_changes(&changes)?;
                 model.commit(changes.clone());
             }
-            let unconfirmed_joins = model.read_recorded(&room, asked_at_seq);
+            let unconfirmed_joins = model.read_recorded(&room, asked_at_seq, &joined);
             Ok(ReadFound {
                 changes,
                 unconfirmed_joins,
@@ -1189,6 +1189,14 @@ mod tests {
         assert_eq!(state.history_import(&room), Some(import));
     }
 
+    /// An applied profile that sets the display name only.
+    fn named(name: &str) -> AppliedProfile {
+        AppliedProfile {
+            displayname: Some(name.into()),
+            ..AppliedProfile::default()
+        }
+    }
+
     /// A caller that stops waiting for its profile write (its job aborted by a revoke)
     /// does not leave the cache behind the store: the next update compares against what
     /// was written.
@@ -1197,10 +1205,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = reopen(dir.path());
         let user = owned_user_id!("@nova-1:ex.org");
-        let named = |name: &str| AppliedProfile {
-            displayname: Some(name.into()),
-            ..AppliedProfile::default()
-        };
         state
             .record_applied_profile(user.clone(), named("A"), 1)
             .await
@@ -1243,10 +1247,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = reopen(dir.path());
         let user = owned_user_id!("@nova-1:ex.org");
-        let named = |name: &str| AppliedProfile {
-            displayname: Some(name.into()),
-            ..AppliedProfile::default()
-        };
         state
             .record_applied_profile(user.clone(), named("B"), 2)
             .await

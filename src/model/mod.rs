@@ -419,7 +419,12 @@ impl Model {
     /// expected there before the read was asked are what the read showed. Returns how many
     /// of them the read did not confirm (a join whose echo never came, or that was undone
     /// unseen): drift, as much as a change the read found.
-    pub fn read_recorded(&mut self, room: &RoomId, asked_at_seq: u64) -> usize {
+    pub fn read_recorded(
+        &mut self,
+        room: &RoomId,
+        asked_at_seq: u64,
+        joined: &[ObservedMember],
+    ) -> usize {
         self.unread.remove(room);
         let ended: Vec<OwnedUserId> = self
             .expected
@@ -431,7 +436,15 @@ impl Model {
             .collect();
         let mut unconfirmed = 0;
         for user in ended {
-            if self.member(room, &user).map(|m| m.membership) != Some(Membership::Join) {
+            let listed = joined.iter().any(|m| m.user == user);
+            let model_joined =
+                self.member(room, &user).map(|m| m.membership) == Some(Membership::Join);
+            if listed && !model_joined {
+                // Joined by the read, but the model holds a newer fact (the invite's echo,
+                // come while the read was on its way): the join's echo is still due.
+                continue;
+            }
+            if !listed {
                 unconfirmed += 1;
             }
             self.expected.remove(&(room.to_owned(), user));

@@ -436,7 +436,7 @@ fn should_know_a_forgotten_room_again_only_once_it_is_read() {
         Some(Membership::Join),
         "the pushed event is kept"
     );
-    model.read_recorded(&room(), model.last_seq());
+    model.read_recorded(&room(), model.last_seq(), &[]);
     assert!(model.knows_room(&room()));
     // Dropped for good, a room leaves nothing behind.
     model.forget_room(&room());
@@ -459,13 +459,13 @@ fn should_keep_an_expected_join_over_an_invite_until_the_room_is_read() {
         Some(Membership::Join)
     );
     // A read asked before the join was expected says nothing of it.
-    assert_eq!(model.read_recorded(&room(), 0), 0);
+    assert_eq!(model.read_recorded(&room(), 0, &[]), 0);
     assert_eq!(
         model.effective_membership(&room(), &admin),
         Some(Membership::Join)
     );
     // One asked after it, not showing the join, ends it: drift.
-    assert_eq!(model.read_recorded(&room(), model.last_seq()), 1);
+    assert_eq!(model.read_recorded(&room(), model.last_seq(), &[]), 1);
     assert_eq!(
         model.effective_membership(&room(), &admin),
         Some(Membership::Invite)
@@ -476,5 +476,25 @@ fn should_keep_an_expected_join_over_an_invite_until_the_room_is_read() {
     assert_eq!(
         model.effective_membership(&room(), &admin),
         Some(Membership::Leave)
+    );
+}
+
+/// A read asked after roster's join that shows the member joined, while the echo of the
+/// invite before it came in flight (newer than the read): no drift, the join still expected.
+#[test]
+fn should_take_a_read_showing_the_expected_join_as_no_drift_when_the_invite_echo_is_newer() {
+    let admin = owned_user_id!("@admin:example.org");
+    let mut model = Model::new();
+    model.apply(&[ev(ALICE, Membership::Join, 1).build()]);
+    model.expect(&room(), &admin, Membership::Join);
+    let asked = model.last_seq();
+    model.apply(&[ev(ADMIN, Membership::Invite, 2).by(ALICE).build()]);
+    let joined = [observed(ALICE), observed(ADMIN)];
+    let changes = model.observe_joined(&room(), &joined, asked);
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(model.read_recorded(&room(), asked, &joined), 0);
+    assert_eq!(
+        model.effective_membership(&room(), &admin),
+        Some(Membership::Join)
     );
 }
