@@ -159,7 +159,9 @@ impl Offsets {
                 pauses,
             });
             entry.reason = reason;
-            entry.pauses = pauses;
+            // A panic is for good (its job is gone): a stall notice it sent before, read
+            // after, does not make it pause.
+            entry.pauses &= pauses;
         }
     }
 
@@ -434,6 +436,9 @@ mod tests {
         assert_eq!(o.pause_changes(false), PauseChanges::default());
         o.done(0, g, 4);
         assert_eq!(o.position(0), Some(3), "nothing commits past it");
+        // A stall notice the job sent before it panicked, read after: still no pause.
+        o.stalled(0, g, 3, 3_000, "homeserver away".into());
+        assert_eq!(o.pause_changes(false), PauseChanges::default());
     }
 
     #[test]
