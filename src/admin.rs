@@ -380,7 +380,9 @@ async fn replay(
     {
         Ok(replayed) => axum::Json(replayed).into_response(),
         Err(e @ ReplayError::NotRunning) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-        Err(e @ ReplayError::NotAssigned { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ (ReplayError::NotAssigned { .. } | ReplayError::NoPosition { .. })) => {
+            error(StatusCode::CONFLICT, &e.to_string())
+        }
         Err(
             e @ (ReplayError::OutOfRange { .. }
             | ReplayError::NoSuchPartition { .. }

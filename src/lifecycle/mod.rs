@@ -209,6 +209,10 @@ pub enum ReplayError {
         offset: i64,
         position: i64,
     },
+    #[error(
+        "partition {partition} has no position yet (nothing came since it was assigned and the group has no committed offset): try again once an event has come"
+    )]
+    NoPosition { partition: i32 },
     #[error("cannot replay: {0}")]
     Failed(String),
 }

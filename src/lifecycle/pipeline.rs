@@ -371,7 +371,7 @@ impl Pipeline {
         }
         // Forward would commit past events never applied nor dead-lettered. Before anything
         // came since the assignment, the group's committed offset is where it stands; with
-        // none, the partition's start (the safe side: nothing past it).
+        // none, where it starts is not known yet (start_from may be either end).
         let position = match self.offsets().position(partition) {
             Some(position) => position,
             None => self
@@ -379,7 +379,7 @@ impl Pipeline {
                 .map_err(|e| {
                     ReplayError::Failed(format!("cannot read the group's committed offset: {e}"))
                 })?
-                .unwrap_or(low),
+                .ok_or(ReplayError::NoPosition { partition })?,
         };
         if offset > position {
             return Err(ReplayError::Ahead {
