@@ -873,87 +873,48 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/me.png", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let sent = |path: &str| f.hs.world().count(path);
+        // An update naming the URL (only the follower count changes), and then what was
+        // done in all: (fetches, uploads, avatars set).
+        let update = |followers: u32| {
+            let (worker, job) = (&f.worker, profile_job("A", Some(&url), followers));
+            async move { assert_eq!(worker.attempt(&job).await, Step::Done) }
+        };
+        let done = || {
+            let w = f.hs.world();
+            (
+                fetched.load(Ordering::SeqCst),
+                w.count("/upload"),
+                w.count("/avatar_url"),
+            )
+        };
+        let ttl_passes = || tokio::time::sleep(Duration::from_millis(2_200));
 
-        assert_eq!(
-            f.worker.attempt(&profile_job("A", Some(&url), 0)).await,
-            Step::Done
-        );
-        assert_eq!(
-            (
-                fetched.load(Ordering::SeqCst),
-                sent("/upload"),
-                sent("/avatar_url")
-            ),
-            (1, 1, 1)
-        );
+        update(0).await;
+        assert_eq!(done(), (1, 1, 1));
         // Within the TTL: nothing fetched, nothing sent.
-        assert_eq!(
-            f.worker.attempt(&profile_job("A", Some(&url), 1)).await,
-            Step::Done
-        );
-        assert_eq!(
-            (
-                fetched.load(Ordering::SeqCst),
-                sent("/upload"),
-                sent("/avatar_url")
-            ),
-            (1, 1, 1)
-        );
+        update(1).await;
+        assert_eq!(done(), (1, 1, 1));
 
         // After the TTL, the same picture: fetched, nothing sent, counted unchanged.
-        tokio::time::sleep(Duration::from_millis(2_200)).await;
+        ttl_passes().await;
         let unchanged = events(&f, "profile_updated", "unchanged");
-        assert_eq!(
-            f.worker.attempt(&profile_job("A", Some(&url), 2)).await,
-            Step::Done
-        );
-        assert_eq!(
-            (
-                fetched.load(Ordering::SeqCst),
-                sent("/upload"),
-                sent("/avatar_url")
-            ),
-            (2, 1, 1)
-        );
+        update(2).await;
+        assert_eq!(done(), (2, 1, 1));
         assert_eq!(events(&f, "profile_updated", "unchanged"), unchanged + 1);
 
         // After the TTL, a new picture at the same URL: uploaded and set.
         *picture.lock().unwrap() = Some(b"\x89PNG\r\n\x1a\nsecond".to_vec());
-        tokio::time::sleep(Duration::from_millis(2_200)).await;
-        assert_eq!(
-            f.worker.attempt(&profile_job("A", Some(&url), 3)).await,
-            Step::Done
-        );
-        assert_eq!(
-            (
-                fetched.load(Ordering::SeqCst),
-                sent("/upload"),
-                sent("/avatar_url")
-            ),
-            (3, 2, 2)
-        );
+        ttl_passes().await;
+        update(3).await;
+        assert_eq!(done(), (3, 2, 2));
 
         // After the TTL, the URL is gone: the avatar stays, and the URL is not tried again
         // by every update before another TTL has passed.
         *picture.lock().unwrap() = None;
-        tokio::time::sleep(Duration::from_millis(2_200)).await;
-        for followers in [4, 5] {
-            assert_eq!(
-                f.worker
-                    .attempt(&profile_job("A", Some(&url), followers))
-                    .await,
-                Step::Done
-            );
-        }
-        assert_eq!(
-            (
-                fetched.load(Ordering::SeqCst),
-                sent("/upload"),
-                sent("/avatar_url")
-            ),
-            (4, 2, 2)
-        );
+        ttl_passes().await;
+        update(4).await;
+        update(5).await;
+        assert_eq!(done(), (4, 2, 2));
     }
 
     #[tokio::test]

@@ -1332,6 +1332,22 @@ mod tests {
             );
         }
 
+        /// Reads `room` and the space, as a sweep would: the stand-in pushes no echoes of
+        /// roster's own actions, so this is how the model learns who is in them.
+        async fn learn_by_reading(&self, room: &RoomId) {
+            let space = self
+                .shared
+                .state
+                .read(|m| m.agents.space.room_id.clone())
+                .unwrap();
+            for (room, reader) in [(room, AGENT), (&*space, BOT)] {
+                self.agents
+                    .read_room(room, &ruma::UserId::parse(reader).unwrap())
+                    .await
+                    .unwrap();
+            }
+        }
+
         /// `user`'s membership in `room` on the homeserver.
         fn membership(&self, room: &RoomId, user: &str) -> Option<String> {
             self.hs.world().rooms[room.as_str()]
@@ -1552,29 +1568,7 @@ mod tests {
     async fn should_find_drift_in_a_sweep_and_repair_it() {
         let (f, room) = provisioned().await;
         // The model shows @admin joined (its join was expected, then read or pushed).
-        let asked = f.shared.state.read(|m| m.last_seq());
-        let joined = read_joined(
-            &f.agents.hs,
-            &room,
-            &ruma::UserId::parse(AGENT).unwrap(),
-            &ruma::UserId::parse(BOT).unwrap(),
-        )
-        .await
-        .unwrap();
-        f.shared
-            .state
-            .record_read(room.clone(), joined, asked)
-            .await
-            .unwrap();
-        let space = f
-            .shared
-            .state
-            .read(|m| m.agents.space.room_id.clone())
-            .unwrap();
-        f.agents
-            .read_room(&space, &ruma::UserId::parse(BOT).unwrap())
-            .await
-            .unwrap();
+        f.learn_by_reading(&room).await;
         f.changed_unpushed(&room, ADMIN, Membership::Leave);
         f.converge().await;
         assert_eq!(
@@ -1973,20 +1967,7 @@ mod tests {
     #[tokio::test]
     async fn should_schedule_a_room_whose_expected_join_a_sweep_does_not_find() {
         let (f, room) = provisioned().await;
-        // The stand-in pushes no echoes: the members are learnt by reads.
-        let space = f
-            .shared
-            .state
-            .read(|m| m.agents.space.room_id.clone())
-            .unwrap();
-        f.agents
-            .read_room(&space, &ruma::UserId::parse(BOT).unwrap())
-            .await
-            .unwrap();
-        f.agents
-            .read_room(&room, &ruma::UserId::parse(AGENT).unwrap())
-            .await
-            .unwrap();
+        f.learn_by_reading(&room).await;
         f.pushed(&room, ADMIN, AGENT, Membership::Leave).await;
         f.converge().await;
         // Only the echo of the invite comes; the join's and a later leave's are lost.
