@@ -960,6 +960,18 @@ async fn replay_reapplies_events_from_an_offset() {
         .await;
     stack.wait_committed(&produced).await;
 
+    // A partition nothing came from (its position unknown): its start skips nothing.
+    let empty = (partition + 1) % PARTITIONS;
+    let (ok, stdout, stderr) =
+        stack
+            .roster
+            .cli(&["replay", "--partition", &empty.to_string(), "--offset", "0"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        format!("replaying {TOPIC} partition {empty} from offset 0")
+    );
+
     let (ok, _, stderr) = stack
         .roster
         .cli(&["replay", "--partition", "42", "--offset", "0"]);

@@ -371,9 +371,11 @@ impl Pipeline {
         }
         // Forward would commit past events never applied nor dead-lettered. Before anything
         // came since the assignment, the group's committed offset is where it stands; with
-        // none, where it starts is not known yet (start_from may be either end).
+        // none, where it starts is not known yet (start_from may be either end). The
+        // partition's start skips nothing whatever the position.
         let position = match self.offsets().position(partition) {
             Some(position) => position,
+            None if offset <= low => low,
             None => self
                 .committed_position(partition)
                 .map_err(|e| {
