@@ -508,14 +508,13 @@ impl IdentityEffects {
         // The same bytes uploaded before (the URL looked at again after the TTL, or another
         // URL serving the same picture) are not uploaded again.
         let content = format!("sha256:{}", crate::avatar::content_hash(&avatar.bytes));
-        let same_picture =
-            match self.uploads.get(&content) {
-                _ if !self.remember => None,
-                Some(cached) => Some(cached),
-                None => self.shared.state.upload(&content).await.map_err(|e| {
-                    StepError::Store(format!("cannot read the avatar uploads: {e}"))
-                })?,
-            };
+        let same_picture = match self.remember {
+            true => self
+                .known_upload(&content)
+                .await
+                .map_err(StepError::Store)?,
+            false => None,
+        };
         let (mxc, reused) = match same_picture {
             Some(upload) => (upload.mxc, true),
             None => {
@@ -536,7 +535,7 @@ impl IdentityEffects {
                 .state
                 .record_upload(&key, upload.clone())
                 .await
-                .map_err(|e| StepError::Store(format!("uploaded, but cannot record it: {e}")))?;
+                .map_err(|e| StepError::Store(format!("cannot record the avatar upload: {e}")))?;
             self.uploads.insert(key, upload.clone());
         }
         Ok(Some((mxc, reused)))
@@ -583,7 +582,6 @@ impl IdentityEffects {
         }
     }
 
-    /// Tells the model and the store, so no drift repair ever re-invites the user.
     /// A plan for a user who does not exist and may not be created. A deletion is still
     /// remembered: an update that comes after it (or is delivered late) must not create
     /// the user it deleted.
@@ -599,6 +597,7 @@ impl IdentityEffects {
         Outcome::Done(Applied::MissingUser)
     }
 
+    /// Tells the model and the store, so no drift repair ever re-invites the user.
     async fn learn_deactivated(&self, user: &UserId) -> Result<(), StepError> {
         self.shared
             .state

@@ -183,7 +183,7 @@ pub struct Model {
     /// Rooms forgotten to be read afresh and not read since: the events pushed meanwhile
     /// are kept, but they are a partial view that nothing may be planned from.
     unread: HashSet<OwnedRoomId>,
-    /// The sequence number the next accepted fact gets.
+    /// The sequence number the next accepted fact (or expectation) gets.
     next_seq: u64,
     /// Hashes of recently accepted event ids, oldest first, and the same as a set.
     recent: VecDeque<u64>,
