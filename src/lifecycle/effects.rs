@@ -104,6 +104,10 @@ pub struct IdentityEffects {
     /// Uploads of avatar URLs, in front of the store's `uploads` (entries older than
     /// `avatar_ttl` are stale whichever holds them).
     uploads: moka::sync::Cache<String, Upload>,
+    /// Applied avatar URLs looked at again after the TTL that could not be fetched: not
+    /// tried again by every update before another TTL has passed (in memory only: after a
+    /// restart one more try each).
+    failed_refetches: moka::sync::Cache<String, ()>,
     avatar_ttl: Duration,
     /// Compare with what was applied and uploaded before sending (off only to measure what
     /// remembering saves).
@@ -152,12 +156,17 @@ impl IdentityEffects {
             .max_capacity(UPLOAD_CACHE)
             .time_to_live(avatar_ttl.max(Duration::from_secs(1)))
             .build();
+        let failed_refetches = moka::sync::Cache::builder()
+            .max_capacity(UPLOAD_CACHE)
+            .time_to_live(avatar_ttl.max(Duration::from_secs(1)))
+            .build();
         Ok(Some(IdentityEffects {
             shared,
             homeserver,
             flavor,
             avatars,
             uploads,
+            failed_refetches,
             avatar_ttl,
             remember: true,
         }))
@@ -222,7 +231,10 @@ impl IdentityEffects {
             // The applied avatar's URL is looked at again once its upload is older than
             // the TTL (the picture behind it may have changed).
             let stale_source = match fresh.fetched_avatar() {
-                Some(url) if before.avatar_source.as_deref() == Some(url) => {
+                Some(url)
+                    if before.avatar_source.as_deref() == Some(url)
+                        && !self.failed_refetches.contains_key(url) =>
+                {
                     match self.fresh_upload(url).await {
                         Ok(Some(_)) => None,
                         Ok(None) => Some(url),
@@ -483,25 +495,9 @@ impl IdentityEffects {
                     error = %error,
                     "cannot fetch the avatar; keeping the old one"
                 );
-                // A URL uploaded before and looked at again after the TTL keeps its upload
-                // for another TTL: every update would otherwise try it again.
-                if self.remember
-                    && let Some(stale) =
-                        self.known_upload(&source).await.map_err(StepError::Store)?
-                {
-                    let kept = Upload {
-                        uploaded_ms: now_ms(),
-                        ..stale
-                    };
-                    self.shared
-                        .state
-                        .record_upload(&source, kept.clone())
-                        .await
-                        .map_err(|e| {
-                            StepError::Store(format!("cannot record the avatar upload: {e}"))
-                        })?;
-                    self.uploads.insert(source, kept);
-                }
+                // Every update naming the URL would otherwise try it again. Its upload is
+                // left as it is: a user who names it next is not given its old picture.
+                self.failed_refetches.insert(url.to_owned(), ());
                 return Ok(None);
             }
         };

@@ -915,6 +915,14 @@ mod tests {
         update(4).await;
         update(5).await;
         assert_eq!(done(), (4, 2, 2));
+        // Another user naming it then is not given the picture it no longer serves.
+        let other = job(
+            "UserProfileUpdatedEvent",
+            serde_json::json!({ "user_id": "00000000-0000-4000-8000-0000000000b3",
+                "username": "bob", "avatar_url": url }),
+        );
+        assert_eq!(f.worker.attempt(&other).await, Step::Done);
+        assert_eq!(done(), (5, 2, 2));
     }
 
     #[tokio::test]
