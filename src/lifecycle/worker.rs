@@ -399,14 +399,7 @@ pub fn bare(message: &Message, topic: &str, reason: &str) -> DeadLetter {
         headers: Vec::new(),
     };
     let mut letter = dead_letter(&stripped, topic, &reason);
-    let original = message.payload.as_ref().map_or(0, Vec::len);
-    letter
-        .headers
-        .push((TRUNCATED_HEADER.to_owned(), b"true".to_vec()));
-    letter.headers.push((
-        "original_size".to_owned(),
-        original.to_string().into_bytes(),
-    ));
+    mark_truncated(&mut letter, message.payload.as_ref().map_or(0, Vec::len));
     letter
 }
 
@@ -423,6 +416,12 @@ pub fn truncated(mut letter: DeadLetter, keep: usize) -> DeadLetter {
     for (_, value) in &mut letter.headers {
         value.truncate(keep);
     }
+    mark_truncated(&mut letter, original);
+    letter
+}
+
+/// Says that `letter` is not the whole message, whose payload had `original` bytes.
+fn mark_truncated(letter: &mut DeadLetter, original: usize) {
     letter
         .headers
         .push((TRUNCATED_HEADER.to_owned(), b"true".to_vec()));
@@ -430,7 +429,6 @@ pub fn truncated(mut letter: DeadLetter, keep: usize) -> DeadLetter {
         "original_size".to_owned(),
         original.to_string().into_bytes(),
     ));
-    letter
 }
 
 #[cfg(test)]
