@@ -494,6 +494,22 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_events_apply() {
     let (a, b) = (uuid(2, 1), uuid(2, 2));
     let mut produced = Vec::new();
     let trace = [("event_type", "UserCreatedEvent"), ("trace_id", "t-1")];
+    // Every message goes to partition 0: the later ones show that it moves on.
+    let tansu = &stack.tansu;
+    let to_partition_0 = |key: &str, event_type: &'static str, body: &Value| {
+        let (key, body) = (key.to_owned(), bytes(body));
+        async move {
+            tansu
+                .produce(
+                    TOPIC,
+                    Some(0),
+                    Some(&key),
+                    &[("event_type", event_type)],
+                    &body,
+                )
+                .await
+        }
+    };
     // Not JSON, a created event without a username, and an avatar Synapse refuses (400).
     produced.push(
         stack
@@ -501,88 +517,38 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_events_apply() {
             .produce(TOPIC, Some(0), Some("poison-1"), &trace, b"{not json")
             .await,
     );
-    produced.push(
-        stack
-            .tansu
-            .produce(
-                TOPIC,
-                Some(0),
-                Some("poison-2"),
-                &[("event_type", "UserCreatedEvent")],
-                &bytes(&json!({ "user_id": a })),
-            )
-            .await,
-    );
-    produced.push(
-        stack
-            .tansu
-            .produce(
-                TOPIC,
-                Some(0),
-                Some(&a),
-                &[("event_type", "UserCreatedEvent")],
-                &bytes(&created(&a, "a")),
-            )
-            .await,
-    );
+    produced.push(to_partition_0("poison-2", "UserCreatedEvent", &json!({ "user_id": a })).await);
+    produced.push(to_partition_0(&a, "UserCreatedEvent", &created(&a, "a")).await);
     let too_long = format!("mxc://roster.test/{}", "x".repeat(1100));
     produced.push(
-        stack
-            .tansu
-            .produce(
-                TOPIC,
-                Some(0),
-                Some(&a),
-                &[("event_type", "UserProfileUpdatedEvent")],
-                &bytes(&profile(&a, "a", Some("A"), Some(&too_long))),
-            )
-            .await,
+        to_partition_0(
+            &a,
+            "UserProfileUpdatedEvent",
+            &profile(&a, "a", Some("A"), Some(&too_long)),
+        )
+        .await,
     );
     // The partition moves on.
-    produced.push(
-        stack
-            .tansu
-            .produce(
-                TOPIC,
-                Some(0),
-                Some(&b),
-                &[("event_type", "UserCreatedEvent")],
-                &bytes(&created(&b, "b")),
-            )
-            .await,
-    );
+    produced.push(to_partition_0(&b, "UserCreatedEvent", &created(&b, "b")).await);
     // An avatar URL pointing inside roster's network (here loopback, as cloud metadata at
     // 169.254.169.254 would be): the name is applied, the URL is never requested.
     let (inside, fetched) = counting_avatar_server().await;
     let inside = inside.replace("127.0.0.1", "localhost");
     produced.push(
-        stack
-            .tansu
-            .produce(
-                TOPIC,
-                Some(0),
-                Some(&b),
-                &[("event_type", "UserProfileUpdatedEvent")],
-                &bytes(&profile(
-                    &b,
-                    "b",
-                    Some("B"),
-                    Some(&format!("{inside}/b.png")),
-                )),
-            )
-            .await,
+        to_partition_0(
+            &b,
+            "UserProfileUpdatedEvent",
+            &profile(&b, "b", Some("B"), Some(&format!("{inside}/b.png"))),
+        )
+        .await,
     );
     produced.push(
-        stack
-            .tansu
-            .produce(
-                TOPIC,
-                Some(0),
-                Some(&a),
-                &[("event_type", "UserProfileUpdatedEvent")],
-                &bytes(&profile(&a, "a", Some("A2"), None)),
-            )
-            .await,
+        to_partition_0(
+            &a,
+            "UserProfileUpdatedEvent",
+            &profile(&a, "a", Some("A2"), None),
+        )
+        .await,
     );
     let mut roster = stack.roster;
     roster.start().await;
