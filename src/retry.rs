@@ -70,7 +70,16 @@ impl Backoff {
     /// The wait after `failures` failures: the server's `retry_after` if it gave one (it
     /// knows its own limits), else the backoff; both spread by jitter.
     pub fn wait(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
-        jitter(retry_after.unwrap_or_else(|| self.base(failures)))
+        jitter(match retry_after {
+            Some(asked) => self.asked(asked),
+            None => self.base(failures),
+        })
+    }
+
+    /// The server's `retry_after`, but never less than `start`: a wait of nothing
+    /// (`Retry-After: 0`, a date already past by roster's clock) would make a busy loop.
+    pub fn asked(&self, retry_after: Duration) -> Duration {
+        retry_after.max(self.start)
     }
 }
 
@@ -111,7 +120,7 @@ where
         };
         failures = failures.saturating_add(1);
         let wait = match error.retry_after() {
-            Some(asked) => jitter(asked),
+            Some(asked) => Backoff::DEFAULT.wait(failures, Some(asked)),
             None if error.is_transient() => Backoff::DEFAULT.wait(failures, None),
             None => jitter(Backoff::DEFAULT.max),
         };
@@ -188,6 +197,43 @@ mod tests {
         let asked = Duration::from_secs(90);
         let wait = b.wait(1, Some(asked));
         assert!(wait >= asked && wait <= asked + asked / 4, "{wait:?}");
+    }
+
+    /// A `retry_after` of nothing (`Retry-After: 0`, or a date already past by roster's
+    /// clock) must not turn a retry loop into a busy loop against the homeserver.
+    #[test]
+    fn should_never_wait_less_than_the_start_when_asked_to_wait_nothing() {
+        let b = Backoff::DEFAULT;
+        for _ in 0..50 {
+            let wait = b.wait(1, Some(Duration::ZERO));
+            assert!(wait >= b.start && wait <= b.start + b.start / 4, "{wait:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn should_not_retry_at_once_until_ok_when_asked_to_wait_nothing() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let started = Instant::now();
+        let shutdown = CancellationToken::new();
+        let got = until_ok(&shutdown, "test", || {
+            let calls = calls.clone();
+            async move {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0..=3 => Err(Failure {
+                        transient: true,
+                        retry_after: Some(Duration::ZERO),
+                    }),
+                    _ => Ok(()),
+                }
+            }
+        })
+        .await;
+        assert_eq!(got, Some(()));
+        assert!(
+            started.elapsed() >= Backoff::DEFAULT.start * 4,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub fn error_policy(failures: &mut u32, outcome: &Outcome, backoff: Backoff) -> 
         Outcome::Retry {
             retry_after: Some(wait),
             ..
-        } => return Next::RetryIn(*wait),
+        } => return Next::RetryIn(backoff.asked(*wait)),
         Outcome::Retry { reason, .. } | Outcome::Refused(reason) => reason,
     };
     *failures += 1;
@@ -750,6 +750,24 @@ mod tests {
         assert!(!kept(&shared), "interval: forgotten");
         shutdown.cancel();
         worker.await.unwrap();
+    }
+
+    /// A rate limit that asks for no wait at all (`Retry-After: 0`, a date already past by
+    /// roster's clock) is not counted as a failure either, so it must not reschedule the
+    /// key at once: that would be a busy loop against the homeserver that never gives up.
+    #[test]
+    fn should_not_retry_at_once_when_rate_limited_with_no_wait() {
+        let mut failures = 0;
+        for _ in 0..10 {
+            match error_policy(
+                &mut failures,
+                &retry(Some(Duration::ZERO)),
+                Backoff::DEFAULT,
+            ) {
+                Next::RetryIn(wait) => assert!(wait >= Backoff::DEFAULT.start, "{wait:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
