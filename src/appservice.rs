@@ -220,7 +220,7 @@ fn schedule_managed_rooms<'a>(shared: &Shared, rooms: impl Iterator<Item = &'a R
             .collect()
     });
     for key in keys {
-        shared.queue.schedule(&key);
+        shared.queue.schedule_pushed(&key);
     }
 }
 

@@ -1,5 +1,7 @@
 //! Orders reconciliation work: one entry per key, the earliest deadline wins, and a key is
 //! never handed out while it is still running (it runs again afterwards if rescheduled).
+//! A key due for a change the homeserver pushed goes before every other due key: a repair
+//! never waits behind a sync's or a provisioning burst's work.
 //!
 //! Bounded by the number of keys (agents); triggers carry only the key, so a burst of
 //! pushed events for one room becomes one run.
@@ -42,6 +44,8 @@ pub struct WorkQueue<K = Key> {
 
 struct State<K> {
     due: HashMap<K, Instant>,
+    /// Due keys scheduled for a pushed change: handed out first.
+    pushed: HashSet<K>,
     running: HashSet<K>,
 }
 
@@ -50,6 +54,7 @@ impl<K> Default for WorkQueue<K> {
         WorkQueue {
             state: Mutex::new(State {
                 due: HashMap::new(),
+                pushed: HashSet::new(),
                 running: HashSet::new(),
             }),
             changed: Notify::new(),
@@ -68,11 +73,18 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
 
     /// Asks for `key` to run at `at`, or earlier if it is already due earlier.
     pub fn schedule_at(&self, key: &K, at: Instant) {
+        self.add(key, at, false);
+    }
+
+    fn add(&self, key: &K, at: Instant, pushed: bool) {
         {
             let mut state = self.state();
             let due = state.due.entry(key.clone()).or_insert(at);
             if at < *due {
                 *due = at;
+            }
+            if pushed {
+                state.pushed.insert(key.clone());
             }
         }
         self.changed.notify_waiters();
@@ -80,6 +92,12 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
 
     pub fn schedule(&self, key: &K) {
         self.schedule_at(key, Instant::now());
+    }
+
+    /// Asks for `key` to run now, for a change the homeserver pushed: before every key
+    /// that was not pushed, even those due earlier.
+    pub fn schedule_pushed(&self, key: &K) {
+        self.add(key, Instant::now(), true);
     }
 
     pub fn schedule_in(&self, key: &K, delay: Duration) {
@@ -95,15 +113,21 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
             let wake_at = {
                 let mut state = self.state();
                 let now = Instant::now();
-                let ready = state
-                    .due
-                    .iter()
-                    .filter(|(key, _)| !state.running.contains(*key))
+                let waiting = || {
+                    state
+                        .due
+                        .iter()
+                        .filter(|(key, _)| !state.running.contains(*key))
+                };
+                let ready = waiting()
+                    .filter(|(key, at)| **at <= now && state.pushed.contains(*key))
                     .min_by_key(|(_, at)| **at)
+                    .or_else(|| waiting().min_by_key(|(_, at)| **at))
                     .map(|(key, at)| (key.clone(), *at));
                 match ready {
                     Some((key, at)) if at <= now => {
                         state.due.remove(&key);
+                        state.pushed.remove(&key);
                         state.running.insert(key.clone());
                         return key;
                     }
@@ -196,6 +220,37 @@ mod tests {
         );
         queue.done(&"a");
         assert_eq!(waiter.await.unwrap(), "a");
+    }
+
+    /// A repair the homeserver pushed (a kicked `@admin`) does not wait behind a sync's or
+    /// a provisioning burst's keys, however many were due before it.
+    #[tokio::test(start_paused = true)]
+    async fn should_hand_out_pushed_keys_before_other_work_due_earlier() {
+        let queue = WorkQueue::<&str>::new();
+        for key in ["a", "b", "c"] {
+            queue.schedule(&key);
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        queue.schedule_in(&"later", Duration::from_secs(5));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        queue.schedule_pushed(&"p");
+        assert_eq!(queue.next().await, "p");
+        assert_eq!(queue.next().await, "a");
+        // Pushed while it runs: first once it is done.
+        queue.schedule_pushed(&"a");
+        queue.done(&"a");
+        assert_eq!(queue.next().await, "a");
+        assert_eq!(queue.next().await, "b");
+        assert_eq!(queue.next().await, "c");
+        // Handed out once, a key is ordinary again: its retry waits its turn.
+        queue.done(&"p");
+        queue.schedule(&"q");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        queue.schedule(&"p");
+        assert_eq!(queue.next().await, "q");
+        assert_eq!(queue.next().await, "p");
+        // A pushed key is not handed out before it is due, nor a later key before it.
+        assert_eq!(queue.next().await, "later");
     }
 
     #[tokio::test(start_paused = true)]
