@@ -6,7 +6,8 @@
 //! homeserver stays the truth: losing this file costs a resync, never duplicate rooms.
 //!
 //! The schema carries a version (`PRAGMA user_version`) and migrates forward in one
-//! transaction at open; a store newer than this binary is refused. A new store's directory
+//! transaction at open; a store newer than this binary is refused, and so is one it cannot
+//! write (SQLite would open it for reading only, without an error). A new store's directory
 //! is created 0700 and its files 0600 (they list who is in which room).
 
 use std::path::Path;
@@ -56,6 +57,14 @@ pub enum StoreError {
     Lock {
         path: String,
         source: std::io::Error,
+    },
+    #[error(
+        "store {path} cannot be written: {source}; check the owner and mode of the file and of \
+         its -wal and -shm files beside it"
+    )]
+    ReadOnly {
+        path: String,
+        source: rusqlite::Error,
     },
     #[error("store write failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -249,6 +258,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         migrate(&conn, &display)?;
+        check_writable(&conn, &display)?;
         if is_new {
             // The WAL and shared-memory files appear with the first write.
             for suffix in ["-wal", "-shm"] {
@@ -734,6 +744,27 @@ fn migrate(conn: &Connection, path: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Proves the store can be written. SQLite opens a file it may not write, or whose `-wal`
+/// or `-shm` it may not write, for reading only and without an error; every write would
+/// then fail after roster said it was ready.
+fn check_writable(conn: &Connection, path: &str) -> Result<(), StoreError> {
+    let read_only = |source| StoreError::ReadOnly {
+        path: path.to_owned(),
+        source,
+    };
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(read_only)?;
+    // Rewriting the version is a write that changes nothing.
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; PRAGMA user_version = {version}; COMMIT;"
+    ))
+    .map_err(|source| {
+        let _ = conn.execute_batch("ROLLBACK");
+        read_only(source)
+    })
+}
+
 /// Creates the store's directory (0700) when it does not exist.
 fn create_private_dir(dir: Option<&Path>) -> std::io::Result<()> {
     let Some(dir) = dir.filter(|d| !d.as_os_str().is_empty()) else {
@@ -1107,6 +1138,76 @@ mod tests {
                 .applied_at,
             Some(at)
         );
+    }
+
+    /// Makes `file` unwritable for this process, whoever runs it (`chattr +i` when root's
+    /// permissions win over the mode); `None` when that cannot be done here.
+    fn unwritable(file: &Path) -> Option<Unwritable> {
+        use std::os::unix::fs::PermissionsExt;
+        let writable = || std::fs::OpenOptions::new().write(true).open(file).is_ok();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o400)).unwrap();
+        if !writable() {
+            return Some(Unwritable(file.to_owned(), false));
+        }
+        let chattr = |flag| {
+            std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(file)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if chattr("+i") && !writable() {
+            return Some(Unwritable(file.to_owned(), true));
+        }
+        None
+    }
+
+    /// Gives the file back its permissions (and its mutability) when dropped.
+    struct Unwritable(std::path::PathBuf, bool);
+
+    impl Drop for Unwritable {
+        fn drop(&mut self) {
+            use std::os::unix::fs::PermissionsExt;
+            if self.1 {
+                let _ = std::process::Command::new("chattr")
+                    .arg("-i")
+                    .arg(&self.0)
+                    .status();
+            }
+            let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+
+    /// SQLite opens a file it may not write for reading only, and a WAL store whose `-wal`
+    /// and `-shm` it may not write (left by an operator's `sqlite3` as another user) without
+    /// a word: roster then said ready and failed every write, answering every transaction
+    /// 500 and repeating its homeserver actions whose record could not be saved. Such a
+    /// store is refused at open, naming it.
+    #[test]
+    fn should_refuse_a_store_it_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("roster.db");
+        drop(Store::open(&path).unwrap());
+        let Some(read_only) = unwritable(&path) else {
+            eprintln!("skipped: this process cannot be kept from writing a file");
+            return;
+        };
+        let error = Store::open(&path)
+            .err()
+            .expect("a read-only store is refused");
+        assert!(matches!(error, StoreError::ReadOnly { .. }), "{error}");
+        assert!(error.to_string().contains("roster.db"), "{error}");
+        drop(read_only);
+        // What it opened read-only it left read-only too: the -wal and -shm take the file's
+        // mode. The error names them; once they are writable, so is the store.
+        for suffix in ["-wal", "-shm"] {
+            let file = dir.path().join(format!("roster.db{suffix}"));
+            if file.exists() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+        }
+        Store::open(&path).unwrap().set_meta("k", "v").unwrap();
     }
 
     #[test]
