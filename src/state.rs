@@ -8,9 +8,11 @@
 //! - Writes run one at a time, under the model's write lock, off the async runtime.
 //! - Nothing outside this module sees the lock or the connection: readers get a closure.
 //! - Expectations (`expect`) and invalidations (`forget_room`) change the model only: they
-//!   are roster's guesses about the next pushed event, not promises.
+//!   are roster's guesses about the next pushed event, not promises. The read that ends an
+//!   invalidation drops from the store what the model forgot, so a restart brings back the
+//!   read, not the forgotten states.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
@@ -436,8 +438,19 @@ impl State {
     ) -> Result<ReadFound, StateError> {
         self.write(move |store, model| {
             let changes = model.observe_joined(&room, &joined, asked_at_seq);
-            if !changes.is_empty() {
+            if model.is_forgotten(&room) {
+                // The store still holds what the model forgot of the room: only what the
+                // model holds again (pushed since, or this read) may come back at a restart.
+                let keep: HashSet<&UserId> = model
+                    .members(&room)
+                    .map(|(user, _)| &**user)
+                    .chain(changes.iter().map(|c| &*c.user_id))
+                    .collect();
+                store.record_room_read(&room, &changes, &keep)?;
+            } else if !changes.is_empty() {
                 store.record_member_changes(&changes)?;
+            }
+            if !changes.is_empty() {
                 model.commit(changes.clone());
             }
             let unconfirmed_joins = model.read_recorded(&room, asked_at_seq, &joined);
@@ -870,6 +883,49 @@ mod tests {
             member(&state, "!r:ex.org", "@a:ex.org"),
             Some(Membership::Join)
         );
+    }
+
+    /// A room forgotten to be read afresh (`POST /admin/v1/invalidate`, a failed read, a
+    /// refused join) is what the read then shows, also after a restart: the states it
+    /// forgot must not come back from the store. Here a ban whose lifting was never pushed,
+    /// which no read can clear (reads list joined members only), and a join that ended.
+    #[tokio::test]
+    async fn should_not_bring_back_what_a_forgotten_room_lost_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = with_agent_room(dir.path()).await;
+        let banned = MemberEvent {
+            membership: Membership::Ban,
+            sender: owned_user_id!("@mod:ex.org"),
+            ..join("@admin:ex.org", 2)
+        };
+        state
+            .record_transaction(
+                "t1".into(),
+                1,
+                vec![join("@a:ex.org", 1), banned, join("@b:ex.org", 3)],
+            )
+            .await
+            .unwrap();
+        let room = owned_room_id!("!r:ex.org");
+        state.forget_room(&room);
+        let asked_at = state.read(|m| m.last_seq());
+        let joined = vec![ObservedMember {
+            user: owned_user_id!("@a:ex.org"),
+            displayname: None,
+            avatar_url: None,
+        }];
+        state
+            .record_read(room.clone(), joined, asked_at)
+            .await
+            .unwrap();
+        let now = |state: &State| {
+            ["@a:ex.org", "@admin:ex.org", "@b:ex.org"].map(|user| member(state, "!r:ex.org", user))
+        };
+        let read = [Some(Membership::Join), None, None];
+        assert_eq!(now(&state), read);
+        drop(state);
+        let state = reopen(dir.path());
+        assert_eq!(now(&state), read, "after a restart too");
     }
 
     #[tokio::test]

@@ -393,6 +393,40 @@ impl Store {
         Ok(())
     }
 
+    /// Records what a read of `room` found (`changes`) and drops the room's other member
+    /// states but those of `keep`, atomically: a room the model forgot keeps in the store
+    /// only what the model holds of it again. Returns how many states were dropped.
+    pub fn record_room_read(
+        &self,
+        room: &ruma::RoomId,
+        changes: &[Change],
+        keep: &std::collections::HashSet<&ruma::UserId>,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let stored: Vec<String> = {
+            let mut query = tx.prepare_cached("SELECT user_id FROM members WHERE room_id = ?1")?;
+            query
+                .query_map([room.as_str()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut dropped = 0;
+        {
+            let mut delete =
+                tx.prepare_cached("DELETE FROM members WHERE room_id = ?1 AND user_id = ?2")?;
+            for user in stored {
+                let kept =
+                    <&ruma::UserId>::try_from(user.as_str()).is_ok_and(|user| keep.contains(user));
+                if !kept {
+                    dropped += delete.execute(params![room.as_str(), user])?;
+                }
+            }
+        }
+        upsert_members(&tx, changes)?;
+        tx.commit()?;
+        Ok(dropped)
+    }
+
     /// Saves agent-room records, all or none.
     pub fn save_room_records(&self, records: &[RoomRecord]) -> Result<(), StoreError> {
         let mut conn = self.conn();

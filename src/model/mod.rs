@@ -407,6 +407,11 @@ impl Model {
                 || self.expected.keys().any(|(r, _)| r == room))
     }
 
+    /// Whether `room` was forgotten (`forget_room`) and not read since.
+    pub fn is_forgotten(&self, room: &RoomId) -> bool {
+        self.unread.contains(room)
+    }
+
     /// Drops what the model knows of `room`, so the next look reads it afresh; until that
     /// read is recorded (`read_recorded`), events pushed about it do not make it known.
     pub fn forget_room(&mut self, room: &RoomId) {
