@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -249,22 +249,36 @@ fn target_agents(
     })
 }
 
-/// Asks for an immediate reconciliation; with `wait`, answers with its summary.
-/// The target of a sync or invalidate request: none (no JSON body) means all.
-type TargetBody = Result<Option<axum::Json<Target>>, axum::extract::rejection::JsonRejection>;
+/// The target of a sync or invalidate request: no body means all. A body must say it is
+/// JSON: one without `Content-Type` is refused, never taken for "no body" (every agent).
+struct TargetBody(Result<Target, String>);
 
-fn read_target(body: TargetBody) -> Result<Target, String> {
-    match body {
-        Ok(target) => Ok(target.map(|b| b.0).unwrap_or_default()),
-        Err(rejection) => Err(format!(
-            "{}; send \"room\" or \"agent\" (and \"wait\"), or no body for every agent",
-            rejection.body_text()
-        )),
+impl<S: Send + Sync> FromRequest<S> for TargetBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let hint = "send \"room\" or \"agent\" (and \"wait\"), or no body for every agent";
+        if request.headers().contains_key(header::CONTENT_TYPE) {
+            let target = axum::Json::<Target>::from_request(request, state).await;
+            return Ok(TargetBody(target.map(|json| json.0).map_err(|rejection| {
+                format!("{}; {hint}", rejection.body_text())
+            })));
+        }
+        let body = axum::body::Bytes::from_request(request, state).await;
+        Ok(TargetBody(match body {
+            Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(Target::default()),
+            Ok(_) => Err(format!(
+                "the request has a body but no Content-Type; send it with \
+                 Content-Type: application/json; {hint}"
+            )),
+            Err(rejection) => Err(format!("{}; {hint}", rejection.body_text())),
+        }))
     }
 }
 
+/// Asks for an immediate reconciliation; with `wait`, answers with its summary.
 async fn sync(State(shared): State<Arc<Shared>>, body: TargetBody) -> Response {
-    let target = match read_target(body) {
+    let target = match body.0 {
         Ok(target) => target,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
@@ -302,7 +316,7 @@ async fn sync(State(shared): State<Arc<Shared>>, body: TargetBody) -> Response {
 
 /// Forgets what the model knows of the targeted rooms, so they are read before acting.
 async fn invalidate(State(shared): State<Arc<Shared>>, body: TargetBody) -> Response {
-    let target = match read_target(body) {
+    let target = match body.0 {
         Ok(target) => target,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
@@ -455,6 +469,30 @@ mod tests {
         assert!(body.contains("\"invalidated\":1"), "{body}");
         let (status, body) = post(&shared, "/admin/v1/invalidate", None).await;
         assert_eq!(status, StatusCode::OK, "no body: every agent; {body}");
+    }
+
+    /// A body sent without `Content-Type` (Python's `requests.post(url, data=...)`, `curl
+    /// -H 'Content-Type:'`) is not "no body": ignoring it would turn a request about one
+    /// room into one about every agent, as a misspelt field would.
+    #[tokio::test]
+    async fn should_refuse_a_body_without_a_content_type_instead_of_targeting_every_agent() {
+        let shared = with_agent_room().await;
+        for path in ["/admin/v1/invalidate", "/admin/v1/sync"] {
+            let request = axum::http::Request::builder()
+                .method("POST")
+                .uri(path)
+                .header(axum::http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+                .body(Body::from(r#"{"room": "!other:ex.org"}"#))
+                .unwrap();
+            let answer = router(shared.clone()).oneshot(request).await.unwrap();
+            let status = answer.status();
+            let body = to_bytes(answer.into_body(), 64 * 1024).await.unwrap();
+            let body = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+            assert!(body.contains("Content-Type"), "{path}: {body}");
+            assert!(body.contains("M_BAD_JSON"), "{path}: {body}");
+        }
+        assert!(shared.queue.counts() == (0, 0), "nothing was scheduled");
     }
 
     /// An agent room is named by its id or its alias; any other room is refused, saying so.
