@@ -3,6 +3,7 @@
 //! Invariants: depends on no other roster module; every id built here is valid by
 //! construction (the `expect`s below hold because localparts are checked where they enter).
 
+use std::borrow::Cow;
 use std::fmt;
 
 use ruma::{OwnedRoomAliasId, OwnedServerName, OwnedUserId, RoomAliasId, ServerName, UserId};
@@ -26,6 +27,25 @@ pub fn agent_localpart(agent_id: &str) -> Option<String> {
         .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
         .collect();
     (!x.is_empty()).then(|| format!("{AGENT_PREFIX}{x}"))
+}
+
+/// The longest display name a homeserver takes, in characters (Synapse's
+/// `MAX_DISPLAYNAME_LEN`); an agent's name is its user's display name and its room's name.
+pub const MAX_NAME_CHARS: usize = 256;
+
+/// The name roster gives an agent's user and room for the name its source lists: cut to
+/// [`MAX_NAME_CHARS`] (ending in `…`) when longer, so the homeserver never refuses it.
+pub fn agent_name(name: &str) -> Cow<'_, str> {
+    match name.char_indices().nth(MAX_NAME_CHARS) {
+        None => Cow::Borrowed(name),
+        Some(_) => {
+            let (cut, _) = name
+                .char_indices()
+                .nth(MAX_NAME_CHARS - 1)
+                .expect("the name is longer than that");
+            Cow::Owned(format!("{}…", &name[..cut]))
+        }
+    }
 }
 
 /// The longest user id, room alias or room id Matrix allows, in bytes (sigil and server
@@ -300,6 +320,17 @@ mod tests {
         );
         assert_eq!(agent_localpart("agent-").as_deref(), None);
         assert_eq!(agent_localpart("!!!"), None);
+    }
+
+    #[test]
+    fn should_cut_agent_names_to_what_a_homeserver_takes() {
+        assert_eq!(agent_name("Helper"), "Helper");
+        let longest = "é".repeat(MAX_NAME_CHARS);
+        assert_eq!(agent_name(&longest), longest.as_str());
+        let cut = agent_name(&"é".repeat(MAX_NAME_CHARS + 1)).into_owned();
+        assert_eq!(cut.chars().count(), MAX_NAME_CHARS);
+        assert_eq!(cut, format!("{}…", "é".repeat(MAX_NAME_CHARS - 1)));
+        assert_eq!(agent_name(&cut), cut.as_str(), "a cut name stays as it is");
     }
 
     #[test]

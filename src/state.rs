@@ -483,6 +483,7 @@ impl State {
         grace_ms: u64,
     ) -> Result<ListingOutcome, StateError> {
         // An agent whose user id cannot exist here is never provisioned; say so each time.
+        // Its name is cut to what a homeserver takes as a display name.
         let agents: Vec<Agent> = agents
             .into_iter()
             .filter(|agent| match self.inner.ids.agent_localpart(&agent.id) {
@@ -491,6 +492,10 @@ impl State {
                     tracing::warn!(%error, "skipping agent");
                     false
                 }
+            })
+            .map(|agent| Agent {
+                name: crate::ids::agent_name(&agent.name).into_owned(),
+                ..agent
             })
             .collect();
         self.write(move |store, model| {

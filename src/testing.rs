@@ -618,6 +618,14 @@ fn handle(w: &mut World, method: Method, uri: Uri, headers: HeaderMap, body: Byt
                 return error(StatusCode::FORBIDDEN, "M_FORBIDDEN", "Not your profile");
             }
             let value = body[*field].as_str().map(str::to_owned);
+            // Synapse's limit (handlers/profile.py, MAX_DISPLAYNAME_LEN), in characters.
+            if *field == "displayname" && value.as_ref().is_some_and(|v| v.chars().count() > 256) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "M_UNKNOWN",
+                    "Displayname is too long (max 256)",
+                );
+            }
             let profile = w.users.entry(me.clone()).or_default();
             match *field {
                 "displayname" => profile.displayname = value,

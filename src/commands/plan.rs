@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::matrix::MatrixError;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::model::agents::{Action, PlanInput, RoomRecord, plan_agent};
+use crate::model::agents::{Action, Agent, PlanInput, RoomRecord, plan_agent};
 use crate::reconcile::agents::{avatar_for, read_joined, required_members};
 use crate::sources::{AgentSource, SourceError};
 use crate::store::Store;
@@ -71,6 +71,11 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
                 tracing::warn!(%error, "skipping agent");
                 continue;
             }
+        };
+        // The name as `serve` keeps it: cut to what a homeserver takes.
+        let agent = &Agent {
+            name: crate::ids::agent_name(&agent.name).into_owned(),
+            ..agent.clone()
         };
         let agent_user = ids.agent_user(&localpart);
         let mut record = records

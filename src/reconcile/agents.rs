@@ -1678,6 +1678,36 @@ mod tests {
         assert_eq!(f.record().applied_topic.as_deref(), Some("Letta agent Two"));
     }
 
+    /// An agent name longer than a homeserver takes as a display name (Synapse: 256
+    /// characters) still gets its room and user, named with the name cut short; a later
+    /// run, and a listing of the same name again, send nothing.
+    #[tokio::test]
+    async fn should_provision_an_agent_whose_name_is_too_long_for_a_display_name() {
+        let f = fixture().await;
+        f.space().await;
+        let long = format!("Agent {}", "é".repeat(400));
+        f.list_as(&long, 1).await;
+        f.converge().await;
+        let shown = f.hs.world().users[AGENT].displayname.clone().unwrap();
+        assert!(
+            shown.chars().count() <= 256,
+            "{} characters",
+            shown.chars().count()
+        );
+        assert!(shown.starts_with("Agent éé"), "{shown}");
+        let room = f.record().room_id.expect("the room was created");
+        let name = f.hs.world().rooms[room.as_str()].state
+            [&("m.room.name".to_string(), String::new())]["name"]
+            .clone();
+        assert_eq!(name, shown.as_str());
+
+        f.learn_by_reading(&room).await;
+        let before = f.hs.world().requests.len();
+        f.list_as(&long, 2).await;
+        f.converge().await;
+        assert_eq!(f.sent_since(before), Vec::<String>::new());
+    }
+
     /// Generated avatars: uploaded once per distinct picture, set before the room exists,
     /// changed on a rename only when the letter changes, and a hand-set one left alone.
     #[tokio::test]
