@@ -499,6 +499,15 @@ impl State {
             })
             .collect();
         self.write(move |store, model| {
+            let (agents, left_out) = model.agents.without_taken_localparts(agents);
+            for (agent, holder) in &left_out {
+                tracing::warn!(
+                    agent = %agent.id,
+                    holder = %holder,
+                    "skipping agent: its id makes the same Matrix user and room alias as \
+                     the holder's; give one of them another id"
+                );
+            }
             let mut book = model.agents.clone();
             let outcome = book.observe_listing(&agents, now_ms, grace_ms);
             let touched: Vec<RoomRecord> = book

@@ -547,6 +547,42 @@ impl AgentBook {
         self.room_index.get(room).map(String::as_str)
     }
 
+    /// Splits `listed` into the agents that may have their user and room, and those left
+    /// out with the agent whose user and alias their id makes too (`agent-1` and `1` both
+    /// make `@agent_1`). An agent with a live record keeps its own; a newcomer whose
+    /// localpart a live record or an agent listed before it holds is left out, so it never
+    /// takes over (renames, then leaves or deactivates) another agent's room and user.
+    pub fn without_taken_localparts(
+        &self,
+        listed: Vec<Agent>,
+    ) -> (Vec<Agent>, Vec<(Agent, String)>) {
+        let mut holders: HashMap<String, String> = self
+            .records
+            .values()
+            .filter(|r| !r.retired)
+            .map(|r| (r.localpart.clone(), r.agent_id.clone()))
+            .collect();
+        let mut kept = Vec::with_capacity(listed.len());
+        let mut left_out = Vec::new();
+        for agent in listed {
+            let live = self.records.get(&agent.id).is_some_and(|r| !r.retired);
+            if !live && let Some(localpart) = agent_localpart(&agent.id) {
+                match holders.get(&localpart) {
+                    Some(holder) if *holder != agent.id => {
+                        let holder = holder.clone();
+                        left_out.push((agent, holder));
+                        continue;
+                    }
+                    _ => {
+                        holders.insert(localpart, agent.id.clone());
+                    }
+                }
+            }
+            kept.push(agent);
+        }
+        (kept, left_out)
+    }
+
     /// Applies a complete, successful listing observed at `now_ms`.
     ///
     /// Never called for a failed listing: a Letta outage must not look like "every agent

@@ -1678,6 +1678,45 @@ mod tests {
         assert_eq!(f.record().applied_topic.as_deref(), Some("Letta agent Two"));
     }
 
+    /// Agent ids that make the same user and alias (`agent-1` and `1` are both
+    /// `@agent_1`): the second listed is left out, so it never takes over the first's room,
+    /// and its removal cannot take the required members out of that room.
+    #[tokio::test]
+    async fn should_leave_out_an_agent_whose_id_makes_another_agents_user() {
+        let (f, room) = provisioned().await;
+        let one = Agent {
+            id: "agent-1".into(),
+            name: "One".into(),
+        };
+        let twin = Agent {
+            id: "1".into(),
+            name: "Twin".into(),
+        };
+        let listed = |agents: Vec<Agent>, at_ms| {
+            let state = &f.shared.state;
+            async move { state.observe_listing(agents, at_ms, 1_000).await.unwrap() }
+        };
+        listed(vec![one.clone(), twin.clone()], 1).await;
+        assert_eq!(f.agents.reconcile_agent("1").await, Outcome::Done(()));
+        assert_eq!(
+            f.hs.world().users[AGENT].displayname.as_deref(),
+            Some("One"),
+            "the twin did not rename agent-1's user"
+        );
+        // The twin goes away past the grace period.
+        listed(vec![one.clone()], 10).await;
+        listed(vec![one], 2_000).await;
+        assert_eq!(f.agents.reconcile_agent("1").await, Outcome::Done(()));
+        for user in [AGENT, BOT, ADMIN] {
+            assert_eq!(f.membership(&room, user).as_deref(), Some("join"), "{user}");
+        }
+        assert_eq!(f.record().room_id.as_ref(), Some(&room));
+        assert!(
+            f.shared.state.read(|m| !m.agents.records.contains_key("1")),
+            "the twin has no record"
+        );
+    }
+
     /// An agent name longer than a homeserver takes as a display name (Synapse: 256
     /// characters) still gets its room and user, named with the name cut short; a later
     /// run, and a listing of the same name again, send nothing.
