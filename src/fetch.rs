@@ -145,40 +145,53 @@ fn check_literal(url: &reqwest::Url) -> Result<(), Refused> {
     }
 }
 
+/// Refuses `url` when its host is an address literal that is not public, or one of the
+/// `proxies`: their hosts are exempt from the resolver's check only so that roster can
+/// reach them, and a URL naming one can go there directly (an `http://` URL while only
+/// `HTTPS_PROXY` is set, a host in `NO_PROXY`).
+fn check_target(url: &reqwest::Url, proxies: &[String]) -> Result<(), Refused> {
+    check_literal(url)?;
+    let host = url.host_str().unwrap_or_default();
+    if proxies.iter().any(|p| p.eq_ignore_ascii_case(host)) {
+        return Err(Refused {
+            host: format!("{host} (a configured proxy)"),
+        });
+    }
+    Ok(())
+}
+
 /// Resolves host names to their public addresses only. The proxies reqwest takes from the
 /// environment are exempt: they are the operator's, and behind one the proxy resolves the
 /// avatar's host, so it is the proxy that must refuse private targets.
 struct PublicResolver {
-    proxies: Vec<String>,
+    proxies: Arc<[String]>,
 }
 
-impl PublicResolver {
-    fn from_environment() -> PublicResolver {
-        let proxies = [
-            "HTTPS_PROXY",
-            "https_proxy",
-            "HTTP_PROXY",
-            "http_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-        ]
-        .iter()
-        .filter_map(|name| std::env::var(name).ok())
-        .filter_map(|value| {
-            // reqwest takes `host:port` without a scheme as http://.
-            let value = if value.contains("://") {
-                value
-            } else {
-                format!("http://{value}")
-            };
-            reqwest::Url::parse(&value)
-                .ok()?
-                .host_str()
-                .map(str::to_ascii_lowercase)
-        })
-        .collect();
-        PublicResolver { proxies }
-    }
+/// The hosts of the proxies reqwest takes from the environment, lower-cased.
+fn proxy_hosts_from_environment() -> Vec<String> {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .iter()
+    .filter_map(|name| std::env::var(name).ok())
+    .filter_map(|value| {
+        // reqwest takes `host:port` without a scheme as http://.
+        let value = if value.contains("://") {
+            value
+        } else {
+            format!("http://{value}")
+        };
+        reqwest::Url::parse(&value)
+            .ok()?
+            .host_str()
+            .map(str::to_ascii_lowercase)
+    })
+    .collect()
 }
 
 impl reqwest::dns::Resolve for PublicResolver {
@@ -209,6 +222,8 @@ pub struct AvatarFetcher {
     max_bytes: usize,
     timeout: Duration,
     reach: Reach,
+    /// Hosts of the proxies reqwest uses: never an avatar's host (see [`check_target`]).
+    proxies: Arc<[String]>,
 }
 
 /// The refusal somewhere in `error`'s causes (from the resolver or the redirect policy).
@@ -225,13 +240,25 @@ fn find_refused(error: &reqwest::Error) -> Option<&Refused> {
 
 impl AvatarFetcher {
     pub fn new(timeout: Duration, max_bytes: usize, reach: Reach) -> AvatarFetcher {
+        AvatarFetcher::with_proxies(timeout, max_bytes, reach, proxy_hosts_from_environment())
+    }
+
+    /// A fetcher that takes `proxies` (host names) for the proxies reqwest uses.
+    fn with_proxies(
+        timeout: Duration,
+        max_bytes: usize,
+        reach: Reach,
+        proxies: Vec<String>,
+    ) -> AvatarFetcher {
+        let proxies: Arc<[String]> = proxies.into();
+        let allowed = proxies.clone();
         let redirects = reqwest::redirect::Policy::custom(move |attempt| {
             // `previous` holds the first URL too, which is not a redirect.
             if attempt.previous().len() > MAX_REDIRECTS {
                 return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
             }
             if reach == Reach::PublicOnly
-                && let Err(refused) = check_literal(attempt.url())
+                && let Err(refused) = check_target(attempt.url(), &allowed)
             {
                 return attempt.error(refused);
             }
@@ -243,7 +270,9 @@ impl AvatarFetcher {
             .redirect(redirects)
             .user_agent(concat!("roster/", env!("CARGO_PKG_VERSION")));
         if reach == Reach::PublicOnly {
-            builder = builder.dns_resolver(Arc::new(PublicResolver::from_environment()));
+            builder = builder.dns_resolver(Arc::new(PublicResolver {
+                proxies: proxies.clone(),
+            }));
         }
         let http = builder.build().expect("a TLS backend is compiled in");
         AvatarFetcher {
@@ -251,6 +280,7 @@ impl AvatarFetcher {
             max_bytes,
             timeout,
             reach,
+            proxies,
         }
     }
 
@@ -269,7 +299,7 @@ impl AvatarFetcher {
         let parsed =
             reqwest::Url::parse(url).map_err(|e| FetchError::Http(format!("not a URL: {e}")))?;
         if self.reach == Reach::PublicOnly {
-            check_literal(&parsed)
+            check_target(&parsed, &self.proxies)
                 .map_err(|refused| FetchError::PrivateAddress { host: refused.host })?;
         }
         let mut response = self.http.get(parsed).send().await.map_err(transport)?;
@@ -436,6 +466,51 @@ mod tests {
                 "{url} is left to the resolver"
             );
         }
+    }
+
+    /// The proxy's own host is exempt from the check only to reach the proxy: an avatar
+    /// URL naming it (an `http://` one while only `HTTPS_PROXY` is set, or a host in
+    /// `NO_PROXY`, goes there directly) is refused like any inside address, at the first
+    /// request and at a redirect.
+    #[tokio::test]
+    async fn should_refuse_an_avatar_on_the_proxys_own_host() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let served = Arc::new(AtomicUsize::new(0));
+        let counter = served.clone();
+        let app = axum::Router::new().route(
+            "/a.png",
+            axum::routing::get(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async {
+                    (
+                        [("content-type", "image/png")],
+                        b"\x89PNG\r\n\x1a\n....".as_slice(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        // No proxy is configured for reqwest here: the request would go straight there.
+        let guarded = AvatarFetcher::with_proxies(
+            Duration::from_secs(30),
+            1024,
+            Reach::PublicOnly,
+            vec!["localhost".into()],
+        );
+        match guarded
+            .fetch(&format!("http://LocalHost:{port}/a.png"))
+            .await
+        {
+            Err(FetchError::PrivateAddress { host }) => {
+                assert!(host.contains("localhost"), "{host}")
+            }
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("fetched from the proxy's host"),
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 0, "nothing reached it");
     }
 
     /// An image served on loopback: refused to a public-only fetcher whether named by
