@@ -90,6 +90,9 @@ pub fn is_public(ip: IpAddr) -> bool {
                     lo as u8,
                 ))
             };
+            if s[0] == 0x0064 && s[1] == 0xff9b && s[2] == 0x0001 {
+                return false; // local-use NAT64 (RFC 8215): to whatever the network says
+            }
             if s[0] == 0x0064 && s[1] == 0xff9b {
                 return embedded(s[6], s[7]); // NAT64
             }
@@ -103,7 +106,10 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
-                || (s[0] == 0x2001 && s[1] == 0x0db8)) // documentation
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || (s[0] & 0xfff0) == 0x3ff0 // documentation (RFC 9637)
+                || s[..4] == [0x0100, 0, 0, 0] // discard-only
+                || (s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0)) // benchmarking
         }
     }
 }
@@ -427,6 +433,11 @@ mod tests {
             "64:ff9b::a00:1",
             "2002:c0a8:101::1",
             "2001:db8::1",
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1:a00:0:100:101:101",
+            "100::1",
+            "2001:2::1",
+            "3fff::1",
         ] {
             assert!(
                 !is_public(inside.parse().unwrap()),
