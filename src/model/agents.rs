@@ -1180,6 +1180,32 @@ mod tests {
         assert_eq!(book.desired["agent-1"].name, "Two");
     }
 
+    /// Ids that make one localpart: the agent with a live record keeps it; among
+    /// newcomers, the first listed; once the holder is retired, another may take it.
+    #[test]
+    fn should_leave_out_agents_whose_localpart_another_holds() {
+        let named = |id: &str| Agent {
+            id: id.into(),
+            name: id.into(),
+        };
+        let ids = |agents: &[Agent]| agents.iter().map(|a| a.id.clone()).collect::<Vec<_>>();
+        let mut book = AgentBook::default();
+        let (kept, left_out) =
+            book.without_taken_localparts(vec![named("1"), named("agent-1"), named("agent-2")]);
+        assert_eq!(ids(&kept), ["1", "agent-2"]);
+        assert_eq!(left_out, vec![(named("agent-1"), "1".to_owned())]);
+
+        book.observe_listing(&kept, 0, 100);
+        let (kept, left_out) = book.without_taken_localparts(vec![named("agent-1")]);
+        assert_eq!((kept, left_out.len()), (vec![], 1), "the record holds it");
+
+        book.observe_listing(&[], 1, 100);
+        book.observe_listing(&[], 200, 100);
+        book.retire("1").expect("its removal was under way");
+        let (kept, _) = book.without_taken_localparts(vec![named("agent-1"), named("1")]);
+        assert_eq!(ids(&kept), ["agent-1"], "the retired record holds nothing");
+    }
+
     #[test]
     fn should_plan_removal_of_present_members_only() {
         let mut model = converged_model();
