@@ -33,9 +33,10 @@ pub fn agent_localpart(agent_id: &str) -> Option<String> {
 /// `MAX_DISPLAYNAME_LEN`); an agent's name is its user's display name and its room's name.
 pub const MAX_NAME_CHARS: usize = 256;
 
-/// The name roster gives an agent's user and room for the name its source lists: cut to
-/// [`MAX_NAME_CHARS`] (ending in `…`) when longer, so the homeserver never refuses it.
-pub fn agent_name(name: &str) -> Cow<'_, str> {
+/// The display name roster sets for `name` (an agent's name from its source, a person's
+/// from an identity event): cut to [`MAX_NAME_CHARS`] (ending in `…`) when longer, so the
+/// homeserver never refuses it.
+pub fn display_name(name: &str) -> Cow<'_, str> {
     match name.char_indices().nth(MAX_NAME_CHARS) {
         None => Cow::Borrowed(name),
         Some(_) => {
@@ -323,14 +324,18 @@ mod tests {
     }
 
     #[test]
-    fn should_cut_agent_names_to_what_a_homeserver_takes() {
-        assert_eq!(agent_name("Helper"), "Helper");
+    fn should_cut_display_names_to_what_a_homeserver_takes() {
+        assert_eq!(display_name("Helper"), "Helper");
         let longest = "é".repeat(MAX_NAME_CHARS);
-        assert_eq!(agent_name(&longest), longest.as_str());
-        let cut = agent_name(&"é".repeat(MAX_NAME_CHARS + 1)).into_owned();
+        assert_eq!(display_name(&longest), longest.as_str());
+        let cut = display_name(&"é".repeat(MAX_NAME_CHARS + 1)).into_owned();
         assert_eq!(cut.chars().count(), MAX_NAME_CHARS);
         assert_eq!(cut, format!("{}…", "é".repeat(MAX_NAME_CHARS - 1)));
-        assert_eq!(agent_name(&cut), cut.as_str(), "a cut name stays as it is");
+        assert_eq!(
+            display_name(&cut),
+            cut.as_str(),
+            "a cut name stays as it is"
+        );
     }
 
     #[test]

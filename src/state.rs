@@ -494,7 +494,7 @@ impl State {
                 }
             })
             .map(|agent| Agent {
-                name: crate::ids::agent_name(&agent.name).into_owned(),
+                name: crate::ids::display_name(&agent.name).into_owned(),
                 ..agent
             })
             .collect();

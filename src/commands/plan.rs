@@ -74,7 +74,7 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
         };
         // The name as `serve` keeps it: cut to what a homeserver takes.
         let agent = &Agent {
-            name: crate::ids::agent_name(&agent.name).into_owned(),
+            name: crate::ids::display_name(&agent.name).into_owned(),
             ..agent.clone()
         };
         let agent_user = ids.agent_user(&localpart);

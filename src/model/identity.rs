@@ -19,6 +19,8 @@ use std::collections::HashSet;
 
 use ruma::{OwnedUserId, ServerName, UserId};
 
+use crate::ids::display_name;
+
 pub use crate::ids::IdentityId;
 
 /// One lifecycle event, reduced to the fields roster uses.
@@ -364,7 +366,8 @@ impl Identities {
             IdentityEvent::Created { username, .. } => {
                 plan.effects.push(Effect::Register);
                 if let Some(name) = non_empty(Some(username)) {
-                    plan.effects.push(Effect::SetDisplayName(name.to_owned()));
+                    plan.effects
+                        .push(Effect::SetDisplayName(display_name(name).into_owned()));
                 }
             }
             IdentityEvent::ProfileUpdated { .. } => {
@@ -373,7 +376,8 @@ impl Identities {
                     .profile_parts()
                     .expect("a profile update has profile parts");
                 if let Some(name) = parts.name {
-                    plan.effects.push(Effect::SetDisplayName(name.to_owned()));
+                    plan.effects
+                        .push(Effect::SetDisplayName(display_name(name).into_owned()));
                 }
                 if let Some(avatar) = parts.avatar {
                     plan.effects.push(Effect::SetAvatar(avatar));
@@ -484,6 +488,27 @@ mod tests {
                 "{display:?}"
             );
         }
+    }
+
+    /// A homeserver refuses a display name over 256 characters (Synapse: 400), which would
+    /// dead-letter the update: the name is cut, as agents' names are, and the cut name is
+    /// what a later update is compared with.
+    #[test]
+    fn should_cut_a_display_name_too_long_for_the_homeserver() {
+        let ids = Identities::default();
+        let long = "é".repeat(300);
+        let cut = crate::ids::display_name(&long).into_owned();
+        assert_eq!(cut.chars().count(), crate::ids::MAX_NAME_CHARS);
+        let updated = plan(&ids, &profile(Some(&long), Some("alice"), None));
+        assert_eq!(updated.effects, vec![Effect::SetDisplayName(cut.clone())]);
+        let created = plan(
+            &ids,
+            &IdentityEvent::Created {
+                id: id(),
+                username: long.clone(),
+            },
+        );
+        assert_eq!(created.effects[1], Effect::SetDisplayName(cut));
     }
 
     #[test]
