@@ -1141,10 +1141,25 @@ fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String
                 Ok((key, value))
             })
             .collect(),
+        // Described by its kind only: the text may be properties with their credentials
+        // (`sasl.password=...`) or a mapping cut short, and errors reach logs.
         other => Err(de::Error::custom(format!(
-            "{} is not a mapping; expected e.g. {{session.timeout.ms: 6000}}",
-            scalar_text(&other)
+            "{} is not a mapping (its value is not shown: it may hold credentials); expected e.g. {{session.timeout.ms: 6000}}",
+            kind_of(&other)
         ))),
+    }
+}
+
+/// A value named by its kind alone, for values that may be secret.
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
     }
 }
 
@@ -1715,6 +1730,41 @@ lifecycle:
             debug.contains("sasl.password"),
             "names stay visible: {debug}"
         );
+    }
+
+    /// `lifecycle.kafka` carries credentials (`sasl.password`, ...): a value that is not a
+    /// mapping is refused without being echoed, from the environment or the file.
+    #[test]
+    fn should_not_print_a_malformed_kafka_mapping() {
+        for (yaml, vars) in [
+            (
+                MINIMAL.to_owned(),
+                env(&[(
+                    "ROSTER_LIFECYCLE__KAFKA",
+                    "{sasl.password: kafka-password-value, security.protocol: sasl_ssl",
+                )]),
+            ),
+            (
+                MINIMAL.to_owned(),
+                env(&[(
+                    "ROSTER_LIFECYCLE__KAFKA",
+                    "sasl.password=kafka-password-value",
+                )]),
+            ),
+            (
+                format!("{MINIMAL}lifecycle: {{kafka: 'sasl.password=kafka-password-value'}}\n"),
+                env(&[]),
+            ),
+        ] {
+            let err = Config::from_yaml_with_env(&yaml, &vars)
+                .expect_err("not a mapping")
+                .to_string();
+            assert!(!err.contains("kafka-password-value"), "{err}");
+            assert!(
+                err.contains("lifecycle.kafka") && err.contains("not a mapping"),
+                "{err}"
+            );
+        }
     }
 
     /// A YAML tag on a section is read through by the struct; the environment must still
