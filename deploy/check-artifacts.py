@@ -305,6 +305,42 @@ def check_dockerfile(report, hadolint):
             if not (ROOT / src).exists():
                 problems.append(f"COPY source {src} does not exist in the repository")
     report.check("Dockerfile: structure", problems, "multi-stage, non-root, healthcheck, cargo build --release --locked")
+    report.check("Dockerfile: build context", dockerfile_context_problems(logical),
+                 "every file the release build reads is copied; the commit can be named")
+
+
+# `include_bytes!("...")` / `include_str!("...")`: files compiled into the binary.
+INCLUDE_RE = re.compile(r'include_(?:bytes|str)!\(\s*"([^"]+)"\s*\)')
+
+
+def dockerfile_context_problems(logical):
+    """What `cargo build --release` in the build stage would miss: a file outside the COPYed
+    paths that non-test code includes, a build script left behind, or no way to pass the
+    commit (no .git in the context) to it."""
+    copied = []
+    for line in re.findall(r"^COPY (?!--from)(.+?) \S+$", logical, re.M):
+        copied += [(ROOT / src).resolve() for src in line.split()]
+
+    def is_copied(path):
+        return any(path == c or c in path.parents for c in copied)
+
+    problems = []
+    for source in sorted((ROOT / "src").rglob("*.rs")):
+        text = source.read_text()
+        # Test modules sit at the end of a file: what follows the first one is test code.
+        shipped = text.split("#[cfg(test)]", 1)[0]
+        for included in INCLUDE_RE.findall(shipped):
+            path = (source.parent / included).resolve()
+            if not is_copied(path):
+                problems.append(
+                    f"{rel(source)} includes {rel(path)}, which no COPY brings into the build stage")
+    build_script = ROOT / "build.rs"
+    if build_script.exists():
+        if not is_copied(build_script.resolve()):
+            problems.append("build.rs is not copied: the image would not name its commit")
+        if not re.search(r"^ARG ROSTER_COMMIT\b", logical, re.M):
+            problems.append("no `ARG ROSTER_COMMIT`: the context has no .git, so build.rs cannot name the commit")
+    return problems
 
 
 def check_compose(report, check_jsonschema):
