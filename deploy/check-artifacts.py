@@ -382,7 +382,14 @@ def check_compose(report, check_jsonschema):
     for wanted in ("/roster/registration.yaml", "/roster/registration-acting.yaml"):
         if wanted not in listed:
             problems.append(f"synapse-appservice.yaml does not list {wanted}")
-    report.check("compose wiring", problems, "mounts, volumes, build, kafka profile, topics")
+    # tuwunel loads registrations from its admin room: the snippet's steps must print and
+    # register both, or roster cannot act as @admin and @nova-* there.
+    steps = TUWUNEL.read_text()
+    for wanted in ("/etc/roster/registration/registration.yaml",
+                   "/etc/roster/registration/registration-acting.yaml"):
+        if f"cat roster {wanted}" not in steps:
+            problems.append(f"tuwunel-snippet.yaml does not print {wanted} to register it")
+    report.check("compose wiring", problems, "mounts, volumes, build, kafka profile, topics, tuwunel steps")
     return set(services)
 
 
