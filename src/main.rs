@@ -222,7 +222,7 @@ async fn real_main() -> anyhow::Result<()> {
         }
         Command::CheckConfig(arg) => {
             let config = load_config(&arg)?;
-            let report = roster::commands::check_config::check(&config);
+            let report = roster::commands::check_config::check_all(&config);
             if !report.problems.is_empty() {
                 for problem in &report.problems {
                     eprintln!("{problem}");

@@ -575,6 +575,24 @@ impl FileSource {
     }
 }
 
+/// Reads and checks an agents file as [`FileSource::list`] does, blocking: for
+/// `check-config`, which runs before anything starts.
+pub fn read_agents_file(path: &Path) -> Result<Vec<Agent>, SourceError> {
+    let unreadable = |error: std::io::Error| SourceError::FileUnreadable {
+        path: path.to_owned(),
+        reason: error.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(SourceError::FileUnreadable {
+            path: path.to_owned(),
+            reason: format!("it is larger than {MAX_FILE_BYTES} bytes"),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
+    parse_agents_file(path, &text)
+}
+
 /// Parses an agents file's text (`path` only names it in errors): every entry needs a
 /// non-empty `id` that makes a Matrix user and a non-empty `name`; two entries may not share
 /// an id or map to the same Matrix user. Sorted by id.

@@ -1,5 +1,6 @@
 //! `roster check-config`: validates the config, the registrations it names and the files
-//! roster will use, without starting anything. `serve` runs the same checks first.
+//! roster will use, without starting anything. `serve` runs the same checks first, all but
+//! the agents file's contents ([`check_all`]).
 //!
 //! Each problem is one line naming the key and the fix.
 
@@ -7,6 +8,7 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::registration::{self, RegistrationError};
+use crate::sources::{self, SourceError};
 
 /// What the checks found: the problems, and how roster is registered when it is.
 #[derive(Debug, Default)]
@@ -69,6 +71,36 @@ pub fn check(config: &Config) -> Report {
             "agents.file: cannot read {}: {error}; write the agents list there (YAML: - {{id, name}}) or unset the key",
             file.display()
         ));
+    }
+    report
+}
+
+/// `roster check-config`: everything [`check`] finds, and an `agents.file` that serve's
+/// source would refuse. `serve` starts with such a file (its polls report the error and
+/// the lifecycle consumer still runs), but it provisions no agent from it, so the
+/// operator's check says so first.
+pub fn check_all(config: &Config) -> Report {
+    let mut report = check(config);
+    let Some(file) = &config.agents.file else {
+        return report;
+    };
+    if report
+        .problems
+        .iter()
+        .any(|p| p.starts_with("agents.file: "))
+    {
+        return report;
+    }
+    match sources::read_agents_file(file) {
+        Ok(_) => {}
+        Err(SourceError::FileUnreadable { reason, .. }) => report.problems.push(format!(
+            "agents.file: cannot read {}: {reason}; write the agents list there (YAML: - {{id, name}}) or unset the key",
+            file.display()
+        )),
+        Err(error) => report.problems.push(format!(
+            "agents.file: {}; fix the file (a YAML list of {{id, name}}): serve lists no agent from it until then",
+            error.to_string().replace(['\n', '\r'], " ")
+        )),
     }
     report
 }
@@ -223,6 +255,62 @@ mod tests {
         );
         for problem in mismatched.problems.iter().chain(&readable.problems) {
             assert!(!problem.contains('\n'), "one line: {problem}");
+        }
+    }
+
+    /// An agents file serve would refuse at every poll (so it provisions nothing) is a
+    /// problem here, not only a missing one.
+    #[test]
+    fn should_find_an_agents_file_serve_cannot_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents.yaml");
+        let with_agents = config(dir.path(), "");
+        write_pair(&with_agents);
+        let with_agents = Config::from_yaml(&format!(
+            "homeserver: {{server_name: ex.org}}\nappservice: {{registration: {}}}\nstore: {{path: {}}}\nagents: {{file: {}}}",
+            with_agents.appservice.registration.display(),
+            with_agents.store.path.display(),
+            agents.display()
+        ))
+        .unwrap();
+        let agents_problems = |text: Option<&str>| -> Vec<String> {
+            let _ = std::fs::remove_file(&agents);
+            let _ = std::fs::remove_dir(&agents);
+            match text {
+                Some(text) => std::fs::write(&agents, text).unwrap(),
+                None => std::fs::create_dir(&agents).unwrap(),
+            }
+            check_all(&with_agents)
+                .problems
+                .into_iter()
+                .filter(|p| p.starts_with("agents.file: "))
+                .collect()
+        };
+        assert!(agents_problems(Some("- {id: agent-1, name: One}\n")).is_empty());
+        assert!(agents_problems(Some("[]\n")).is_empty());
+        for (text, needle) in [
+            (
+                Some("- {id: agent-1, name: One}\n- {id: agent-2\n"),
+                "not a YAML list",
+            ),
+            (
+                Some("agents:\n  - {id: agent-1, name: One}\n"),
+                "not a list",
+            ),
+            (
+                Some("- {id: agent-1, name: One}\n- {id: agent-1, name: Two}\n"),
+                "unique",
+            ),
+            (Some(""), "empty"),
+            (None, "agents.yaml"),
+        ] {
+            let problems = agents_problems(text);
+            assert_eq!(problems.len(), 1, "{text:?}: {problems:?}");
+            assert!(
+                problems[0].contains(needle) && problems[0].contains("agents.yaml"),
+                "{text:?}: {problems:?}"
+            );
+            assert!(!problems[0].contains('\n'), "one line: {problems:?}");
         }
     }
 
