@@ -37,7 +37,7 @@ pub enum RegistrationError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read registration {path}: {source}; generate one with `roster registration`")]
+    #[error("cannot read registration {path}: {source}; {}", read_fix(.source))]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -55,6 +55,16 @@ pub enum RegistrationError {
         "appservice.listen is {listen}, which the homeserver cannot reach; set appservice.url to how the homeserver reaches roster, e.g. http://roster:9009"
     )]
     UnreachableUrl { listen: std::net::SocketAddr },
+}
+
+/// What to do about a registration that cannot be read: only a missing one is generated;
+/// one that exists holds the tokens the homeserver has, and new ones would not match.
+fn read_fix(error: &std::io::Error) -> &'static str {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        "generate one with `roster registration`"
+    } else {
+        "check its owner and mode (roster's user must read it) rather than generating new tokens"
+    }
 }
 
 /// The registrations roster runs with.
@@ -585,6 +595,23 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    /// A registration that is there but cannot be read is not fixed by generating a new
+    /// one (that would change the tokens the homeserver holds): the error says so.
+    #[test]
+    fn should_not_ask_for_new_tokens_when_a_registration_exists_but_cannot_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path());
+        let missing = read(&config).unwrap_err().to_string();
+        assert!(missing.contains("roster registration"), "{missing}");
+        // A directory where the file should be: unreadable for every user, root included.
+        std::fs::create_dir(&config.appservice.registration).unwrap();
+        let unreadable = read(&config).unwrap_err().to_string();
+        assert!(
+            !unreadable.contains("roster registration") && unreadable.contains("owner and mode"),
+            "{unreadable}"
+        );
     }
 
     /// A registration written before the pair existed (one file with every namespace) keeps
