@@ -90,7 +90,26 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
         // The alias decides, as in `serve`: a stale record does not.
         record.room_id = hs.resolve_alias(&ids.agent_alias(&localpart)).await?;
         if let Some(room) = &record.room_id {
-            let joined = read_joined(&hs, room, &agent_user, &ids.bot).await?;
+            let joined = match read_joined(&hs, room, &agent_user, &ids.bot).await {
+                Ok(joined) => joined,
+                // One room roster is locked out of is that agent's news, not the end of
+                // the plan: serve reports it and goes on with the others as well.
+                Err(error) if error.is_forbidden() || error.is_not_found() => {
+                    plans.push(AgentPlan {
+                        agent_id: agent.id.clone(),
+                        name: agent.name.clone(),
+                        room: Some(room.to_string()),
+                        actions: Vec::new(),
+                        blocked: vec![format!(
+                            "room {room} ({}): neither {agent_user} nor {} can read it ({error})",
+                            ids.agent_alias(&localpart),
+                            ids.bot
+                        )],
+                    });
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
             let changes = model.observe_joined(room, &joined, model.last_seq());
             model.commit(changes);
         }
@@ -160,4 +179,88 @@ pub fn render(plan: &DryRun) -> String {
         plan.homeserver_reads
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registration;
+    use crate::testing::{FakeHomeserver, Room};
+
+    /// A room its alias names but that neither the agent nor the bot can read (both were
+    /// kicked, say) is shown for that agent; the plan of every other agent still comes.
+    #[tokio::test]
+    async fn should_plan_the_other_agents_when_one_room_cannot_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents.yaml");
+        std::fs::write(
+            &agents,
+            "- {id: agent-a, name: Alpha}\n- {id: agent-b, name: Beta}\n",
+        )
+        .unwrap();
+        let config_for = |url: &str| {
+            Config::from_yaml(&format!(
+                "homeserver: {{server_name: ex.org, url: '{url}'}}\nappservice: {{registration: {}}}\nstore: {{path: {}}}\nagents: {{file: {}, avatar: none}}",
+                dir.path().join("registration.yaml").display(),
+                dir.path().join("roster.db").display(),
+                agents.display()
+            ))
+            .unwrap()
+        };
+        let first = config_for("http://127.0.0.1:8008");
+        let pair = registration::generate(&first).unwrap();
+        registration::write_pair(
+            &first.appservice.registration,
+            &first.appservice.acting_registration_path(),
+            &pair,
+            false,
+        )
+        .unwrap();
+        let hs = FakeHomeserver::start(&pair.pushed.as_token, "ex.org", "letta").await;
+        {
+            let mut world = hs.world();
+            world.rooms.insert("!locked:ex.org".into(), Room::default());
+            world
+                .aliases
+                .insert("#agent_a:ex.org".into(), "!locked:ex.org".into());
+        }
+        let config = config_for(&hs.url);
+
+        let plan = dry_run(&config)
+            .await
+            .expect("one unreadable room does not hide the plan of the others");
+        let alpha = plan
+            .agents
+            .iter()
+            .find(|a| a.agent_id == "agent-a")
+            .unwrap();
+        assert_eq!(alpha.room.as_deref(), Some("!locked:ex.org"));
+        assert!(alpha.actions.is_empty(), "{:?}", alpha.actions);
+        assert!(
+            alpha
+                .blocked
+                .iter()
+                .any(|b| b.contains("!locked:ex.org") && b.contains("can read it")),
+            "{:?}",
+            alpha.blocked
+        );
+        let beta = plan
+            .agents
+            .iter()
+            .find(|a| a.agent_id == "agent-b")
+            .unwrap();
+        assert!(
+            beta.actions
+                .iter()
+                .any(|a| matches!(a, Action::EnsureRoom { .. })),
+            "{:?}",
+            beta.actions
+        );
+        assert!(
+            render(&plan).contains("agent-a: will not touch room !locked:ex.org"),
+            "{}",
+            render(&plan)
+        );
+        assert_eq!(hs.world().count("/register"), 0, "a dry run writes nothing");
+    }
 }
