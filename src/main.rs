@@ -144,7 +144,11 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour only for a person at a terminal, never into pipes and files.
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (stderr's reader went away: a `| tee` that
+        // ended, a restarted collector) is dropped. Reporting it would `eprintln!` to that
+        // same stderr, which panics the task that logged, the SIGTERM handler among them.
+        .log_internal_errors(false);
     if std::env::var("ROSTER_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {

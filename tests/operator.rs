@@ -588,3 +588,63 @@ fn a_missing_config_file_and_a_mistyped_override_are_named() {
         "{stderr}"
     );
 }
+
+/// `serve` whose stderr reader went away (a `| tee` or `| head` ended, a log collector
+/// restarted) still logs without failing and still stops on SIGTERM: a failed log write
+/// is dropped, never a panic in the task that logged it (the signal handler among them).
+#[test]
+fn serve_stops_on_sigterm_after_its_stderr_reader_is_gone() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "homeserver: {{server_name: example.org, url: 'http://127.0.0.1:{}'}}\nappservice: {{registration: {}, listen: '127.0.0.1:{}'}}\nadmin: {{listen: '127.0.0.1:{}'}}\nstore: {{path: {}}}\n",
+            free_port(),
+            dir.path().join("registration.yaml").display(),
+            free_port(),
+            free_port(),
+            dir.path().join("roster.db").display()
+        ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(&["registration", "-c", path_str(&config)], &[]);
+    assert!(ok, "{stderr}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args(["serve", "-c", path_str(&config)])
+        .env("ROSTER_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run roster serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("ready"));
+    assert!(ready, "serve did not start");
+    drop(lines);
+    // It keeps logging (the homeserver is not there) into the closed pipe.
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = child.id().to_string();
+    let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("serve ignored SIGTERM once its stderr reader was gone");
+    };
+    assert!(status.success(), "{status:?}");
+}
