@@ -804,6 +804,23 @@ impl Config {
                 ),
             );
         }
+        // SQLite takes "" for a temporary database and ":memory:" for one in memory: roster
+        // would run and acknowledge transactions with nothing kept across a restart.
+        let store = self.store.path.as_os_str();
+        if store.is_empty() || store == ":memory:" {
+            return fail(
+                "store.path",
+                format!(
+                    "{:?} {}; expected a file that survives restarts, e.g. /var/lib/roster/roster.db (default roster.db)",
+                    self.store.path.display().to_string(),
+                    if store.is_empty() {
+                        "is empty, which SQLite takes for a temporary database"
+                    } else {
+                        "is an in-memory database"
+                    }
+                ),
+            );
+        }
         if self.sync.interval < MIN_SYNC_INTERVAL {
             return fail(
                 "sync.interval",
@@ -1474,6 +1491,21 @@ lifecycle:
                 "homeserver: {server_name: example.org}\nagents: {file: agents.yaml}",
                 &[("LETTA_API_URL", "http://letta:8283")],
                 &["agents.file", "agents.letta_url (from LETTA_API_URL)"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nstore: {path: ''}",
+                &[],
+                &["store.path", "empty", "roster.db"],
+            ),
+            (
+                MINIMAL,
+                &[("ROSTER_STORE__PATH", "")],
+                &["store.path", "(from ROSTER_STORE__PATH)", "empty"],
+            ),
+            (
+                "homeserver: {server_name: example.org}\nstore: {path: ':memory:'}",
+                &[],
+                &["store.path", ":memory:", "roster.db"],
             ),
             (
                 MINIMAL,
