@@ -278,6 +278,15 @@ async fn real_main() -> anyhow::Result<()> {
             let config = load_config(&config)?;
             let report = roster::commands::adopt::adopt(&config, &legacy_mappings).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            // Conflicts need the operator: `serve` would give those agents other rooms.
+            if !report.conflicts.is_empty() {
+                eprintln!(
+                    "adopt: {} mapping(s) not taken over, listed under \"conflicts\" above; \
+                     those agents get rooms of their own at the first serve unless you resolve \
+                     them first (README: Adopting from the old bot) and run adopt again",
+                    report.conflicts.len()
+                );
+            }
         }
         Command::Status { admin } => {
             let status = admin_client(&admin)?.status().await?;

@@ -186,6 +186,12 @@ async fn adopts_from_every_shape_of_the_old_bots_mappings_on_synapse() {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "{}: {stderr}", shape.file);
+        assert_eq!(
+            stderr.contains("not taken over"),
+            !shape.conflicts.is_empty(),
+            "{}: conflicts are said on stderr: {stderr}",
+            shape.file
+        );
         assert!(
             !stdout.contains("secret") && !stderr.contains("secret"),
             "{}: passwords are never printed",
