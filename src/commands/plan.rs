@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::matrix::MatrixError;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::model::agents::{Action, Agent, PlanInput, RoomRecord, plan_agent};
+use crate::model::agents::{Action, Agent, AgentBook, PlanInput, RoomRecord, plan_agent};
 use crate::reconcile::agents::{avatar_for, read_joined, required_members};
 use crate::sources::{AgentSource, SourceError};
 use crate::store::Store;
@@ -64,7 +64,26 @@ pub async fn dry_run(config: &Config) -> Result<DryRun, PlanError> {
     let space = hs.resolve_alias(&ids.space_alias).await?;
     let mut model = Model::new();
     let mut plans = Vec::new();
-    for agent in &listing.agents {
+    // As in `serve`: an agent whose id makes the user and alias another agent holds is
+    // left out, never planned into that agent's room.
+    let mut book = AgentBook::default();
+    for record in &records {
+        book.restore(record.clone());
+    }
+    let (listed, left_out) = book.without_taken_localparts(listing.agents.clone());
+    for (agent, holder) in left_out {
+        plans.push(AgentPlan {
+            blocked: vec![format!(
+                "its user and room: agent {holder} holds them (the two ids make the same \
+                 Matrix user and alias); give one of them another id"
+            )],
+            agent_id: agent.id,
+            name: agent.name,
+            room: None,
+            actions: Vec::new(),
+        });
+    }
+    for agent in &listed {
         let localpart = match ids.agent_localpart(&agent.id) {
             Ok(localpart) => localpart,
             Err(error) => {
@@ -262,5 +281,53 @@ mod tests {
             render(&plan)
         );
         assert_eq!(hs.world().count("/register"), 0, "a dry run writes nothing");
+    }
+
+    /// An agent whose id makes the user another agent's record holds (`1` and `agent-1`
+    /// both make `@agent_1`) is shown as left out, as `serve` leaves it out: no plan that
+    /// would rename the holder's user and room.
+    #[tokio::test]
+    async fn should_show_an_agent_whose_id_makes_another_agents_user_as_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents.yaml");
+        std::fs::write(&agents, "- {id: '1', name: Twin}\n").unwrap();
+        let config_for = |url: &str| {
+            Config::from_yaml(&format!(
+                "homeserver: {{server_name: ex.org, url: '{url}'}}\nappservice: {{registration: {}}}\nstore: {{path: {}}}\nagents: {{file: {}, avatar: none}}",
+                dir.path().join("registration.yaml").display(),
+                dir.path().join("roster.db").display(),
+                agents.display()
+            ))
+            .unwrap()
+        };
+        let first = config_for("http://127.0.0.1:8008");
+        let pair = registration::generate(&first).unwrap();
+        registration::write_pair(
+            &first.appservice.registration,
+            &first.appservice.acting_registration_path(),
+            &pair,
+            false,
+        )
+        .unwrap();
+        Store::open(&first.store.path)
+            .unwrap()
+            .save_room_records(&[RoomRecord {
+                agent_id: "agent-1".into(),
+                localpart: "agent_1".into(),
+                name: "One".into(),
+                room_id: Some(ruma::owned_room_id!("!one:ex.org")),
+                ..RoomRecord::default()
+            }])
+            .unwrap();
+        let hs = FakeHomeserver::start(&pair.pushed.as_token, "ex.org", "letta").await;
+        let plan = dry_run(&config_for(&hs.url)).await.unwrap();
+        let twin = plan.agents.iter().find(|a| a.agent_id == "1").unwrap();
+        assert!(twin.actions.is_empty(), "{:?}", twin.actions);
+        assert!(
+            render(&plan).contains("1: will not touch its user and room: agent agent-1 holds them"),
+            "{}",
+            render(&plan)
+        );
+        assert_eq!(plan.absent, ["agent-1"], "the holder is not listed");
     }
 }
