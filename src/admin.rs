@@ -212,11 +212,14 @@ fn target_agents(
             let agent = if room.starts_with('#') {
                 // An agent room's alias names it as well as its id does.
                 let ids = shared.config.ids();
+                // A retired record may share the alias with the live agent that took its
+                // localpart since: the live one is meant.
                 model
                     .agents
                     .records
                     .values()
-                    .find(|r| ids.agent_alias(&r.localpart).as_str() == room)
+                    .filter(|r| ids.agent_alias(&r.localpart).as_str() == room)
+                    .min_by_key(|r| r.retired)
                     .map(|r| r.agent_id.clone())
             } else {
                 RoomId::parse(room.as_str())
@@ -493,6 +496,34 @@ mod tests {
             assert!(body.contains("M_BAD_JSON"), "{path}: {body}");
         }
         assert!(shared.queue.counts() == (0, 0), "nothing was scheduled");
+    }
+
+    /// Agents whose ids made the same localpart: once the first is retired, the other may
+    /// hold it, and its alias names the live one, whatever order the records come in.
+    #[tokio::test]
+    async fn should_take_the_live_agent_for_an_alias_retired_agents_had_too() {
+        let shared = with_agent_room().await;
+        // Records are kept in id order: these come before "agent-a".
+        for old in ["1", "a"] {
+            shared
+                .state
+                .save_agent(crate::model::agents::RoomRecord {
+                    agent_id: old.into(),
+                    localpart: "agent_a".into(),
+                    retired: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let target = Target {
+            room: Some("#agent_a:ex.org".into()),
+            ..Target::default()
+        };
+        assert_eq!(
+            target_agents(&shared, &target).unwrap(),
+            Some(BTreeSet::from(["agent-a".to_owned()]))
+        );
     }
 
     /// An agent room is named by its id or its alias; any other room is refused, saying so.
