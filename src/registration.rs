@@ -68,12 +68,23 @@ fn read_fix(error: &std::io::Error) -> &'static str {
 }
 
 /// The registrations roster runs with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Registrations {
     /// The homeserver pushes transactions for these users and aliases.
     pub pushed: Registration,
     /// The silent one (`url: null`); `None` with a legacy single registration.
     pub acting: Option<Registration>,
+}
+
+/// Ids and URLs only: ruma's `Registration` prints its tokens, which are never printed.
+impl std::fmt::Debug for Registrations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |r: &Registration| format!("{} (url {:?}, tokens not shown)", r.id, r.url);
+        f.debug_struct("Registrations")
+            .field("pushed", &shown(&self.pushed))
+            .field("acting", &self.acting.as_ref().map(shown))
+            .finish()
+    }
 }
 
 impl Registrations {
@@ -451,6 +462,22 @@ pub fn acts_with_acting_token(config: &Config, user: &ruma::UserId) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn should_not_show_tokens_when_debug_printed() {
+        let pair =
+            generate(&Config::from_yaml("homeserver: {server_name: ex.org}").unwrap()).unwrap();
+        let shown = format!("{pair:?}");
+        for token in [
+            &pair.pushed.as_token,
+            &pair.pushed.hs_token,
+            &pair.acting.as_ref().unwrap().as_token,
+            &pair.acting.as_ref().unwrap().hs_token,
+        ] {
+            assert!(!shown.contains(token.as_str()), "{shown}");
+        }
+        assert!(shown.contains(pair.pushed.id.as_str()), "{shown}");
+    }
 
     fn config_in(dir: &Path) -> Config {
         Config::from_yaml(&format!(
