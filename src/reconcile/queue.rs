@@ -6,7 +6,7 @@
 //! Bounded by the number of keys (agents); triggers carry only the key, so a burst of
 //! pushed events for one room becomes one run.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Mutex;
@@ -43,21 +43,64 @@ pub struct WorkQueue<K = Key> {
 }
 
 struct State<K> {
-    due: HashMap<K, Instant>,
+    /// Each waiting key's deadline, and its place in `order`.
+    due: HashMap<K, Slot>,
+    /// The waiting keys by deadline (ties in scheduling order): the next one is found
+    /// without looking at every key, which a 10,000-agent sync schedules at once.
+    order: BTreeMap<Slot, K>,
+    next_seq: u64,
     /// Due keys scheduled for a pushed change: handed out first.
     pushed: HashSet<K>,
     running: HashSet<K>,
 }
+
+/// A deadline and the order it was asked in.
+type Slot = (Instant, u64);
 
 impl<K> Default for WorkQueue<K> {
     fn default() -> Self {
         WorkQueue {
             state: Mutex::new(State {
                 due: HashMap::new(),
+                order: BTreeMap::new(),
+                next_seq: 0,
                 pushed: HashSet::new(),
                 running: HashSet::new(),
             }),
             changed: Notify::new(),
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash> State<K> {
+    /// The key to hand out: the earliest due pushed key, else the earliest key; either
+    /// not running. Running keys are skipped, and there are at most as many as workers.
+    fn first_waiting(&self, now: Instant) -> Option<(K, Instant)> {
+        let pushed = self
+            .pushed
+            .iter()
+            .filter(|key| !self.running.contains(*key))
+            .filter_map(|key| self.due.get(key).map(|slot| (key, *slot)))
+            .filter(|(_, (at, _))| *at <= now)
+            .min_by_key(|(_, slot)| *slot)
+            .map(|(key, (at, _))| (key.clone(), at));
+        pushed.or_else(|| {
+            self.order
+                .iter()
+                .find(|(_, key)| !self.running.contains(*key))
+                .map(|((at, _), key)| (key.clone(), *at))
+        })
+    }
+
+    /// Takes `key` out of the waiting keys, pushed or not.
+    fn remove(&mut self, key: &K) {
+        self.remove_slot(key);
+        self.pushed.remove(key);
+    }
+
+    fn remove_slot(&mut self, key: &K) {
+        if let Some(slot) = self.due.remove(key) {
+            self.order.remove(&slot);
         }
     }
 }
@@ -79,9 +122,13 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
     fn add(&self, key: &K, at: Instant, pushed: bool) {
         {
             let mut state = self.state();
-            let due = state.due.entry(key.clone()).or_insert(at);
-            if at < *due {
-                *due = at;
+            let earlier = state.due.get(key).is_none_or(|(due, _)| at < *due);
+            if earlier {
+                state.remove_slot(key);
+                let slot = (at, state.next_seq);
+                state.next_seq += 1;
+                state.due.insert(key.clone(), slot);
+                state.order.insert(slot, key.clone());
             }
             if pushed {
                 state.pushed.insert(key.clone());
@@ -113,21 +160,9 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
             let wake_at = {
                 let mut state = self.state();
                 let now = Instant::now();
-                let waiting = || {
-                    state
-                        .due
-                        .iter()
-                        .filter(|(key, _)| !state.running.contains(*key))
-                };
-                let ready = waiting()
-                    .filter(|(key, at)| **at <= now && state.pushed.contains(*key))
-                    .min_by_key(|(_, at)| **at)
-                    .or_else(|| waiting().min_by_key(|(_, at)| **at))
-                    .map(|(key, at)| (key.clone(), *at));
-                match ready {
+                match state.first_waiting(now) {
                     Some((key, at)) if at <= now => {
-                        state.due.remove(&key);
-                        state.pushed.remove(&key);
+                        state.remove(&key);
                         state.running.insert(key.clone());
                         return key;
                     }
@@ -164,7 +199,7 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
         let state = self.state();
         let now = Instant::now();
         keys.iter().all(|key| {
-            !state.running.contains(key) && state.due.get(key).is_none_or(|at| *at > now)
+            !state.running.contains(key) && state.due.get(key).is_none_or(|(at, _)| *at > now)
         })
     }
 
@@ -251,6 +286,30 @@ mod tests {
         assert_eq!(queue.next().await, "p");
         // A pushed key is not handed out before it is due, nor a later key before it.
         assert_eq!(queue.next().await, "later");
+    }
+
+    /// Many keys, rescheduled earlier and later in any order: handed out by deadline, ties
+    /// in the order they were asked for, each once.
+    #[tokio::test(start_paused = true)]
+    async fn should_hand_out_many_keys_by_deadline_then_scheduling_order() {
+        let queue = WorkQueue::<u32>::new();
+        let start = Instant::now();
+        let deadline = |n: u32| start + Duration::from_millis(u64::from(n * 7919 % 1000));
+        for n in 0..3000 {
+            queue.schedule_at(&n, deadline(n) + Duration::from_secs(1));
+            queue.schedule_at(&n, deadline(n)); // earlier: moves
+            queue.schedule_at(&n, deadline(n) + Duration::from_secs(2)); // later: stays
+        }
+        let mut expected: Vec<u32> = (0..3000).collect();
+        expected.sort_by_key(|n| deadline(*n)); // stable: ties keep scheduling order
+        let mut got = Vec::new();
+        for _ in 0..3000 {
+            let key = queue.next().await;
+            queue.done(&key);
+            got.push(key);
+        }
+        assert_eq!(got, expected);
+        assert_eq!(queue.counts(), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
