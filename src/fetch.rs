@@ -479,12 +479,8 @@ mod tests {
         }
     }
 
-    /// The proxy's own host is exempt from the check only to reach the proxy: an avatar
-    /// URL naming it (an `http://` one while only `HTTPS_PROXY` is set, or a host in
-    /// `NO_PROXY`, goes there directly) is refused like any inside address, at the first
-    /// request and at a redirect.
-    #[tokio::test]
-    async fn should_refuse_an_avatar_on_the_proxys_own_host() {
+    /// Serves a PNG at `/a.png` on 127.0.0.1; returns the port and a count of requests.
+    async fn serve_image_on_loopback() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let served = Arc::new(AtomicUsize::new(0));
         let counter = served.clone();
@@ -503,6 +499,17 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (port, served)
+    }
+
+    /// The proxy's own host is exempt from the check only to reach the proxy: an avatar
+    /// URL naming it (an `http://` one while only `HTTPS_PROXY` is set, or a host in
+    /// `NO_PROXY`, goes there directly) is refused like any inside address, at the first
+    /// request and at a redirect.
+    #[tokio::test]
+    async fn should_refuse_an_avatar_on_the_proxys_own_host() {
+        use std::sync::atomic::Ordering;
+        let (port, served) = serve_image_on_loopback().await;
 
         // No proxy is configured for reqwest here: the request would go straight there.
         let guarded = AvatarFetcher::with_proxies(
@@ -528,24 +535,8 @@ mod tests {
     /// address or by a name that resolves there, and fetched by one that may reach it.
     #[tokio::test]
     async fn should_fetch_from_inside_addresses_only_when_allowed() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let served = Arc::new(AtomicUsize::new(0));
-        let counter = served.clone();
-        let app = axum::Router::new().route(
-            "/a.png",
-            axum::routing::get(move || {
-                counter.fetch_add(1, Ordering::SeqCst);
-                async {
-                    (
-                        [("content-type", "image/png")],
-                        b"\x89PNG\r\n\x1a\n....".as_slice(),
-                    )
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        use std::sync::atomic::Ordering;
+        let (port, served) = serve_image_on_loopback().await;
         let timeout = Duration::from_secs(30);
 
         let guarded = AvatarFetcher::new(timeout, 1024, Reach::PublicOnly);

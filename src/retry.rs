@@ -210,30 +210,37 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn should_not_retry_at_once_until_ok_when_asked_to_wait_nothing() {
+    /// `until_ok` over an operation that fails transiently `failures` times, asking for
+    /// `retry_after`, then answers 7: what it returned, the calls made and the time taken.
+    async fn until_ok_after(
+        failures: u32,
+        retry_after: Option<Duration>,
+    ) -> (Option<u32>, u32, Duration) {
         let calls = Arc::new(AtomicU32::new(0));
         let started = Instant::now();
         let shutdown = CancellationToken::new();
         let got = until_ok(&shutdown, "test", || {
             let calls = calls.clone();
             async move {
-                match calls.fetch_add(1, Ordering::SeqCst) {
-                    0..=3 => Err(Failure {
+                if calls.fetch_add(1, Ordering::SeqCst) < failures {
+                    Err(Failure {
                         transient: true,
-                        retry_after: Some(Duration::ZERO),
-                    }),
-                    _ => Ok(()),
+                        retry_after,
+                    })
+                } else {
+                    Ok(7)
                 }
             }
         })
         .await;
-        assert_eq!(got, Some(()));
-        assert!(
-            started.elapsed() >= Backoff::DEFAULT.start * 4,
-            "{:?}",
-            started.elapsed()
-        );
+        (got, calls.load(Ordering::SeqCst), started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn should_not_retry_at_once_until_ok_when_asked_to_wait_nothing() {
+        let (got, _, waited) = until_ok_after(4, Some(Duration::ZERO)).await;
+        assert_eq!(got, Some(7));
+        assert!(waited >= Backoff::DEFAULT.start * 4, "{waited:?}");
     }
 
     #[test]
@@ -261,26 +268,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn should_retry_until_ok_with_growing_waits() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let started = Instant::now();
-        let shutdown = CancellationToken::new();
-        let got = until_ok(&shutdown, "test", || {
-            let calls = calls.clone();
-            async move {
-                match calls.fetch_add(1, Ordering::SeqCst) {
-                    0..=2 => Err(Failure {
-                        transient: true,
-                        retry_after: None,
-                    }),
-                    _ => Ok(7),
-                }
-            }
-        })
-        .await;
+        let (got, calls, waited) = until_ok_after(3, None).await;
         assert_eq!(got, Some(7));
-        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(calls, 4);
         // 250 + 500 + 1000 ms, each plus at most a quarter.
-        let waited = started.elapsed();
         assert!(
             waited >= Duration::from_millis(1750) && waited <= Duration::from_millis(2188),
             "{waited:?}"

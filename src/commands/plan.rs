@@ -206,6 +206,32 @@ mod tests {
     use crate::registration;
     use crate::testing::{FakeHomeserver, Room};
 
+    /// A config for the agents file `agents.yaml`, the store and the registrations in
+    /// `dir`, against the homeserver at `url`.
+    fn config_in(dir: &std::path::Path, url: &str) -> Config {
+        Config::from_yaml(&format!(
+            "homeserver: {{server_name: ex.org, url: '{url}'}}\nappservice: {{registration: {}}}\nstore: {{path: {}}}\nagents: {{file: {}, avatar: none}}",
+            dir.join("registration.yaml").display(),
+            dir.join("roster.db").display(),
+            dir.join("agents.yaml").display()
+        ))
+        .unwrap()
+    }
+
+    /// Writes the registration pair into `dir`; the config (homeserver not yet known) too.
+    fn with_registrations(dir: &std::path::Path) -> (Config, registration::Registrations) {
+        let config = config_in(dir, "http://127.0.0.1:8008");
+        let pair = registration::generate(&config).unwrap();
+        registration::write_pair(
+            &config.appservice.registration,
+            &config.appservice.acting_registration_path(),
+            &pair,
+            false,
+        )
+        .unwrap();
+        (config, pair)
+    }
+
     /// A room its alias names but that neither the agent nor the bot can read (both were
     /// kicked, say) is shown for that agent; the plan of every other agent still comes.
     #[tokio::test]
@@ -217,24 +243,7 @@ mod tests {
             "- {id: agent-a, name: Alpha}\n- {id: agent-b, name: Beta}\n",
         )
         .unwrap();
-        let config_for = |url: &str| {
-            Config::from_yaml(&format!(
-                "homeserver: {{server_name: ex.org, url: '{url}'}}\nappservice: {{registration: {}}}\nstore: {{path: {}}}\nagents: {{file: {}, avatar: none}}",
-                dir.path().join("registration.yaml").display(),
-                dir.path().join("roster.db").display(),
-                agents.display()
-            ))
-            .unwrap()
-        };
-        let first = config_for("http://127.0.0.1:8008");
-        let pair = registration::generate(&first).unwrap();
-        registration::write_pair(
-            &first.appservice.registration,
-            &first.appservice.acting_registration_path(),
-            &pair,
-            false,
-        )
-        .unwrap();
+        let (_, pair) = with_registrations(dir.path());
         let hs = FakeHomeserver::start(&pair.pushed.as_token, "ex.org", "letta").await;
         {
             let mut world = hs.world();
@@ -243,7 +252,7 @@ mod tests {
                 .aliases
                 .insert("#agent_a:ex.org".into(), "!locked:ex.org".into());
         }
-        let config = config_for(&hs.url);
+        let config = config_in(dir.path(), &hs.url);
 
         let plan = dry_run(&config)
             .await
@@ -291,24 +300,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let agents = dir.path().join("agents.yaml");
         std::fs::write(&agents, "- {id: '1', name: Twin}\n").unwrap();
-        let config_for = |url: &str| {
-            Config::from_yaml(&format!(
-                "homeserver: {{server_name: ex.org, url: '{url}'}}\nappservice: {{registration: {}}}\nstore: {{path: {}}}\nagents: {{file: {}, avatar: none}}",
-                dir.path().join("registration.yaml").display(),
-                dir.path().join("roster.db").display(),
-                agents.display()
-            ))
-            .unwrap()
-        };
-        let first = config_for("http://127.0.0.1:8008");
-        let pair = registration::generate(&first).unwrap();
-        registration::write_pair(
-            &first.appservice.registration,
-            &first.appservice.acting_registration_path(),
-            &pair,
-            false,
-        )
-        .unwrap();
+        let (first, pair) = with_registrations(dir.path());
         Store::open(&first.store.path)
             .unwrap()
             .save_room_records(&[RoomRecord {
@@ -320,7 +312,7 @@ mod tests {
             }])
             .unwrap();
         let hs = FakeHomeserver::start(&pair.pushed.as_token, "ex.org", "letta").await;
-        let plan = dry_run(&config_for(&hs.url)).await.unwrap();
+        let plan = dry_run(&config_in(dir.path(), &hs.url)).await.unwrap();
         let twin = plan.agents.iter().find(|a| a.agent_id == "1").unwrap();
         assert!(twin.actions.is_empty(), "{:?}", twin.actions);
         assert!(
