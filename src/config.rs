@@ -778,8 +778,8 @@ impl Config {
             return fail(
                 "appservice.txn_retention",
                 format!(
-                    "{}s is below the minimum of 1h: the homeserver may retry a transaction after roster forgot it; default 7d",
-                    self.appservice.txn_retention.as_secs()
+                    "{:?} is below the minimum of 1h: the homeserver may retry a transaction after roster forgot it; default 7d",
+                    self.appservice.txn_retention
                 ),
             );
         }
@@ -825,8 +825,8 @@ impl Config {
             return fail(
                 "sync.interval",
                 format!(
-                    "{}s is below the minimum of 60s; the sweep reads every room, keep it slow",
-                    self.sync.interval.as_secs()
+                    "{:?} is below the minimum of 60s; the sweep reads every room, keep it slow",
+                    self.sync.interval
                 ),
             );
         }
@@ -1059,6 +1059,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
+    // A fraction of a second, as the old bot's MATRIX_AGENT_SYNC_INTERVAL=0.5 was written.
+    if unit.starts_with('.') {
+        return text
+            .trim_end_matches('s')
+            .parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(expected);
+    }
     let amount: u64 = digits.parse().map_err(|_| expected())?;
     let seconds_per_unit = match unit.trim() {
         "" | "s" => 1,
@@ -1089,7 +1098,9 @@ fn show_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::E
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let value = Value::deserialize(d)?;
     let text = match &value {
-        Value::Number(n) if n.as_u64().is_some() => n.to_string(),
+        Value::Number(n) if n.as_u64().is_some() || n.as_f64().is_some_and(|f| f >= 0.0) => {
+            n.to_string()
+        }
         Value::String(s) => s.clone(),
         other => {
             return Err(de::Error::custom(format!(
@@ -1291,6 +1302,11 @@ lifecycle:
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("1.5m").is_err());
+        assert!(parse_duration("1.2.3").is_err());
+        assert_eq!(parse_duration(".5"), Ok(Duration::from_millis(500)));
         assert!(parse_duration("ten minutes").is_err());
         assert!(parse_duration("-5s").is_err());
         assert!(parse_duration("").is_err());
@@ -1320,6 +1336,18 @@ lifecycle:
                 MINIMAL,
                 &[("MATRIX_AGENT_SYNC_INTERVAL", "30")],
                 &["sync.interval", "MATRIX_AGENT_SYNC_INTERVAL", "30s", "60s"],
+            ),
+            (
+                // The old bot's cadence: a fraction of a second, below the minimum.
+                MINIMAL,
+                &[("MATRIX_AGENT_SYNC_INTERVAL", "0.5")],
+                &[
+                    "sync.interval",
+                    "MATRIX_AGENT_SYNC_INTERVAL",
+                    "500ms",
+                    "below the minimum",
+                    "60s",
+                ],
             ),
             (
                 "homeserver: {server_name: example.org}\nsync: {interval: soon}",
