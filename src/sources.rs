@@ -554,29 +554,21 @@ impl FileSource {
         &self.path
     }
 
-    /// Reads and checks the whole file.
+    /// Reads and checks the whole file ([`read_agents_file`], off the async runtime).
     pub async fn list(&self) -> Result<Listing, SourceError> {
-        let unreadable = |error: std::io::Error| SourceError::FileUnreadable {
-            path: self.path.clone(),
-            reason: error.to_string(),
-        };
-        let meta = tokio::fs::metadata(&self.path).await.map_err(unreadable)?;
-        if meta.len() > MAX_FILE_BYTES {
-            return Err(SourceError::FileUnreadable {
-                path: self.path.clone(),
-                reason: format!("it is larger than {MAX_FILE_BYTES} bytes"),
-            });
-        }
-        let text = tokio::fs::read_to_string(&self.path)
+        let path = self.path.clone();
+        let agents = tokio::task::spawn_blocking(move || read_agents_file(&path))
             .await
-            .map_err(unreadable)?;
-        let agents = parse_agents_file(&self.path, &text)?;
+            .map_err(|error| SourceError::FileUnreadable {
+                path: self.path.clone(),
+                reason: error.to_string(),
+            })??;
         Ok(Listing { agents, pages: 1 })
     }
 }
 
-/// Reads and checks an agents file as [`FileSource::list`] does, blocking: for
-/// `check-config`, which runs before anything starts.
+/// Reads and checks an agents file, blocking: what [`FileSource::list`] lists and what
+/// `check-config` checks before anything starts.
 pub fn read_agents_file(path: &Path) -> Result<Vec<Agent>, SourceError> {
     let unreadable = |error: std::io::Error| SourceError::FileUnreadable {
         path: path.to_owned(),
