@@ -385,9 +385,10 @@ impl State {
         .await
     }
 
-    /// Notes the lifecycle topic events come from. Applied positions are offsets in one
-    /// topic; read against another (`lifecycle.topic` changed) they would hold back real
-    /// updates as already applied, so they are forgotten (the profiles stay: an unchanged
+    /// Notes the lifecycle topic events come from (named with its Kafka cluster by the
+    /// consumer). Applied positions are offsets in one topic; read against another
+    /// (`lifecycle.topic` changed, or the same name on another cluster) they would hold back
+    /// real updates as already applied, so they are forgotten (the profiles stay: an unchanged
     /// update still sends nothing). Returns how many profiles lost their position.
     pub async fn use_lifecycle_topic(&self, topic: String) -> Result<usize, StateError> {
         let inner = self.inner.clone();

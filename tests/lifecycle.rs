@@ -1610,3 +1610,63 @@ async fn start_from_latest_skips_retained_events_and_earliest_applies_them() {
     stack.synapse.assert_no_logins().await;
     stack.roster.assert_no_secrets_in_logs(&[&stack.admin]);
 }
+
+/// roster moved to another Kafka cluster (the same topic name, `lifecycle.brokers` changed,
+/// or the same address in front of a rebuilt cluster): the new topic's offsets start again
+/// at 0, so positions applied from the old cluster must not make its updates look applied
+/// already. The first update there is applied, not dropped as `already_applied`.
+#[tokio::test]
+async fn updates_from_a_new_cluster_are_not_held_back_by_the_old_clusters_offsets() {
+    let mut stack = Stack::new("lifecycle-new-cluster", "").await;
+    let id = uuid(12, 1);
+    stack.roster.start().await;
+    let mut produced = Vec::new();
+    let rename = |name: &str| {
+        (
+            "UserProfileUpdatedEvent",
+            profile(&id, "u", Some(name), None),
+        )
+    };
+    stack
+        .produce_all(
+            &mut produced,
+            &[
+                ("UserCreatedEvent", created(&id, "x")),
+                rename("v1"),
+                rename("v2"),
+                rename("v3"),
+            ],
+        )
+        .await;
+    stack.wait_committed(&produced).await;
+    stack
+        .wait_user(&nova(&id), "display name v3", |u| {
+            display_name(u) == Some("v3")
+        })
+        .await;
+    stack.roster.stop();
+
+    let dir = stack.scratch.path().join("cluster-b");
+    std::fs::create_dir_all(&dir).unwrap();
+    let moved = Tansu::start_in_cluster(&dir, PARTITIONS, &[TOPIC, DLQ], "cluster-b").await;
+    stack
+        .roster
+        .env("ROSTER_LIFECYCLE__BROKERS", &moved.brokers());
+    stack.roster.start().await;
+    let (name, body) = rename("moved");
+    let at = moved.produce_event(TOPIC, Some(&id), name, &body).await;
+    assert!(
+        produced.iter().any(|&(p, o)| p == at.0 && o >= at.1),
+        "the new cluster's offset {at:?} is one the old cluster applied already"
+    );
+    moved.wait_committed(GROUP, TOPIC, &[at]).await;
+    let user = stack.user(&nova(&id)).await.unwrap();
+    assert_eq!(
+        display_name(&user),
+        Some("moved"),
+        "the update from the new cluster was applied"
+    );
+    assert_eq!(stack.events("profile_updated", "already_applied").await, 0);
+    let log = std::fs::read_to_string(stack.roster.dir.join("roster-2.log")).unwrap();
+    assert!(log.contains("cluster=cluster-b"), "known by its cluster id");
+}

@@ -17,6 +17,9 @@
 //!   A creation or a deletion is never skipped that way, and nothing moves past one.
 //! - A profile part equal to what roster last applied is not sent again ([`effects`]),
 //!   except for an event consumed again by `replay`, which is applied in full.
+//!   Which offsets count as applied is known per topic and Kafka cluster: no job runs
+//!   before the store has noted both, so a topic on new brokers is not held back by the
+//!   old cluster's offsets.
 //! - While the homeserver (or the dead-letter topic) is unreachable, the message is retried
 //!   with backoff and its partition is paused: nothing after it is committed or skipped, and
 //!   at most `max_buffered_events` messages are held; beyond that no message is taken, and
@@ -68,8 +71,6 @@ pub enum LifecycleError {
         topic: String,
         source: rdkafka::error::KafkaError,
     },
-    #[error("cannot note lifecycle.topic in the store: {0}; check store.path")]
-    Store(#[source] crate::state::StateError),
 }
 
 /// One Kafka message, owned, as the rest of roster sees it.
@@ -318,15 +319,6 @@ pub async fn run(
         brokers: lifecycle.brokers.clone(),
         source,
     };
-    match shared.state.use_lifecycle_topic(topic.clone()).await {
-        Ok(0) => {}
-        Ok(profiles) => tracing::info!(
-            %topic,
-            profiles,
-            "lifecycle.topic changed: offsets of the old topic no longer hold back any update"
-        ),
-        Err(source) => return Err(LifecycleError::Store(source)),
-    }
     let offsets = Arc::new(Mutex::new(offsets::Offsets::default()));
     let context = kafka::Context::new(topic.clone(), offsets.clone(), shared.clone());
     let consumer: pipeline::Kafka = kafka::consumer_config(&lifecycle)

@@ -62,6 +62,9 @@ pub struct Pipeline {
     shown_stalled: Vec<i32>,
     /// Since when the buffer has been full, while it is.
     full_since: Option<tokio::time::Instant>,
+    /// Whether the store knows which cluster and topic the offsets come from (see
+    /// [`Pipeline::note_source`]); no job starts before.
+    source_noted: bool,
 }
 
 impl Pipeline {
@@ -85,6 +88,7 @@ impl Pipeline {
             max_buffered,
             shown_stalled: Vec::new(),
             full_since: None,
+            source_noted: false,
         }
     }
 
@@ -105,7 +109,12 @@ impl Pipeline {
             if !revoked.is_empty() {
                 self.drop_generations(&revoked);
             }
-            self.start_jobs();
+            if !self.source_noted && self.queue.len() > 0 {
+                self.note_source().await;
+            }
+            if self.source_noted {
+                self.start_jobs();
+            }
             let take = self.apply_pauses();
             tokio::select! {
                 biased;
@@ -136,6 +145,34 @@ impl Pipeline {
             }
         }
         self.shut_down().await;
+    }
+
+    /// Tells the store which topic, on which cluster, the offsets of applied profiles come
+    /// from, before the first job runs. A topic of the same name on another cluster (new
+    /// brokers, or the same address in front of a rebuilt cluster) starts its offsets again
+    /// at 0: read against the old cluster's positions, its updates would look applied
+    /// already and be dropped. Asked once messages have come, so the brokers answer; a
+    /// broker that names no cluster is known by `lifecycle.brokers`.
+    async fn note_source(&mut self) {
+        let cluster = tokio::task::block_in_place(|| {
+            self.consumer.client().fetch_cluster_id(WATERMARK_TIMEOUT)
+        })
+        .unwrap_or_else(|| self.worker.shared.config.lifecycle.brokers.clone());
+        let source = source(&self.topic, &cluster);
+        match self.worker.shared.state.use_lifecycle_topic(source).await {
+            Ok(0) => {}
+            Ok(profiles) => tracing::info!(
+                topic = %self.topic,
+                %cluster,
+                profiles,
+                "lifecycle.topic or its Kafka cluster changed: offsets applied from the old one no longer hold back any update"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "cannot note the lifecycle topic in the store; no event is applied until it is; check store.path");
+                return;
+            }
+        }
+        self.source_noted = true;
     }
 
     fn receive(&mut self, message: Message) {
@@ -455,4 +492,9 @@ impl Pipeline {
             "lifecycle consumer stopped; abandoned events are redelivered on restart"
         );
     }
+}
+
+/// What the store is told the offsets of applied profiles come from: a topic on a cluster.
+fn source(topic: &str, cluster: &str) -> String {
+    format!("{topic} on cluster {cluster}")
 }

@@ -1307,16 +1307,33 @@ impl Record {
 
 impl Tansu {
     pub async fn start(dir: &Path, partitions: i32, topics: &[&str]) -> Tansu {
-        Tansu::launch(dir, partitions, topics, false).await
+        Tansu::launch(dir, partitions, topics, false, None).await
+    }
+
+    /// A broker of another cluster (its own cluster id): what a move to new brokers, or a
+    /// cluster rebuilt, looks like to a client.
+    pub async fn start_in_cluster(
+        dir: &Path,
+        partitions: i32,
+        topics: &[&str],
+        cluster_id: &str,
+    ) -> Tansu {
+        Tansu::launch(dir, partitions, topics, false, Some(cluster_id)).await
     }
 
     /// The broker reachable only through a TLS terminator with a test CA: it advertises the
     /// terminator's port, so roster and the test's own clients must all speak TLS.
     pub async fn start_behind_tls(dir: &Path, partitions: i32, topics: &[&str]) -> Tansu {
-        Tansu::launch(dir, partitions, topics, true).await
+        Tansu::launch(dir, partitions, topics, true, None).await
     }
 
-    async fn launch(dir: &Path, partitions: i32, topics: &[&str], tls: bool) -> Tansu {
+    async fn launch(
+        dir: &Path,
+        partitions: i32,
+        topics: &[&str],
+        tls: bool,
+        cluster_id: Option<&str>,
+    ) -> Tansu {
         run_script("tansu.sh", &["install"]);
         let tls_port = tls.then(free_port);
         // Seen once in CI: the broker listened, then was gone before its topics were made
@@ -1324,7 +1341,7 @@ impl Tansu {
         // fresh port, at most twice more; what happened is printed.
         let mut attempt = 1;
         let (child, port) = loop {
-            let (mut child, port) = Tansu::spawn(dir, tls_port).await;
+            let (mut child, port) = Tansu::spawn(dir, tls_port, cluster_id).await;
             let mut args = vec![
                 "topic".to_owned(),
                 "--port".into(),
@@ -1371,14 +1388,23 @@ impl Tansu {
 
     /// Starts a broker on a fresh port (advertising `advertised` when given) and waits
     /// until it listens.
-    async fn spawn(dir: &Path, advertised: Option<u16>) -> (std::process::Child, u16) {
+    async fn spawn(
+        dir: &Path,
+        advertised: Option<u16>,
+        cluster_id: Option<&str>,
+    ) -> (std::process::Child, u16) {
         let port = free_port();
         let mut run = vec!["run".to_owned(), "--port".into(), port.to_string()];
         if let Some(advertised) = advertised {
             run.extend(["--advertised-port".into(), advertised.to_string()]);
         }
         let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
-        let child = Command::new(peer_script("tansu.sh"))
+        let mut command = Command::new(peer_script("tansu.sh"));
+        // tansu reads its cluster id (default `tansu_cluster`) from the environment.
+        if let Some(cluster_id) = cluster_id {
+            command.env("CLUSTER_ID", cluster_id);
+        }
+        let child = command
             .args(&run)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
