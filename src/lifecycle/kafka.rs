@@ -297,7 +297,23 @@ fn broker_error_message(error: &KafkaError, reason: &str, last_failure: Option<&
         .map(|f| format!("; last failure: {f}"))
         .unwrap_or_default();
     let text = format!("{reason}{cause}").to_ascii_lowercase();
-    let hint = if text.contains("sasl") || text.contains("authentication") {
+    let hint = if matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+    ) {
+        // The brokers answered: which ones and how to reach them is not the problem.
+        "the brokers have no such topic: check lifecycle.topic (KAFKA_IDENTITY_EVENTS_TOPIC) or create the topic"
+    } else if matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+    ) {
+        "the brokers refuse roster's principal access to the topic: grant it read on lifecycle.topic (and write on the dead-letter topic)"
+    } else if matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::GroupAuthorizationFailed)
+    ) {
+        "the brokers refuse roster's principal the consumer group: grant it read on lifecycle.group_id (KAFKA_CONSUMER_GROUP_ID)"
+    } else if text.contains("sasl") || text.contains("authentication") {
         "check lifecycle.kafka sasl.mechanism, sasl.username and sasl.password"
     } else if ["ssl", "tls", "certificate", "handshake", "apiversion"]
         .iter()
@@ -532,5 +548,27 @@ mod tests {
         );
         assert!(refused.contains("Connection refused"), "{refused}");
         assert!(refused.contains("check lifecycle.brokers"), "{refused}");
+    }
+
+    /// A topic the brokers do not have (a typo in KAFKA_IDENTITY_EVENTS_TOPIC, a topic not
+    /// created yet) is said to be that, not a broker address or TLS problem.
+    #[test]
+    fn should_name_lifecycle_topic_when_the_brokers_have_no_such_topic() {
+        let missing = broker_error_message(
+            &KafkaError::Global(RDKafkaErrorCode::UnknownTopicOrPartition),
+            "Subscribed topic not available: no.such.topic: Broker: Unknown topic or partition",
+            Some("127.0.0.1:9092/bootstrap: Disconnected (after 3ms in state UP)"),
+        );
+        assert!(missing.contains("check lifecycle.topic"), "{missing}");
+        assert!(!missing.contains("check lifecycle.brokers"), "{missing}");
+        let denied = broker_error_message(
+            &KafkaError::Global(RDKafkaErrorCode::TopicAuthorizationFailed),
+            "Subscribed topic not available: nova.identity.events: Broker: Topic authorization failed",
+            None,
+        );
+        assert!(
+            denied.contains("grant it read on lifecycle.topic"),
+            "{denied}"
+        );
     }
 }
