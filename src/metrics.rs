@@ -296,6 +296,11 @@ impl Metrics {
         for trigger in ["startup", "interval", "manual", "sighup"] {
             let _ = m.sync_runs.get_or_create(&TriggerLabels { trigger });
         }
+        // The failures RosterActionsFailing counts with increase(): a series born at 1
+        // would hide the first one (a blocked member is counted once, when first seen).
+        for (kind, outcome) in [("reconcile", "gave_up"), ("join", "blocked")] {
+            let _ = m.actions.get_or_create(&ActionLabels { kind, outcome });
+        }
         for result in ["hit", "miss"] {
             let _ = m.membership_cache.get_or_create(&ResultLabels { result });
         }
@@ -454,6 +459,20 @@ mod tests {
         m.count_homeserver_request();
         m.count_homeserver_request();
         assert_eq!(m.homeserver_requests_sent(), 2);
+    }
+
+    /// RosterActionsFailing takes `increase()` of these series: one born at its first
+    /// give-up or block (already 1) shows no increase, so that first failure since start
+    /// would never alert (a ban is counted once, when it is first seen). They start at 0.
+    #[test]
+    fn should_export_the_series_the_failing_actions_alert_counts_from_zero() {
+        let fresh = Metrics::new().encode();
+        for sample in [
+            "roster_actions_total{kind=\"reconcile\",outcome=\"gave_up\"} 0",
+            "roster_actions_total{kind=\"join\",outcome=\"blocked\"} 0",
+        ] {
+            assert!(fresh.contains(sample), "missing {sample} in\n{fresh}");
+        }
     }
 
     /// Every metric the Grafana dashboard and the alert rules use is one roster exports
