@@ -270,7 +270,11 @@ pub fn render_status(s: &StatusReport, now_ms: u64) -> String {
         );
     }
     if let Some(sync) = &r.last_sync {
-        out += &format!("last sync: {}\n", render_summary(sync));
+        out += &format!(
+            "last sync {}: {}\n",
+            ago(Some(sync.started_at_ms), now_ms),
+            render_summary(sync)
+        );
     }
     if let Some(source) = &r.source {
         out += &format!(
@@ -424,6 +428,54 @@ mod tests {
         json.as_object_mut().unwrap().remove("sync_running");
         let older: StatusReport = serde_json::from_value(json).unwrap();
         assert!(!render_status(&older, 121_000).contains("sync running"));
+    }
+
+    fn report(reconcile: crate::state::Status) -> StatusReport {
+        StatusReport {
+            version: "0.1.0".into(),
+            ready: true,
+            agents: 1,
+            rooms: 1,
+            retired: 0,
+            pending: 0,
+            running: 0,
+            reconcile,
+            membership_cache_hits: 0,
+            membership_cache_misses: 0,
+            memberships: 0,
+            deactivated_users: 0,
+            lifecycle_lag_messages: 0,
+            transactions_remembered: 0,
+            homeserver_requests: 0,
+            history_import_failures: Default::default(),
+        }
+    }
+
+    /// Whether syncs still happen is read from when the last one ran: a summary without
+    /// its time looks the same a minute or a week later.
+    #[test]
+    fn should_say_when_the_last_sync_ran() {
+        let shown = render_status(
+            &report(crate::state::Status {
+                last_sync: Some(SyncSummary {
+                    trigger: "interval".into(),
+                    started_at_ms: 1_000,
+                    duration_ms: 2_000,
+                    agents: 3,
+                    rooms_read: 3,
+                    drift: 0,
+                    actions: 0,
+                    failed: 0,
+                    source_error: None,
+                }),
+                ..Default::default()
+            }),
+            3_601_000,
+        );
+        assert!(
+            shown.contains("last sync 3600s ago: interval (2000 ms,"),
+            "{shown}"
+        );
     }
 
     #[test]
