@@ -243,18 +243,15 @@ pub fn render_status(s: &StatusReport, now_ms: u64) -> String {
         r.failed.len(),
         r.blocked.len(),
     );
-    out += &format!(
-        "homeserver ping: {}{}\n",
-        match r.ping.last_ok_at_ms {
-            Some(at) => format!("ok {}", ago(Some(at), now_ms)),
-            None => "not yet".into(),
-        },
-        r.ping
-            .last_error
-            .as_ref()
-            .map(|e| format!(" (last error: {e})"))
-            .unwrap_or_default()
-    );
+    // `last_error` is cleared by a ping that works: when set, the latest ping failed.
+    out += &match (&r.ping.last_error, r.ping.last_ok_at_ms) {
+        (Some(error), last_ok) => format!(
+            "homeserver ping: failing: {error} (last ok {})\n",
+            ago(last_ok, now_ms)
+        ),
+        (None, Some(at)) => format!("homeserver ping: ok {}\n", ago(Some(at), now_ms)),
+        (None, None) => "homeserver ping: not yet\n".into(),
+    };
     if let Some(error) = &r.homeserver.last_error {
         out += &format!(
             "homeserver: last error {}: {error} (last answer {})\n",
@@ -476,6 +473,39 @@ mod tests {
             shown.contains("last sync 3600s ago: interval (2000 ms,"),
             "{shown}"
         );
+    }
+
+    /// A ping that worked once and fails now is failing: "ok" must not lead the line.
+    #[test]
+    fn should_show_a_failing_ping_as_failing() {
+        let ping = |last_ok_at_ms, last_error: Option<&str>| crate::state::Status {
+            ping: crate::state::PingStatus {
+                last_ok_at_ms,
+                round_trip_ms: None,
+                last_error: last_error.map(str::to_owned),
+            },
+            ..Default::default()
+        };
+        let line = |status| {
+            render_status(&report(status), 1_201_000)
+                .lines()
+                .find(|l| l.starts_with("homeserver ping:"))
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            line(ping(Some(1_000), Some("HTTP 502"))),
+            "homeserver ping: failing: HTTP 502 (last ok 1200s ago)"
+        );
+        assert_eq!(
+            line(ping(None, Some("HTTP 502"))),
+            "homeserver ping: failing: HTTP 502 (last ok never)"
+        );
+        assert_eq!(
+            line(ping(Some(1_000), None)),
+            "homeserver ping: ok 1200s ago"
+        );
+        assert_eq!(line(ping(None, None)), "homeserver ping: not yet");
     }
 
     #[test]
