@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -25,6 +26,13 @@ pub const URL_VAR: &str = "ROSTER_ADMIN_URL";
 pub const TOKEN_VAR: &str = "ROSTER_ADMIN__TOKEN";
 /// The variable overriding `admin.listen`, which serve listens on: the CLI follows it.
 pub const LISTEN_VAR: &str = "ROSTER_ADMIN__LISTEN";
+
+/// How long a request that serve answers at once (status, a sync queued without waiting)
+/// may take: a stopped or wedged serve must not hang the CLI and the scripts around it.
+/// `sync --wait` and `replay` wait for work, so only their connection is bounded.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connecting to serve may take, for every request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
@@ -44,6 +52,11 @@ pub enum OperatorError {
         "cannot reach roster's admin API at {url}: {reason}; is `roster serve` running there? (--admin-url, {URL_VAR} or admin.listen)"
     )]
     Unreachable { url: String, reason: String },
+    #[error(
+        "roster's admin API at {url} did not answer within {}s; is `roster serve` stopped or stuck? check its log and GET {url}/health",
+        .after.as_secs()
+    )]
+    NoAnswer { url: String, after: Duration },
     #[error("roster answered HTTP {status}: {message}")]
     Refused { status: u16, message: String },
     #[error(
@@ -123,31 +136,45 @@ impl AdminClient {
             base: base.trim_end_matches('/').to_owned(),
             token: Secret::new(token),
             token_from,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .build()
+                .expect("a TLS backend is compiled in"),
         })
     }
 
     pub async fn status(&self) -> Result<StatusReport, OperatorError> {
-        self.call(reqwest::Method::GET, "status", None::<&()>).await
+        self.call(
+            reqwest::Method::GET,
+            "status",
+            None::<&()>,
+            Some(ANSWER_TIMEOUT),
+        )
+        .await
     }
 
     /// Asks for a sync; with `wait`, returns its summary.
     pub async fn sync(&self, target: &Target) -> Result<Option<SyncSummary>, OperatorError> {
         if target.wait {
-            self.call(reqwest::Method::POST, "sync", Some(target))
+            self.call(reqwest::Method::POST, "sync", Some(target), None)
                 .await
                 .map(Some)
         } else {
-            self.call::<serde_json::Value>(reqwest::Method::POST, "sync", Some(target))
-                .await
-                .map(|_| None)
+            self.call::<serde_json::Value>(
+                reqwest::Method::POST,
+                "sync",
+                Some(target),
+                Some(ANSWER_TIMEOUT),
+            )
+            .await
+            .map(|_| None)
         }
     }
 
     /// Asks the running consumer to re-consume `partition` from `offset`.
     pub async fn replay(&self, partition: i32, offset: i64) -> Result<Replayed, OperatorError> {
         let request = ReplayRequest { partition, offset };
-        self.call(reqwest::Method::POST, "replay", Some(&request))
+        self.call(reqwest::Method::POST, "replay", Some(&request), None)
             .await
     }
 
@@ -156,6 +183,7 @@ impl AdminClient {
         method: reqwest::Method,
         path: &str,
         body: Option<&impl serde::Serialize>,
+        timeout: Option<Duration>,
     ) -> Result<T, OperatorError> {
         let url = format!("{}/admin/v1/{path}", self.base);
         let mut request = self
@@ -165,9 +193,18 @@ impl AdminClient {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let unreachable = |error: reqwest::Error| OperatorError::Unreachable {
-            url: self.base.clone(),
-            reason: crate::error_chain(&error.without_url()),
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
+        let unreachable = |error: reqwest::Error| match timeout {
+            Some(after) if error.is_timeout() && !error.is_connect() => OperatorError::NoAnswer {
+                url: self.base.clone(),
+                after,
+            },
+            _ => OperatorError::Unreachable {
+                url: self.base.clone(),
+                reason: crate::error_chain(&error.without_url()),
+            },
         };
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status().as_u16();
@@ -343,6 +380,7 @@ pub fn render_summary(sync: &SyncSummary) -> String {
 mod tests {
     use super::*;
     use crate::config::tests::env;
+    use std::time::Duration;
 
     #[test]
     fn should_need_only_the_admin_url_and_token() {
@@ -506,6 +544,27 @@ mod tests {
             "homeserver ping: ok 1200s ago"
         );
         assert_eq!(line(ping(None, None)), "homeserver ping: not yet");
+    }
+
+    /// A serve that accepts connections and never answers (stopped, wedged) must not hang
+    /// `roster status` and the scripts around it: it fails, naming the address. The clock
+    /// is paused, so the wait costs no real time.
+    #[tokio::test(start_paused = true)]
+    async fn should_give_up_on_a_status_that_never_comes() {
+        // Connections complete in the kernel's backlog; nothing ever reads or answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let client =
+            AdminClient::resolve(Some(url.clone()), None, &env(&[(TOKEN_VAR, "t")])).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(24 * 3600), client.status())
+            .await
+            .expect("roster status gives up on its own");
+        let error = answer.expect_err("no status from a silent server");
+        let message = error.to_string();
+        assert!(
+            message.contains(&url) && message.contains("did not answer within"),
+            "{message}"
+        );
     }
 
     #[test]
