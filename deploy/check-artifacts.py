@@ -68,6 +68,7 @@ ALERTS_MUST_EXIST = [
     "RosterHomeserverErrors",
     "RosterLifecycleStuck",
     "RosterLifecycleStalled",
+    "RosterLifecycleUnassigned",
     "RosterDeadLetters",
     "RosterActionsFailing",
     "RosterSourceErrors",

@@ -68,6 +68,9 @@ label_sets! {
     TransitionLabels {
         transition: &'static str,
     }
+    TopicLabels {
+        topic: String,
+    }
 }
 
 pub struct Metrics {
@@ -117,6 +120,9 @@ pub struct Metrics {
     pub lifecycle_stalled_seconds: Family<PartitionLabels, Gauge>,
     /// Lifecycle messages sent to the dead-letter topic.
     pub dead_letters: Counter,
+    /// Partitions of the lifecycle topic this consumer holds, by topic; only exported while
+    /// the consumer runs (see [`Metrics::lifecycle_partitions`]).
+    lifecycle_partitions: Family<TopicLabels, Gauge>,
     /// Agent listings asked of the agent source, by source and outcome.
     pub source_polls: Family<SourceLabels, Counter>,
     /// Agent avatars, by outcome: uploaded, reused (an image uploaded before), set,
@@ -161,6 +167,7 @@ impl Metrics {
             lifecycle_lag: Gauge::default(),
             lifecycle_stalled_seconds: Family::default(),
             dead_letters: Counter::default(),
+            lifecycle_partitions: Family::default(),
             source_polls: Family::default(),
             avatars: Family::default(),
             history_imports: Family::default(),
@@ -267,6 +274,11 @@ impl Metrics {
             m.dead_letters.clone(),
         );
         registry.register(
+            "lifecycle_partitions",
+            "Partitions of the lifecycle topic this consumer holds, by topic (only while it runs)",
+            m.lifecycle_partitions.clone(),
+        );
+        registry.register(
             "source_polls",
             "Agent listings asked of the agent source, by source and outcome",
             m.source_polls.clone(),
@@ -329,6 +341,17 @@ impl Metrics {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The gauge of lifecycle partitions held: the series appears with the first call,
+    /// when the consumer starts, so a roster without one exports none (and no alert
+    /// about a consumer holding nothing can fire for it).
+    pub fn lifecycle_partitions(&self, topic: &str) -> Gauge {
+        self.lifecycle_partitions
+            .get_or_create(&TopicLabels {
+                topic: topic.to_owned(),
+            })
+            .clone()
+    }
+
     /// Homeserver requests sent so far.
     pub fn homeserver_requests_sent(&self) -> u64 {
         self.homeserver_requests_sent.load(Ordering::Relaxed)
@@ -360,6 +383,7 @@ mod tests {
         "roster_lifecycle_lag",
         "roster_lifecycle_stalled_seconds",
         "roster_dead_letters",
+        "roster_lifecycle_partitions",
         "roster_source_polls",
         "roster_avatars",
         "roster_history_imports",
@@ -428,6 +452,8 @@ mod tests {
         m.lifecycle_legacy_shaped
             .get_or_create(&TypeLabels { r#type: "deleted" })
             .inc();
+        assert!(!fresh.contains("roster_lifecycle_partitions"), "{fresh}");
+        m.lifecycle_partitions("nova.identity.events").set(3);
         m.source_polls
             .get_or_create(&SourceLabels {
                 source: "letta",
@@ -450,6 +476,7 @@ mod tests {
             "roster_homeserver_requests_total{endpoint=\"join\",status=\"200\"} 1",
             "roster_homeserver_request_duration_seconds_count{endpoint=\"join\"} 1",
             "roster_lifecycle_stalled_seconds{partition=\"0\"} 3",
+            "roster_lifecycle_partitions{topic=\"nova.identity.events\"} 3",
         ] {
             assert!(text.contains(sample), "missing {sample} in\n{text}");
         }

@@ -990,6 +990,16 @@ async fn matrix_disabled_consumes_logs_and_commits_without_matrix_actions() {
     ];
     roster.start().await;
     tansu.wait_committed(GROUP, TOPIC, &produced).await;
+    // The only consumer of the group holds every partition of the topic.
+    assert_eq!(
+        roster
+            .metric(
+                "roster_lifecycle_partitions",
+                &[&format!("topic=\"{TOPIC}\"")]
+            )
+            .await,
+        PARTITIONS as u64
+    );
     let metric =
         |labels: &'static [&'static str]| roster.metric("roster_lifecycle_events_total", labels);
     assert_eq!(metric(&["outcome=\"matrix_disabled\""]).await, 2);
@@ -1047,6 +1057,12 @@ async fn kafka_disabled_starts_no_consumer() {
     .await;
     let log = std::fs::read_to_string(roster.dir.join("roster-1.log")).unwrap();
     assert!(!log.contains("lifecycle consumer started"), "{log}");
+    // No consumer, no partitions gauge: the alert on a consumer holding none stays quiet.
+    let metrics = roster.metrics().await;
+    assert!(
+        !metrics.contains("roster_lifecycle_partitions"),
+        "{metrics}"
+    );
     let (ok, _, stderr) = roster.cli(&["replay", "--partition", "0", "--offset", "0"]);
     assert!(!ok);
     assert!(
@@ -1073,6 +1089,11 @@ async fn kafka_disabled_starts_no_consumer() {
         !stderr.contains("not running"),
         "the running consumer answers: {stderr}"
     );
+    // A consumer that cannot reach its brokers holds no partition, and says so: lag and
+    // stalls stay 0 there, so this is the only metric that shows it consumes nothing.
+    let held = format!("roster_lifecycle_partitions{{topic=\"{TOPIC}\"}} 0");
+    let metrics = roster.metrics().await;
+    assert!(metrics.contains(&held), "{held} missing in\n{metrics}");
     roster.assert_no_secrets_in_logs(&[]);
 }
 

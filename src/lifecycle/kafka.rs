@@ -186,6 +186,14 @@ impl Context {
     fn offsets(&self) -> std::sync::MutexGuard<'_, Offsets> {
         self.offsets.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Publishes how many partitions this consumer holds (`roster_lifecycle_partitions`).
+    fn show_assigned(&self, offsets: &Offsets) {
+        self.shared
+            .metrics
+            .lifecycle_partitions(&self.topic)
+            .set(offsets.assigned().len() as i64);
+    }
 }
 
 impl ClientContext for Context {
@@ -345,6 +353,7 @@ impl ConsumerContext for Context {
                     );
                 }
             }
+            self.show_assigned(&offsets);
         }
         // The lock is released: the commit callback takes it.
         if commit.count() > 0
@@ -365,6 +374,7 @@ impl ConsumerContext for Context {
                         offsets.assign(element.partition());
                         assigned.push(element.partition());
                     }
+                    self.show_assigned(&offsets);
                 }
                 // Partitions arrive only from a reachable, authenticated broker.
                 self.shared

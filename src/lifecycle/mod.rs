@@ -319,6 +319,9 @@ pub async fn run(
         brokers: lifecycle.brokers.clone(),
         source,
     };
+    // Held partitions, 0 until the group assigns some: a consumer that cannot reach its
+    // brokers shows no lag and no stall, only this.
+    shared.metrics.lifecycle_partitions(&topic).set(0);
     let offsets = Arc::new(Mutex::new(offsets::Offsets::default()));
     let context = kafka::Context::new(topic.clone(), offsets.clone(), shared.clone());
     let consumer: pipeline::Kafka = kafka::consumer_config(&lifecycle)
