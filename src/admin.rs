@@ -122,6 +122,11 @@ pub struct StatusReport {
     pub deactivated_users: usize,
     /// Lifecycle messages not yet consumed (a count of messages).
     pub lifecycle_lag_messages: i64,
+    /// Partitions of `lifecycle.topic` this consumer holds; absent while lifecycle is off.
+    /// 0 with lifecycle on means nothing is consumed (brokers unreachable, no such topic,
+    /// or the group's other members hold them all), whatever the lag says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle_partitions: Option<i64>,
     pub transactions_remembered: u64,
     /// Homeserver requests sent since start-up.
     pub homeserver_requests: u64,
@@ -177,6 +182,12 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         memberships,
         deactivated_users,
         lifecycle_lag_messages: shared.metrics.lifecycle_lag.get(),
+        lifecycle_partitions: shared.config.lifecycle.enabled.then(|| {
+            shared
+                .metrics
+                .lifecycle_partitions(&shared.config.lifecycle.topic)
+                .get()
+        }),
         transactions_remembered,
         homeserver_requests: shared.metrics.homeserver_requests_sent(),
         history_import_failures: shared

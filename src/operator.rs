@@ -320,12 +320,18 @@ pub fn render_status(s: &StatusReport, now_ms: u64) -> String {
         );
     }
     out += &format!(
-        "cache hit ratio: {}  memberships: {}  lifecycle lag: {} messages\n",
+        "cache hit ratio: {}  memberships: {}\n",
         s.cache_hit_ratio()
             .map_or("-".into(), |r| format!("{r:.3}")),
         s.memberships,
-        s.lifecycle_lag_messages
     );
+    out += &match s.lifecycle_partitions {
+        Some(held) => format!(
+            "lifecycle: {held} partitions held, lag {} messages\n",
+            s.lifecycle_lag_messages
+        ),
+        None => "lifecycle: off\n".into(),
+    };
     if let Some(error) = &r.lifecycle_broker_error {
         out += &format!(
             "lifecycle broker error {}: {}\n",
@@ -429,30 +435,13 @@ mod tests {
 
     #[test]
     fn should_show_a_sync_under_way() {
-        let report = StatusReport {
-            version: "0.1.0".into(),
-            ready: true,
-            agents: 1,
-            rooms: 1,
-            retired: 0,
-            pending: 0,
-            running: 0,
-            reconcile: crate::state::Status {
-                sync_running: Some(crate::state::SyncRunning {
-                    trigger: "interval".into(),
-                    started_at_ms: 1_000,
-                }),
-                ..Default::default()
-            },
-            membership_cache_hits: 0,
-            membership_cache_misses: 0,
-            memberships: 0,
-            deactivated_users: 0,
-            lifecycle_lag_messages: 0,
-            transactions_remembered: 0,
-            homeserver_requests: 0,
-            history_import_failures: Default::default(),
-        };
+        let report = report(crate::state::Status {
+            sync_running: Some(crate::state::SyncRunning {
+                trigger: "interval".into(),
+                started_at_ms: 1_000,
+            }),
+            ..Default::default()
+        });
         let shown = render_status(&report, 121_000);
         assert!(
             shown.contains("sync running: interval, started 120s ago"),
@@ -480,6 +469,7 @@ mod tests {
             memberships: 0,
             deactivated_users: 0,
             lifecycle_lag_messages: 0,
+            lifecycle_partitions: None,
             transactions_remembered: 0,
             homeserver_requests: 0,
             history_import_failures: Default::default(),
@@ -544,6 +534,35 @@ mod tests {
             "homeserver ping: ok 1200s ago"
         );
         assert_eq!(line(ping(None, None)), "homeserver ping: not yet");
+    }
+
+    /// A consumer holding no partition consumes nothing while its lag reads 0: the line
+    /// says how many it holds, and a roster without lifecycle says so instead of "lag 0".
+    #[test]
+    fn should_show_the_partitions_lifecycle_holds() {
+        let line = |partitions| {
+            let mut report = report(Default::default());
+            report.lifecycle_partitions = partitions;
+            render_status(&report, 0)
+                .lines()
+                .find(|l| l.starts_with("lifecycle"))
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            line(Some(0)),
+            "lifecycle: 0 partitions held, lag 0 messages"
+        );
+        assert_eq!(
+            line(Some(3)),
+            "lifecycle: 3 partitions held, lag 0 messages"
+        );
+        assert_eq!(line(None), "lifecycle: off");
+        // A report from a roster without the field reads as "off", not as an error.
+        let mut json = serde_json::to_value(report(Default::default())).unwrap();
+        json.as_object_mut().unwrap().remove("lifecycle_partitions");
+        let older: StatusReport = serde_json::from_value(json).unwrap();
+        assert_eq!(older.lifecycle_partitions, None);
     }
 
     /// A serve that accepts connections and never answers (stopped, wedged) must not hang

@@ -1063,6 +1063,8 @@ async fn kafka_disabled_starts_no_consumer() {
         !metrics.contains("roster_lifecycle_partitions"),
         "{metrics}"
     );
+    let (ok, status, _) = roster.cli(&["status"]);
+    assert!(ok && status.contains("\nlifecycle: off\n"), "{status}");
     let (ok, _, stderr) = roster.cli(&["replay", "--partition", "0", "--offset", "0"]);
     assert!(!ok);
     assert!(
@@ -1094,6 +1096,11 @@ async fn kafka_disabled_starts_no_consumer() {
     let held = format!("roster_lifecycle_partitions{{topic=\"{TOPIC}\"}} 0");
     let metrics = roster.metrics().await;
     assert!(metrics.contains(&held), "{held} missing in\n{metrics}");
+    let (ok, status, _) = roster.cli(&["status"]);
+    assert!(
+        ok && status.contains("\nlifecycle: 0 partitions held, lag 0 messages\n"),
+        "{status}"
+    );
     roster.assert_no_secrets_in_logs(&[]);
 }
 
