@@ -557,6 +557,38 @@ mod tests {
         assert_eq!(f.hs.world().count("/register"), 0);
     }
 
+    /// One user's events in two partitions (unkeyed, or keyed by event id) come in any
+    /// order: an update applied before its user's creation came (the user registered for
+    /// it) is newer than the creation, whose username must not replace the name it set.
+    #[tokio::test]
+    async fn should_not_set_a_late_creations_username_over_a_newer_name() {
+        let f = fixture(true).await;
+        let mut update = renamed("Alice A.");
+        update.message.partition = 1;
+        assert_eq!(f.worker.attempt(&update).await, Step::Done);
+        assert_eq!(
+            f.hs.world().users[USER].displayname.as_deref(),
+            Some("Alice A.")
+        );
+        let mut creation = created();
+        creation.message.partition = 0;
+        let names = f.hs.world().count("/displayname");
+        assert_eq!(f.worker.attempt(&creation).await, Step::Done);
+        assert_eq!(f.hs.world().count("/displayname"), names, "no name sent");
+        assert_eq!(
+            f.hs.world().users[USER].displayname.as_deref(),
+            Some("Alice A.")
+        );
+        // A creation replayed on purpose still sets everything it names.
+        let mut replayed = created();
+        replayed.replayed = true;
+        assert_eq!(f.worker.attempt(&replayed).await, Step::Done);
+        assert_eq!(
+            f.hs.world().users[USER].displayname.as_deref(),
+            Some("alice")
+        );
+    }
+
     /// A name the homeserver accepted before a later step of the same event failed is on
     /// the homeserver: it is recorded whatever becomes of the event. Retried, the event
     /// sends only what is left; dead-lettered, an update back to the previous name is

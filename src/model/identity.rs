@@ -222,6 +222,10 @@ pub struct Plan {
     pub effects: Vec<Effect>,
     /// When the user turns out not to exist: register it and carry on (else: report it).
     pub create_if_missing: bool,
+    /// A creation: the name it sets is the user's first, older than any name roster applied
+    /// (an update of the same user consumed first, from another partition, registered the
+    /// user and named it), so it is set only where roster applied none.
+    pub creation: bool,
     pub skip: Option<Skip>,
     /// Parts of the event that were ignored, for the log (e.g. an `ftp://` avatar).
     pub ignored: Vec<&'static str>,
@@ -241,9 +245,9 @@ impl Plan {
     }
 
     /// The plan without the profile parts `applied` already shows: a display name equal to
-    /// the one applied, an avatar from the same source as the one applied (its `mxc://`
-    /// known). Registration and deactivation are kept: they are not profile parts. A plan
-    /// left with no effects sends nothing.
+    /// the one applied (for a creation: any name applied, which is newer), an avatar from the
+    /// same source as the one applied (its `mxc://` known). Registration and deactivation
+    /// are kept: they are not profile parts. A plan left with no effects sends nothing.
     pub fn without_applied(&self, applied: &AppliedProfile) -> Plan {
         self.without_applied_but(applied, None)
     }
@@ -258,6 +262,7 @@ impl Plan {
     ) -> Plan {
         let mut plan = self.clone();
         plan.effects.retain(|effect| match effect {
+            Effect::SetDisplayName(_) if self.creation => applied.displayname.is_none(),
             Effect::SetDisplayName(name) => applied.displayname.as_deref() != Some(name),
             Effect::SetAvatar(AvatarSource::Fetch(url)) if stale_source == Some(url) => true,
             Effect::SetAvatar(source) => {
@@ -355,6 +360,7 @@ impl Identities {
             user,
             effects: Vec::new(),
             create_if_missing: false,
+            creation: matches!(event, IdentityEvent::Created { .. }),
             skip: None,
             ignored: Vec::new(),
         };
@@ -752,6 +758,39 @@ mod tests {
         assert_eq!(next.applied_at, Some(at(2, 9)));
         // Parts not set stay, and so does the position until a new one is given.
         assert_eq!(was.with(None, None), was);
+    }
+
+    /// An update consumed before its user's creation (another partition) named the user:
+    /// the creation's username is older and is not set over it.
+    #[test]
+    fn should_name_a_created_user_only_when_no_name_was_applied() {
+        let ids = Identities::default();
+        let created = plan(
+            &ids,
+            &IdentityEvent::Created {
+                id: id(),
+                username: "alice".into(),
+            },
+        );
+        assert_eq!(
+            created
+                .without_applied(&applied(Some("Alice A."), None, None))
+                .effects,
+            vec![Effect::Register]
+        );
+        assert_eq!(
+            created.without_applied(&AppliedProfile::default()).effects,
+            created.effects
+        );
+        // An update is compared with the name applied, as before.
+        let renamed = plan(&ids, &profile(Some("B"), None, None));
+        assert!(!renamed.creation);
+        assert_eq!(
+            renamed
+                .without_applied(&applied(Some("Alice A."), None, None))
+                .effects,
+            renamed.effects
+        );
     }
 
     #[test]
