@@ -15,6 +15,7 @@
 //! update need not be applied at all because a newer one of the same user sets everything
 //! it sets.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use ruma::{OwnedUserId, ServerName, UserId};
@@ -94,7 +95,7 @@ impl IdentityEvent {
         else {
             return None;
         };
-        let name = non_empty(display_name.as_ref()).or(non_empty(username.as_ref()));
+        let name = person_name(display_name.as_ref()).or_else(|| person_name(username.as_ref()));
         let (avatar, ignored) = match avatar_url.as_deref().map(str::trim) {
             None | Some("") => (None, None),
             Some(url) if url.starts_with("mxc://") => {
@@ -119,7 +120,7 @@ impl IdentityEvent {
 
 /// The display name and avatar a profile update asks for.
 struct ProfileParts<'a> {
-    name: Option<&'a str>,
+    name: Option<Cow<'a, str>>,
     avatar: Option<AvatarSource>,
     /// Why the avatar was ignored, if it was.
     ignored: Option<&'static str>,
@@ -371,9 +372,9 @@ impl Identities {
             }
             IdentityEvent::Created { username, .. } => {
                 plan.effects.push(Effect::Register);
-                if let Some(name) = non_empty(Some(username)) {
+                if let Some(name) = person_name(Some(username)) {
                     plan.effects
-                        .push(Effect::SetDisplayName(display_name(name).into_owned()));
+                        .push(Effect::SetDisplayName(display_name(&name).into_owned()));
                 }
             }
             IdentityEvent::ProfileUpdated { .. } => {
@@ -383,7 +384,7 @@ impl Identities {
                     .expect("a profile update has profile parts");
                 if let Some(name) = parts.name {
                     plan.effects
-                        .push(Effect::SetDisplayName(display_name(name).into_owned()));
+                        .push(Effect::SetDisplayName(display_name(&name).into_owned()));
                 }
                 if let Some(avatar) = parts.avatar {
                     plan.effects.push(Effect::SetAvatar(avatar));
@@ -410,8 +411,22 @@ pub fn is_valid_mxc(uri: &str) -> bool {
         .is_ok_and(|(_, media)| !media.is_empty())
 }
 
-fn non_empty(text: Option<&String>) -> Option<&str> {
-    text.map(|s| s.trim()).filter(|s| !s.is_empty())
+/// The name a person's `text` gives, trimmed, without control characters: U+0000 dropped
+/// (a Synapse on PostgreSQL cannot store it and answers 500, again at every retry), the
+/// others (line breaks, tabs) made spaces. `None` when nothing is left.
+fn person_name(text: Option<&String>) -> Option<Cow<'_, str>> {
+    let text = text?.trim();
+    let name = if text.chars().any(char::is_control) {
+        let cleaned: String = text
+            .chars()
+            .filter(|&c| c != '\0')
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        Cow::Owned(cleaned.trim().to_owned())
+    } else {
+        Cow::Borrowed(text)
+    };
+    Some(name).filter(|n| !n.is_empty())
 }
 
 fn has_scheme(url: &str, scheme: &str) -> bool {
@@ -515,6 +530,38 @@ mod tests {
             },
         );
         assert_eq!(created.effects[1], Effect::SetDisplayName(cut));
+    }
+
+    /// A Synapse on PostgreSQL cannot store U+0000 (a 500 on every attempt: the event would
+    /// be retried for ever, its partition stalled). Control characters are not part of a
+    /// name: NUL goes, the others (line breaks, tabs) become spaces; a name of nothing else
+    /// is blank, and the username stands in.
+    #[test]
+    fn should_set_names_without_control_characters() {
+        let ids = Identities::default();
+        let updated = plan(
+            &ids,
+            &profile(Some("Al\u{0}ice\nB.\t"), Some("alice"), None),
+        );
+        assert_eq!(
+            updated.effects,
+            vec![Effect::SetDisplayName("Alice B.".into())]
+        );
+        let blank = plan(&ids, &profile(Some("\u{0}\u{0}"), Some("al\u{0}ice"), None));
+        assert_eq!(blank.effects, vec![Effect::SetDisplayName("alice".into())]);
+        let nothing = plan(&ids, &profile(Some("\u{0}"), Some("\u{7}"), None));
+        assert_eq!(nothing.skip, Some(Skip::NothingToDo));
+        let created = plan(
+            &ids,
+            &IdentityEvent::Created {
+                id: id(),
+                username: "ali\u{0}ce".into(),
+            },
+        );
+        assert_eq!(
+            created.effects,
+            vec![Effect::Register, Effect::SetDisplayName("alice".into())]
+        );
     }
 
     #[test]
