@@ -247,7 +247,7 @@ impl Plan {
 
     /// The plan without the profile parts `applied` already shows: a display name equal to
     /// the one applied (for a creation: any name applied, which is newer), an avatar from the
-    /// same source as the one applied (its `mxc://` known). Registration and deactivation
+    /// same source as the one applied (its `mxc://` known) or the `mxc://` set. Registration and deactivation
     /// are kept: they are not profile parts. A plan left with no effects sends nothing.
     pub fn without_applied(&self, applied: &AppliedProfile) -> Plan {
         self.without_applied_but(applied, None)
@@ -266,6 +266,12 @@ impl Plan {
             Effect::SetDisplayName(_) if self.creation => applied.displayname.is_none(),
             Effect::SetDisplayName(name) => applied.displayname.as_deref() != Some(name),
             Effect::SetAvatar(AvatarSource::Fetch(url)) if stale_source == Some(url) => true,
+            // The `mxc://` set, named directly (e.g. the one an applied URL was uploaded as).
+            Effect::SetAvatar(AvatarSource::Mxc(uri))
+                if applied.avatar_mxc.as_deref() == Some(uri) =>
+            {
+                false
+            }
             Effect::SetAvatar(source) => {
                 applied.avatar_mxc.is_none()
                     || applied.avatar_source.as_deref() != Some(source.url())
@@ -714,6 +720,9 @@ mod tests {
             &profile(Some("B"), None, Some("https://cdn.example/b.png")),
         );
         assert_eq!(both.without_applied(&was).effects.len(), 2);
+        // The mxc:// the applied URL was uploaded as, named directly: already set.
+        let as_mxc = plan(&ids, &profile(Some("Alice"), None, Some("mxc://ex.org/a")));
+        assert!(as_mxc.without_applied(&was).effects.is_empty());
         // Nothing known (a new user, or a store that lost it): everything is sent.
         assert_eq!(
             both.without_applied(&AppliedProfile::default()).effects,
