@@ -62,6 +62,8 @@ struct Taken {
     name: Option<String>,
     /// The avatar's source URL and the `mxc://` set for it.
     avatar: Option<(String, String)>,
+    /// The source URL of the avatar being uploaded or set: a failure now is the avatar's.
+    avatar_pending: Option<String>,
 }
 
 /// Why identity effects cannot be taken at all; stops start-up.
@@ -108,6 +110,11 @@ pub struct IdentityEffects {
     /// tried again by every update before another TTL has passed (in memory only: after a
     /// restart one more try each).
     failed_refetches: moka::sync::Cache<String, ()>,
+    /// Avatar sources (as events name them) the homeserver refused for good, uploaded or
+    /// set: their event was dead-lettered, and the updates after it that name them again
+    /// (the follower count changed) send nothing for the avatar before another
+    /// `avatar_ttl` has passed (in memory only: after a restart one more try each).
+    refused_avatars: moka::sync::Cache<String, ()>,
     avatar_ttl: Duration,
     /// Compare with what was applied and uploaded before sending (off only to measure what
     /// remembering saves).
@@ -160,6 +167,10 @@ impl IdentityEffects {
             .max_capacity(UPLOAD_CACHE)
             .time_to_live(avatar_ttl.max(Duration::from_secs(1)))
             .build();
+        let refused_avatars = moka::sync::Cache::builder()
+            .max_capacity(UPLOAD_CACHE)
+            .time_to_live(avatar_ttl.max(Duration::from_secs(1)))
+            .build();
         Ok(Some(IdentityEffects {
             shared,
             homeserver,
@@ -167,6 +178,7 @@ impl IdentityEffects {
             avatars,
             uploads,
             failed_refetches,
+            refused_avatars,
             avatar_ttl,
             remember: true,
         }))
@@ -248,7 +260,7 @@ impl IdentityEffects {
                 }
                 _ => None,
             };
-            narrowed = fresh.without_applied_but(&before, stale_source);
+            narrowed = self.without_refused(fresh.without_applied_but(&before, stale_source));
             if narrowed.effects.is_empty() {
                 return Outcome::Done(Applied::Unchanged);
             }
@@ -290,10 +302,10 @@ impl IdentityEffects {
             // Masquerading as a user who does not exist is refused with M_FORBIDDEN; so are
             // other things. Ask who the user is to tell them apart, never the error text.
             if !error.is_forbidden() || registered {
-                return Outcome::from_error(&error);
+                return self.refused(&error, &taken);
             }
             match self.homeserver.whoami(Some(&plan.user)).await {
-                Ok(_) => return Outcome::from_error(&error),
+                Ok(_) => return self.refused(&error, &taken),
                 Err(e) if e.is_forbidden() => {}
                 Err(e) => return Outcome::from_error(&e),
             }
@@ -322,6 +334,33 @@ impl IdentityEffects {
             tracing::info!(user = %plan.user, "registered a missing identity user");
             registered = true;
         }
+    }
+
+    /// The plan without the avatars the homeserver refused for good lately.
+    fn without_refused(&self, mut plan: Plan) -> Plan {
+        plan.effects.retain(|effect| match effect {
+            Effect::SetAvatar(source) if self.refused_avatars.contains_key(source.url()) => {
+                tracing::debug!(
+                    user = %plan.user,
+                    avatar = %redact_url(source.url()),
+                    "the homeserver refused this avatar for good lately; not asked again"
+                );
+                false
+            }
+            _ => true,
+        });
+        plan
+    }
+
+    /// The outcome of `error`, for a user who exists; an avatar refused for good (the step
+    /// that failed uploaded or set it) is remembered, so updates naming it again do not ask
+    /// again (and are not all dead-lettered).
+    fn refused(&self, error: &MatrixError, taken: &Taken) -> Outcome<Applied> {
+        let outcome = Outcome::from_error(error);
+        if let (Outcome::Refused(_), Some(source)) = (&outcome, &taken.avatar_pending) {
+            self.refused_avatars.insert(source.clone(), ());
+        }
+        outcome
     }
 
     /// Records the profile parts the homeserver accepted in an attempt that failed later;
@@ -408,15 +447,19 @@ impl IdentityEffects {
                     taken.name = Some(name.clone());
                 }
                 Effect::SetAvatar(AvatarSource::Mxc(uri)) => {
+                    taken.avatar_pending = Some(uri.clone());
                     let mxc = OwnedMxcUri::from(uri.as_str());
                     self.homeserver.set_avatar_url(user, mxc).await?;
                     taken.avatar = Some((uri.clone(), uri.clone()));
+                    taken.avatar_pending = None;
                 }
                 Effect::SetAvatar(AvatarSource::Fetch(url)) => {
+                    taken.avatar_pending = Some(url.clone());
                     let (mxc, reused) = match self.uploaded(user, url).await? {
                         Some(mxc) => mxc,
                         None => {
                             // The old avatar stays; the rest of the event still applies.
+                            taken.avatar_pending = None;
                             taken.labels.push("avatar_fetch_failed");
                             continue;
                         }
@@ -433,6 +476,7 @@ impl IdentityEffects {
                         }
                     }
                     taken.avatar = Some((url.clone(), mxc));
+                    taken.avatar_pending = None;
                 }
                 Effect::Deactivate { erase } => {
                     self.deactivate(user, *erase).await?;

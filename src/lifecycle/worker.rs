@@ -589,6 +589,48 @@ mod tests {
         );
     }
 
+    /// An avatar the homeserver refuses for good (Synapse's `allowed_avatar_mimetypes`,
+    /// `max_avatar_size`, `max_upload_size`) dead-letters its event once; the updates that
+    /// follow name the same avatar (only the follower count changed) and send nothing,
+    /// instead of asking again and dead-lettering every one of them. Another avatar is news.
+    #[tokio::test]
+    async fn should_not_ask_again_for_an_avatar_the_homeserver_refused() {
+        let f = fixture(true).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        let (server, fetched) = avatar_server().await;
+        let cases = [
+            (
+                "mxc://ex.org/huge".to_owned(),
+                "/avatar_url",
+                403,
+                "M_FORBIDDEN",
+            ),
+            (format!("{server}/huge.png"), "/upload", 413, "M_TOO_LARGE"),
+        ];
+        for (avatar, refusing, status, errcode) in cases {
+            f.hs.fail(refusing, status, errcode, "This avatar is not allowed", 1);
+            let refused = profile_job("alice", Some(&avatar), 0);
+            assert_eq!(f.worker.attempt(&refused).await, Step::DeadLettered);
+            let (sent, letters) = (
+                f.hs.world().requests.len(),
+                f.sink.letters.lock().unwrap().len(),
+            );
+            let fetches = fetched.load(std::sync::atomic::Ordering::SeqCst);
+            for followers in 1..4 {
+                let same = profile_job("alice", Some(&avatar), followers);
+                assert_eq!(f.worker.attempt(&same).await, Step::Done, "{avatar}");
+            }
+            assert_eq!(f.hs.world().requests.len(), sent, "{avatar}: nothing sent");
+            assert_eq!(f.sink.letters.lock().unwrap().len(), letters);
+            assert_eq!(fetched.load(std::sync::atomic::Ordering::SeqCst), fetches);
+        }
+        apply(&f, &profile_job("alice", Some("mxc://ex.org/fine"), 5)).await;
+        assert_eq!(
+            f.hs.world().users[USER].avatar_url.as_deref(),
+            Some("mxc://ex.org/fine")
+        );
+    }
+
     /// A name the homeserver accepted before a later step of the same event failed is on
     /// the homeserver: it is recorded whatever becomes of the event. Retried, the event
     /// sends only what is left; dead-lettered, an update back to the previous name is
