@@ -13,7 +13,8 @@
 //!   arrival order; different users go side by side, at most `max_in_flight_users` ([`queue`]).
 //!   Of a user's profile updates waiting together, only the newest is applied when it sets
 //!   every part the older ones set ([`Job::supersedes`]); the older ones are done unapplied
-//!   when it is done, or applied in its place when it is dead-lettered.
+//!   when it is done, or applied in its place when it is dead-lettered (for what it could
+//!   not set: never over a part it set before it was refused).
 //!   A creation or a deletion is never skipped that way, and nothing moves past one.
 //! - A profile part equal to what roster last applied is not sent again ([`effects`]),
 //!   except for an event consumed again by `replay`, which is applied in full.

@@ -138,9 +138,9 @@ impl Worker {
     /// Runs `job` until it is done, retrying with backoff. `superseded` are the older
     /// updates of the same user it stands for (`Job::supersedes`): when `job` itself is
     /// dead-lettered, they are applied instead, oldest first, so what they set is not lost
-    /// with it.
+    /// with it; but not the parts it set before it was refused, which are newer.
     pub async fn work(self: Arc<Self>, job: Job, superseded: Vec<Job>) {
-        if self.run(&job).await != Step::DeadLettered {
+        if self.run(&job, None).await != Step::DeadLettered {
             for older in &superseded {
                 self.superseded(older, &job);
             }
@@ -156,15 +156,16 @@ impl Worker {
             "the newest update was dead-lettered; applying the older ones it stood for"
         );
         for older in &superseded {
-            self.run(older).await;
+            self.run(older, Some(&job)).await;
         }
     }
 
-    /// Attempts `job` until it is done or dead-lettered, with backoff between attempts.
-    async fn run(&self, job: &Job) -> Step {
+    /// Attempts `job` (in place of `newer`, when given) until it is done or dead-lettered,
+    /// with backoff between attempts.
+    async fn run(&self, job: &Job, newer: Option<&Job>) -> Step {
         let mut last_reason = None;
         for failures in 1u32.. {
-            let (reason, retry_after) = match self.attempt(job).await {
+            let (reason, retry_after) = match self.attempt_in_place_of(job, newer).await {
                 step @ (Step::Done | Step::DeadLettered) => return step,
                 Step::Retry {
                     reason,
@@ -207,6 +208,12 @@ impl Worker {
 
     /// One attempt: decode, plan, apply, decide.
     pub async fn attempt(&self, job: &Job) -> Step {
+        self.attempt_in_place_of(job, None).await
+    }
+
+    /// One attempt at `job`, an older update applied in place of `newer` (dead-lettered)
+    /// when that is given: without the parts `newer` set.
+    async fn attempt_in_place_of(&self, job: &Job, newer: Option<&Job>) -> Step {
         let message = &job.message;
         let event = match &job.decoded {
             Err(error) => {
@@ -228,10 +235,32 @@ impl Worker {
         };
         let kind = event.kind();
         let server = &self.shared.config.ids().server_name;
-        let plan = self
+        let mut plan = self
             .shared
             .state
             .read(|m| m.identities.plan(event, server, self.options));
+        if let Some(newer) = newer.and_then(|n| n.decoded.as_ref().ok()?.event())
+            && plan.skip.is_none()
+        {
+            let newer = self
+                .shared
+                .state
+                .read(|m| m.identities.plan(newer, server, self.options));
+            let applied = match self.shared.state.applied_profile(&plan.user).await {
+                Ok(applied) => applied,
+                Err(e) => {
+                    return Step::Retry {
+                        reason: format!("cannot read what was applied to the profile: {e}"),
+                        retry_after: None,
+                    };
+                }
+            };
+            plan = plan.without_parts_applied_by(&newer, &applied);
+            if plan.effects.is_empty() {
+                self.count(kind, "superseded");
+                return Step::Done;
+            }
+        }
         if let Some(skip) = plan.skip {
             self.count(kind, "skipped");
             tracing::info!(user = %plan.user, event = kind, reason = skip.as_str(), "lifecycle event skipped");
@@ -700,6 +729,33 @@ mod tests {
         assert_eq!(names() - before, 3, "the refused one, then C and D");
         assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("D"));
         assert_eq!(superseded(), 1, "C and D were applied, not superseded");
+    }
+
+    /// The newest update was dead-lettered after the homeserver accepted its name (its
+    /// avatar was refused for good): the older updates it stood for are applied in its place
+    /// for what it could not set, the avatar, but not over the newer name it did set.
+    #[tokio::test]
+    async fn should_not_set_an_older_name_over_the_one_a_dead_lettered_update_set() {
+        let f = fixture(true).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        let worker = Arc::new(f.worker);
+        let older = profile_job("A", Some("mxc://ex.org/a"), 0);
+        let newer = profile_job("C", Some("mxc://ex.org/c"), 1);
+        f.hs.fail(
+            "/avatar_url",
+            403,
+            "M_FORBIDDEN",
+            "This avatar is not allowed",
+            1,
+        );
+        worker.clone().work(newer, vec![older]).await;
+        assert_eq!(f.sink.letters.lock().unwrap().len(), 1);
+        let world = f.hs.world();
+        assert_eq!(world.users[USER].displayname.as_deref(), Some("C"));
+        assert_eq!(
+            world.users[USER].avatar_url.as_deref(),
+            Some("mxc://ex.org/a")
+        );
     }
 
     #[tokio::test]

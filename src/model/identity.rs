@@ -281,6 +281,33 @@ impl Plan {
         plan
     }
 
+    /// The plan of an older update applied in place of `newer`, a newer update of the same
+    /// user that was dead-lettered, without the parts `newer` asked for that `applied`
+    /// shows: its name or avatar source, accepted before the step that was refused (or
+    /// unchanged, so on the homeserver already). Those are newer than this plan's; only
+    /// what `newer` could not set is taken from the older update.
+    pub fn without_parts_applied_by(&self, newer: &Plan, applied: &AppliedProfile) -> Plan {
+        let newer_name = newer.effects.iter().find_map(|effect| match effect {
+            Effect::SetDisplayName(name) => Some(name.as_str()),
+            _ => None,
+        });
+        let newer_avatar = newer.effects.iter().find_map(|effect| match effect {
+            Effect::SetAvatar(source) => Some(source.url()),
+            _ => None,
+        });
+        let name_set = newer_name.is_some() && applied.displayname.as_deref() == newer_name;
+        let avatar_set = newer_avatar.is_some()
+            && applied.avatar_mxc.is_some()
+            && applied.avatar_source.as_deref() == newer_avatar;
+        let mut plan = self.clone();
+        plan.effects.retain(|effect| match effect {
+            Effect::SetDisplayName(_) => !name_set,
+            Effect::SetAvatar(_) => !avatar_set,
+            Effect::Register | Effect::Deactivate { .. } => true,
+        });
+        plan
+    }
+
     /// The URL of the avatar this plan fetches, if it fetches one.
     pub fn fetched_avatar(&self) -> Option<&str> {
         self.effects.iter().find_map(|effect| match effect {
@@ -745,6 +772,40 @@ mod tests {
         assert_eq!(
             same.without_applied_but(&was, Some(url)).effects,
             vec![Effect::SetAvatar(AvatarSource::Fetch(url.into()))]
+        );
+    }
+
+    /// The newest update was dead-lettered after its name was accepted (its avatar was
+    /// refused): an older one applied in its place sets the avatar only.
+    #[test]
+    fn should_not_take_from_an_older_update_what_a_dead_lettered_newer_one_set() {
+        let ids = Identities::default();
+        let older = plan(&ids, &profile(Some("A"), None, Some("mxc://ex.org/a")));
+        let newer = plan(&ids, &profile(Some("C"), None, Some("mxc://ex.org/c")));
+        let name_accepted = applied(Some("C"), Some("mxc://ex.org/0"), Some("mxc://ex.org/0"));
+        assert_eq!(
+            older
+                .without_parts_applied_by(&newer, &name_accepted)
+                .effects,
+            vec![Effect::SetAvatar(AvatarSource::Mxc(
+                "mxc://ex.org/a".into()
+            ))]
+        );
+        // Its name refused (nothing accepted): the older one is applied whole.
+        let nothing_accepted = applied(Some("Z"), None, None);
+        assert_eq!(
+            older
+                .without_parts_applied_by(&newer, &nothing_accepted)
+                .effects,
+            older.effects
+        );
+        // Both of its parts on the homeserver: nothing left of the older one.
+        let both = applied(Some("C"), Some("mxc://ex.org/c"), Some("mxc://ex.org/c"));
+        assert!(
+            older
+                .without_parts_applied_by(&newer, &both)
+                .effects
+                .is_empty()
         );
     }
 
