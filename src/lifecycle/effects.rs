@@ -204,13 +204,21 @@ impl IdentityEffects {
     /// applied already are dropped (nothing left: [`Applied::AlreadyApplied`]), then the
     /// parts equal to what roster applied (nothing left: [`Applied::Unchanged`]).
     pub async fn apply(&self, plan: &Plan, at: EventPosition) -> Outcome<Applied> {
-        self.apply_with(plan, at, self.remember).await
+        self.apply_with(plan, at, self.remember, false).await
+    }
+
+    /// As [`IdentityEffects::apply`], for an older update applied in place of a newer one
+    /// of its user that set less than it asked for (the worker left out what it set): its
+    /// parts are not taken for applied already because the newer one's position is
+    /// recorded, and that position stays recorded.
+    pub async fn apply_in_place(&self, plan: &Plan, at: EventPosition) -> Outcome<Applied> {
+        self.apply_with(plan, at, self.remember, true).await
     }
 
     /// Applies all of `plan`, whatever roster applied before (a replay: the operator asks
     /// for the event again, e.g. after someone changed the profile behind roster's back).
     pub async fn reapply(&self, plan: &Plan, at: EventPosition) -> Outcome<Applied> {
-        self.apply_with(plan, at, false).await
+        self.apply_with(plan, at, false, false).await
     }
 
     /// Every effect in order; a user found missing is registered first when the plan allows
@@ -221,6 +229,7 @@ impl IdentityEffects {
         plan: &Plan,
         at: EventPosition,
         skip_unchanged: bool,
+        in_place: bool,
     ) -> Outcome<Applied> {
         if plan.skip.is_some() || plan.effects.is_empty() {
             return Outcome::Done(Applied::Taken(Vec::new()));
@@ -236,7 +245,10 @@ impl IdentityEffects {
         };
         let narrowed;
         let plan = if skip_unchanged {
-            let fresh = plan.without_already_applied(&before, at);
+            let fresh = match in_place {
+                true => plan.clone(),
+                false => plan.without_already_applied(&before, at),
+            };
             if fresh.effects.is_empty() {
                 return Outcome::Done(Applied::AlreadyApplied);
             }
@@ -278,7 +290,14 @@ impl IdentityEffects {
             // A replay sets every part again, even one equal to what was set.
             let known = skip_unchanged.then_some(&before);
             let failure = match self.attempt(plan, known, &mut taken).await {
-                Ok(()) => return self.remember(plan, at, &before, taken).await,
+                Ok(()) => {
+                    // In place of a newer event, whose position stays the last applied.
+                    let recorded_at = match before.applied_at {
+                        Some(last) if in_place && before.covers(at) => last,
+                        _ => at,
+                    };
+                    return self.remember(plan, recorded_at, &before, taken).await;
+                }
                 Err(failure) => failure,
             };
             // Parts the homeserver accepted before a later step failed are on it now,
@@ -336,10 +355,16 @@ impl IdentityEffects {
         }
     }
 
+    /// Whether the homeserver refused the avatar from `source` for good lately: updates
+    /// naming it leave it out.
+    pub fn refused_avatar(&self, source: &str) -> bool {
+        self.remember && self.refused_avatars.contains_key(source)
+    }
+
     /// The plan without the avatars the homeserver refused for good lately.
     fn without_refused(&self, mut plan: Plan) -> Plan {
         plan.effects.retain(|effect| match effect {
-            Effect::SetAvatar(source) if self.refused_avatars.contains_key(source.url()) => {
+            Effect::SetAvatar(source) if self.refused_avatar(source.url()) => {
                 tracing::debug!(
                     user = %plan.user,
                     avatar = %redact_url(source.url()),

@@ -26,7 +26,7 @@ use super::{Job, Message};
 use crate::Shared;
 use crate::lifecycle::decode::Decoded;
 use crate::metrics::{LifecycleLabels, TypeLabels};
-use crate::model::identity::{EventPosition, PlanOptions};
+use crate::model::identity::{Effect, EventPosition, PlanOptions};
 use crate::retry::{Backoff, Outcome};
 
 /// Dead-letter header that says why the message is there.
@@ -140,7 +140,10 @@ impl Worker {
     /// dead-lettered, they are applied instead, oldest first, so what they set is not lost
     /// with it; but not the parts it set before it was refused, which are newer.
     pub async fn work(self: Arc<Self>, job: Job, superseded: Vec<Job>) {
-        if self.run(&job, None).await != Step::DeadLettered {
+        let step = self.run(&job, None).await;
+        // An avatar refused for good before is left out, not asked for: the older updates
+        // may still set theirs, as when it is refused now and the update dead-lettered.
+        if step != Step::DeadLettered && !self.avatar_refused_before(&job) {
             for older in &superseded {
                 self.superseded(older, &job);
             }
@@ -153,11 +156,30 @@ impl Worker {
             partition = job.message.partition,
             offset = job.message.offset,
             superseded = superseded.len(),
-            "the newest update was dead-lettered; applying the older ones it stood for"
+            "the newest update did not set all it named (dead-lettered, or its avatar refused before); applying the older ones it stood for in its place"
         );
         for older in &superseded {
             self.run(older, Some(&job)).await;
         }
+    }
+
+    /// Whether `job` names an avatar the homeserver refused for good lately (so it was not
+    /// set: see `IdentityEffects::refused_avatar`).
+    fn avatar_refused_before(&self, job: &Job) -> bool {
+        let (Some(effects), Some(event)) = (
+            &self.effects,
+            job.decoded.as_ref().ok().and_then(Decoded::event),
+        ) else {
+            return false;
+        };
+        let server = &self.shared.config.ids().server_name;
+        let plan = self
+            .shared
+            .state
+            .read(|m| m.identities.plan(event, server, self.options));
+        plan.effects.iter().any(|effect| {
+            matches!(effect, Effect::SetAvatar(source) if effects.refused_avatar(source.url()))
+        })
     }
 
     /// Attempts `job` (in place of `newer`, when given) until it is done or dead-lettered,
@@ -282,6 +304,8 @@ impl Worker {
         };
         let outcome = if job.replayed {
             effects.reapply(&plan, at).await
+        } else if newer.is_some() {
+            effects.apply_in_place(&plan, at).await
         } else {
             effects.apply(&plan, at).await
         };
@@ -657,6 +681,40 @@ mod tests {
         assert_eq!(
             f.hs.world().users[USER].avatar_url.as_deref(),
             Some("mxc://ex.org/fine")
+        );
+    }
+
+    /// The newest update names an avatar refused before, so it is left out: the older
+    /// update it stood for still sets its own avatar (as when the refusal comes now and
+    /// the newest is dead-lettered), not its older name.
+    #[tokio::test]
+    async fn should_let_older_updates_set_the_avatar_a_newer_one_names_but_was_refused() {
+        let f = fixture(true).await;
+        assert_eq!(f.worker.attempt(&created()).await, Step::Done);
+        f.hs.fail(
+            "/avatar_url",
+            403,
+            "M_FORBIDDEN",
+            "This avatar is not allowed",
+            1,
+        );
+        let refused = profile_job("alice", Some("mxc://ex.org/c"), 0);
+        assert_eq!(f.worker.attempt(&refused).await, Step::DeadLettered);
+        let worker = Arc::new(f.worker);
+        let older = profile_job("A", Some("mxc://ex.org/a"), 1);
+        let newer = profile_job("C", Some("mxc://ex.org/c"), 2);
+        assert!(newer.supersedes(&older));
+        worker.clone().work(newer, vec![older]).await;
+        assert_eq!(
+            f.sink.letters.lock().unwrap().len(),
+            1,
+            "no new dead letter"
+        );
+        let world = f.hs.world();
+        assert_eq!(world.users[USER].displayname.as_deref(), Some("C"));
+        assert_eq!(
+            world.users[USER].avatar_url.as_deref(),
+            Some("mxc://ex.org/a")
         );
     }
 
