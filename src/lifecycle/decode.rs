@@ -181,10 +181,13 @@ pub fn decode(type_header: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Deco
 
 /// The type of an event that names none, by the fields its data holds (checked in this
 /// order): `deleted_at` + `soft_delete`: deleted; `username` + `updated_at` + `display_name`:
-/// profile updated; `user_id` + `email` + `username` + `created_at`: created.
+/// profile updated; `user_id` + `email` + `username` + `created_at`: created. A `deleted_at`
+/// of `null` says the user is not deleted: that data is no deletion (with `soft_delete:
+/// false` it would erase the profile), whatever else it may be.
 fn legacy_kind(data: &Map<String, Value>) -> Option<Kind> {
     let has = |fields: &[&str]| fields.iter().all(|f| data.contains_key(*f));
-    if has(&["deleted_at", "soft_delete"]) {
+    let deleted = data.get("deleted_at").is_some_and(|at| !at.is_null());
+    if deleted && has(&["soft_delete"]) {
         Some(Kind::Deleted)
     } else if has(&["username", "updated_at", "display_name"]) {
         Some(Kind::ProfileUpdated)
@@ -579,6 +582,19 @@ mod tests {
                 "{partial}"
             );
         }
+        // A deleted_at of null says the user is not deleted: a user's data carrying its
+        // deletion columns is no deletion (soft_delete false would erase the profile).
+        let not_deleted = json!({ "user_id": UUID, "deleted_at": null, "soft_delete": false,
+            "username": "a", "updated_at": "x", "display_name": "A" });
+        assert!(matches!(
+            decode(None, Some(&bytes(&envelope(None, not_deleted)))),
+            Ok(Decoded::LegacyShaped(IdentityEvent::ProfileUpdated { .. }))
+        ));
+        let columns_only = json!({ "user_id": UUID, "deleted_at": null, "soft_delete": false });
+        assert_eq!(
+            decode(None, Some(&bytes(&columns_only))),
+            Err(DecodeError::NoType)
+        );
         // A recognised shape still needs the fields roster uses.
         let bad_id = json!({ "user_id": "nope", "deleted_at": "x", "soft_delete": true });
         assert_eq!(
