@@ -125,7 +125,11 @@ pub fn decode(type_header: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Deco
     };
     let type_name = match header_type {
         Some(t) => Some(t),
-        None => type_field(&top)?.or(type_field(data)?),
+        // The data's field is read only when the envelope names no type.
+        None => match type_field(&top)? {
+            Some(t) => Some(t),
+            None => type_field(data)?,
+        },
     };
     let (kind, legacy) = match type_name {
         Some(name) => match Kind::parse(&name) {
@@ -356,6 +360,15 @@ mod tests {
             json!({ "event_type": "UserCreatedEvent", "user_id": UUID, "soft_delete": true });
         assert!(matches!(
             decode(Some(b"UserDeletedEvent"), Some(&bytes(&body))),
+            Ok(Decoded::Event(IdentityEvent::Deleted { .. }))
+        ));
+        // The envelope's type decides; a field of that name in the data is not read.
+        let data = json!({ "user_id": UUID, "soft_delete": true, "event_type": 7 });
+        assert!(matches!(
+            decode(
+                None,
+                Some(&bytes(&envelope(Some("UserDeletedEvent"), data)))
+            ),
             Ok(Decoded::Event(IdentityEvent::Deleted { .. }))
         ));
     }
