@@ -335,10 +335,12 @@ impl AvatarFetcher {
             }
             bytes.extend_from_slice(&chunk);
         }
-        // The bytes decide; a declared type that is not an image is refused as well.
-        let declared_ok = declared.is_empty()
-            || declared.starts_with("image/")
-            || declared.starts_with("application/octet-stream");
+        // The bytes decide; a declared type that is not an image is refused as well (media
+        // types are case-insensitive).
+        let media_type = declared.trim_start().to_ascii_lowercase();
+        let declared_ok = media_type.is_empty()
+            || media_type.starts_with("image/")
+            || media_type.starts_with("application/octet-stream");
         let content_type =
             sniff_image(&bytes)
                 .filter(|_| declared_ok)
@@ -565,5 +567,30 @@ mod tests {
             .unwrap();
         assert_eq!(avatar.content_type, "image/png");
         assert_eq!(served.load(Ordering::SeqCst), 1);
+    }
+
+    /// Media types are case-insensitive (RFC 9110): `Image/PNG` declares an image, and
+    /// `Text/HTML` does not.
+    #[tokio::test]
+    async fn should_read_the_declared_type_whatever_its_case() {
+        let app = axum::Router::new().route(
+            "/{declared}",
+            axum::routing::get(
+                |axum::extract::Path(declared): axum::extract::Path<String>| async move {
+                    (
+                        [("content-type", declared.replace('_', "/"))],
+                        b"\x89PNG\r\n\x1a\n....".as_slice(),
+                    )
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let fetcher = AvatarFetcher::new(Duration::from_secs(30), 1024, Reach::Any);
+        let avatar = fetcher.fetch(&format!("http://{addr}/Image_PNG")).await;
+        assert_eq!(avatar.unwrap().content_type, "image/png");
+        let html = fetcher.fetch(&format!("http://{addr}/Text_HTML")).await;
+        assert!(matches!(html, Err(FetchError::NotAnImage { .. })));
     }
 }
