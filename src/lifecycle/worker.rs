@@ -194,16 +194,7 @@ impl Worker {
                     retry_after,
                 } => (reason, retry_after),
             };
-            if last_reason.as_ref() != Some(&reason) {
-                // Capacity covers every running job; a lost notice only delays a pause.
-                let _ = self.stalls.try_send(Stall {
-                    partition: job.message.partition,
-                    generation: job.generation,
-                    offset: job.message.offset,
-                    reason: reason.clone(),
-                });
-                last_reason = Some(reason.clone());
-            }
+            self.tell_stall(job, &reason, &mut last_reason);
             let wait = self.backoff.wait(failures, retry_after);
             tracing::warn!(
                 partition = job.message.partition,
@@ -226,6 +217,25 @@ impl Worker {
             }
         }
         unreachable!("the attempts above only end by returning")
+    }
+
+    /// Tells the pipeline `job`'s partition waits for `reason`, unless `told` already says
+    /// so. The channel's capacity covers every running job; should it be full all the same,
+    /// the notice is not taken for told, so the next failure tells it (else the partition
+    /// would wait unpaused and unseen in status until the reason changed).
+    fn tell_stall(&self, job: &Job, reason: &str, told: &mut Option<String>) {
+        if told.as_deref() == Some(reason) {
+            return;
+        }
+        let stall = Stall {
+            partition: job.message.partition,
+            generation: job.generation,
+            offset: job.message.offset,
+            reason: reason.to_owned(),
+        };
+        if self.stalls.try_send(stall).is_ok() {
+            *told = Some(reason.to_owned());
+        }
     }
 
     /// One attempt: decode, plan, apply, decide.
@@ -716,6 +726,34 @@ mod tests {
             world.users[USER].avatar_url.as_deref(),
             Some("mxc://ex.org/a")
         );
+    }
+
+    /// A stall notice the full channel did not take is told again at the next failure with
+    /// the same reason; one it took is not repeated.
+    #[tokio::test]
+    async fn should_tell_a_stall_again_when_the_channel_was_full() {
+        let mut f = fixture(false).await;
+        let (sender, mut stalls) = mpsc::channel(1);
+        f.worker.stalls = sender;
+        let job = renamed("A");
+        let mut told = None;
+        f.worker.tell_stall(&job, "filler", &mut told);
+        assert_eq!(told.as_deref(), Some("filler"));
+        f.worker.tell_stall(&job, "HTTP 502", &mut told);
+        assert_eq!(
+            told.as_deref(),
+            Some("filler"),
+            "the full channel took nothing"
+        );
+        assert_eq!(stalls.recv().await.unwrap().reason, "filler");
+        f.worker.tell_stall(&job, "HTTP 502", &mut told);
+        let stall = stalls.try_recv().expect("told at the next failure");
+        assert_eq!(
+            (stall.offset, stall.reason.as_str()),
+            (job.message.offset, "HTTP 502")
+        );
+        f.worker.tell_stall(&job, "HTTP 502", &mut told);
+        assert!(stalls.try_recv().is_err(), "told once per reason");
     }
 
     /// A name the homeserver accepted before a later step of the same event failed is on
