@@ -34,11 +34,23 @@ pub fn agent_localpart(agent_id: &str) -> Option<String> {
 pub const MAX_NAME_CHARS: usize = 256;
 
 /// The display name roster sets for `name` (an agent's name from its source, a person's
-/// from an identity event): cut to [`MAX_NAME_CHARS`] (ending in `…`) when longer, so the
-/// homeserver never refuses it.
+/// from an identity event): without control characters, and cut to [`MAX_NAME_CHARS`]
+/// (ending in `…`) when longer, so the homeserver never refuses it. U+0000 is dropped (a
+/// Synapse on PostgreSQL cannot store it and answers 500, again at every retry); the other
+/// control characters (line breaks, tabs) become spaces.
 pub fn display_name(name: &str) -> Cow<'_, str> {
+    let name: Cow<'_, str> = if name.chars().any(char::is_control) {
+        Cow::Owned(
+            name.chars()
+                .filter(|&c| c != '\0')
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(name)
+    };
     match name.char_indices().nth(MAX_NAME_CHARS) {
-        None => Cow::Borrowed(name),
+        None => name,
         Some(_) => {
             let (cut, _) = name
                 .char_indices()
@@ -336,6 +348,18 @@ mod tests {
             cut.as_str(),
             "a cut name stays as it is"
         );
+    }
+
+    /// Agent names come from Letta as typed: a NUL would make a Synapse on PostgreSQL answer
+    /// 500 at every attempt, the room never provisioned. Line breaks are not part of a name.
+    #[test]
+    fn should_set_names_without_control_characters() {
+        assert_eq!(display_name("Al\u{0}ice\nB.\tC"), "Alice B. C");
+        assert_eq!(display_name("\u{0}"), "");
+        // The cut counts what is left.
+        let long = format!("{}{}", "\u{0}".repeat(10), "a".repeat(MAX_NAME_CHARS));
+        assert_eq!(display_name(&long), "a".repeat(MAX_NAME_CHARS));
+        assert!(matches!(display_name("Helper"), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -15,7 +15,6 @@
 //! update need not be applied at all because a newer one of the same user sets everything
 //! it sets.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 
 use ruma::{OwnedUserId, ServerName, UserId};
@@ -85,7 +84,7 @@ impl IdentityEvent {
     }
 
     /// The profile a profile update asks for (`None` for other events).
-    fn profile_parts(&self) -> Option<ProfileParts<'_>> {
+    fn profile_parts(&self) -> Option<ProfileParts> {
         let IdentityEvent::ProfileUpdated {
             username,
             display_name,
@@ -119,8 +118,8 @@ impl IdentityEvent {
 }
 
 /// The display name and avatar a profile update asks for.
-struct ProfileParts<'a> {
-    name: Option<Cow<'a, str>>,
+struct ProfileParts {
+    name: Option<String>,
     avatar: Option<AvatarSource>,
     /// Why the avatar was ignored, if it was.
     ignored: Option<&'static str>,
@@ -406,8 +405,7 @@ impl Identities {
             IdentityEvent::Created { username, .. } => {
                 plan.effects.push(Effect::Register);
                 if let Some(name) = person_name(Some(username)) {
-                    plan.effects
-                        .push(Effect::SetDisplayName(display_name(&name).into_owned()));
+                    plan.effects.push(Effect::SetDisplayName(name));
                 }
             }
             IdentityEvent::ProfileUpdated { .. } => {
@@ -416,8 +414,7 @@ impl Identities {
                     .profile_parts()
                     .expect("a profile update has profile parts");
                 if let Some(name) = parts.name {
-                    plan.effects
-                        .push(Effect::SetDisplayName(display_name(&name).into_owned()));
+                    plan.effects.push(Effect::SetDisplayName(name));
                 }
                 if let Some(avatar) = parts.avatar {
                     plan.effects.push(Effect::SetAvatar(avatar));
@@ -444,22 +441,12 @@ pub fn is_valid_mxc(uri: &str) -> bool {
         .is_ok_and(|(_, media)| !media.is_empty())
 }
 
-/// The name a person's `text` gives, trimmed, without control characters: U+0000 dropped
-/// (a Synapse on PostgreSQL cannot store it and answers 500, again at every retry), the
-/// others (line breaks, tabs) made spaces. `None` when nothing is left.
-fn person_name(text: Option<&String>) -> Option<Cow<'_, str>> {
-    let text = text?.trim();
-    let name = if text.chars().any(char::is_control) {
-        let cleaned: String = text
-            .chars()
-            .filter(|&c| c != '\0')
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        Cow::Owned(cleaned.trim().to_owned())
-    } else {
-        Cow::Borrowed(text)
-    };
-    Some(name).filter(|n| !n.is_empty())
+/// The display name a person's `text` gives ([`display_name`]: no control characters, not
+/// too long), trimmed. `None` when nothing is left, so the username can stand in.
+fn person_name(text: Option<&String>) -> Option<String> {
+    let name = display_name(text?.trim());
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
 }
 
 fn has_scheme(url: &str, scheme: &str) -> bool {
