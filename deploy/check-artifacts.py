@@ -596,12 +596,19 @@ def check_alerts(report, promtool):
     groups = [g["name"] for g in yaml.safe_load(ALERTS.read_text())["groups"]]
     if groups != ["roster"]:
         problems.append(f"expected one rule group `roster`, found {groups}")
+    source_text = "\n".join(p.read_text() for p in sorted((ROOT / "src").rglob("*.rs")))
     for rule in rules:
         ann = rule.get("annotations", {})
         if not ann.get("summary") or not ann.get("description"):
             problems.append(f"{rule['alert']}: needs a summary and a description")
         elif not re.search(r'roster status|"[^"]{10,}"', ann["description"]):
             problems.append(f"{rule['alert']}: description names neither `roster status` nor a log line")
+        else:
+            # An operator greps the log for what the alert quotes: it must be what roster
+            # logs, word for word ("cannot ... yet" stands for a family and is left out).
+            for quoted in re.findall(r'"([^"]{10,})"', ann["description"]):
+                if "..." not in quoted and quoted not in source_text:
+                    problems.append(f'{rule["alert"]}: quotes a log line roster does not write: "{quoted}"')
     report.check("alerts: required rules, summaries, descriptions", problems, f"{len(rules)} rules")
     if not promtool:
         report.fail("alerts: promtool", "promtool not found (Debian package prometheus)")
