@@ -543,6 +543,25 @@ mod tests {
         worker: Worker,
     }
 
+    /// The display name and avatar the homeserver shows for the test's user.
+    fn shown_name(hs: &FakeHomeserver) -> Option<String> {
+        hs.world().users[USER].displayname.clone()
+    }
+
+    fn shown_avatar(hs: &FakeHomeserver) -> Option<String> {
+        hs.world().users[USER].avatar_url.clone()
+    }
+
+    #[track_caller]
+    fn assert_shows(hs: &FakeHomeserver, name: &str, avatar: &str) {
+        let world = hs.world();
+        let user = &world.users[USER];
+        assert_eq!(
+            (user.displayname.as_deref(), user.avatar_url.as_deref()),
+            (Some(name), Some(avatar))
+        );
+    }
+
     async fn fixture(matrix: bool) -> Fixture {
         // The tests serve their avatars on loopback.
         fixture_with(matrix, "lifecycle: {avatar_allow_private: true}").await
@@ -629,27 +648,18 @@ mod tests {
         let mut update = renamed("Alice A.");
         update.message.partition = 1;
         assert_eq!(f.worker.attempt(&update).await, Step::Done);
-        assert_eq!(
-            f.hs.world().users[USER].displayname.as_deref(),
-            Some("Alice A.")
-        );
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("Alice A."));
         let mut creation = created();
         creation.message.partition = 0;
         let names = f.hs.world().count("/displayname");
         assert_eq!(f.worker.attempt(&creation).await, Step::Done);
         assert_eq!(f.hs.world().count("/displayname"), names, "no name sent");
-        assert_eq!(
-            f.hs.world().users[USER].displayname.as_deref(),
-            Some("Alice A.")
-        );
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("Alice A."));
         // A creation replayed on purpose still sets everything it names.
         let mut replayed = created();
         replayed.replayed = true;
         assert_eq!(f.worker.attempt(&replayed).await, Step::Done);
-        assert_eq!(
-            f.hs.world().users[USER].displayname.as_deref(),
-            Some("alice")
-        );
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("alice"));
     }
 
     /// An avatar the homeserver refuses for good (Synapse's `allowed_avatar_mimetypes`,
@@ -688,10 +698,7 @@ mod tests {
             assert_eq!(fetched.load(std::sync::atomic::Ordering::SeqCst), fetches);
         }
         apply(&f, &profile_job("alice", Some("mxc://ex.org/fine"), 5)).await;
-        assert_eq!(
-            f.hs.world().users[USER].avatar_url.as_deref(),
-            Some("mxc://ex.org/fine")
-        );
+        assert_eq!(shown_avatar(&f.hs).as_deref(), Some("mxc://ex.org/fine"));
     }
 
     /// The newest update names an avatar refused before, so it is left out: the older
@@ -720,12 +727,7 @@ mod tests {
             1,
             "no new dead letter"
         );
-        let world = f.hs.world();
-        assert_eq!(world.users[USER].displayname.as_deref(), Some("C"));
-        assert_eq!(
-            world.users[USER].avatar_url.as_deref(),
-            Some("mxc://ex.org/a")
-        );
+        assert_shows(&f.hs, "C", "mxc://ex.org/a");
     }
 
     /// A stall notice the full channel did not take is told again at the next failure with
@@ -773,19 +775,16 @@ mod tests {
         let before = names();
         assert_eq!(f.worker.attempt(&flaky).await, Step::Done);
         assert_eq!(names(), before, "the accepted name is not sent again");
-        assert_eq!(
-            f.hs.world().users[USER].avatar_url.as_deref(),
-            Some("mxc://ex.org/a")
-        );
+        assert_eq!(shown_avatar(&f.hs).as_deref(), Some("mxc://ex.org/a"));
 
         // Dead-lettered after its name was accepted: the name stays on the homeserver, so
         // going back to "A" is a change.
         f.hs.fail("/avatar_url", 400, "M_INVALID_PARAM", "bad avatar", 1);
         let refused = profile_job("B", Some("mxc://ex.org/b"), 0);
         assert_eq!(f.worker.attempt(&refused).await, Step::DeadLettered);
-        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("B"));
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("B"));
         assert_eq!(f.worker.attempt(&renamed("A")).await, Step::Done);
-        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("A"));
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("A"));
     }
 
     /// A user's newest update stands for the older ones it supersedes. When it is applied,
@@ -801,7 +800,7 @@ mod tests {
         let before = names();
         worker.clone().work(renamed("B"), vec![renamed("A")]).await;
         assert_eq!(names() - before, 1, "only the newest was applied");
-        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("B"));
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("B"));
         let superseded = || {
             worker
                 .shared
@@ -823,7 +822,7 @@ mod tests {
             .await;
         assert_eq!(f.sink.letters.lock().unwrap().len(), 1, "the newest only");
         assert_eq!(names() - before, 3, "the refused one, then C and D");
-        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("D"));
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("D"));
         assert_eq!(superseded(), 1, "C and D were applied, not superseded");
     }
 
@@ -846,22 +845,14 @@ mod tests {
         );
         worker.clone().work(newer, vec![older]).await;
         assert_eq!(f.sink.letters.lock().unwrap().len(), 1);
-        let world = f.hs.world();
-        assert_eq!(world.users[USER].displayname.as_deref(), Some("C"));
-        assert_eq!(
-            world.users[USER].avatar_url.as_deref(),
-            Some("mxc://ex.org/a")
-        );
+        assert_shows(&f.hs, "C", "mxc://ex.org/a");
     }
 
     #[tokio::test]
     async fn should_apply_an_event_and_be_done() {
         let f = fixture(true).await;
         assert_eq!(f.worker.attempt(&created()).await, Step::Done);
-        assert_eq!(
-            f.hs.world().users[USER].displayname.as_deref(),
-            Some("alice")
-        );
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("alice"));
         assert!(f.sink.letters.lock().unwrap().is_empty());
     }
 
@@ -1203,12 +1194,7 @@ mod tests {
             sent.len() == 1 && sent[0].ends_with("/avatar_url"),
             "{sent:?}"
         );
-        let world = f.hs.world();
-        assert_eq!(world.users[USER].displayname.as_deref(), Some("B"));
-        assert_eq!(
-            world.users[USER].avatar_url.as_deref(),
-            Some("mxc://ex.org/b")
-        );
+        assert_shows(&f.hs, "B", "mxc://ex.org/b");
     }
 
     #[tokio::test]
@@ -1261,7 +1247,7 @@ mod tests {
             assert_eq!(f.worker.attempt(job).await, Step::Done);
         }
         assert_eq!(f.hs.world().requests.len(), sent, "nothing sent again");
-        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("B"));
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("B"));
         assert_eq!(events(&f, "profile_updated", "already_applied"), 2);
         assert_eq!(events(&f, "profile_updated", "applied"), 2);
 
@@ -1272,7 +1258,7 @@ mod tests {
         let names = f.hs.world().count("/displayname");
         assert_eq!(f.worker.attempt(&moved).await, Step::Done);
         assert_eq!(f.hs.world().count("/displayname"), names + 1);
-        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("A"));
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("A"));
 
         // A creation redelivered registers again (idempotent) but does not set its username
         // over the newer name.
@@ -1283,7 +1269,7 @@ mod tests {
         assert_eq!(f.worker.attempt(&created).await, Step::Done);
         assert_eq!(f.hs.world().count("/register"), registered + 1);
         assert_eq!(f.hs.world().count("/displayname"), names + 1);
-        assert_eq!(f.hs.world().users[USER].displayname.as_deref(), Some("A"));
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("A"));
     }
 
     #[tokio::test]
@@ -1352,10 +1338,7 @@ mod tests {
             (fetched.load(Ordering::SeqCst), f.hs.world().uploads.len()),
             (2, 2)
         );
-        assert_ne!(
-            f.hs.world().users[USER].avatar_url.as_deref(),
-            Some(mxc.as_str())
-        );
+        assert_ne!(shown_avatar(&f.hs).as_deref(), Some(mxc.as_str()));
     }
 
     #[tokio::test]
@@ -1389,10 +1372,7 @@ mod tests {
         );
         // And they apply like typed ones.
         assert_eq!(f.worker.attempt(&legacy_created).await, Step::Done);
-        assert_eq!(
-            f.hs.world().users[USER].displayname.as_deref(),
-            Some("alice")
-        );
+        assert_eq!(shown_name(&f.hs).as_deref(), Some("alice"));
         assert_eq!(f.worker.attempt(&legacy_deleted).await, Step::Done);
         assert!(f.hs.world().users[USER].deactivated);
     }
