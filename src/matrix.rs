@@ -48,6 +48,11 @@ use crate::retry::Retryable;
 /// The longest wait a homeserver's `retry_after` is followed for.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
+/// The largest answer roster reads: far above any it expects (`joined_members` of a room
+/// of tens of thousands), and with every permit taken at once still a bounded amount of
+/// memory; a proxy or a homeserver sending without end cannot exhaust it.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
 /// A failed homeserver call, classified so callers can decide to retry, skip or report.
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
@@ -78,6 +83,11 @@ pub enum MatrixError {
     Request {
         endpoint: &'static str,
         message: String,
+    },
+    #[error("homeserver answered {endpoint} with more than {limit} bytes; not read")]
+    TooLarge {
+        endpoint: &'static str,
+        limit: usize,
     },
 }
 
@@ -144,7 +154,9 @@ impl MatrixError {
         match self {
             MatrixError::Timeout { .. } | MatrixError::Unreachable { .. } => true,
             MatrixError::Api { status, .. } => *status >= 500,
-            MatrixError::Decode { .. } | MatrixError::Request { .. } => false,
+            MatrixError::Decode { .. }
+            | MatrixError::Request { .. }
+            | MatrixError::TooLarge { .. } => false,
         }
     }
 
@@ -167,7 +179,9 @@ impl MatrixError {
                         )
                     )
             }
-            MatrixError::Decode { .. } | MatrixError::Request { .. } => false,
+            MatrixError::Decode { .. }
+            | MatrixError::Request { .. }
+            | MatrixError::TooLarge { .. } => false,
         }
     }
 }
@@ -579,7 +593,8 @@ impl Homeserver {
     }
 
     /// Sends one request within the concurrency bound, counts it by endpoint and status,
-    /// and reads the whole answer (the client's timeout covers the body too).
+    /// and reads the whole answer, at most [`MAX_RESPONSE_BYTES`] of it (the client's
+    /// timeout covers the body too).
     async fn exchange(
         &self,
         endpoint: &'static str,
@@ -638,9 +653,22 @@ impl Homeserver {
         if let Some(headers) = builder.headers_mut() {
             *headers = response.headers().clone();
         }
-        let body = response.bytes().await.map_err(transport);
+        let body = read_limited(response, MAX_RESPONSE_BYTES).await;
         timed();
-        let body = body.inspect_err(|error| report(Err(error.to_string())))?;
+        let body = match body {
+            Ok(body) => body,
+            Err(None) => {
+                return Err(MatrixError::TooLarge {
+                    endpoint,
+                    limit: MAX_RESPONSE_BYTES,
+                });
+            }
+            Err(Some(source)) => {
+                let error = transport(source);
+                report(Err(error.to_string()));
+                return Err(error);
+            }
+        };
         Ok(builder
             .body(body)
             .expect("status and headers came from a valid response"))
@@ -1075,6 +1103,28 @@ impl Homeserver {
     }
 }
 
+/// The body of `response` when it is at most `limit` bytes; `Err(None)` as soon as it is
+/// known to be longer (its `Content-Length`, or what arrived), without reading the rest.
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Bytes, Option<reqwest::Error>> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(None);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(Some)? {
+        if body.len() + chunk.len() > limit {
+            return Err(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// The flavor a server name (`/_matrix/federation/v1/version`) stands for.
 fn flavor_of(server_name: &str) -> Option<Flavor> {
     let name = server_name.to_ascii_lowercase();
@@ -1191,6 +1241,60 @@ mod tests {
             0,
             "no recovery, so no reconcile-everything and no early end of backoffs"
         );
+    }
+
+    /// A homeserver client against `router` served on a loopback port, with `timeout`.
+    async fn client_of(router: axum::Router, timeout: Duration) -> Homeserver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Homeserver::new(
+            &url,
+            Tokens::single(Secret::new("token")),
+            timeout,
+            4,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    /// An answer that does not end (a proxy gone wrong) is cut off at the limit instead of
+    /// filling memory until the request times out; one declared too long is not read.
+    #[tokio::test]
+    async fn should_stop_reading_an_answer_longer_than_the_limit() {
+        use futures::StreamExt;
+        let router = axum::Router::new()
+            .route(
+                "/_matrix/client/v3/account/whoami",
+                axum::routing::get(|| async {
+                    let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+                    let endless = futures::stream::repeat(chunk).map(Ok::<_, std::io::Error>);
+                    axum::body::Body::from_stream(endless)
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/joined_rooms",
+                axum::routing::get(|| async { vec![b' '; MAX_RESPONSE_BYTES + 1] }),
+            );
+        // Long enough that a client reading on would fill far more than the limit first.
+        let hs = client_of(router, Duration::from_secs(120)).await;
+        let error = hs.whoami(None).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                MatrixError::TooLarge {
+                    endpoint: "whoami",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(
+            !error.is_transient(),
+            "the same answer again would not fit either"
+        );
+        let user = ruma::user_id!("@nova-1:ex.org");
+        let error = hs.joined_rooms(user).await.unwrap_err();
+        assert!(matches!(error, MatrixError::TooLarge { .. }), "{error}");
     }
 
     #[test]
