@@ -92,15 +92,27 @@ pub enum MatrixError {
 }
 
 impl MatrixError {
-    /// An error answer, from the parts of its body.
+    /// An error answer, from the parts of its body and its headers.
+    ///
+    /// A 429 is rate limiting whatever its body says: one without `M_LIMIT_EXCEEDED` (a
+    /// proxy's limiter answering with a text body) is classified as one, with the wait its
+    /// `Retry-After` header asks for, so that wait is honoured too.
     fn api(
         endpoint: &'static str,
-        (status, kind, message): (u16, Option<ErrorKind>, String),
+        (status, mut kind, message): (u16, Option<ErrorKind>, String),
+        headers: &http::HeaderMap,
     ) -> MatrixError {
         let errcode = kind
             .as_ref()
             .map(|k| k.errcode().to_string())
             .unwrap_or_else(|| "(no errcode)".into());
+        if status == 429 && !matches!(kind, Some(ErrorKind::LimitExceeded(_))) {
+            let mut data = ruma::api::error::LimitExceededErrorData::new();
+            data.retry_after = headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|value| RetryAfter::try_from(value).ok());
+            kind = Some(ErrorKind::LimitExceeded(data));
+        }
         MatrixError::Api {
             endpoint,
             status,
@@ -579,9 +591,11 @@ impl Homeserver {
         let http_response = response.as_ref_body();
         if http_response.status().as_u16() >= 400 {
             use ruma::api::EndpointError;
+            let headers = http_response.headers().clone();
             return Err(MatrixError::api(
                 endpoint,
                 R::EndpointError::from_http_response(http_response).parts(),
+                &headers,
             ));
         }
         R::IncomingResponse::try_from_http_response_inner(http_response).map_err(|e| {
@@ -1093,6 +1107,7 @@ impl Homeserver {
             return Err(MatrixError::api(
                 endpoint,
                 ruma::api::error::Error::from_http_response(response.as_ref_body()).parts(),
+                response.headers(),
             ));
         }
         let bytes = response.into_body();
@@ -1295,6 +1310,44 @@ mod tests {
         let user = ruma::user_id!("@nova-1:ex.org");
         let error = hs.joined_rooms(user).await.unwrap_err();
         assert!(matches!(error, MatrixError::TooLarge { .. }), "{error}");
+    }
+
+    /// A 429 from a proxy's rate limiter (no Matrix error body, a `Retry-After` header) is
+    /// waited out as asked, like Synapse's own `M_LIMIT_EXCEEDED`; one asking nothing is
+    /// still rate limiting.
+    #[tokio::test]
+    async fn should_honour_retry_after_of_a_429_without_a_matrix_body() {
+        use axum::http::{StatusCode, header};
+        use axum::response::IntoResponse;
+        let router = axum::Router::new()
+            .route(
+                "/_matrix/client/v3/account/whoami",
+                axum::routing::get(|| async {
+                    (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [(header::RETRY_AFTER, "7")],
+                        "429 Too Many Requests",
+                    )
+                        .into_response()
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/joined_rooms",
+                axum::routing::get(|| async {
+                    (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response()
+                }),
+            );
+        let hs = client_of(router, Duration::from_secs(30)).await;
+        let error = hs.whoami(None).await.unwrap_err();
+        assert!(error.is_transient(), "{error}");
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(7)), "{error}");
+        let user = ruma::user_id!("@nova-1:ex.org");
+        let error = hs.joined_rooms(user).await.unwrap_err();
+        assert!(
+            matches!(error.kind(), Some(ErrorKind::LimitExceeded(_))),
+            "{error:?}"
+        );
+        assert_eq!(error.retry_after(), None);
     }
 
     #[test]
