@@ -53,6 +53,9 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// memory; a proxy or a homeserver sending without end cannot exhaust it.
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
+/// The most of an error answer's message roster keeps.
+const MAX_ERROR_MESSAGE_BYTES: usize = 512;
+
 /// A failed homeserver call, classified so callers can decide to retry, skip or report.
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
@@ -99,9 +102,19 @@ impl MatrixError {
     /// `Retry-After` header asks for, so that wait is honoured too.
     fn api(
         endpoint: &'static str,
-        (status, mut kind, message): (u16, Option<ErrorKind>, String),
+        (status, mut kind, mut message): (u16, Option<ErrorKind>, String),
         headers: &http::HeaderMap,
     ) -> MatrixError {
+        // The message goes into log lines and status: a proxy's error page (or any long
+        // body) is cut, not quoted whole.
+        if message.len() > MAX_ERROR_MESSAGE_BYTES {
+            let mut end = MAX_ERROR_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("... (cut)");
+        }
         let errcode = kind
             .as_ref()
             .map(|k| k.errcode().to_string())
@@ -1348,6 +1361,26 @@ mod tests {
             "{error:?}"
         );
         assert_eq!(error.retry_after(), None);
+    }
+
+    /// An error page (a proxy's HTML, a stack trace) is not carried whole into the error's
+    /// message, which log lines and status quote.
+    #[tokio::test]
+    async fn should_cut_a_long_error_body_in_the_message() {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let router = axum::Router::new().route(
+            "/_matrix/client/v3/account/whoami",
+            axum::routing::get(|| async {
+                (StatusCode::BAD_GATEWAY, "<html>é".repeat(20_000)).into_response()
+            }),
+        );
+        let hs = client_of(router, Duration::from_secs(30)).await;
+        let error = hs.whoami(None).await.unwrap_err();
+        assert!(error.is_transient(), "{error}");
+        let shown = error.to_string();
+        assert!(shown.len() < 1024, "{} bytes", shown.len());
+        assert!(shown.contains("HTTP 502"), "{shown}");
     }
 
     #[test]
